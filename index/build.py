@@ -1,0 +1,269 @@
+"""Build or update an index from folders of MIDI files.
+
+``build_index`` walks the given paths for ``.mid``/``.midi``/``.kar`` files, renders and encodes
+new or changed ones in parallel worker processes, reuses unchanged ones from the existing index,
+and writes a new generation atomically (see :mod:`index.store`). Every file that cannot be used is
+listed in the build report with its reason; one bad file never stops the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import signal
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index import store
+from model.errors import MidimatchError, ModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+MIDI_SUFFIXES = (".mid", ".midi", ".kar")
+MIN_FRAMES = 8  # two hash frames; anything shorter cannot be matched
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build uses; one object so that worker processes get exactly the same settings."""
+
+    weights: str | None = None  # None → the shipped default model (or the untrained fallback)
+    method: str = "fast"  # MIDI → frames: "fast" note render or "synth" (synthesise + CQT)
+    workers: int = 2
+    file_timeout_s: float = 120.0
+    rebuild: bool = False  # re-encode everything (needed after changing the model)
+    prune_missing: bool = False  # drop references whose file no longer exists
+    progress: bool = True
+
+
+def find_midi_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict]]:
+    """Expand files and folders into a sorted, de-duplicated list of MIDI files.
+
+    Returns the files and a list of ``{"path", "reason", "message"}`` for arguments that do not
+    exist or are not MIDI files.
+    """
+    found: set[Path] = set()
+    problems: list[dict] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.update(f.resolve() for f in p.rglob("*")
+                         if f.is_file() and f.suffix.lower() in MIDI_SUFFIXES)
+        elif p.is_file():
+            if p.suffix.lower() in MIDI_SUFFIXES:
+                found.add(p.resolve())
+            else:
+                problems.append({"path": str(p), "reason": "not_midi_suffix",
+                                 "message": f"not a .mid/.midi/.kar file: {p}"})
+        else:
+            problems.append({"path": str(p), "reason": "missing",
+                             "message": f"no such file or folder: {p}"})
+    return sorted(found), problems
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- worker processes
+_ENCODER = None
+_OPTS: BuildOptions | None = None
+
+
+def _init_worker(opts: BuildOptions) -> None:
+    import torch
+
+    from model.encoder import Encoder
+
+    global _ENCODER, _OPTS
+    torch.set_num_threads(1)  # one process per core; threads would only fight
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _ENCODER = Encoder.load(opts.weights)
+    _OPTS = opts
+
+
+class _FileTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):  # noqa: ARG001
+    raise _FileTimeout
+
+
+def encode_file(path: Path, encoder, method: str = "fast") -> tuple[dict, np.ndarray,
+                                                                    np.ndarray, np.ndarray]:
+    """Parse, render and encode one MIDI file.
+
+    Returns ``(ref_metadata, hashes (H,), window_embeddings (W, D) float16, starts (W,))``.
+    Raises :class:`MidimatchError` subclasses for unusable files.
+    """
+    from model.midi import load_midi, midi_to_frames
+
+    pm = load_midi(path)
+    frames = midi_to_frames(pm, method=method)
+    if frames.shape[0] < MIN_FRAMES:
+        raise MidimatchError(f"{path}: too short to match ({frames.shape[0]} frames)",
+                             reason="too_short")
+    hashes = encoder.hashes(frames, "midi")
+    emb, starts = encoder.window_embeddings(frames, "midi")
+    ref = {
+        "path": str(path),
+        "title": path.stem,
+        "duration_s": round(float(pm.get_end_time()), 3),
+        "n_frames": int(frames.shape[0]),
+    }
+    return ref, hashes, emb.astype(np.float16), starts.astype(np.int32)
+
+
+def _encode_task(task: tuple[str, str, int, float]):
+    path, sha, size, mtime = task
+    assert _OPTS is not None
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, _OPTS.file_timeout_s)
+    try:
+        ref, hashes, emb, starts = encode_file(Path(path), _ENCODER, _OPTS.method)
+        ref.update(sha256=sha, size_bytes=size, mtime=mtime)
+        return "ok", ref, hashes, emb, starts
+    except _FileTimeout:
+        return "skip", {"path": path, "reason": "timeout",
+                        "message": f"gave up after {_OPTS.file_timeout_s:.0f} s"}
+    except MidimatchError as e:
+        return "skip", {"path": path, "reason": e.reason, "message": e.message}
+    except Exception as e:  # one bad file must never take the build down
+        logger.exception("unexpected failure on %s", path)
+        return "skip", {"path": path, "reason": "internal", "message": f"{type(e).__name__}: {e}"}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# --------------------------------------------------------------------------- the build
+def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions | None = None
+                ) -> dict:
+    """Build (or update) the index at ``out`` from the MIDI files under ``paths``.
+
+    Returns the build report (also stored in the new generation as ``build_report.json``).
+
+    Raises
+    ------
+    ModelMismatchError
+        The existing index was built with another model and ``opts.rebuild`` is false.
+    """
+    from model.encoder import Encoder
+
+    opts = opts or BuildOptions()
+    t0 = time.perf_counter()
+    encoder = Encoder.load(opts.weights)
+    meta = {
+        "model_id": encoder.model_id,
+        "n_bits": encoder.n_bits,
+        "hash_dtype": encoder.hash_dtype.name,
+        "embed_dim": encoder.config.embed_dim,
+        "frame_rate_hz": 22050 / 1024,
+        "hash_downsample": 4,
+        "window": {"length": encoder.window.length, "hop": encoder.window.hop},
+        "render_method": opts.method,
+    }
+    old = None
+    if store.exists(out) and not opts.rebuild:
+        old = store.load_index(out, mmap=True)
+        if old.model_id != encoder.model_id or old.meta.get("render_method") != opts.method:
+            raise ModelMismatchError(
+                f"index {out} was built with model {old.model_id!r} "
+                f"(render {old.meta.get('render_method')!r}); this build uses "
+                f"{encoder.model_id!r} (render {opts.method!r}). Pass --rebuild to re-encode "
+                "every reference with the new model."
+            )
+
+    files, skipped = find_midi_files(paths)
+    kept: dict[str, tuple] = {}  # path → part, in the old order
+    if old is not None:
+        for part in store.iter_parts(old):
+            kept[part[0]["path"]] = part
+    todo: list[tuple[str, str, int, float]] = []
+    reused = updated = 0
+    for f in files:
+        st = f.stat()
+        prev = kept.get(str(f))
+        # size + mtime unchanged → trust the stored content hash without re-reading the file
+        if prev is not None and prev[0].get("size_bytes") == st.st_size and \
+                prev[0].get("mtime") == st.st_mtime:
+            reused += 1
+            continue
+        sha = file_sha256(f)
+        if prev is not None and prev[0].get("sha256") == sha:
+            reused += 1
+            continue
+        updated += prev is not None
+        todo.append((str(f), sha, st.st_size, st.st_mtime))
+
+    removed = 0
+    if opts.prune_missing:
+        for p in [p for p in kept if not Path(p).exists()]:
+            del kept[p]
+            removed += 1
+
+    new_parts: dict[str, tuple] = {}
+    if todo:
+        new_parts, failed = _run_pool(todo, opts)
+        skipped.extend(failed)
+        for p in (t[0] for t in todo):  # a changed file that now fails is dropped, not kept stale
+            if p in kept and p not in new_parts:
+                del kept[p]
+
+    parts = [new_parts.pop(p, part) for p, part in kept.items()] + list(new_parts.values())
+    data = store.concat(meta, parts, encoder.hash_dtype)
+    elapsed = time.perf_counter() - t0
+    n_encoded = len(todo) - len([s for s in skipped if s["path"] in {t[0] for t in todo}])
+    report = {
+        "model_id": encoder.model_id,
+        "render_method": opts.method,
+        "inputs": [str(p) for p in paths],
+        "files_found": len(files),
+        "encoded": n_encoded,
+        "reused": reused,
+        "updated": updated,
+        "removed_missing": removed,
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "n_refs": len(parts),
+        "seconds": round(elapsed, 3),
+        "files_per_s": round(len(todo) / elapsed, 2) if todo else None,
+        "workers": opts.workers,
+    }
+    report["bytes_per_ref"] = round(data.nbytes() / len(parts)) if parts else None
+    store.write_index(out, data, report)
+    return report
+
+
+def _run_pool(todo: list[tuple[str, str, int, float]], opts: BuildOptions
+              ) -> tuple[dict[str, tuple], list[dict]]:
+    from tqdm import tqdm
+
+    done: dict[str, tuple] = {}
+    failed: list[dict] = []
+    # spawn, not fork: the parent has torch (and its thread pools) loaded already
+    ctx = mp.get_context("spawn")
+    workers = max(1, min(opts.workers, len(todo)))
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,),
+                  maxtasksperchild=500) as pool:
+        results = pool.imap_unordered(_encode_task, todo, chunksize=4)
+        bar = tqdm(total=len(todo), unit="file", desc="indexing", disable=not opts.progress)
+        for res in results:
+            if res[0] == "ok":
+                done[res[1]["path"]] = res[1:]
+            else:
+                failed.append(res[1])
+            bar.update()
+            bar.set_postfix(skipped=len(failed), refresh=False)
+        bar.close()
+    # keep the input order so that reference numbers do not depend on scheduling
+    order = {t[0]: i for i, t in enumerate(todo)}
+    return dict(sorted(done.items(), key=lambda kv: order[kv[0]])), failed

@@ -1,0 +1,54 @@
+"""The ``midimatch`` console script: one entry point, subcommands registered by each package.
+
+Each package's ``cli`` module only declares its arguments here; heavy imports (torch, numba)
+happen inside the handlers, so ``midimatch --help`` is instant and the gateway stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from model.errors import MidimatchError
+
+
+def cache_dir() -> Path:
+    """Where rebuilt data lives (converted corpora, rendered audio, demo indexes)."""
+    return Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from index import cli as index_cli
+    from model import cli as model_cli
+
+    parser = argparse.ArgumentParser(
+        prog="midimatch",
+        description="Identify which MIDI file of a collection is playing in live audio.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    index_cli.register(sub)
+    model_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except MidimatchError as e:
+        print(f"midimatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("midimatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from index import store
+from model.errors import IndexFormatError, ModelMismatchError
+
+META = {"model_id": "m1", "n_bits": 32, "embed_dim": 4, "render_method": "fast"}
+
+
+def _parts(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    parts = []
+    for k in range(n):
+        h = rng.integers(0, 2**32, size=int(rng.integers(1, 30)), dtype=np.uint64)
+        w = int(rng.integers(1, 5))
+        parts.append(({"path": f"/x/{k}.mid", "title": f"t{k}", "duration_s": 1.0},
+                      h.astype(np.uint32), rng.standard_normal((w, 4)).astype(np.float16),
+                      np.arange(w, dtype=np.int32) * 108))
+    return parts
+
+
+def test_round_trip_is_memory_mapped_and_exact(tmp_path):
+    parts = _parts(7)
+    data = store.concat(META, parts, np.dtype(np.uint32))
+    store.write_index(tmp_path / "idx", data, {"encoded": 7})
+    back = store.load_index(tmp_path / "idx")
+    assert len(back) == 7
+    assert isinstance(back.hashes, np.memmap)
+    assert back.meta["version"] == store.VERSION and back.meta["n_refs"] == 7
+    assert back.report == {"encoded": 7}
+    for (ref, h, e, s), (ref2, h2, e2, s2) in zip(parts, store.iter_parts(back), strict=True):
+        assert ref == ref2
+        np.testing.assert_array_equal(h, h2)
+        np.testing.assert_array_equal(e, e2)
+        np.testing.assert_array_equal(s, s2)
+        assert h2.dtype == np.uint32
+    assert back.nbytes() == data.nbytes()
+
+
+def test_new_generation_replaces_old_and_cleans_up(tmp_path):
+    root = tmp_path / "idx"
+    store.write_index(root, store.concat(META, _parts(2), np.dtype(np.uint32)))
+    store.write_index(root, store.concat(META, _parts(5), np.dtype(np.uint32)))
+    gens = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert gens == ["gen-000002"]
+    assert (root / "CURRENT").read_text().strip() == "gen-000002"
+    assert len(store.load_index(root)) == 5
+
+
+def test_crash_before_commit_leaves_previous_generation_loadable(tmp_path, monkeypatch):
+    root = tmp_path / "idx"
+    store.write_index(root, store.concat(META, _parts(3), np.dtype(np.uint32)))
+
+    def boom(src, dst):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(store.os, "replace", boom)
+    with pytest.raises(OSError, match="power cut"):
+        store.write_index(root, store.concat(META, _parts(9), np.dtype(np.uint32)))
+    monkeypatch.undo()
+    assert len(store.load_index(root)) == 3  # the half-written generation is not live
+    store.write_index(root, store.concat(META, _parts(4), np.dtype(np.uint32)))
+    assert len(store.load_index(root)) == 4
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["gen-000003"]
+
+
+def test_missing_and_foreign_folders_are_clear_errors(tmp_path):
+    with pytest.raises(IndexFormatError, match="no CURRENT"):
+        store.load_index(tmp_path / "nowhere")
+    root = tmp_path / "idx"
+    gen = store.write_index(root, store.concat(META, _parts(2), np.dtype(np.uint32)))
+    meta = json.loads((gen / "meta.json").read_text())
+    (gen / "meta.json").write_text(json.dumps(meta | {"version": 99}))
+    with pytest.raises(IndexFormatError, match="version 99"):
+        store.load_index(root)
+    (gen / "meta.json").write_text(json.dumps(meta | {"n_refs": 3}))
+    with pytest.raises(IndexFormatError, match="inconsistent"):
+        store.load_index(root)
+    (gen / "meta.json").write_text(json.dumps(meta))
+    (gen / "hashes.npy").write_bytes(b"garbage")
+    with pytest.raises(IndexFormatError, match="damaged"):
+        store.load_index(root)
+
+
+def test_model_mismatch_is_an_error(tmp_path):
+    store.write_index(tmp_path / "i", store.concat(META, _parts(1), np.dtype(np.uint32)))
+    store.load_index(tmp_path / "i", expected_model_id="m1")
+    with pytest.raises(ModelMismatchError, match="m1"):
+        store.load_index(tmp_path / "i", expected_model_id="other-model")
+
+
+def test_empty_index_round_trips(tmp_path):
+    data = store.empty_index(META, np.dtype(np.uint16))
+    store.write_index(tmp_path / "e", data)
+    back = store.load_index(tmp_path / "e")
+    assert len(back) == 0 and back.hashes.dtype == np.uint16
+    assert back.embeddings.shape == (0, 4)

@@ -1,0 +1,1 @@
+"""midimatch: worker package."""
