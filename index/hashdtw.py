@@ -43,8 +43,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from index.bits import (
+    _check_hashes,
+    _check_pair,
+    _popcount,
+    hamming_matrix,
+    median_hamming,
+    pack_bits,
+    unpack_bits,
+)
 
 __all__ = [
     "HashDTWBatch",
@@ -65,7 +74,6 @@ _CLEAR_PRIO = ~(np.int64(3) << np.int64(32))
 _LENGTH_MASK = (np.int64(1) << np.int64(32)) - np.int64(1)
 _MAX_COST = (1 << 29) - 1  # largest cost that cannot spill into the sign bit, penalty included
 _BLOCK_ROWS = 128  # rows per wavefront block: long enough vectors, buffers stay in L1
-_HASH_DTYPES = {16: np.uint16, 32: np.uint32}
 
 
 class HashDTWResult(NamedTuple):
@@ -99,107 +107,6 @@ class HashDTWBatch(NamedTuple):
     end_j: np.ndarray
     end_i: np.ndarray
     path_length: np.ndarray
-
-
-# ---------------------------------------------------------------- bits and Hamming distances
-
-
-@intrinsic
-def _popcount(typingctx, x):
-    """``llvm.ctpop``: one ``popcnt`` (``vpopcntq`` when vectorised), not a bit trick or a table."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return x(x), codegen
-
-
-def pack_bits(outputs: np.ndarray) -> np.ndarray:
-    """Pack network outputs into one integer per frame: bit i = ``outputs[:, i] > 0``, LSB first.
-
-    Parameters
-    ----------
-    outputs : np.ndarray, shape (T, B), float
-        Hash network outputs (tanh units), B = 16 or 32.
-
-    Returns
-    -------
-    np.ndarray, shape (T,), uint16 (B = 16) or uint32 (B = 32)
-    """
-    outputs = np.asarray(outputs)
-    if outputs.ndim != 2 or outputs.shape[1] not in _HASH_DTYPES:
-        raise ValueError(f"outputs must have shape (T, 16) or (T, 32), got {outputs.shape}")
-    if not np.all(np.isfinite(outputs)):
-        raise ValueError("outputs contain NaN or infinity")
-    n_bits = outputs.shape[1]
-    weights = np.left_shift(np.uint64(1), np.arange(n_bits, dtype=np.uint64))
-    return ((outputs > 0).astype(np.uint64) @ weights).astype(_HASH_DTYPES[n_bits])
-
-
-def unpack_bits(hashes: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: (T,) uint16/uint32 -> (T, 16/32) bool, bit i in column i."""
-    hashes = _check_hashes(hashes, "hashes", allow_empty=True)
-    n_bits = hashes.dtype.itemsize * 8
-    return (hashes[:, None] >> np.arange(n_bits, dtype=hashes.dtype)) & 1 == 1
-
-
-@njit(cache=True)
-def _hamming_kernel(q, r, out):
-    for i in range(q.shape[0]):
-        qi = np.uint32(q[i])
-        for j in range(r.shape[0]):
-            out[i, j] = _popcount(qi ^ np.uint32(r[j]))
-
-
-@njit(cache=True)
-def _hamming_histogram_kernel(q, r, counts):
-    for i in range(q.shape[0]):
-        qi = np.uint32(q[i])
-        for j in range(r.shape[0]):
-            counts[_popcount(qi ^ np.uint32(r[j]))] += 1
-
-
-def hamming_matrix(q: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """All pairwise Hamming distances, for tests and inspection (the DTW never builds it).
-
-    Parameters
-    ----------
-    q, r : np.ndarray, shape (M,), (N,), same dtype uint16 or uint32
-        Packed hash sequences.
-
-    Returns
-    -------
-    np.ndarray, shape (M, N), int32
-        ``popcount(q[i] ^ r[j])``.
-    """
-    q, r = _check_pair(q, r, allow_empty=True)
-    out = np.empty((q.shape[0], r.shape[0]), dtype=np.int32)
-    _hamming_kernel(q, r, out)
-    return out
-
-
-def median_hamming(q: np.ndarray, r: np.ndarray) -> int:
-    """Lower median of the Hamming distances between all frames of ``q`` and ``r``.
-
-    This is the penalty φ Raffel recommends ("the median distance we observed"); the lower median
-    is an observed distance, so it is always an integer. Uses a histogram, not an (M, N) matrix,
-    so ``r`` may be a whole concatenated collection.
-
-    Parameters
-    ----------
-    q, r : np.ndarray, shape (M,), (N,), same dtype uint16 or uint32, both non-empty
-
-    Returns
-    -------
-    int
-    """
-    q, r = _check_pair(q, r, allow_empty=False)
-    counts = np.zeros(33, dtype=np.int64)
-    _hamming_histogram_kernel(q, r, counts)
-    half = (q.shape[0] * r.shape[0] - 1) // 2  # index of the lower median in sorted order
-    return int(np.searchsorted(np.cumsum(counts), half, side="right"))
 
 
 # ---------------------------------------------------------------- the DP kernel
@@ -344,25 +251,6 @@ def _append_kernel(q, refs, offsets, pu, pl, g, tops, cols, m0, scores, end_j, e
 
 
 # ---------------------------------------------------------------- validation and public API
-
-
-def _check_hashes(x: np.ndarray, name: str, *, allow_empty: bool) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 1:
-        raise ValueError(f"{name} must be 1-D packed hashes, got shape {x.shape}")
-    if x.dtype not in (np.uint16, np.uint32):
-        raise ValueError(f"{name} must be uint16 or uint32 packed hashes, got {x.dtype}")
-    if not allow_empty and x.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    return np.ascontiguousarray(x)
-
-
-def _check_pair(q: np.ndarray, r: np.ndarray, *, allow_empty: bool) -> tuple[np.ndarray, ...]:
-    q = _check_hashes(q, "query", allow_empty=allow_empty)
-    r = _check_hashes(r, "reference", allow_empty=allow_empty)
-    if q.dtype != r.dtype:
-        raise ValueError(f"query is {q.dtype} but reference is {r.dtype}: different bit widths")
-    return q, r
 
 
 def _check_offsets(offsets: np.ndarray, n_total: int) -> np.ndarray:

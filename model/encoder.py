@@ -159,10 +159,12 @@ class Encoder:
 
     def hashes(self, frames: np.ndarray, modality: Modality) -> np.ndarray:
         """(T, 48) frames → (T // 4,) packed hash frames, uint16 or uint32 (bit i = unit i > 0)."""
+        from index.bits import pack_bits
+
         act = self.hash_activations(frames, modality)
-        weights = (np.uint64(1) << np.arange(self.n_bits, dtype=np.uint64))
-        packed = ((act > 0).astype(np.uint64) * weights).sum(axis=1)
-        return packed.astype(self.hash_dtype)
+        if act.shape[0] == 0:
+            return np.zeros(0, self.hash_dtype)
+        return pack_bits(act)
 
     @torch.inference_mode()
     def embed(self, frames: np.ndarray, modality: Modality) -> np.ndarray:
