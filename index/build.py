@@ -249,13 +249,9 @@ def _run_pool(todo: list[tuple[str, str, int, float]], opts: BuildOptions
 
     done: dict[str, tuple] = {}
     failed: list[dict] = []
-    # spawn, not fork: the parent has torch (and its thread pools) loaded already
-    ctx = mp.get_context("spawn")
-    workers = max(1, min(opts.workers, len(todo)))
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,),
-                  maxtasksperchild=500) as pool:
-        results = pool.imap_unordered(_encode_task, todo, chunksize=4)
-        bar = tqdm(total=len(todo), unit="file", desc="indexing", disable=not opts.progress)
+    bar = tqdm(total=len(todo), unit="file", desc="indexing", disable=not opts.progress)
+
+    def collect(results) -> None:
         for res in results:
             if res[0] == "ok":
                 done[res[1]["path"]] = res[1:]
@@ -263,7 +259,21 @@ def _run_pool(todo: list[tuple[str, str, int, float]], opts: BuildOptions
                 failed.append(res[1])
             bar.update()
             bar.set_postfix(skipped=len(failed), refresh=False)
-        bar.close()
+
+    workers = max(1, min(opts.workers, len(todo)))
+    if workers == 1:  # in this process: no start-up cost, and easy to debug
+        global _ENCODER, _OPTS
+        from model.encoder import Encoder
+
+        _ENCODER, _OPTS = Encoder.load(opts.weights), opts
+        collect(map(_encode_task, todo))
+    else:
+        # spawn, not fork: the parent has torch (and its thread pools) loaded already
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,),
+                      maxtasksperchild=500) as pool:
+            collect(pool.imap_unordered(_encode_task, todo, chunksize=4))
+    bar.close()
     # keep the input order so that reference numbers do not depend on scheduling
     order = {t[0]: i for i, t in enumerate(todo)}
     return dict(sorted(done.items(), key=lambda kv: order[kv[0]])), failed

@@ -13,7 +13,7 @@ from model.errors import ModelMismatchError
 from server.cli import main
 from tests.conftest import make_piece
 
-OPTS = BuildOptions(workers=2, progress=False)
+OPTS = BuildOptions(workers=1, progress=False)  # in-process; one test covers the pool
 
 
 def test_find_midi_files_walks_folders_and_reports_bad_arguments(midi_folder, tmp_path):
@@ -27,7 +27,7 @@ def test_find_midi_files_walks_folders_and_reports_bad_arguments(midi_folder, tm
 
 def test_build_encodes_good_files_and_reports_every_bad_one(midi_folder, tmp_path):
     out = tmp_path / "idx"
-    report = build_index(out, [midi_folder], OPTS)
+    report = build_index(out, [midi_folder], BuildOptions(workers=2, progress=False))
     assert report["n_refs"] == 5 and report["encoded"] == 5
     reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in report["skipped"]}
     assert set(reasons) == {"fake.mid", "truncated.mid", "empty.mid"}
