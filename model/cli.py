@@ -1,4 +1,8 @@
-"""``midimatch data corpus|generate``: rebuild the MIDI collections kept outside git."""
+"""``midimatch data corpus|generate`` and ``midimatch train prepare|fit``.
+
+The data commands rebuild the MIDI collections kept outside git; the train commands turn them into
+aligned training pairs and train the shipped model.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int, default=2)
     g.set_defaults(func=_generate)
 
+    t = sub.add_parser("train", help="prepare training pairs and train the model")
+    tsub = t.add_subparsers(dest="train_command", metavar="ACTION", required=True)
+    p = tsub.add_parser("prepare", help="render + augment the cached corpus into aligned pairs")
+    p.add_argument("--corpus", type=Path, help="MIDI cache (default: $MIDIMATCH_CACHE/corpus)")
+    p.add_argument("--out", type=Path, help="pairs folder (default: $MIDIMATCH_CACHE/train)")
+    p.add_argument("--generated", type=int, default=250,
+                   help="generated songs to use beside the music21 works (default 250)")
+    p.add_argument("--max-piece-s", type=float, default=60.0, help="excerpt length cap")
+    p.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_prepare)
+    f = tsub.add_parser("fit", help="train hash and embedding nets; write the weights file")
+    f.add_argument("--data", type=Path, help="pairs folder (default: $MIDIMATCH_CACHE/train)")
+    f.add_argument("--out", type=Path, default=Path("model/weights/default.pt"),
+                   help="weights file (default model/weights/default.pt, the shipped model)")
+    f.add_argument("--bits", type=int, choices=(16, 32), default=32)
+    f.add_argument("--hash-minutes", type=float, default=25.0)
+    f.add_argument("--embed-minutes", type=float, default=25.0)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    f.set_defaults(func=_fit)
+
 
 def _default_out(args: argparse.Namespace) -> Path:
     from server.cli import cache_dir
@@ -47,4 +74,39 @@ def _generate(args: argparse.Namespace) -> int:
     paths = generate_songs(_default_out(args), args.n, start_seed=args.start_seed,
                            workers=args.workers)
     print(f"{len(paths)} songs under {_default_out(args) / 'generated'}")
+    return 0
+
+
+def _cache(sub: str) -> Path:
+    from server.cli import cache_dir
+
+    return cache_dir() / sub
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from model.data import corpus_files, prepare
+
+    corpus = args.corpus or _cache("corpus")
+    files = [f for f in corpus_files(corpus) if "generated" not in f.parts]
+    files += sorted((corpus / "generated").glob("*.mid"))[: args.generated]
+    if not files:
+        raise SystemExit(f"no MIDI under {corpus}: run `midimatch data corpus` and "
+                         "`midimatch data generate` first")
+    report = prepare(args.out or _cache("train"), files, renders_per_piece=args.renders,
+                     max_piece_s=args.max_piece_s, workers=args.workers, seed=args.seed)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from model.nets import NetConfig
+    from model.train import train
+
+    report = train(args.data or _cache("train"), args.out, config=NetConfig(n_bits=args.bits),
+                   hash_minutes=args.hash_minutes, embed_minutes=args.embed_minutes,
+                   seed=args.seed, device=args.device,
+                   # the resumable checkpoint is big and is not shipped: keep it in the cache
+                   checkpoint_path=_cache("train") / f"{args.out.stem}.ckpt")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("hash", "embed")}, indent=2,
+                     default=str))
     return 0
