@@ -105,10 +105,14 @@ def encode_file(path: Path, encoder, method: str = "fast") -> tuple[dict, np.nda
     Returns ``(ref_metadata, hashes (H,), window_embeddings (W, D) float16, starts (W,))``.
     Raises :class:`MidimatchError` subclasses for unusable files.
     """
-    from model.midi import load_midi, midi_to_frames
+    from model.midi import load_midi, load_notes, midi_to_frames, midi_to_frames_fast
 
-    pm = load_midi(path)
-    frames = midi_to_frames(pm, method=method)
+    if method == "fast":  # straight to note arrays, no PrettyMIDI: ~3x quicker to frames
+        notes = load_notes(path)
+        frames, duration_s = midi_to_frames_fast(notes), notes.end_s
+    else:
+        pm = load_midi(path)
+        frames, duration_s = midi_to_frames(pm, method=method), pm.get_end_time()
     if frames.shape[0] < MIN_FRAMES:
         raise MidimatchError(f"{path}: too short to match ({frames.shape[0]} frames)",
                              reason="too_short")
@@ -117,7 +121,7 @@ def encode_file(path: Path, encoder, method: str = "fast") -> tuple[dict, np.nda
     ref = {
         "path": str(path),
         "title": path.stem,
-        "duration_s": round(float(pm.get_end_time()), 3),
+        "duration_s": round(float(duration_s), 3),
         "n_frames": int(frames.shape[0]),
     }
     return ref, hashes, emb.astype(np.float16), starts.astype(np.int32)

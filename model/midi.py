@@ -1,4 +1,4 @@
-"""MIDI files → validated ``PrettyMIDI`` → audio or CQT frames.
+"""MIDI files → validated ``PrettyMIDI`` or :class:`NoteTable` → audio or CQT frames.
 
 Three jobs:
 
@@ -6,42 +6,57 @@ Three jobs:
   :class:`~model.errors.MidiError`, in time and memory bounded by the file size. pretty_midi
   allocates arrays proportional to the largest tick and dies on a zero tempo, so the header,
   the chunk table, the tempo map and the length are checked first, on the cheap.
+  :func:`load_notes` does the same checks but reads with symusic's C++ parser straight into the
+  note arrays of the fast render (~8x quicker on most files; the index build reads so).
 * :func:`midi_to_audio` renders with the FluidSynth CLI (a subprocess with a timeout and an
   output cap; one render in the corpus once produced gigabytes) or pretty_midi's sine synth.
 * :func:`midi_to_frames` gives frames on the grid of :mod:`model.features` (hop 1024 at
   22,050 Hz, 48 bins from MIDI 36): ``"synth"`` renders and runs the CQT (Raffel's better
-  side, slow); ``"fast"`` draws notes straight into CQT-bin magnitudes (a numba kernel).
+  side, slow); ``"fast"`` draws notes straight into CQT-bin magnitudes
+  (:mod:`model.fastrender`, re-exported here).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mido
-import numba
 import numpy as np
 import pretty_midi
 
 from model.errors import MidiError, RenderError
-from model.features import (
-    BIN_GAIN,
-    FRAME_RATE,
-    HOP,
-    MIDI_LO,
-    N_BINS,
-    SAMPLE_RATE,
-    audio_to_frames,
-    log_normalize,
+from model.fastrender import (
+    BLEED,
+    DECAY_DB_S,
+    DRUM_DECAY_DB_S,
+    DRUM_FRAMES,
+    DRUM_GAIN,
+    PARTIAL_AMP,
+    PARTIALS,
+    NoteTable,
+    demo_piece,
+    midi_to_frames_fast,
+    midi_to_magnitude_fast,
+    n_frames,
 )
+from model.features import SAMPLE_RATE, audio_to_frames
+
+__all__ = [
+    "BLEED", "BPM_RANGE", "DECAY_DB_S", "DRUM_DECAY_DB_S", "DRUM_FRAMES", "DRUM_GAIN",
+    "MAX_BYTES", "MAX_DURATION_S", "MAX_TICKS", "MAX_TRACKS", "PARTIALS", "PARTIAL_AMP",
+    "SOUNDFONT_DIRS", "NoteTable", "available_renderers", "default_soundfont", "demo_piece",
+    "load_midi", "load_notes", "midi_to_audio", "midi_to_frames", "midi_to_frames_fast",
+    "midi_to_frames_synth", "midi_to_magnitude_fast", "n_frames",
+]
 
 # mido parses ~0.5 MB of dense events a second here and holds ~300 bytes per event, so the
 # byte limit is what bounds time and memory (2 MiB: ~4 s, ~250 MB worst case; a pop song is
@@ -53,6 +68,10 @@ MAX_TICKS = 10_000_000  # pretty_midi's own MAX_TICK: its tick→time array is 8
 BPM_RANGE = (4.0, 1000.0)  # 3.58 bpm is the slowest a tempo event can say
 SOUNDFONT_DIRS = (Path("/usr/share/sounds/sf2"), Path("/usr/share/soundfonts"))
 _PREFERRED_SOUNDFONTS = ("FluidR3_GM.sf2", "default-GM.sf2", "TimGM6mb.sf2")
+# A tempo, time or key signature event (FF 51/58/59) whose length is not 3/4/2 bytes: symusic
+# reads on past it (or from stale memory). The bytes can also occur by chance, in a delta-time
+# or a text: that only costs a re-read by load_midi (no file of the cached corpus has them).
+_ODD_META = re.compile(rb"\xff(?:\x51[^\x03]|\x58[^\x04]|\x59[^\x02])")
 
 
 def load_midi(source: str | Path | bytes, *, max_bytes: int = MAX_BYTES,
@@ -92,9 +111,18 @@ def load_midi(source: str | Path | bytes, *, max_bytes: int = MAX_BYTES,
         mf = mido.MidiFile(file=io.BytesIO(data), clip=True)
     except EOFError as e:
         raise MidiError("MIDI track ends in the middle of an event", reason="truncated") from e
-    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as e:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error,
+            mido.KeySignatureError) as e:
         raise MidiError(f"malformed MIDI data: {e}", reason="corrupt") from e
-    _check_timing(mf, max_duration_s, max_ticks, bpm_range)
+    max_tick, tempos = 0, []
+    for i, track in enumerate(mf.tracks):
+        tick = 0
+        for msg in track:
+            tick += msg.time
+            if i == 0 and msg.type == "set_tempo":
+                tempos.append((tick, msg.tempo))
+        max_tick = max(max_tick, tick)
+    _check_timing(tempos, max_tick, mf.ticks_per_beat, max_duration_s, max_ticks, bpm_range)
     try:
         pm = pretty_midi.PrettyMIDI(mido_object=mf)
     except Exception as e:  # any failure inside pretty_midi is the file's fault here
@@ -102,6 +130,96 @@ def load_midi(source: str | Path | bytes, *, max_bytes: int = MAX_BYTES,
     if not any(inst.notes for inst in pm.instruments):
         raise MidiError("the file has no notes", reason="no_notes")
     return pm
+
+
+def load_notes(source: str | Path | bytes, *, max_bytes: int = MAX_BYTES,
+               max_tracks: int = MAX_TRACKS, max_duration_s: float = MAX_DURATION_S,
+               max_ticks: int = MAX_TICKS,
+               bpm_range: tuple[float, float] = BPM_RANGE) -> NoteTable:
+    """Read and validate a Standard MIDI File straight into the fast render's note arrays.
+
+    Same parameters, checks and ``MidiError`` reasons as :func:`load_midi`, parsed by symusic
+    (C++) with no ``PrettyMIDI`` built, and timed as pretty_midi times it (track 0's tempo map,
+    float64): the table is ``NoteTable.from_pretty_midi(load_midi(source))`` up to note order,
+    except on malformed files: symusic pairs a note-off with the oldest note of its pitch where
+    pretty_midi ends them all, so a file with overlapping unisons is re-read by
+    :func:`load_midi` (as is one with a tempo or signature event of the wrong length); unseen
+    are note-ons that symusic leaves unpaired behind an older one. The tick and duration limits
+    count the last event symusic keeps, not a later end-of-track.
+
+    Returns
+    -------
+    NoteTable
+        ``end_s`` as ``PrettyMIDI.get_end_time()`` (text events FF 01 aside).
+    """
+    data = _read_bounded(source, max_bytes)
+    spans = _check_chunks(data, max_tracks)
+
+    def reread() -> NoteTable:
+        return NoteTable.from_pretty_midi(load_midi(
+            data, max_bytes=max_bytes, max_tracks=max_tracks, max_duration_s=max_duration_s,
+            max_ticks=max_ticks, bpm_range=bpm_range))
+
+    if _ODD_META.search(data, spans[0][0], spans[-1][1]):
+        return reread()
+    # symusic sees only the chunks checked above, behind a canonical 6-byte header; pretty_midi
+    # takes tempo and signatures from track 0 alone, so that track is also read on its own.
+    head = b"MThd" + struct.pack(">I", 6)
+    score = _parse_symusic(head + data[8:14] + data[spans[0][0]:spans[-1][1]])
+    track0 = score if len(spans) == 1 else _parse_symusic(
+        head + struct.pack(">HH", 0, 1) + data[12:14] + data[spans[0][0]:spans[0][1]])
+    for k in score.key_signatures:  # mido refuses a key it cannot name
+        if not (-7 <= k.key <= 7 and k.tonality in (0, 1)):
+            raise MidiError(f"malformed MIDI data: key signature {k.key}, {k.tonality}",
+                            reason="corrupt")
+    if score.start() < 0:  # symusic counts ticks in int32
+        raise MidiError("tick counts overflow: the file's events run past 2**31 ticks",
+                        reason="too_long")
+    t0 = track0.tempos.numpy()
+    tempos = list(zip(t0["time"].tolist(), t0["mspq"].tolist(), strict=True))
+    # score.end(): the last note-off, controller, bend, tempo, signature, lyric or marker
+    _check_timing(tempos, score.end(), score.ticks_per_quarter, max_duration_s, max_ticks,
+                  bpm_range)
+    if any(ts.numerator <= 0 for ts in track0.time_signatures):  # pretty_midi refuses these
+        raise MidiError("pretty_midi cannot read the file: time signature numerator 0",
+                        reason="corrupt")
+    if _overlapping_unisons(score):  # where symusic's note pairing and pretty_midi's can part
+        return reread()
+    table = NoteTable.from_score(score, track0)
+    if table.n_notes == 0:
+        raise MidiError("the file has no notes", reason="no_notes")
+    return table
+
+
+def _parse_symusic(smf: bytes) -> Any:
+    from symusic.core import ScoreTick  # C++; imported here so that the gateway never loads it
+
+    try:
+        # sanitize_data clamps data bytes > 127 to 127, as mido's clip=True does
+        return ScoreTick.from_midi(smf, True)
+    except Exception as e:  # any failure inside symusic is the file's fault here
+        if "EOF" in str(e):
+            raise MidiError(f"MIDI track ends in the middle of an event: {e}",
+                            reason="truncated") from e
+        raise MidiError(f"malformed MIDI data: {e}", reason="corrupt") from e
+
+
+def _overlapping_unisons(score: Any) -> bool:
+    """Whether a track sounds one pitch twice at once, or starts it twice on one tick.
+
+    A note-off ends the oldest sounding note of its pitch in symusic, every one in pretty_midi
+    (as a synthesiser's note-off does), so the two read such a track differently (music21 writes
+    unisons of two voices on one channel: a quarter of its files have some). Two notes that
+    start on one tick are flagged too: after a note-off on that tick pretty_midi drops both.
+    """
+    for t in score.tracks:
+        notes = t.notes.numpy()
+        pitch, on = notes["pitch"].astype(np.int64), notes["time"].astype(np.int64)
+        order = np.lexsort((on, pitch))
+        pitch, on, off = pitch[order], on[order], (on + notes["duration"])[order]
+        if np.any((pitch[1:] == pitch[:-1]) & ((on[1:] < off[:-1]) | (on[1:] == on[:-1]))):
+            return True
+    return False
 
 
 def _read_bounded(source: str | Path | bytes, max_bytes: int) -> bytes:
@@ -123,8 +241,11 @@ def _read_bounded(source: str | Path | bytes, max_bytes: int) -> bytes:
     return data
 
 
-def _check_chunks(data: bytes, max_tracks: int) -> None:
-    """Header and chunk table, without parsing events: O(number of tracks)."""
+def _check_chunks(data: bytes, max_tracks: int) -> list[tuple[int, int]]:
+    """Header and chunk table, without parsing events: O(number of tracks).
+
+    Returns the ``(start, end)`` byte offsets of each track chunk, its 8-byte head included.
+    """
     if len(data) < 14 or data[:4] != b"MThd":
         raise MidiError("not a Standard MIDI File (no MThd header)", reason="not_midi")
     hlen, fmt, ntrks, division = struct.unpack(">IHHH", data[4:14])
@@ -139,7 +260,7 @@ def _check_chunks(data: bytes, max_tracks: int) -> None:
                         reason="too_many_tracks")
     if ntrks == 0:
         raise MidiError("the file has no tracks", reason="no_notes")
-    pos = 8 + hlen
+    pos, spans = 8 + hlen, []
     for i in range(ntrks):
         if pos + 8 > len(data):
             raise MidiError(f"file ends before track {i + 1} of {ntrks}", reason="truncated")
@@ -149,20 +270,15 @@ def _check_chunks(data: bytes, max_tracks: int) -> None:
         if pos + 8 + length > len(data):
             raise MidiError(f"track {i + 1} declares {length} bytes, the file ends first",
                             reason="truncated")
+        spans.append((pos, pos + 8 + length))
         pos += 8 + length
+    return spans
 
 
-def _check_timing(mf: mido.MidiFile, max_duration_s: float, max_ticks: int,
-                  bpm_range: tuple[float, float]) -> None:
-    """Tempo map and length as pretty_midi will see them (tempo events of track 0)."""
-    max_tick, tempos = 0, []
-    for i, track in enumerate(mf.tracks):
-        tick = 0
-        for msg in track:
-            tick += msg.time
-            if i == 0 and msg.type == "set_tempo":
-                tempos.append((tick, msg.tempo))
-        max_tick = max(max_tick, tick)
+def _check_timing(tempos: list[tuple[int, int]], max_tick: int, ticks_per_beat: int,
+                  max_duration_s: float, max_ticks: int, bpm_range: tuple[float, float]) -> None:
+    """Tempo map and length as pretty_midi will see them: track 0's ``(tick, µs per beat)``
+    tempo events and the tick of the last event of any track."""
     for tick, tempo in tempos:
         bpm = 6e7 / tempo if tempo > 0 else float("inf")
         if not bpm_range[0] <= bpm <= bpm_range[1]:
@@ -173,9 +289,9 @@ def _check_timing(mf: mido.MidiFile, max_duration_s: float, max_ticks: int,
                         reason="too_long")
     seconds, last_tick, us_per_beat = 0.0, 0, 500_000  # 120 bpm until told otherwise
     for tick, tempo in sorted(tempos):
-        seconds += (tick - last_tick) * us_per_beat / 1e6 / mf.ticks_per_beat
+        seconds += (tick - last_tick) * us_per_beat / 1e6 / ticks_per_beat
         last_tick, us_per_beat = tick, tempo
-    seconds += (max_tick - last_tick) * us_per_beat / 1e6 / mf.ticks_per_beat
+    seconds += (max_tick - last_tick) * us_per_beat / 1e6 / ticks_per_beat
     if seconds > max_duration_s:
         raise MidiError(f"the piece lasts {seconds:.0f} s, over the limit of "
                         f"{max_duration_s:.0f} s", reason="too_long")
@@ -307,11 +423,6 @@ def _render_fluidsynth(pm: pretty_midi.PrettyMIDI, sample_rate: int,
     return pcm
 
 
-def n_frames(pm: pretty_midi.PrettyMIDI) -> int:
-    """Frames of a piece on the feature grid: ``1 + int(end_time · 22050) // 1024``."""
-    return 1 + int(pm.get_end_time() * SAMPLE_RATE) // HOP
-
-
 def midi_to_frames_synth(pm: pretty_midi.PrettyMIDI, *, renderer: str = "auto",
                          soundfont: str | Path | None = None, timeout_s: float = 60.0,
                          max_duration_s: float = 1800.0, device: str | None = None) -> np.ndarray:
@@ -328,162 +439,17 @@ def midi_to_frames_synth(pm: pretty_midi.PrettyMIDI, *, renderer: str = "auto",
     return audio_to_frames(audio, SAMPLE_RATE, device=device)[: n_frames(pm)]
 
 
-# Partials of a harmonic tone that land near semitones: harmonics 1, 2, 3, 4, 5, 6 are
-# +0, +12, +19.02, +24, +27.86, +31.02 semitones; amplitude 1/h, a generic bright timbre.
-PARTIALS = np.array([0, 12, 19, 24, 28, 31], dtype=np.int64)
-PARTIAL_AMP = 1.0 / np.arange(1, 7, dtype=np.float64)
-# |C| one and two bins away from a pure tone, relative to its own bin: measured on this CQT
-# (librosa's filters overlap at -6 dB; tests/model/test_midi.py checks these figures).
-BLEED = np.array([1.0, 0.5, 0.02])
-# Decay of a held note, dB per second, by GM program: struck and plucked families fade,
-# bowed, blown and electronic ones hold (0). Values are rough (a piano's middle register loses
-# 60 dB in ~5 s); what matters for matching is that a long piano note fades and an organ's doesn't.
-_FAMILY_DECAY_DB_S = (12, 20, 0, 10, 8, 0, 0, 0, 0, 0, 0, 0, 3, 12, 20, 5)
-DECAY_DB_S = np.repeat(np.array(_FAMILY_DECAY_DB_S, dtype=np.float64), 8)
-DECAY_DB_S[[45, 46, 47, 55]] = (30, 12, 15, 30)  # pizzicato, harp, timpani, orchestra hit
-DECAY_DB_S[[109, 110, 111]] = 0  # bagpipe, fiddle, shanai: sustained in an "ethnic" family
-DRUM_DECAY_DB_S = 300.0  # a hit is gone (-60 dB) in 0.2 s
-DRUM_FRAMES = int(np.ceil(0.2 * FRAME_RATE))
-# A drum hit as broadband noise: flat on this CQT (white noise is flat with librosa's
-# sqrt(length) scaling), at about a quarter of what a mid-register note of equal velocity gives.
-DRUM_GAIN = 0.25 * float(np.median(BIN_GAIN))
-
-
-@numba.njit(cache=True)
-def _render_notes(t_on, t_off, pitch, amp, decay, is_drum, lo, partials, partial_amp, bleed,
-                  bin_gain, drum_gain, power):  # pragma: no cover - compiled
-    """Add each note's power, (amp·partial·bleed·gain)², into ``power`` (T, 48) in place."""
-    n_bins = power.shape[1]
-    for i in range(t_on.size):
-        env = amp[i]
-        for t in range(t_on[i], t_off[i]):
-            if is_drum[i]:
-                for b in range(n_bins):
-                    power[t, b] += (env * drum_gain) ** 2
-            else:
-                for p in range(partials.size):
-                    centre = pitch[i] - lo + partials[p]
-                    if centre < 0 or centre >= n_bins:
-                        continue
-                    a = env * partial_amp[p]
-                    for d in range(-2, 3):
-                        b = centre + d
-                        if 0 <= b < n_bins:
-                            power[t, b] += (a * bleed[abs(d)] * bin_gain[b]) ** 2
-            env *= decay[i]
-
-
-def _note_table(pm: pretty_midi.PrettyMIDI, n_total: int) -> tuple[np.ndarray, ...]:
-    """Per-note frame span, pitch, amplitude, decay per frame and drum flag, as arrays."""
-    notes = [(n.start, n.end, n.pitch, n.velocity, inst.program, inst.is_drum)
-             for inst in pm.instruments for n in inst.notes]
-    if not notes:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, empty, np.zeros(0), np.zeros(0), np.zeros(0, np.bool_)
-    start, end, pitch, vel, program, drum = (np.array(c) for c in zip(*notes, strict=True))
-    drum = drum.astype(np.bool_)
-    # A frame sounds a note when its centre (t / FRAME_RATE s) lies in [start, end); a note
-    # shorter than a hop, or a drum hit, still gets the frame nearest its onset (the last frame
-    # for one in the piece's final hop: a CQT window there would hear it too).
-    t_on = np.ceil(start * FRAME_RATE - 1e-9).astype(np.int64)
-    t_off = np.ceil(end * FRAME_RATE - 1e-9).astype(np.int64)
-    short = (t_off <= t_on) | drum
-    t_on[short] = np.minimum(np.round(start[short] * FRAME_RATE), n_total - 1).astype(np.int64)
-    t_off[short] = t_on[short] + np.where(drum[short], DRUM_FRAMES, 1)
-    t_on, t_off = np.clip(t_on, 0, n_total), np.clip(t_off, 0, n_total)
-    # SF2's default velocity curve is about 40·log10(v/127) dB: amplitude (v/127)².
-    amp = (np.clip(vel, 0, 127) / 127.0) ** 2
-    db_s = np.where(drum, DRUM_DECAY_DB_S, DECAY_DB_S[np.clip(program, 0, 127)])
-    decay = 10.0 ** (-db_s / FRAME_RATE / 20.0)
-    return t_on, t_off, pitch.astype(np.int64), amp, decay, drum
-
-
-def midi_to_magnitude_fast(pm: pretty_midi.PrettyMIDI, n_total: int | None = None
-                           ) -> np.ndarray:
-    """Notes straight to CQT-bin magnitudes (before :func:`log_normalize`).
-
-    Each note puts energy at its pitch's bin and at the partials in ``PARTIALS`` (amplitudes
-    ``PARTIAL_AMP``) that fall inside the 48 bins, with ``BLEED`` into the neighbouring bins,
-    scaled by ``BIN_GAIN`` as the CQT scales a sine, by (velocity/127)², and by a per-program
-    decay (``DECAY_DB_S``). Drum notes are flat broadband hits of ``DRUM_FRAMES`` frames.
-    Sounding notes add in power. Frames where nothing sounds are zero.
-
-    Returns
-    -------
-    np.ndarray, shape (n_total or n_frames(pm), 48), float64
-    """
-    total = n_frames(pm) if n_total is None else int(n_total)
-    power = np.zeros((total, N_BINS))
-    t_on, t_off, pitch, amp, decay, drum = _note_table(pm, total)
-    _render_notes(t_on, t_off, pitch, amp, decay, drum, MIDI_LO, PARTIALS, PARTIAL_AMP, BLEED,
-                  BIN_GAIN, DRUM_GAIN, power)
-    return np.sqrt(power)
-
-
-def midi_to_frames_fast(pm: pretty_midi.PrettyMIDI) -> np.ndarray:
-    """Notes straight to frames: :func:`midi_to_magnitude_fast`, then :func:`log_normalize`.
-
-    Returns
-    -------
-    np.ndarray, shape (n_frames(pm), 48), float32
-    """
-    return log_normalize(midi_to_magnitude_fast(pm))
-
-
-def midi_to_frames(pm: pretty_midi.PrettyMIDI, *, method: str = "fast",
+def midi_to_frames(piece: pretty_midi.PrettyMIDI | NoteTable, *, method: str = "fast",
                    **kwargs: Any) -> np.ndarray:
-    """Frames of a piece by ``method`` ``"fast"`` (:func:`midi_to_frames_fast`) or ``"synth"``
-    (:func:`midi_to_frames_synth`, which takes the keyword arguments)."""
+    """Frames of a piece by ``method`` ``"fast"`` (:func:`midi_to_frames_fast`, which also takes
+    a :class:`NoteTable`) or ``"synth"`` (:func:`midi_to_frames_synth`, which takes the keyword
+    arguments and needs a ``PrettyMIDI``)."""
     if method == "fast":
         if kwargs:
             raise TypeError(f"method='fast' takes no options, got {sorted(kwargs)}")
-        return midi_to_frames_fast(pm)
+        return midi_to_frames_fast(piece)
     if method == "synth":
-        return midi_to_frames_synth(pm, **kwargs)
+        if isinstance(piece, NoteTable):
+            raise TypeError("method='synth' renders a PrettyMIDI (load_midi), not a NoteTable")
+        return midi_to_frames_synth(piece, **kwargs)
     raise ValueError(f"method must be 'fast' or 'synth', got {method!r}")
-
-
-def demo_piece(duration_s: float = 60.0, *, seed: int = 0,
-               programs: Sequence[int] = (0, 33, 48, 73), drums: bool = True
-               ) -> pretty_midi.PrettyMIDI:
-    """A procedural multi-instrument piece for tests and benchmarks (no files needed).
-
-    Chords (piano by default), a bass line, a sustained pad, a melody and a drum kit over a
-    I-vi-IV-V progression in C at 120 bpm; ``seed`` varies the melody and the voicings.
-    ``duration_s`` is rounded up to whole bars (2 s).
-    """
-    rng = np.random.default_rng(seed)
-    beat = 0.5
-    roots = [48, 45, 41, 43]  # C, A, F, G
-    triads = {48: (0, 4, 7), 45: (0, 3, 7), 41: (0, 4, 7), 43: (0, 4, 7)}
-    chords, bass, pad, lead = (pretty_midi.Instrument(p) for p in programs)
-    kit = pretty_midi.Instrument(0, is_drum=True)
-    n_bars = max(1, int(np.ceil(duration_s / (4 * beat))))
-    for bar in range(n_bars):
-        t0, root = bar * 4 * beat, roots[bar % 4]
-        inversion = int(rng.integers(0, 3))
-        for k, step in enumerate(triads[root]):
-            pitch = root + 12 + step + (12 if k < inversion else 0)
-            for b in (0, 2):
-                chords.notes.append(pretty_midi.Note(80, pitch, t0 + b * beat, t0 + (b + 2) * beat))
-            pad.notes.append(pretty_midi.Note(60, pitch + 12, t0, t0 + 4 * beat))
-        for b in range(4):
-            bass.notes.append(pretty_midi.Note(95, root - 12 + (7 if b == 2 else 0),
-                                               t0 + b * beat, t0 + (b + 0.9) * beat))
-        scale = np.array([0, 2, 4, 5, 7, 9, 11, 12, 14, 16])
-        for b in range(8):
-            if rng.random() < 0.8:
-                pitch = 72 + int(rng.choice(scale))
-                lead.notes.append(pretty_midi.Note(int(rng.integers(70, 110)), pitch,
-                                                   t0 + b * beat / 2, t0 + (b + 1) * beat / 2))
-        if drums:
-            for b in range(8):
-                t = t0 + b * beat / 2
-                kit.notes.append(pretty_midi.Note(70, 42, t, t + 0.1))  # closed hi-hat
-                if b % 4 == 0:
-                    kit.notes.append(pretty_midi.Note(100, 36, t, t + 0.1))  # kick
-                if b % 4 == 2:
-                    kit.notes.append(pretty_midi.Note(90, 38, t, t + 0.1))  # snare
-    pm = pretty_midi.PrettyMIDI(initial_tempo=120.0)
-    pm.instruments.extend([chords, bass, pad, lead] + ([kit] if drums else []))
-    return pm

@@ -1,4 +1,7 @@
-"""Tests of model.midi: bad files, renderers, and the two MIDI → frames paths."""
+"""Tests of model.midi: bad files (through both loaders), renderers, the two MIDI → frames paths.
+
+The fast render itself, and load_notes reading what load_midi reads, are in test_fastrender.py.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from hypothesis import strategies as st
 from model import features as F
 from model import midi as M
 from model.errors import MidiError, RenderError
+from model.fastrender import NoteTable
 
 HAS_FLUIDSYNTH = "fluidsynth" in M.available_renderers()
 
@@ -65,19 +69,34 @@ def _one_note(pitch: int, start: float, end: float, program: int = 0, velocity: 
     return pm
 
 
-# --- load_midi -----------------------------------------------------------------------------------
+# --- load_midi and load_notes -------------------------------------------------------------------
+
+LOADERS = {"load_midi": M.load_midi, "load_notes": M.load_notes}
+
+
+def _n_notes(loaded: pretty_midi.PrettyMIDI | NoteTable) -> int:
+    if isinstance(loaded, NoteTable):
+        return loaded.n_notes
+    return sum(len(i.notes) for i in loaded.instruments)
+
+
+def _end_s(loaded: pretty_midi.PrettyMIDI | NoteTable) -> float:
+    return loaded.end_s if isinstance(loaded, NoteTable) else loaded.get_end_time()
+
 
 def test_valid_file_from_bytes_and_path(tmp_path) -> None:
     pm = M.load_midi(VALID)
     (note,) = pm.instruments[0].notes
     assert (note.pitch, note.start, note.end) == (60, 0.0, 0.5)
+    table = M.load_notes(VALID)
+    assert (table.pitch.tolist(), table.onset_s.tolist(), table.offset_s.tolist(),
+            table.end_s) == ([60], [0.0], [0.5], 0.5)
     demo = M.demo_piece(8.0)
     path = tmp_path / "demo.mid"
     demo.write(str(path))
-    for source in (path, str(path), _pm_bytes(demo)):
-        loaded = M.load_midi(source)
-        assert sum(len(i.notes) for i in loaded.instruments) == sum(
-            len(i.notes) for i in demo.instruments)
+    for load in LOADERS.values():
+        for source in (path, str(path), _pm_bytes(demo)):
+            assert _n_notes(load(source)) == _n_notes(demo)
 
 
 BAD_FILES = {
@@ -96,6 +115,9 @@ BAD_FILES = {
     "tempo_3.6_bpm": (_smf([_tempo(0xFFFFFF) + _note() + EOT]), "bad_tempo"),
     "hours_long_note": (_smf([_tempo(500_000) + _note(9_000_000) + EOT]), "too_long"),
     "huge_tick": (_smf([_note(0x0FFFFFFF) + EOT]), "too_long"),
+    # 9 maximal delta-times: past 2**31 ticks, where symusic's int32 ticks turn negative
+    "tick_overflow": (_smf([b"".join(_vlq(0x0FFFFFFF) + b"\xff\x01\x00" for _ in range(9))
+                            + _note() + EOT]), "too_long"),
     "5000_tracks": (_smf([_note()] + [EOT] * 4999), "too_many_tracks"),
     "65535_tracks_declared": (_smf([_note() + EOT], ntrks=65535), "too_many_tracks"),
     "too_large": (VALID + bytes(M.MAX_BYTES), "too_large"),
@@ -103,43 +125,76 @@ BAD_FILES = {
     "running_status_first": (_smf([b"\x00\x3c\x64" + EOT]), "corrupt"),
     "zero_division": (_smf([_note() + EOT], division=0), "corrupt"),
     "smpte_division": (_smf([_note() + EOT], division=0xE728), "unsupported"),
+    "key_signature_32_sharps": (_smf([b"\x00\xff\x59\x02\x20\x00" + _note() + EOT]), "corrupt"),
+    "time_signature_0_4": (_smf([b"\x00\xff\x58\x04\x00\x02\x18\x08" + _note() + EOT]),
+                           "corrupt"),
+    # symusic would read on past these (into the next event, or stale memory): left to mido
+    "tempo_event_of_2_bytes": (_smf([b"\x00\xff\x51\x02\x07\xa1" + _note() + EOT]), "corrupt"),
+    "tempo_event_of_0_bytes_last": (_smf([_note() + b"\x00\xff\x51\x00"]), "corrupt"),
 }
+ODD_META = {"tempo_event_of_2_bytes", "tempo_event_of_0_bytes_last"}
 
 
+@pytest.mark.parametrize("loader", sorted(LOADERS))
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
-def test_bad_midi_gives_a_typed_error_quickly(name: str) -> None:
+def test_bad_midi_gives_a_typed_error_quickly(name: str, loader: str) -> None:
     data, reason = BAD_FILES[name]
     t0 = time.perf_counter()
     with pytest.raises(MidiError) as e:
-        M.load_midi(data)
+        LOADERS[loader](data)
     assert e.value.reason == reason, str(e.value)
     assert time.perf_counter() - t0 < 3.0  # a sanity bound, not a benchmark
 
 
-def test_limits_are_parameters_and_paths_are_checked(tmp_path) -> None:
+def test_symusic_only_sees_files_that_pass_the_header_checks(monkeypatch) -> None:
+    seen: list[bytes] = []
+    real = M._parse_symusic
+    monkeypatch.setattr(M, "_parse_symusic", lambda smf: seen.append(smf) or real(smf))
+    for name, (data, _) in sorted(BAD_FILES.items()):
+        try:
+            M._check_chunks(M._read_bounded(data, M.MAX_BYTES), M.MAX_TRACKS)
+            header_ok = True
+        except MidiError:
+            header_ok = False
+        seen.clear()
+        with pytest.raises(MidiError):
+            M.load_notes(data)
+        assert bool(seen) == (header_ok and name not in ODD_META), name
+        # what it sees: a canonical 6-byte header and the checked chunks, nothing after them
+        assert all(s[:8] == b"MThd\x00\x00\x00\x06" and len(s) <= len(data) for s in seen)
+    seen.clear()
+    odd = b"MThd" + struct.pack(">IHHH", 8, 1, 1, 96) + b"\x00\x00" + VALID[14:] + b"junk"
+    assert M.load_notes(odd).n_notes == 1 and seen == [VALID]
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_limits_are_parameters_and_paths_are_checked(tmp_path, loader: str) -> None:
+    load = LOADERS[loader]
     with pytest.raises(MidiError) as e:
-        M.load_midi(VALID, max_bytes=10)
+        load(VALID, max_bytes=10)
     assert e.value.reason == "too_large"
     with pytest.raises(MidiError) as e:
-        M.load_midi(_pm_bytes(M.demo_piece(30.0)), max_duration_s=20.0)
+        load(_pm_bytes(M.demo_piece(30.0)), max_duration_s=20.0)
     assert e.value.reason == "too_long"
+    with pytest.raises(MidiError) as e:
+        load(_smf([_note(2000) + EOT]), max_ticks=1000)
+    assert e.value.reason == "too_long"
+    with pytest.raises(MidiError) as e:
+        load(_smf([_tempo(500_000) + _note() + EOT]), bpm_range=(130.0, 200.0))
+    assert e.value.reason == "bad_tempo"
     big = tmp_path / "big.mid"
     big.write_bytes(VALID + bytes(2000))
     with pytest.raises(MidiError) as e:
-        M.load_midi(big, max_bytes=1000)
+        load(big, max_bytes=1000)
     assert e.value.reason == "too_large"
     for missing in (tmp_path / "nope.mid", tmp_path):
         with pytest.raises(MidiError) as e:
-            M.load_midi(missing)
+            load(missing)
         assert e.value.reason == "unreadable"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(edits=st.lists(st.tuples(st.sampled_from(["set", "insert", "delete", "cut"]),
-                                st.integers(0, 10**6), st.integers(0, 255)),
-                      min_size=1, max_size=6))
-def test_mutated_files_load_or_fail_typed(edits: list[tuple[str, int, int]]) -> None:
-    data = bytearray(FUZZ_SEED)
+def _mutate(seed: bytes, edits: list[tuple[str, int, int]]) -> bytes:
+    data = bytearray(seed)
     for op, pos, byte in edits:
         i = pos % max(1, len(data))
         if op == "set" and data:
@@ -150,17 +205,56 @@ def test_mutated_files_load_or_fail_typed(edits: list[tuple[str, int, int]]) -> 
             del data[i]
         elif op == "cut":
             del data[i:]
+    return bytes(data)
+
+
+def _load_or_fail_typed(load, data: bytes) -> None:
     t0 = time.perf_counter()
     try:
-        pm = M.load_midi(bytes(data))
+        loaded = load(data)
     except MidiError:
         pass
     else:
-        assert isinstance(pm, pretty_midi.PrettyMIDI) and pm.get_end_time() <= M.MAX_DURATION_S
+        assert isinstance(loaded, (pretty_midi.PrettyMIDI, NoteTable))
+        assert _n_notes(loaded) > 0 and _end_s(loaded) <= M.MAX_DURATION_S
     assert time.perf_counter() - t0 < 3.0
 
 
-FUZZ_SEED = _pm_bytes(M.demo_piece(4.0))
+FUZZ_SEED = _pm_bytes(M.demo_piece(4.0))  # a conductor track and five instruments
+
+
+def _tracks(smf: bytes) -> list[bytes]:
+    pos, out = 14, []
+    while pos < len(smf):
+        length = struct.unpack(">I", smf[pos + 4:pos + 8])[0]
+        out.append(smf[pos + 8:pos + 8 + length])
+        pos += 8 + length
+    return out
+
+
+FUZZ_TRACKS = _tracks(FUZZ_SEED)
+EDITS = st.lists(st.tuples(st.sampled_from(["set", "insert", "delete", "cut"]),
+                           st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6)
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=EDITS)
+def test_mutated_files_load_or_fail_typed(loader: str, edits: list[tuple[str, int, int]]) -> None:
+    _load_or_fail_typed(LOADERS[loader], _mutate(FUZZ_SEED, edits))
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(track=st.integers(0, len(FUZZ_TRACKS) - 1), edits=EDITS)
+def test_files_mutated_inside_a_track_load_or_fail_typed(loader: str, track: int,
+                                                         edits: list[tuple[str, int, int]]) -> None:
+    # Chunk lengths follow the edits, so that the bytes reach the event parser (mido or
+    # symusic) instead of stopping at the chunk table.
+    body = _mutate(FUZZ_TRACKS[track], edits)
+    tracks = [body if k == track else t for k, t in enumerate(FUZZ_TRACKS)]
+    _load_or_fail_typed(LOADERS[loader], _smf(tracks, division=FUZZ_SEED[12] << 8 | FUZZ_SEED[13]))
+
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -247,86 +341,6 @@ def test_fluidsynth_process_is_bounded(tmp_path, monkeypatch, mode: str,
     assert time.perf_counter() - t0 < 10.0
 
 
-# --- fast render -------------------------------------------------------------------------------
-
-def test_fast_render_single_note() -> None:
-    pm = _one_note(60, 1.0, 2.0, program=0)
-    raw = M.midi_to_magnitude_fast(pm)
-    frames = M.midi_to_frames_fast(pm)
-    t = np.arange(frames.shape[0]) / F.FRAME_RATE
-    sounding = (t >= 1.0) & (t < 2.0)
-    assert frames.shape == (M.n_frames(pm), 48) == (1 + int(2.0 * 22050) // 1024, 48)
-    assert (frames[sounding].argmax(axis=1) == 60 - F.MIDI_LO).all()
-    assert not frames[~sounding].any()  # silent before the onset and after the note ends
-    # Hand-computed: the octave partial sits alone at bin 36 with amplitude 1/2.
-    t0 = int(np.argmax(sounding))
-    assert raw[t0, 36] == pytest.approx((100 / 127) ** 2 * 0.5 * F.BIN_GAIN[36])
-    assert raw[t0, 25] == pytest.approx((100 / 127) ** 2 * M.BLEED[1] * F.BIN_GAIN[25])
-    # Piano fades at DECAY_DB_S[0] dB/s.
-    d_db = 20 * np.log10(raw[t0, 24] / raw[t0 + 10, 24])
-    assert d_db == pytest.approx(M.DECAY_DB_S[0] * 10 / F.FRAME_RATE)
-
-
-def test_fast_render_programs_velocity_drums_and_range() -> None:
-    organ = M.midi_to_magnitude_fast(_one_note(48, 0.0, 2.0, program=19))
-    assert np.allclose(organ[:40, 12], organ[0, 12])  # sustained family holds
-    soft = M.midi_to_magnitude_fast(_one_note(48, 0.0, 1.0, velocity=64))
-    loud = M.midi_to_magnitude_fast(_one_note(48, 0.0, 1.0, velocity=127))
-    assert soft[0, 12] / loud[0, 12] == pytest.approx((64 / 127) ** 2)
-    drum = M.midi_to_magnitude_fast(_one_note(38, 1.0, 1.01, drum=True), n_total=60)
-    hit = np.flatnonzero(drum.any(axis=1))
-    assert hit.size == M.DRUM_FRAMES and (drum[hit[0]] == drum[hit[0], 0]).all()
-    assert (np.diff(drum[hit, 0]) < 0).all()
-    low = M.midi_to_frames_fast(_one_note(30, 0.0, 1.0))  # fundamental below the bins
-    assert (low[:10].argmax(axis=1) == 30 + 12 - F.MIDI_LO).all()
-    for start in (0.20, 0.50):  # shorter than a hop; the second in the piece's last hop
-        short = M.midi_to_frames_fast(_one_note(70, start, start + 0.01))
-        assert np.flatnonzero(short.any(axis=1)).tolist() == [
-            min(round(start * F.FRAME_RATE), short.shape[0] - 1)]
-
-
-def test_bleed_matches_the_cqt_of_a_tone() -> None:
-    t = np.arange(22050) / 22050
-    raw = F.audio_to_frames(np.sin(2 * np.pi * 261.63 * t).astype(np.float32), 22050,
-                            log=False)[10]
-    k = 60 - F.MIDI_LO
-    assert raw[k + 1] / raw[k] == pytest.approx(M.BLEED[1], abs=0.05)
-    assert raw[k - 1] / raw[k] == pytest.approx(M.BLEED[1], abs=0.05)
-    assert raw[k + 2] / raw[k] == pytest.approx(M.BLEED[2], abs=0.01)
-
-
-def _render_reference(t_on, t_off, pitch, amp, decay, drum, power) -> None:
-    """Plain-Python twin of the numba kernel."""
-    for i in range(len(t_on)):
-        for t in range(t_on[i], t_off[i]):
-            env = amp[i] * decay[i] ** (t - t_on[i])
-            if drum[i]:
-                power[t] += (env * M.DRUM_GAIN) ** 2
-                continue
-            for off, pa in zip(M.PARTIALS, M.PARTIAL_AMP, strict=True):
-                c = pitch[i] - F.MIDI_LO + off
-                if not 0 <= c < 48:
-                    continue
-                for d in range(-2, 3):
-                    if 0 <= c + d < 48:
-                        power[t, c + d] += (env * pa * M.BLEED[abs(d)] * F.BIN_GAIN[c + d]) ** 2
-
-
-def test_fast_kernel_matches_plain_python() -> None:
-    rng = np.random.default_rng(0)
-    n, total = 60, 120
-    t_on = rng.integers(0, total, n)
-    t_off = np.minimum(total, t_on + rng.integers(1, 30, n))
-    pitch = rng.integers(0, 128, n)
-    amp, decay = rng.uniform(0.1, 1, n), rng.uniform(0.5, 1, n)
-    drum = rng.random(n) < 0.2
-    got, want = np.zeros((total, 48)), np.zeros((total, 48))
-    M._render_notes(t_on, t_off, pitch, amp, decay, drum, F.MIDI_LO, M.PARTIALS, M.PARTIAL_AMP,
-                    M.BLEED, F.BIN_GAIN, M.DRUM_GAIN, got)
-    _render_reference(t_on, t_off, pitch, amp, decay, drum, want)
-    np.testing.assert_allclose(got, want, rtol=1e-12)
-
-
 # --- the two paths together --------------------------------------------------------------------
 
 def _mean_frame_corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -360,3 +374,8 @@ def test_midi_to_frames_dispatch() -> None:
     frames = M.midi_to_frames(pm, method="synth", renderer="pretty_midi")
     assert frames.shape == (M.n_frames(pm), 48) and frames.dtype == np.float32
     assert frames[5].argmax() == 60 - F.MIDI_LO
+    table = M.load_notes(_pm_bytes(pm))
+    np.testing.assert_array_equal(M.midi_to_frames(table, method="fast"),
+                                  M.midi_to_frames(pm, method="fast"))
+    with pytest.raises(TypeError):
+        M.midi_to_frames(table, method="synth")
