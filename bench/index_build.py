@@ -23,9 +23,8 @@ from bench._common import machine, table  # noqa: E402
 
 
 def collect_files(cache: Path, n: int, corpus_limit: int) -> list[Path]:
-    from model.songgen import generate_songs
-
     from model.corpus import convert_music21_corpus, corpus_midi_files
+    from model.songgen import generate_songs
 
     corpus = corpus_midi_files(cache)
     if len(corpus) < corpus_limit:
