@@ -192,11 +192,13 @@ def _run_piece(task: dict[str, Any]) -> dict[str, Any]:
     """All draws of one piece in one split. Never raises: failures become ``skipped`` records."""
     out: dict[str, Any] = {"pairs": [], "skipped": []}
     use_alarm = threading.current_thread() is threading.main_thread()
-    if use_alarm:  # interrupts Python code anywhere; render() kills its process on the way out
-        signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, task["piece_timeout_s"])
     k, renderer = -1, None
+    started = time.perf_counter()
     try:
+        if use_alarm:  # interrupts Python code anywhere; render() kills its process on the way out
+            # armed inside the try: an alarm firing before it would escape as an uncaught error
+            signal.signal(signal.SIGALRM, _on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, task["piece_timeout_s"])
         pm = load_midi(task["file"])
         rng = np.random.default_rng([task["seed"], *divmod(task["id"], 2**32), task["stream"]])
         order = rng.permutation(len(task["renderers"]))
@@ -213,6 +215,11 @@ def _run_piece(task: dict[str, Any]) -> dict[str, Any]:
                 continue
             info["seconds"] = round(time.perf_counter() - t, 3)
             out["pairs"].append((a.astype(np.float16), m.astype(np.float16), info))
+        # The alarm can be lost (a signal handler's exception raised inside a __del__ or a
+        # callback is printed and dropped), so the deadline is also checked here.
+        if time.perf_counter() - started > task["piece_timeout_s"]:
+            out["pairs"] = []
+            raise _PieceTimeout
     except _PieceTimeout:
         out["skipped"].append({"draw": k, "renderer": renderer, "reason": "timeout",
                                "error": f"piece ran past {task['piece_timeout_s']:g} s"})
