@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/hashdtw.py
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/index_build.py
+	$(BIN)/python bench/model_bc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info test-artifacts
