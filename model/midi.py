@@ -26,6 +26,7 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -383,40 +384,12 @@ def _render_fluidsynth(pm: pretty_midi.PrettyMIDI, sample_rate: int,
         # fluidsynth would only warn, then render silence with exit status 0.
         raise RenderError(f"{sf2} is not a SoundFont 2 file", reason="unavailable")
     cap_bytes = n * 2 * 4  # stereo float32: stop as soon as the piece plus its tail is there
-    with tempfile.TemporaryDirectory(prefix="midimatch-render-") as tmp:
-        mid, raw = Path(tmp) / "in.mid", Path(tmp) / "out.raw"
-        try:
-            pm.write(str(mid))
-        except Exception as e:
-            raise RenderError(f"cannot write the MIDI for fluidsynth: {e!r}",
-                              reason="failed") from e
-        # Headerless float32 output: readable even when the process is killed mid-write.
-        cmd = [exe, "-ni", "-q", "-g", str(gain), "-r", str(sample_rate), "-T", "raw",
-               "-O", "float", "-E", "little", "-F", str(raw), str(sf2), str(mid)]
-        # stderr to a file, not a pipe: a chatty render must not block on a full pipe while
-        # this loop watches the output file.
-        with open(Path(tmp) / "stderr.txt", "w+b") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=log)
-            deadline = time.monotonic() + timeout_s
-            try:
-                while proc.poll() is None:
-                    if raw.exists() and raw.stat().st_size >= cap_bytes:
-                        break  # enough audio: a looping or endless render is cut here
-                    if time.monotonic() > deadline:
-                        raise RenderError(f"fluidsynth ran past {timeout_s:g} s",
-                                          reason="timeout")
-                    time.sleep(0.02)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-            log.seek(0)
-            err = log.read()[-500:].decode(errors="replace")
-        if proc.returncode not in (0, -9) or not raw.exists():
-            raise RenderError(f"fluidsynth failed ({proc.returncode}): {err}", reason="failed")
-        with open(raw, "rb") as f:
-            pcm = np.frombuffer(f.read(cap_bytes), dtype="<f4")
+    # Headerless float32 output: readable even when the process is killed mid-write.
+    pcm, err = run_bounded_render(
+        "fluidsynth", pm,
+        lambda mid, raw: [exe, "-ni", "-q", "-g", str(gain), "-r", str(sample_rate), "-T", "raw",
+                          "-O", "float", "-E", "little", "-F", str(raw), str(sf2), str(mid)],
+        cap_bytes=cap_bytes, timeout_s=timeout_s, dtype="<f4")
     pcm = pcm[: pcm.size // 2 * 2].reshape(-1, 2).mean(axis=1).astype(np.float32)
     if not np.isfinite(pcm).all() or not np.any(pcm):
         raise RenderError(f"fluidsynth rendered no sound: {err}", reason="failed")
@@ -453,3 +426,54 @@ def midi_to_frames(piece: pretty_midi.PrettyMIDI | NoteTable, *, method: str = "
             raise TypeError("method='synth' renders a PrettyMIDI (load_midi), not a NoteTable")
         return midi_to_frames_synth(piece, **kwargs)
     raise ValueError(f"method must be 'fast' or 'synth', got {method!r}")
+
+
+def run_bounded_render(name: str, pm: pretty_midi.PrettyMIDI,
+                       command: Callable[[Path, Path], list[str]], *, cap_bytes: int,
+                       timeout_s: float, dtype: str) -> tuple[np.ndarray, str]:
+    """Run an external renderer on ``pm`` with a time and an output-size bound.
+
+    ``command(midi_path, raw_out_path)`` builds the command line; the renderer must write
+    headerless samples of ``dtype`` to ``raw_out_path`` (readable even when it is killed
+    mid-write). The process is killed once ``cap_bytes`` are written (a looping or endless render
+    is cut there) or after ``timeout_s``.
+
+    Returns
+    -------
+    samples : np.ndarray, at most ``cap_bytes`` worth of ``dtype``
+    log : str, the end of the renderer's output (for error messages)
+
+    Raises
+    ------
+    RenderError
+        ``timeout`` or ``failed``.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"midimatch-{name}-") as tmp:
+        mid, raw = Path(tmp) / "in.mid", Path(tmp) / "out.raw"
+        try:
+            pm.write(str(mid))
+        except Exception as e:  # pretty_midi's writer has no failure contract
+            raise RenderError(f"cannot write the MIDI for {name}: {e!r}", reason="failed") from e
+        # Output to a file, not a pipe: a chatty render must not block on a full pipe while
+        # this loop watches the output file.
+        with open(Path(tmp) / "log.txt", "w+b") as log:
+            proc = subprocess.Popen(command(mid, raw), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log)
+            deadline = time.monotonic() + timeout_s
+            try:
+                while proc.poll() is None:
+                    if raw.exists() and raw.stat().st_size >= cap_bytes:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RenderError(f"{name} ran past {timeout_s:g} s", reason="timeout")
+                    time.sleep(0.02)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            log.seek(0)
+            err = log.read()[-500:].decode(errors="replace")
+        if proc.returncode not in (0, -9) or not raw.exists():
+            raise RenderError(f"{name} failed ({proc.returncode}): {err}", reason="failed")
+        with open(raw, "rb") as f:
+            return np.frombuffer(f.read(cap_bytes), dtype=dtype), err

@@ -33,9 +33,6 @@ import copy
 import io
 import shutil
 import struct
-import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -45,7 +42,7 @@ import pretty_midi
 
 from model.errors import RenderError
 from model.features import HOP, SAMPLE_RATE
-from model.midi import midi_to_audio
+from model.midi import midi_to_audio, run_bounded_render
 
 PEAK = 0.5  # every render is scaled to this peak (-6 dBFS): loudness is augmentation's job
 TAIL_S = 0.5  # audio kept after the last note ends (release, reverb)
@@ -223,36 +220,13 @@ def _render_timidity(pm: pretty_midi.PrettyMIDI, cfg: Path | None, sample_rate: 
     if exe is None or cfg is None:
         raise RenderError("timidity or its config is not installed", reason="unavailable")
     cap_bytes = 2 * n  # mono int16: stop as soon as the piece plus its tail is there
-    with tempfile.TemporaryDirectory(prefix="midimatch-timidity-") as tmp:
-        mid, raw = Path(tmp) / "in.mid", Path(tmp) / "out.raw"
-        try:
-            pm.write(str(mid))
-        except Exception as e:  # pretty_midi's writer has no failure contract
-            raise RenderError(f"cannot write the MIDI for timidity: {e!r}", reason="failed") from e
-        # Raw little-endian int16 mono (-OrM1sl): readable when killed mid-write, unlike a WAV
-        # whose header is only completed at the end. --preserve-silence: keep t = 0 at sample 0.
-        cmd = [exe, "-OrM1sl", "-s", str(sample_rate), "--preserve-silence", "-c", str(cfg),
-               "-o", str(raw), str(mid)]
-        with open(Path(tmp) / "log.txt", "w+b") as log:  # a file: a full pipe would block it
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            deadline = time.monotonic() + timeout_s
-            try:
-                while proc.poll() is None:
-                    if raw.exists() and raw.stat().st_size >= cap_bytes:
-                        break
-                    if time.monotonic() > deadline:
-                        raise RenderError(f"timidity ran past {timeout_s:g} s", reason="timeout")
-                    time.sleep(0.02)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-            log.seek(0)
-            err = log.read()[-500:].decode(errors="replace")
-        if proc.returncode not in (0, -9) or not raw.exists():
-            raise RenderError(f"timidity failed ({proc.returncode}): {err}", reason="failed")
-        with open(raw, "rb") as f:
-            pcm = np.frombuffer(f.read(cap_bytes), dtype="<i2")
+    # Raw little-endian int16 mono (-OrM1sl): readable when killed mid-write, unlike a WAV
+    # whose header is only completed at the end. --preserve-silence: keep t = 0 at sample 0.
+    pcm, _ = run_bounded_render(
+        "timidity", pm,
+        lambda mid, raw: [exe, "-OrM1sl", "-s", str(sample_rate), "--preserve-silence",
+                          "-c", str(cfg), "-o", str(raw), str(mid)],
+        cap_bytes=cap_bytes, timeout_s=timeout_s, dtype="<i2")
     return pcm.astype(np.float32) / 32768.0
 
 
