@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 
 
 def machine() -> str:
@@ -18,6 +19,18 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+
+
+def best_time(fn: Callable[[], object], repeat: int, *, warmup: bool = True) -> float:
+    """Seconds of the fastest of ``repeat`` calls, after one warm-up call (JIT, caches)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def table(rows: list[dict], columns: list[str] | None = None) -> str:

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,19 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import best_time  # noqa: E402
 from model import features as F  # noqa: E402
 from model import midi as M  # noqa: E402
 
 DEFAULT_CORPUS = ("bach/bwv66.6", "mozart/k80/movement1")
-
-
-def _best_of(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _pieces(corpus: list[str]) -> list[tuple[str, pretty_midi.PrettyMIDI]]:
@@ -106,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, float] = {}  # label -> seconds per minute of music
 
     def per_minute(label: str, fn: Callable[[pretty_midi.PrettyMIDI], object]) -> None:
-        total = sum(_best_of(lambda pm=pm: fn(pm), args.repeat) for _, pm in pieces)
+        total = sum(best_time(lambda pm=pm: fn(pm), args.repeat, warmup=False) for _, pm in pieces)
         rows[label] = total / minutes
 
     audio: dict[str, list[np.ndarray]] = {}
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         clips = [a if rate == F.SAMPLE_RATE else
                  np.interp(np.arange(int(a.size * rate / F.SAMPLE_RATE)) * F.SAMPLE_RATE / rate,
                            np.arange(a.size), a).astype(np.float32) for a in music]
-        t = sum(_best_of(lambda c=c, r=rate: F.audio_to_frames(c, r), args.repeat)
+        t = sum(best_time(lambda c=c, r=rate: F.audio_to_frames(c, r), args.repeat, warmup=False)
                 for c in clips)
         rows[f"CQT {rate / 1000:g} kHz, whole signal"] = t / music_min
 
@@ -134,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(0, c.size, step):
                 s.push(c[i:i + step])
             s.finish()
-        t = sum(_best_of(lambda c=c: stream(c), args.repeat) for c in clips)
+        t = sum(best_time(lambda c=c: stream(c), args.repeat, warmup=False) for c in clips)
         rows[f"CQT {rate / 1000:g} kHz, streaming 100 ms pushes"] = t / music_min
 
     base_label = f"synth path, {renderers[0]}: render + CQT"

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 # Per-core figures: BLAS (the cosine matrix of the float baseline) on one thread too. Must be
@@ -30,22 +28,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine, table  # noqa: E402
+from bench._common import best_time, machine, table  # noqa: E402
 
 QUERY_S = 10.0
 REF_S = 180.0
 DOWNSAMPLE = 4
-
-
-def best_time(fn: Callable[[], object], repeat: int) -> float:
-    """Seconds of the fastest of ``repeat`` calls, after one warm-up call (JIT, caches)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def to_hashes(frames: np.ndarray, projection: np.ndarray) -> np.ndarray:
