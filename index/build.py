@@ -223,10 +223,10 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
             if p in kept and p not in new_parts:
                 del kept[p]
 
+    n_encoded = len(new_parts)  # before the merge below consumes it
     parts = [new_parts.pop(p, part) for p, part in kept.items()] + list(new_parts.values())
     data = store.concat(meta, parts, encoder.hash_dtype)
     elapsed = time.perf_counter() - t0
-    n_encoded = len(todo) - len([s for s in skipped if s["path"] in {t[0] for t in todo}])
     report = {
         "model_id": encoder.model_id,
         "render_method": opts.method,

@@ -37,6 +37,16 @@ def make_piece(seed: int, duration_s: float = 20.0, *, program: int = 0,
     return pm
 
 
+def one_note(pitch: int, start: float, end: float, program: int = 0, velocity: int = 100,
+             drum: bool = False) -> pretty_midi.PrettyMIDI:
+    """A piece of exactly one note (for checks of bins, envelopes and frame counts)."""
+    pm = pretty_midi.PrettyMIDI()
+    inst = pretty_midi.Instrument(program, is_drum=drum)
+    inst.notes.append(pretty_midi.Note(velocity, pitch, start, end))
+    pm.instruments.append(inst)
+    return pm
+
+
 @pytest.fixture
 def midi_folder(tmp_path: Path) -> Path:
     """A folder of 5 valid pieces (one in a subfolder, one .midi) and 3 unusable files."""

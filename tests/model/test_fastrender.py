@@ -16,22 +16,12 @@ from model import midi as M
 from model.errors import MidiError
 from model.fastrender import NoteTable
 from server.cli import cache_dir
-from tests.conftest import make_piece
-
-
-def _one_note(pitch: int, start: float, end: float, program: int = 0, velocity: int = 100,
-              drum: bool = False) -> pretty_midi.PrettyMIDI:
-    pm = pretty_midi.PrettyMIDI()
-    inst = pretty_midi.Instrument(program, is_drum=drum)
-    inst.notes.append(pretty_midi.Note(velocity, pitch, start, end))
-    pm.instruments.append(inst)
-    return pm
-
+from tests.conftest import make_piece, one_note
 
 # --- the render ----------------------------------------------------------------------------------
 
 def test_fast_render_single_note() -> None:
-    pm = _one_note(60, 1.0, 2.0, program=0)
+    pm = one_note(60, 1.0, 2.0, program=0)
     raw = R.midi_to_magnitude_fast(pm)
     frames = R.midi_to_frames_fast(pm)
     t = np.arange(frames.shape[0]) / F.FRAME_RATE
@@ -49,19 +39,19 @@ def test_fast_render_single_note() -> None:
 
 
 def test_fast_render_programs_velocity_drums_and_range() -> None:
-    organ = R.midi_to_magnitude_fast(_one_note(48, 0.0, 2.0, program=19))
+    organ = R.midi_to_magnitude_fast(one_note(48, 0.0, 2.0, program=19))
     assert np.allclose(organ[:40, 12], organ[0, 12])  # sustained family holds
-    soft = R.midi_to_magnitude_fast(_one_note(48, 0.0, 1.0, velocity=64))
-    loud = R.midi_to_magnitude_fast(_one_note(48, 0.0, 1.0, velocity=127))
+    soft = R.midi_to_magnitude_fast(one_note(48, 0.0, 1.0, velocity=64))
+    loud = R.midi_to_magnitude_fast(one_note(48, 0.0, 1.0, velocity=127))
     assert soft[0, 12] / loud[0, 12] == pytest.approx((64 / 127) ** 2)
-    drum = R.midi_to_magnitude_fast(_one_note(38, 1.0, 1.01, drum=True), n_total=60)
+    drum = R.midi_to_magnitude_fast(one_note(38, 1.0, 1.01, drum=True), n_total=60)
     hit = np.flatnonzero(drum.any(axis=1))
     assert hit.size == R.DRUM_FRAMES and (drum[hit[0]] == drum[hit[0], 0]).all()
     assert (np.diff(drum[hit, 0]) < 0).all()
-    low = R.midi_to_frames_fast(_one_note(30, 0.0, 1.0))  # fundamental below the bins
+    low = R.midi_to_frames_fast(one_note(30, 0.0, 1.0))  # fundamental below the bins
     assert (low[:10].argmax(axis=1) == 30 + 12 - F.MIDI_LO).all()
     for start in (0.20, 0.50):  # shorter than a hop; the second in the piece's last hop
-        short = R.midi_to_frames_fast(_one_note(70, start, start + 0.01))
+        short = R.midi_to_frames_fast(one_note(70, start, start + 0.01))
         assert np.flatnonzero(short.any(axis=1)).tolist() == [
             min(round(start * F.FRAME_RATE), short.shape[0] - 1)]
 
@@ -193,7 +183,7 @@ def test_load_notes_reads_as_load_midi(name: str, tmp_path) -> None:
     if name.startswith("tempo_map"):
         data = _tempo_map_piece(int(name[-1]))
     elif name == "one_drum_hit":
-        pm = _one_note(38, 0.3, 0.35, drum=True)
+        pm = one_note(38, 0.3, 0.35, drum=True)
         data = _pm_bytes(pm)
     else:
         pm = M.demo_piece(20.0, seed=3) if name == "demo" else make_piece(5, duration_s=15.0)

@@ -21,6 +21,7 @@ from model import features as F
 from model import midi as M
 from model.errors import MidiError, RenderError
 from model.fastrender import NoteTable
+from tests.conftest import one_note
 
 HAS_FLUIDSYNTH = "fluidsynth" in M.available_renderers()
 
@@ -58,15 +59,6 @@ def _pm_bytes(pm: pretty_midi.PrettyMIDI) -> bytes:
     buf = io.BytesIO()
     pm.write(buf)
     return buf.getvalue()
-
-
-def _one_note(pitch: int, start: float, end: float, program: int = 0, velocity: int = 100,
-              drum: bool = False) -> pretty_midi.PrettyMIDI:
-    pm = pretty_midi.PrettyMIDI()
-    inst = pretty_midi.Instrument(program, is_drum=drum)
-    inst.notes.append(pretty_midi.Note(velocity, pitch, start, end))
-    pm.instruments.append(inst)
-    return pm
 
 
 # --- load_midi and load_notes -------------------------------------------------------------------
@@ -278,13 +270,13 @@ def test_render_length_and_sound(renderer: str) -> None:
 
 
 def test_pretty_midi_render_of_drums_only_is_silence_not_nan() -> None:
-    audio = M.midi_to_audio(_one_note(38, 0.0, 0.5, drum=True), renderer="pretty_midi")
+    audio = M.midi_to_audio(one_note(38, 0.0, 0.5, drum=True), renderer="pretty_midi")
     assert np.isfinite(audio).all() and not audio.any()
 
 
 def test_render_failures_are_typed(tmp_path) -> None:
     pm = M.demo_piece(2.0)
-    long = _one_note(60, 0.0, 4000.0)
+    long = one_note(60, 0.0, 4000.0)
     cases: list[tuple[dict, str, pretty_midi.PrettyMIDI]] = [
         ({"renderer": "timidity"}, "unavailable", pm),
         ({"renderer": "pretty_midi"}, "too_long", long),
@@ -327,7 +319,7 @@ def test_fluidsynth_process_is_bounded(tmp_path, monkeypatch, mode: str,
     sf2 = tmp_path / "fake.sf2"
     sf2.write_bytes(b"RIFF\x04\x00\x00\x00sfbk")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    pm = _one_note(60, 0.0, 2.0)
+    pm = one_note(60, 0.0, 2.0)
     t0 = time.perf_counter()
     if reason is None:  # cut at the piece's length plus tail, not left to run
         audio = M.midi_to_audio(pm, renderer="fluidsynth", soundfont=sf2, tail_s=0.5,
@@ -366,7 +358,7 @@ def test_fast_and_synth_frames_agree(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_midi_to_frames_dispatch() -> None:
-    pm = _one_note(60, 0.0, 1.0)
+    pm = one_note(60, 0.0, 1.0)
     with pytest.raises(ValueError):
         M.midi_to_frames(pm, method="piano_roll")
     with pytest.raises(TypeError):
