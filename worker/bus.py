@@ -1,0 +1,401 @@
+"""The transport contract between gateways and workers, and its in-process implementation.
+
+A *session* is one audio stream. The gateway creates it, appends numbered PCM chunks, marks its
+end, and reads the results the owning worker publishes. A worker claims sessions (new ones, and
+ones whose previous owner stopped renewing its lease), reads their audio in order, publishes
+results, renews its leases, and releases or finishes the sessions it holds.
+
+Two implementations share this interface:
+
+* :class:`InProcessBus` (here): asyncio queues in one process, for the embedded single-process
+  mode (``midimatch serve`` without ``--redis``) and for unit tests;
+* ``worker.redis_bus.RedisBus``: Redis streams, a consumer group and leases, for any number of
+  gateways and workers (every Redis key name lives in that module).
+
+This module imports only the standard library and numpy, so the gateway can use it without
+pulling in torch or numba.
+
+Result messages
+---------------
+Workers publish plain dicts, the body of the protocol's ``result`` message (docs/protocol.md)
+without ``type``, ``v`` and ``session``, which the gateway adds::
+
+    {"audio_s": 12.0, "lag_s": 0.1, "final": False,
+     "matches": [{"id", "title", "confidence", "score", "position_s"}, ...],
+     "decision": {"id", "title", "confidence", "position_s"} | None}
+
+Every published result gets a *result id*: a string that orders results within a session
+(``read_results(after=...)`` returns those strictly after it); ``"0"`` means "from the start".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from model.errors import MidimatchError
+
+PROTOCOL_VERSION = 1
+ENCODINGS = {"pcm_s16le": (np.dtype("<i2"), 32768.0), "pcm_f32le": (np.dtype("<f4"), 1.0)}
+MIN_RATE, MAX_RATE = 8_000, 96_000
+
+
+class BusError(MidimatchError):
+    """The transport failed or was used wrongly (unknown session, bad parameters...)."""
+
+    reason = "bus"
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """What the client said about its audio in the ``start`` message."""
+
+    sample_rate: int
+    channels: int = 1
+    encoding: str = "pcm_s16le"
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.sample_rate, int) or isinstance(self.sample_rate, bool)
+                or not MIN_RATE <= self.sample_rate <= MAX_RATE):
+            raise BusError(f"sample_rate must be an integer in {MIN_RATE}..{MAX_RATE} Hz, "
+                           f"got {self.sample_rate!r}", reason="bad_sample_rate")
+        if self.channels not in (1, 2) or isinstance(self.channels, bool):
+            raise BusError(f"channels must be 1 or 2, got {self.channels!r}",
+                           reason="bad_channels")
+        if self.encoding not in ENCODINGS:
+            raise BusError(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}",
+                           reason="bad_encoding")
+
+    @property
+    def bytes_per_frame(self) -> int:
+        """Bytes of one sample frame (all channels)."""
+        return ENCODINGS[self.encoding][0].itemsize * self.channels
+
+    def seconds(self, n_bytes: int) -> float:
+        """Duration of ``n_bytes`` of PCM, s."""
+        return n_bytes / self.bytes_per_frame / self.sample_rate
+
+    def decode(self, pcm: bytes) -> np.ndarray:
+        """PCM bytes → float32 samples in [-1, 1], shape (n, channels).
+
+        Raises
+        ------
+        BusError
+            ``odd_length`` when the bytes are not a whole number of sample frames.
+        """
+        if len(pcm) % self.bytes_per_frame:
+            raise BusError(f"{len(pcm)} bytes is not a whole number of {self.bytes_per_frame}-"
+                           f"byte sample frames ({self.encoding}, {self.channels} ch)",
+                           reason="odd_length")
+        dtype, scale = ENCODINGS[self.encoding]
+        x = np.frombuffer(pcm, dtype=dtype).astype(np.float32)
+        if scale != 1.0:
+            x /= scale
+        return x.reshape(-1, self.channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamParams:
+        try:
+            return cls(int(d["sample_rate"]), int(d.get("channels", 1)),
+                       str(d.get("encoding", "pcm_s16le")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BusError(f"bad stream parameters {d!r}: {e}", reason="bad_params") from e
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """One binary message of a session's audio.
+
+    Attributes
+    ----------
+    seq : int
+        0, 1, 2... per session, assigned by the gateway; a worker applies each exactly once, in
+        order, and after a takeover resumes from the first chunk it has not applied.
+    t_s : float
+        Stream time at the chunk's first sample, s (total audio before it / sample rate), so a
+        worker that rebuilds from the retained window knows where that window starts.
+    pcm : bytes
+        Raw PCM in the session's encoding.
+    """
+
+    seq: int
+    t_s: float
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A session a worker has just taken.
+
+    ``reclaimed`` is True when another worker held it before (it died or handed it back): the
+    new owner rebuilds its state from the retained audio (``read_audio(after_seq=-1)``).
+    """
+
+    session_id: str
+    params: StreamParams
+    reclaimed: bool = False
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the gateway needs for readiness and for answering ``busy``."""
+
+    workers: int  # workers alive (heartbeat within the lease)
+    sessions_active: int  # sessions created and not finished
+    sessions_max: int  # sum of the alive workers' advertised capacity
+
+    @property
+    def saturated(self) -> bool:
+        return self.workers == 0 or self.sessions_active >= self.sessions_max
+
+
+@dataclass(frozen=True)
+class AudioBatch:
+    """What :meth:`Bus.read_audio` returns: chunks in ``seq`` order and whether the stream ended
+    after the last of them (the client said stop, or its grace period ran out)."""
+
+    chunks: list[AudioChunk]
+    ended: bool
+
+
+class Bus(ABC):
+    """The transport between gateways and workers (see the module docstring)."""
+
+    # ------------------------------------------------------------------ gateway side
+    @abstractmethod
+    async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
+        """Register a new session and queue it for a worker; returns its id."""
+
+    @abstractmethod
+    async def session_params(self, session_id: str) -> StreamParams | None:
+        """The parameters of a live session (for resuming), None when unknown or expired."""
+
+    @abstractmethod
+    async def push_audio(self, session_id: str, chunk: AudioChunk) -> None:
+        """Append one chunk to the session's audio (bounded: the oldest beyond the retained
+        window are dropped)."""
+
+    @abstractmethod
+    async def end_session(self, session_id: str) -> None:
+        """No more audio will come; the owner flushes and publishes a ``final`` result."""
+
+    @abstractmethod
+    async def read_results(self, session_id: str, after: str = "0",
+                           timeout_s: float = 1.0) -> list[tuple[str, dict]]:
+        """Results published after result id ``after``, waiting up to ``timeout_s`` for one."""
+
+    @abstractmethod
+    async def capacity(self) -> Capacity:
+        """Workers alive and sessions active, for ``/readyz`` and ``busy``."""
+
+    # ------------------------------------------------------------------ worker side
+    @abstractmethod
+    async def heartbeat(self, worker_id: str, max_sessions: int) -> None:
+        """Say this worker is alive and how many sessions it can hold."""
+
+    @abstractmethod
+    async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
+        """Take up to ``max_n`` sessions: new ones, then ones whose lease lapsed."""
+
+    @abstractmethod
+    async def read_audio(self, session_id: str, after_seq: int, max_chunks: int = 256
+                         ) -> AudioBatch:
+        """Chunks with ``seq > after_seq`` still retained, in order (-1: all retained)."""
+
+    @abstractmethod
+    async def publish_result(self, session_id: str, result: dict) -> str:
+        """Publish one result; returns its result id."""
+
+    @abstractmethod
+    async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:
+        """Extend this worker's leases; returns the sessions it no longer owns (drop them)."""
+
+    @abstractmethod
+    async def release(self, worker_id: str, session_ids: list[str]) -> None:
+        """Hand sessions back at once (shutdown) so another worker claims them immediately."""
+
+    @abstractmethod
+    async def finish(self, worker_id: str, session_id: str) -> None:
+        """The session is over and its final result published: forget it (results stay
+        readable for the resume grace period)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to do in process
+        """Release connections."""
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class _Session:
+    params: StreamParams
+    audio: list[AudioChunk] = field(default_factory=list)
+    ended: bool = False
+    results: list[tuple[str, dict]] = field(default_factory=list)
+    owner: str | None = None
+    lease_until: float = 0.0
+    owned_before: bool = False
+    finished: bool = False
+
+
+class InProcessBus(Bus):
+    """The bus inside one process: dicts and an asyncio condition, same semantics as Redis.
+
+    Parameters
+    ----------
+    retain_chunks : int
+        Audio chunks kept per session (the retained window a new owner rebuilds from).
+    max_results : int
+        Results kept per session for resuming clients.
+    lease_s : float
+        A worker that does not renew within this loses its sessions to the next ``claim``.
+    """
+
+    def __init__(self, *, retain_chunks: int = 4096, max_results: int = 1000,
+                 lease_s: float = 5.0) -> None:
+        self.retain_chunks = retain_chunks
+        self.max_results = max_results
+        self.lease_s = lease_s
+        self._sessions: dict[str, _Session] = {}
+        self._workers: dict[str, tuple[float, int]] = {}  # id → (last heartbeat, capacity)
+        self._changed = asyncio.Condition()
+        self._ids = itertools.count(1)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _get(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
+        return s
+
+    # ------------------------------------------------------------------ gateway side
+    async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
+        sid = session_id or new_session_id()
+        if sid in self._sessions:
+            raise BusError(f"session {sid!r} exists", reason="session_exists")
+        self._sessions[sid] = _Session(params)
+        await self._notify()
+        return sid
+
+    async def session_params(self, session_id: str) -> StreamParams | None:
+        s = self._sessions.get(session_id)
+        return None if s is None else s.params
+
+    async def push_audio(self, session_id: str, chunk: AudioChunk) -> None:
+        s = self._get(session_id)
+        if s.ended:
+            raise BusError(f"session {session_id!r} has ended", reason="ended")
+        s.audio.append(chunk)
+        if len(s.audio) > self.retain_chunks:
+            del s.audio[: len(s.audio) - self.retain_chunks]
+        await self._notify()
+
+    async def end_session(self, session_id: str) -> None:
+        s = self._sessions.get(session_id)
+        if s is not None and not s.ended:
+            s.ended = True
+            await self._notify()
+
+    async def read_results(self, session_id: str, after: str = "0",
+                           timeout_s: float = 1.0) -> list[tuple[str, dict]]:
+        def pending() -> list[tuple[str, dict]]:
+            s = self._get(session_id)
+            return [(rid, r) for rid, r in s.results if int(rid) > int(after)]
+
+        out = pending()
+        if out or timeout_s <= 0:
+            return out
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: bool(pending())), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return pending()
+
+    async def capacity(self) -> Capacity:
+        now = time.monotonic()
+        alive = [cap for t, cap in self._workers.values() if now - t <= self.lease_s]
+        active = sum(1 for s in self._sessions.values() if not s.finished)
+        return Capacity(len(alive), active, sum(alive))
+
+    # ------------------------------------------------------------------ worker side
+    async def heartbeat(self, worker_id: str, max_sessions: int) -> None:
+        self._workers[worker_id] = (time.monotonic(), int(max_sessions))
+
+    async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
+        def claimable() -> list[tuple[str, _Session]]:
+            now = time.monotonic()
+            return [(sid, s) for sid, s in self._sessions.items()
+                    if not s.finished and (s.owner is None or s.lease_until < now)][:max_n]
+
+        if max_n <= 0:
+            return []
+        found = claimable()
+        if not found and block_s > 0:
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(lambda: bool(claimable())),
+                                           block_s)
+                except asyncio.TimeoutError:
+                    pass
+            found = claimable()
+        claims = []
+        for sid, s in found:
+            reclaimed = s.owned_before
+            s.owner, s.owned_before = worker_id, True
+            s.lease_until = time.monotonic() + self.lease_s
+            claims.append(Claim(sid, s.params, reclaimed))
+        return claims
+
+    async def read_audio(self, session_id: str, after_seq: int, max_chunks: int = 256
+                         ) -> AudioBatch:
+        s = self._get(session_id)
+        chunks = [c for c in s.audio if c.seq > after_seq][:max_chunks]
+        newest = s.audio[-1].seq if s.audio else -1
+        last = chunks[-1].seq if chunks else after_seq
+        return AudioBatch(chunks, s.ended and last >= newest)
+
+    async def publish_result(self, session_id: str, result: dict) -> str:
+        s = self._get(session_id)
+        rid = str(next(self._ids))
+        s.results.append((rid, result))
+        if len(s.results) > self.max_results:
+            del s.results[: len(s.results) - self.max_results]
+        await self._notify()
+        return rid
+
+    async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:
+        lost, until = [], time.monotonic() + self.lease_s
+        for sid in session_ids:
+            s = self._sessions.get(sid)
+            if s is None or s.finished or s.owner != worker_id:
+                lost.append(sid)
+            else:
+                s.lease_until = until
+        return lost
+
+    async def release(self, worker_id: str, session_ids: list[str]) -> None:
+        for sid in session_ids:
+            s = self._sessions.get(sid)
+            if s is not None and s.owner == worker_id:
+                s.owner, s.lease_until = None, 0.0
+        await self._notify()
+
+    async def finish(self, worker_id: str, session_id: str) -> None:
+        s = self._sessions.get(session_id)
+        if s is not None and s.owner == worker_id:
+            s.finished, s.owner, s.audio = True, None, []
+        await self._notify()
