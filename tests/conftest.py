@@ -63,3 +63,21 @@ def midi_folder(tmp_path: Path) -> Path:
     empty.instruments.append(pretty_midi.Instrument(program=0))
     empty.write(str(root / "empty.mid"))
     return root
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    """A real, empty ``redis-server`` on a free port (tests/redis_server.py): ``.url``, ``.port``,
+    ``.kill()`` (SIGKILL), ``.restart()`` (fresh empty server, same port); stopped at the end.
+    Skips only when the ``redis-server`` binary is missing."""
+    import shutil
+
+    from tests.redis_server import REDIS_BINARY, RedisServer
+
+    if shutil.which(REDIS_BINARY) is None:
+        pytest.skip(f"{REDIS_BINARY} is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
