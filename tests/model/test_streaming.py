@@ -1,0 +1,313 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.encoder import Encoder, WindowSpec
+from model.streaming import (
+    HASH_LOOKAHEAD_MS,
+    AttentionWindow,
+    StreamError,
+    StreamingEmbedder,
+    StreamingHasher,
+    embed_step,
+    embeddings,
+    hash_step,
+)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Encoder:
+    return Encoder.load()
+
+
+@pytest.fixture(scope="module")
+def untrained() -> Encoder:
+    return Encoder.untrained(0)
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    f = np.random.default_rng(seed).random((n, 48)).astype(np.float32)
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def _chunks(n: int, pattern: str, seed: int = 0) -> list[int]:
+    if pattern == "ones":
+        return [1] * n
+    if pattern == "all":
+        return [n]
+    rng = np.random.default_rng(seed)
+    sizes: list[int] = [0]
+    while sum(sizes) < n:
+        sizes.append(int(rng.integers(0, 13)))  # zero-sized pushes included
+    sizes[-1] -= sum(sizes) - n
+    return sizes
+
+
+def _stream_hashes(enc: Encoder, f: np.ndarray, sizes: list[int], packed: bool) -> np.ndarray:
+    h = StreamingHasher(enc)
+    out, i = [], 0
+    for c in sizes:
+        out.append(h.push(f[i:i + c], packed=packed))
+        i += c
+    out.append(h.finish(packed=packed))
+    return np.concatenate(out)
+
+
+def _changed(out_a: torch.Tensor, out_b: torch.Tensor) -> set[int]:
+    diff = (out_a - out_b).abs().reshape(out_a.shape[0], -1).amax(1)
+    return set(np.nonzero(diff.numpy() > 0)[0].tolist())
+
+
+# ---------------------------------------------------------------------------- receptive fields
+def test_hash_frame_k_depends_on_frames_4k_minus_4_to_4k_plus_7(shipped):
+    net = shipped.nets["hash_audio"]
+    f = torch.from_numpy(_frames(96))[None]
+    with torch.inference_mode():
+        base = net(f)[0]
+        offsets = set()
+        for t in range(40, 56):
+            g = f.clone()
+            g[0, t] += 3.0
+            for k in _changed(net(g)[0], base):
+                offsets.add(t - 4 * k)
+    assert offsets <= set(range(-4, 8))
+    assert {-4, 7} <= offsets  # the bounds are reached: the look-ahead is not over-stated
+
+
+def test_embed_trunk_step_j_depends_on_frames_2j_minus_2_to_2j_plus_3(shipped):
+    net = shipped.nets["embed_audio"]
+    f = torch.from_numpy(_frames(64))[None]
+    with torch.inference_mode():
+        base = net.front(f)[0]
+        offsets = set()
+        for t in range(20, 30):
+            g = f.clone()
+            g[0, t] += 3.0
+            for j in _changed(net.front(g)[0], base):
+                offsets.add(t - 2 * j)
+    assert offsets == set(range(-2, 4))
+
+
+# ---------------------------------------------------------------------------------- hasher
+@pytest.mark.parametrize("n", [163, 160, 161, 162, 9, 5, 3, 0])
+@pytest.mark.parametrize("pattern", ["ones", "random", "all"])
+def test_streaming_hashes_equal_the_whole_pass_for_any_chunking(shipped, n, pattern):
+    f = _frames(n, seed=n)
+    sizes = _chunks(n, pattern, seed=n)
+    got = _stream_hashes(shipped, f, sizes, packed=True)
+    want = shipped.hashes(f, "audio")
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    act = _stream_hashes(shipped, f, sizes, packed=False)
+    np.testing.assert_allclose(act, shipped.hash_activations(f, "audio"), atol=1e-5)
+
+
+def test_hash_k_is_emitted_when_frame_4k_plus_7_arrives(untrained):
+    h = StreamingHasher(untrained)
+    f = _frames(60)
+    for n in range(1, 61):
+        h.push(f[n - 1:n])
+        assert h.n_hashes == max(0, (n - 4) // 4)
+        assert h.nbytes <= 11 * 48 * 4
+    assert h.lookahead_frames == 4
+    assert HASH_LOOKAHEAD_MS == pytest.approx(4 * 1024 / 22.05 + 132.5, abs=0.1)
+
+
+def test_hash_step_batches_many_streams_like_each_alone(untrained):
+    rng = np.random.default_rng(3)
+    lengths = [250, 97, 4, 0, 180]
+    modalities = ["audio", "midi", "audio", "audio", "midi"]
+    frames = [_frames(n, seed=i) for i, n in enumerate(lengths)]
+    hashers = [StreamingHasher(untrained, m) for m in modalities]
+    got: list[list[np.ndarray]] = [[] for _ in lengths]
+    pos = [0] * len(lengths)
+    while any(p < n for p, n in zip(pos, lengths, strict=True)):
+        new = []
+        for i, n in enumerate(lengths):
+            c = int(rng.integers(0, 9))
+            new.append(frames[i][pos[i]:pos[i] + c])
+            pos[i] = min(n, pos[i] + c)
+        for i, out in enumerate(hash_step(untrained, hashers, new)):
+            got[i].append(out)
+    for i, h in enumerate(hashers):
+        got[i].append(h.finish())
+        want = untrained.hashes(frames[i], modalities[i])
+        np.testing.assert_array_equal(np.concatenate(got[i]), want)
+
+
+def test_hasher_rejects_bad_input(untrained):
+    h = StreamingHasher(untrained)
+    with pytest.raises(StreamError, match="shape"):
+        h.push(np.zeros((3, 12), np.float32))
+    bad = _frames(4)
+    bad[2, 5] = np.nan
+    with pytest.raises(StreamError, match="NaN"):
+        h.push(bad)
+    with pytest.raises(StreamError, match="2 frame arrays"):
+        hash_step(untrained, [h], [_frames(2), _frames(2)])
+    with pytest.raises(StreamError, match="modality"):
+        StreamingHasher(untrained, "video")  # type: ignore[arg-type]
+    h.finish()
+    with pytest.raises(StreamError) as e:
+        h.push(_frames(4))
+    assert e.value.reason == "stream_finished"
+
+
+# ------------------------------------------------------------------------ attention window
+def _direct_pool64(h: np.ndarray, s: np.ndarray) -> np.ndarray:
+    s = s.astype(np.float64)
+    w = np.exp(s - s.max())
+    return (w / w.sum()) @ h.astype(np.float64)
+
+
+def _feed(win: AttentionWindow, h: np.ndarray, s: np.ndarray, seed: int = 0) -> None:
+    sizes = _chunks(len(s), "random", seed)
+    i = 0
+    for c in sizes:
+        win.add(h[i:i + c], s[i:i + c])
+        i += c
+
+
+def test_window_pool_equals_torch_softmax_pool_and_slides_by_whole_blocks():
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((400, 6)).astype(np.float32)
+    s = rng.standard_normal(400).astype(np.float32) * 3
+    win = AttentionWindow(6, window_steps=50, block_steps=8)
+    i = 0
+    for c in _chunks(400, "random", seed=2):
+        win.add(h[i:i + c], s[i:i + c])
+        i += c
+        if i == 0:
+            assert win.pooled() is None
+            continue
+        a, b = win.start, win.end
+        assert b == i and a % 8 == 0
+        assert b - a <= 50 and (b - a > 50 - 8 or a == 0)
+        weights = torch.softmax(torch.from_numpy(s[a:b]), dim=0)
+        want = (weights[:, None] * torch.from_numpy(h[a:b])).sum(0).numpy()
+        np.testing.assert_allclose(win.pooled(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["pm1e4", "pm80", "equal", "one_huge", "one_tiny", "rising"])
+def test_window_pool_is_finite_and_exact_with_extreme_scores(case):
+    rng = np.random.default_rng(7)
+    n = 120
+    h = rng.standard_normal((n, 5))
+    s = {
+        "pm1e4": np.where(rng.random(n) < 0.5, -1e4, 1e4) + rng.standard_normal(n),
+        "pm80": np.where(rng.random(n) < 0.5, -80.0, 80.0) * rng.random(n) * 10,
+        "equal": np.full(n, 12345.0),
+        "one_huge": np.r_[rng.standard_normal(n - 1), 1e4][rng.permutation(n)],
+        "one_tiny": np.r_[np.zeros(n - 1), -1e4],
+        "rising": np.linspace(-1e4, 1e4, n),  # the newest block's max rises at every step
+    }[case]
+    with np.errstate(over="ignore", invalid="ignore"):
+        naive = np.exp(s) @ h / np.exp(s).sum()
+    if case != "one_tiny":
+        assert not np.all(np.isfinite(naive))  # what the running sums must avoid
+    win = AttentionWindow(5, window_steps=60, block_steps=7)
+    _feed(win, h, s, seed=3)
+    got = win.pooled()
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, _direct_pool64(h[win.start:win.end], s[win.start:win.end]),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_window_rejects_bad_arguments():
+    with pytest.raises(StreamError):
+        AttentionWindow(4, window_steps=5, block_steps=6)
+    win = AttentionWindow(4, window_steps=10, block_steps=2)
+    with pytest.raises(StreamError, match="NaN"):
+        win.add(np.zeros((2, 4)), np.array([0.0, np.inf]))
+    with pytest.raises(StreamError, match="need h"):
+        win.add(np.zeros((2, 3)), np.zeros(2))
+
+
+# -------------------------------------------------------------------------------- embedder
+def test_embedding_equals_the_index_window_that_starts_on_the_block(shipped):
+    # Window 215 frames = 107 trunk steps, blocks of 22 frames = 11 steps: after 2·end + 2
+    # frames the trunk has ``end`` complete steps; with end = 107 + 11·b the window is exactly
+    # steps [11·b, 11·b + 107), i.e. the index window starting at frame 22·b (hop 22).
+    enc = Encoder(shipped.config, shipped.nets, shipped.mean.cpu().numpy(),
+                  shipped.std.cpu().numpy(), shipped.model_id, window=WindowSpec(215, 22))
+    f = _frames(420, seed=5)
+    index_windows, starts = enc.window_embeddings(f, "audio")
+    for b in (0, 3, 7):
+        e = StreamingEmbedder(enc, window_frames=215, block_frames=22)
+        n = 2 * (107 + 11 * b) + 2
+        i = 0
+        for c in _chunks(n, "random", seed=b):
+            e.push(f[i:i + c])
+            i += c
+        assert e.window_span == (22 * b, 22 * b + 214) and starts[b] == 22 * b
+        np.testing.assert_allclose(e.embedding(), index_windows[b], atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [4, 5, 57, 230, 333])
+def test_embedding_pools_the_whole_trunk_over_its_window_span(untrained, n):
+    f = _frames(400, seed=n)
+    e = StreamingEmbedder(untrained, window_frames=100, block_frames=10)
+    for i in range(n):
+        e.push(f[i:i + 1])
+    a, b = e.window_span
+    assert b == 2 * ((n - 2) // 2) and a % 10 == 0 and b - a <= 100
+    net = untrained.nets["embed_audio"]
+    with torch.inference_mode():
+        h, s = net.trunk(untrained._prep(f))
+        want = net.pool_head(h[:, a // 2:b // 2], s[:, a // 2:b // 2])[0].numpy()
+        pooled = torch.softmax(s[0, a // 2:b // 2], 0) @ h[0, a // 2:b // 2]
+    np.testing.assert_allclose(e.pooled(), pooled.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(e.embedding(), want, atol=1e-5)
+
+
+def test_embedding_is_none_until_the_first_trunk_step(untrained):
+    e = StreamingEmbedder(untrained)
+    e.push(_frames(3))
+    assert e.embedding() is None
+    e.push(_frames(1))  # frames 0..3: the receptive field of step 0
+    assert e.embedding().shape == (128,) and e.embedding().dtype == np.float32
+
+
+def test_embed_step_batches_many_streams_like_each_alone(untrained):
+    rng = np.random.default_rng(4)
+    modalities = ["audio", "midi", "audio", "audio"]
+    frames = [_frames(300, seed=10 + i) for i in range(4)]
+    batched = [StreamingEmbedder(untrained, 120, 12, m) for m in modalities]
+    alone = [StreamingEmbedder(untrained, 120, 12, m) for m in modalities]
+    pos = [0] * 4
+    for _ in range(40):
+        new = []
+        for i in range(4):
+            c = int(rng.integers(0, 11)) if i != 3 else 0  # stream 3 stays silent
+            new.append(frames[i][pos[i]:pos[i] + c])
+            pos[i] += c
+        embed_step(untrained, batched, new)
+        for e, f in zip(alone, new, strict=True):
+            e.push(f)
+    got = embeddings(untrained, batched)
+    assert got[3] is None
+    for g, e in zip(got[:3], alone[:3], strict=True):
+        assert g is not None
+        np.testing.assert_allclose(g, e.embedding(), atol=1e-5)
+
+
+def test_embedder_state_is_small_and_does_not_grow(shipped):
+    e = StreamingEmbedder(shipped)  # 215-frame window, 22-frame blocks
+    f = _frames(2000)
+    sizes = []
+    for i in range(0, 2000, 10):
+        e.push(f[i:i + 10])
+        sizes.append(e.nbytes)
+    # 11 block slots × (384 features + max + sum) float64, plus ≤ 13 retained frames
+    assert max(sizes) <= 11 * 386 * 8 + 13 * 48 * 4
+    assert sizes[-1] == sizes[20]
+
+
+def test_embedder_rejects_bad_window(untrained):
+    with pytest.raises(StreamError) as e:
+        StreamingEmbedder(untrained, window_frames=20, block_frames=7)
+    assert e.value.reason == "bad_window"
+    with pytest.raises(StreamError, match="encoder"):
+        embed_step(Encoder.untrained(1), [StreamingEmbedder(untrained)], [_frames(4)])
