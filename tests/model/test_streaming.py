@@ -300,8 +300,8 @@ def test_embedder_state_is_small_and_does_not_grow(shipped):
     for i in range(0, 2000, 10):
         e.push(f[i:i + 10])
         sizes.append(e.nbytes)
-    # 11 block slots × (384 features + max + sum) float64, plus ≤ 13 retained frames
-    assert max(sizes) <= 11 * 386 * 8 + 13 * 48 * 4
+    # 11 block slots × (384 features + max + sum) float64, plus ≤ 5 retained frames
+    assert max(sizes) <= 11 * 386 * 8 + 5 * 48 * 4
     assert sizes[-1] == sizes[20]
 
 
