@@ -7,7 +7,8 @@ results, renews its leases, and releases or finishes the sessions it holds.
 
 Two implementations share this interface:
 
-* :class:`InProcessBus` (here): asyncio queues in one process, for the embedded single-process
+* :class:`~worker.local_bus.InProcessBus` (``worker/local_bus.py``, also importable from
+  here): asyncio queues in one process, for the embedded single-process
   mode (``midimatch serve`` without ``--redis``) and for unit tests;
 * ``worker.redis_bus.RedisBus``: Redis streams, a consumer group and leases, for any number of
   gateways and workers (every Redis key name lives in that module).
@@ -24,18 +25,24 @@ without ``type``, ``v`` and ``session``, which the gateway adds::
      "matches": [{"id", "title", "confidence", "score", "position_s"}, ...],
      "decision": {"id", "title", "confidence", "position_s"} | None}
 
-Every published result gets a *result id*: a string that orders results within a session
-(``read_results(after=...)`` returns those strictly after it); ``"0"`` means "from the start".
+Every published result gets a *result id*: a string ``"<int>-<int>"`` (a Redis stream id; the
+in-process bus uses the same form) that orders results within a session by
+:func:`result_id_key`, not as text; ``read_results(after=...)`` returns those strictly after it,
+and ``"0"`` means "from the start".
+
+Audio sequence numbers
+----------------------
+``push_audio`` appends only the next ``seq`` of a session (0, 1, 2...): a chunk already stored
+is ignored (``push_audio`` returns False, so a client re-sending after a reconnect is harmless),
+one that skips ahead raises ``BusError`` ``bad_seq``. ``last_seq`` tells a resuming gateway where
+the stream is.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -180,9 +187,21 @@ class Bus(ABC):
         """The parameters of a live session (for resuming), None when unknown or expired."""
 
     @abstractmethod
-    async def push_audio(self, session_id: str, chunk: AudioChunk) -> None:
+    async def push_audio(self, session_id: str, chunk: AudioChunk) -> bool:
         """Append one chunk to the session's audio (bounded: the oldest beyond the retained
-        window are dropped)."""
+        window are dropped). Returns False, storing nothing, for a ``seq`` already stored.
+
+        Raises
+        ------
+        BusError
+            ``unknown_session``; ``ended``; ``bad_seq`` when ``seq`` skips ahead of the next
+            one or ``t_s`` goes back.
+        """
+
+    @abstractmethod
+    async def last_seq(self, session_id: str) -> int:
+        """The ``seq`` of the last chunk stored (-1: none yet); the next push must be one more.
+        Raises ``BusError`` ``unknown_session``."""
 
     @abstractmethod
     async def end_session(self, session_id: str) -> None:
@@ -236,166 +255,29 @@ def new_session_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass
-class _Session:
-    params: StreamParams
-    audio: list[AudioChunk] = field(default_factory=list)
-    ended: bool = False
-    results: list[tuple[str, dict]] = field(default_factory=list)
-    owner: str | None = None
-    lease_until: float = 0.0
-    owned_before: bool = False
-    finished: bool = False
+def result_id_key(result_id: str) -> tuple[int, int]:
+    """Sort key of a result id (``"0"``, ``"17"`` or ``"1733043000123-0"``).
 
-
-class InProcessBus(Bus):
-    """The bus inside one process: dicts and an asyncio condition, same semantics as Redis.
-
-    Parameters
-    ----------
-    retain_chunks : int
-        Audio chunks kept per session (the retained window a new owner rebuilds from).
-    max_results : int
-        Results kept per session for resuming clients.
-    lease_s : float
-        A worker that does not renew within this loses its sessions to the next ``claim``.
+    Raises
+    ------
+    BusError
+        ``bad_result_id`` when it is not one or two dash-separated non-negative integers.
     """
+    try:
+        a, _, b = str(result_id).partition("-")
+        key = (int(a), int(b or 0))
+    except ValueError as e:
+        raise BusError(f"bad result id {result_id!r}", reason="bad_result_id") from e
+    if key[0] < 0 or key[1] < 0:
+        raise BusError(f"bad result id {result_id!r}", reason="bad_result_id")
+    return key
 
-    def __init__(self, *, retain_chunks: int = 4096, max_results: int = 1000,
-                 lease_s: float = 5.0) -> None:
-        self.retain_chunks = retain_chunks
-        self.max_results = max_results
-        self.lease_s = lease_s
-        self._sessions: dict[str, _Session] = {}
-        self._workers: dict[str, tuple[float, int]] = {}  # id → (last heartbeat, capacity)
-        self._changed = asyncio.Condition()
-        self._ids = itertools.count(1)
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+def __getattr__(name: str) -> type:
+    # InProcessBus lives in worker/local_bus.py (one job per module); importing it from here
+    # keeps working, lazily, because local_bus imports this module.
+    if name == "InProcessBus":
+        from worker.local_bus import InProcessBus
 
-    def _get(self, session_id: str) -> _Session:
-        s = self._sessions.get(session_id)
-        if s is None:
-            raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
-        return s
-
-    # ------------------------------------------------------------------ gateway side
-    async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
-        sid = session_id or new_session_id()
-        if sid in self._sessions:
-            raise BusError(f"session {sid!r} exists", reason="session_exists")
-        self._sessions[sid] = _Session(params)
-        await self._notify()
-        return sid
-
-    async def session_params(self, session_id: str) -> StreamParams | None:
-        s = self._sessions.get(session_id)
-        return None if s is None else s.params
-
-    async def push_audio(self, session_id: str, chunk: AudioChunk) -> None:
-        s = self._get(session_id)
-        if s.ended:
-            raise BusError(f"session {session_id!r} has ended", reason="ended")
-        s.audio.append(chunk)
-        if len(s.audio) > self.retain_chunks:
-            del s.audio[: len(s.audio) - self.retain_chunks]
-        await self._notify()
-
-    async def end_session(self, session_id: str) -> None:
-        s = self._sessions.get(session_id)
-        if s is not None and not s.ended:
-            s.ended = True
-            await self._notify()
-
-    async def read_results(self, session_id: str, after: str = "0",
-                           timeout_s: float = 1.0) -> list[tuple[str, dict]]:
-        def pending() -> list[tuple[str, dict]]:
-            s = self._get(session_id)
-            return [(rid, r) for rid, r in s.results if int(rid) > int(after)]
-
-        out = pending()
-        if out or timeout_s <= 0:
-            return out
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: bool(pending())), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        return pending()
-
-    async def capacity(self) -> Capacity:
-        now = time.monotonic()
-        alive = [cap for t, cap in self._workers.values() if now - t <= self.lease_s]
-        active = sum(1 for s in self._sessions.values() if not s.finished)
-        return Capacity(len(alive), active, sum(alive))
-
-    # ------------------------------------------------------------------ worker side
-    async def heartbeat(self, worker_id: str, max_sessions: int) -> None:
-        self._workers[worker_id] = (time.monotonic(), int(max_sessions))
-
-    async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
-        def claimable() -> list[tuple[str, _Session]]:
-            now = time.monotonic()
-            return [(sid, s) for sid, s in self._sessions.items()
-                    if not s.finished and (s.owner is None or s.lease_until < now)][:max_n]
-
-        if max_n <= 0:
-            return []
-        found = claimable()
-        if not found and block_s > 0:
-            async with self._changed:
-                try:
-                    await asyncio.wait_for(self._changed.wait_for(lambda: bool(claimable())),
-                                           block_s)
-                except asyncio.TimeoutError:
-                    pass
-            found = claimable()
-        claims = []
-        for sid, s in found:
-            reclaimed = s.owned_before
-            s.owner, s.owned_before = worker_id, True
-            s.lease_until = time.monotonic() + self.lease_s
-            claims.append(Claim(sid, s.params, reclaimed))
-        return claims
-
-    async def read_audio(self, session_id: str, after_seq: int, max_chunks: int = 256
-                         ) -> AudioBatch:
-        s = self._get(session_id)
-        chunks = [c for c in s.audio if c.seq > after_seq][:max_chunks]
-        newest = s.audio[-1].seq if s.audio else -1
-        last = chunks[-1].seq if chunks else after_seq
-        return AudioBatch(chunks, s.ended and last >= newest)
-
-    async def publish_result(self, session_id: str, result: dict) -> str:
-        s = self._get(session_id)
-        rid = str(next(self._ids))
-        s.results.append((rid, result))
-        if len(s.results) > self.max_results:
-            del s.results[: len(s.results) - self.max_results]
-        await self._notify()
-        return rid
-
-    async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:
-        lost, until = [], time.monotonic() + self.lease_s
-        for sid in session_ids:
-            s = self._sessions.get(sid)
-            if s is None or s.finished or s.owner != worker_id:
-                lost.append(sid)
-            else:
-                s.lease_until = until
-        return lost
-
-    async def release(self, worker_id: str, session_ids: list[str]) -> None:
-        for sid in session_ids:
-            s = self._sessions.get(sid)
-            if s is not None and s.owner == worker_id:
-                s.owner, s.lease_until = None, 0.0
-        await self._notify()
-
-    async def finish(self, worker_id: str, session_id: str) -> None:
-        s = self._sessions.get(session_id)
-        if s is not None and s.owner == worker_id:
-            s.finished, s.owner, s.audio = True, None, []
-        await self._notify()
+        return InProcessBus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,298 @@
+"""The Bus contract, run against InProcessBus and RedisBus (a real redis-server): the same test,
+the same expected behaviour. Redis-only behaviour (restart, outage) at the end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from worker.bus import AudioChunk, Bus, BusError, StreamParams, result_id_key
+from worker.local_bus import InProcessBus
+from worker.redis_bus import RedisBus
+
+pytestmark = pytest.mark.asyncio
+P = StreamParams(16000)
+LEASE_S = 0.5
+
+
+def chunk(seq: int, dur_s: float = 0.02, rate: int = 16000) -> AudioChunk:
+    """A chunk of ``dur_s`` of s16 silence-with-a-marker: its first sample holds ``seq``."""
+    x = np.zeros(int(dur_s * rate), np.int16)
+    x[0] = seq % 30000
+    return AudioChunk(seq, round(seq * dur_s, 6), x.tobytes())
+
+
+@pytest_asyncio.fixture(params=["inprocess", "redis"])
+async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Bus]]:
+    """Factory of buses of one kind with the given settings (seconds for every duration)."""
+    made: list[Bus] = []
+
+    def make(lease_s: float = LEASE_S, retain_s: float = 30.0, session_ttl_s: float = 60.0,
+             result_ttl_s: float = 60.0, max_results: int = 1000) -> Bus:
+        if request.param == "inprocess":
+            bus: Bus = InProcessBus(lease_s=lease_s, retain_s=retain_s, max_results=max_results,
+                                    session_ttl_s=session_ttl_s, result_ttl_s=result_ttl_s)
+        else:
+            server = request.getfixturevalue("redis_server")
+            bus = RedisBus(server.url, lease_ms=int(lease_s * 1000), retain_s=retain_s,
+                           max_results=max_results, session_ttl_s=session_ttl_s,
+                           result_ttl_s=result_ttl_s)
+        made.append(bus)
+        return bus
+
+    yield make
+    for bus in made:
+        await bus.close()
+
+
+@pytest_asyncio.fixture
+async def bus(make_bus: Callable[..., Bus]) -> Bus:
+    return make_bus()
+
+
+async def test_create_and_params(bus: Bus) -> None:
+    sid = await bus.create_session(StreamParams(44100, 2, "pcm_f32le"))
+    assert await bus.session_params(sid) == StreamParams(44100, 2, "pcm_f32le")
+    assert await bus.session_params("nope") is None
+    assert await bus.create_session(P, session_id="mine") == "mine"
+    with pytest.raises(BusError) as e:
+        await bus.create_session(P, session_id="mine")
+    assert e.value.reason == "session_exists"
+    assert (await bus.capacity()).sessions_active == 2
+
+
+async def test_audio_in_order_with_sequence_checks(bus: Bus) -> None:
+    sid = await bus.create_session(P)
+    assert await bus.last_seq(sid) == -1
+    for i in range(5):
+        assert await bus.push_audio(sid, chunk(i)) is True
+    assert await bus.push_audio(sid, chunk(3)) is False  # duplicate: ignored
+    with pytest.raises(BusError) as e:
+        await bus.push_audio(sid, chunk(7))
+    assert e.value.reason == "bad_seq"
+    assert await bus.last_seq(sid) == 4
+    batch = await bus.read_audio(sid, after_seq=-1)
+    assert [c.seq for c in batch.chunks] == [0, 1, 2, 3, 4] and not batch.ended
+    assert [c.pcm for c in batch.chunks] == [chunk(i).pcm for i in range(5)]
+    assert [c.t_s for c in batch.chunks] == [chunk(i).t_s for i in range(5)]
+    assert [c.seq for c in (await bus.read_audio(sid, after_seq=2)).chunks] == [3, 4]
+    assert [c.seq for c in (await bus.read_audio(sid, after_seq=0, max_chunks=2)).chunks] == [1, 2]
+    assert (await bus.read_audio(sid, after_seq=4)).chunks == []
+    with pytest.raises(BusError) as e:
+        await bus.push_audio("nope", chunk(0))
+    assert e.value.reason == "unknown_session"
+
+
+async def test_end_marker_after_the_last_chunk(bus: Bus) -> None:
+    sid = await bus.create_session(P)
+    for i in range(3):
+        await bus.push_audio(sid, chunk(i))
+    await bus.end_session(sid)
+    await bus.end_session(sid)  # twice is harmless
+    first = await bus.read_audio(sid, after_seq=-1, max_chunks=2)
+    assert [c.seq for c in first.chunks] == [0, 1] and not first.ended
+    rest = await bus.read_audio(sid, after_seq=1, max_chunks=2)
+    assert [c.seq for c in rest.chunks] == [2] and rest.ended
+    assert (await bus.read_audio(sid, after_seq=2)).ended
+    assert await bus.last_seq(sid) == 2
+    with pytest.raises(BusError) as e:
+        await bus.push_audio(sid, chunk(3))
+    assert e.value.reason == "ended"
+
+
+async def test_claim_once_then_lease_lapse_then_reclaim(bus: Bus) -> None:
+    sid = await bus.create_session(P)
+    [c] = await bus.claim("a", 4)
+    assert (c.session_id, c.params, c.reclaimed) == (sid, P, False)
+    assert await bus.claim("b", 4) == []
+    for _ in range(4):  # renewing keeps it, well past one lease
+        await asyncio.sleep(LEASE_S / 3)
+        assert await bus.renew("a", [sid]) == []
+    assert await bus.claim("b", 4) == []
+    await asyncio.sleep(LEASE_S * 1.5)  # "a" stopped renewing
+    [c] = await bus.claim("b", 4)
+    assert (c.session_id, c.reclaimed) == (sid, True)
+    assert await bus.renew("a", [sid]) == [sid]
+    assert await bus.renew("b", [sid]) == []
+
+
+async def test_blocking_claim_wakes_on_create(bus: Bus) -> None:
+    waiter = asyncio.create_task(bus.claim("a", 2, block_s=5.0))
+    await asyncio.sleep(0.1)
+    sid = await bus.create_session(P)
+    claims = await asyncio.wait_for(waiter, 5.0)
+    assert [c.session_id for c in claims] == [sid]
+
+
+async def test_release_hands_back_at_once(bus: Bus) -> None:
+    sids = [await bus.create_session(P) for _ in range(3)]
+    assert len(await bus.claim("a", 2)) == 2
+    [third] = await bus.claim("b", 5)
+    assert third.session_id == sids[2] and not third.reclaimed
+    await bus.release("a", sids[:2])
+    taken = await bus.claim("b", 5)
+    assert sorted(c.session_id for c in taken) == sorted(sids[:2])
+    assert all(c.reclaimed for c in taken)
+    assert sorted(await bus.renew("a", sids[:2])) == sorted(sids[:2])
+    await bus.release("a", [sids[2]])  # not its own: nothing happens
+    assert await bus.renew("b", sids) == []
+
+
+async def test_finish_forgets_the_session_but_keeps_results(bus: Bus) -> None:
+    sid = await bus.create_session(P)
+    await bus.push_audio(sid, chunk(0))
+    await bus.claim("a", 1)
+    await bus.finish("b", sid)  # not the owner: ignored
+    assert await bus.renew("a", [sid]) == []
+    rid = await bus.publish_result(sid, {"audio_s": 0.02, "final": True})
+    await bus.finish("a", sid)
+    assert await bus.renew("a", [sid]) == [sid]
+    assert (await bus.capacity()).sessions_active == 0
+    await asyncio.sleep(LEASE_S * 1.5)
+    assert await bus.claim("b", 5) == []
+    assert await bus.read_results(sid, "0", timeout_s=0) == [(rid, {"audio_s": 0.02,
+                                                                      "final": True})]
+    with pytest.raises(BusError):
+        await bus.push_audio(sid, chunk(1))
+
+
+async def test_results_order_resume_and_wait(bus: Bus) -> None:
+    sid = await bus.create_session(P)
+    assert await bus.read_results(sid, "0", timeout_s=0.05) == []
+    ids = [await bus.publish_result(sid, {"audio_s": float(i)}) for i in range(4)]
+    assert [result_id_key(i) for i in ids] == sorted(result_id_key(i) for i in ids)
+    assert len(set(ids)) == 4
+    got = await bus.read_results(sid, "0")
+    assert [(i, r["audio_s"]) for i, r in got] == list(zip(ids, [0.0, 1.0, 2.0, 3.0],
+                                                           strict=True))
+    assert [r["audio_s"] for _, r in await bus.read_results(sid, ids[1])] == [2.0, 3.0]
+    waiter = asyncio.create_task(bus.read_results(sid, ids[3], timeout_s=5.0))
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
+    later = await bus.publish_result(sid, {"audio_s": 4.0, "matches": [{"id": "x"}]})
+    assert await asyncio.wait_for(waiter, 5.0) == [(later, {"audio_s": 4.0,
+                                                            "matches": [{"id": "x"}]})]
+    with pytest.raises(BusError):
+        await bus.read_results("nope", "0", timeout_s=0)
+
+
+async def test_retention_keeps_the_newest_window(make_bus: Callable[..., Bus]) -> None:
+    bus = make_bus(retain_s=1.0, max_results=20)
+    sid = await bus.create_session(P)
+    n, dur = 500, 0.02  # 10 s of audio, 1 s retained (50 chunks)
+    for i in range(n):
+        await bus.push_audio(sid, chunk(i, dur))
+    kept = (await bus.read_audio(sid, after_seq=-1, max_chunks=10_000)).chunks
+    seqs = [c.seq for c in kept]
+    assert seqs == list(range(seqs[0], n))  # contiguous, newest last
+    assert kept[0].t_s <= kept[-1].t_s - 1.0 + 1e-9  # at least the window...
+    assert len(kept) <= 50 + 101  # ...and at most one Redis stream node (100 entries) more
+    for i in range(200):
+        await bus.publish_result(sid, {"i": i})
+    res = await bus.read_results(sid, "0", timeout_s=0)
+    assert 20 <= len(res) <= 20 + 101 and res[-1][1] == {"i": 199}
+
+
+async def test_no_chunk_lost_or_repeated_across_a_takeover(bus: Bus) -> None:
+    sid = await bus.create_session(P)
+    applied: list[int] = []
+    for i in range(10):
+        await bus.push_audio(sid, chunk(i))
+    await bus.claim("a", 1)
+    applied += [c.seq for c in (await bus.read_audio(sid, -1, max_chunks=6)).chunks]
+    await asyncio.sleep(LEASE_S * 1.5)  # "a" dies
+    [c] = await bus.claim("b", 1)
+    assert c.reclaimed
+    retained = (await bus.read_audio(sid, -1)).chunks  # what "b" rebuilds from
+    assert [x.seq for x in retained] == list(range(10))
+    for i in range(10, 15):
+        await bus.push_audio(sid, chunk(i))
+    await bus.end_session(sid)
+    batch = await bus.read_audio(sid, applied[-1])
+    applied += [x.seq for x in batch.chunks]
+    assert applied == list(range(15)) and batch.ended
+
+
+async def test_abandoned_sessions_expire(make_bus: Callable[..., Bus]) -> None:
+    bus = make_bus(session_ttl_s=0.3, result_ttl_s=0.3)
+    sid = await bus.create_session(P)
+    await bus.claim("a", 1)
+    done = await bus.create_session(P)
+    [_] = await bus.claim("a", 1)
+    await bus.publish_result(done, {"final": True})
+    await bus.finish("a", done)
+    assert await bus.read_results(done, "0", timeout_s=0) != []
+    await asyncio.sleep(0.6)
+    assert await bus.session_params(sid) is None
+    assert await bus.renew("a", [sid]) == [sid]
+    assert (await bus.capacity()).sessions_active == 0
+    with pytest.raises(BusError):
+        await bus.read_results(done, "0", timeout_s=0)
+    assert await bus.claim("b", 5) == []
+
+
+async def test_capacity_counts_live_workers(bus: Bus) -> None:
+    assert (await bus.capacity()).saturated
+    await bus.heartbeat("a", 8)
+    await bus.heartbeat("b", 4)
+    await bus.create_session(P)
+    cap = await bus.capacity()
+    assert (cap.workers, cap.sessions_active, cap.sessions_max) == (2, 1, 12)
+    assert not cap.saturated
+    await asyncio.sleep(LEASE_S * 1.5)
+    await bus.heartbeat("b", 4)
+    cap = await bus.capacity()
+    assert (cap.workers, cap.sessions_max) == (1, 4)
+
+
+# ---------------------------------------------------------------------- Redis only
+async def test_redis_restart_loses_sessions_and_recovers(redis_server) -> None:
+    bus = RedisBus(redis_server.url, lease_ms=300)
+    try:
+        sid = await bus.create_session(P)
+        await bus.push_audio(sid, chunk(0))
+        await bus.claim("a", 1)
+        redis_server.kill()
+        with pytest.raises(BusError) as e:
+            await bus.push_audio(sid, chunk(1))
+        assert e.value.reason == "redis_unavailable"
+        redis_server.start()
+        with pytest.raises(BusError) as e:  # everything is gone: the gateway sees it
+            await bus.push_audio(sid, chunk(1))
+        assert e.value.reason == "unknown_session"
+        assert await bus.renew("a", [sid]) == [sid]  # ...and so does the worker
+        new = await bus.create_session(P)  # the group is re-created on the next claim
+        assert [c.session_id for c in await bus.claim("a", 1)] == [new]
+    finally:
+        await bus.close()
+
+
+async def test_redis_keys_are_prefixed_and_bounded(redis_server) -> None:
+    bus = RedisBus(redis_server.url, prefix="t1", session_ttl_s=30)
+    try:
+        sid = await bus.create_session(P)
+        await bus.push_audio(sid, chunk(0))
+        await bus.publish_result(sid, {})
+        keys = sorted(k.decode() for k in await bus.r.keys("*"))
+        assert keys == sorted([bus.sessions_key, bus.active_key, *bus.session_keys(sid)])
+        assert all(k.startswith("t1:") for k in keys)
+        for k in bus.session_keys(sid):
+            assert 0 < await bus.r.pttl(k) <= 30_000
+    finally:
+        await bus.close()
+
+
+async def test_fixture_kill_and_restart(redis_server) -> None:
+    import redis
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.set("k", "v")
+    redis_server.restart()  # a fresh, empty server on the same port
+    assert redis.Redis.from_url(redis_server.url).get("k") is None
+    redis_server.kill()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(redis_server.url).ping()

@@ -1,0 +1,484 @@
+"""The bus over Redis streams: any number of gateways and workers. Every Redis key is named here.
+
+Key layout (``P`` is the prefix, ``mm`` by default; ``{id}`` a session id)
+----------------------------------------------------------------------------
+``P:sessions``            stream, the hand-out queue; consumer group ``workers``, one consumer
+                          per worker id. Entry ``{s: id}``. A session's current entry id is in
+                          its meta hash (``x``); while a worker owns the session the entry sits
+                          in that worker's pending list (PEL).
+``P:s:{id}:meta``         hash: ``sr ch enc`` (stream parameters), ``x`` (hand-out entry),
+                          ``n`` (times claimed: > 1 means reclaimed), ``o`` (last owner),
+                          ``e`` (ended), ``d`` (done: finished, results kept for resuming).
+``P:s:{id}:audio``        stream of chunks. Entry id ``{t_ms}-{seq + 1}`` (stream time in ms,
+                          then the sequence number), fields ``t`` (t_s, exact) and ``p`` (PCM);
+                          trimmed with ``MINID ~`` to the last ``retain_s`` of *stream* time,
+                          whatever the chunk size. The end marker is one more entry, field ``e``.
+``P:s:{id}:results``      stream of results, field ``r`` (JSON), ``MAXLEN ~ max_results``; the
+                          Redis entry ids are the result ids a reconnecting client resumes from.
+``P:active``              set of session ids created and not finished (pruned of expired ones).
+``P:workers``             set of worker ids; ``P:w:{worker}`` their heartbeat, value = capacity,
+                          expiring after ``lease_ms`` (Redis's clock, so no skew between hosts).
+
+Leases. The lease is the PEL entry's idle time: the owner resets it with ``XCLAIM … 0 … JUSTID``
+(``renew``, a Lua script that first checks the entry is still in *its* PEL, so a worker whose
+lease lapsed and was taken over can never steal it back). A worker that stops renewing loses the
+entry to the next ``claim`` by anyone (``XAUTOCLAIM`` with min-idle ``lease_ms``). ``release``
+acks the entry and queues a fresh one so another worker claims it at once; ``finish`` acks and
+deletes it. Ownership checks and their effects run in one Lua script each (atomic).
+
+Sequence numbers. ``push_audio`` (a Lua script) appends only the next ``seq``: a duplicate is
+ignored (returns False; a client re-sending after a reconnect is harmless), a gap is an error.
+Workers read after the last seq they applied, so nothing is lost or applied twice.
+
+Expiry. Every session key expires ``session_ttl_s`` after the last gateway activity (audio, end,
+result), so sessions abandoned by a dead gateway vanish; a finished session keeps its results and
+meta for ``result_ttl_s``. A session whose keys expired is reported lost by ``renew``.
+
+Redis restart (no persistence): every session is gone. Gateways get ``unknown_session`` from
+``push_audio``/``read_results``, workers get all their sessions back from ``renew`` as lost and
+drop them; the consumer group is re-created on the next ``claim``. While Redis is unreachable
+every call raises :class:`~worker.bus.BusError` with reason ``redis_unavailable``; redis-py
+reconnects by itself once it is back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from worker.bus import (
+    AudioBatch,
+    AudioChunk,
+    Bus,
+    BusError,
+    Capacity,
+    Claim,
+    StreamParams,
+    new_session_id,
+    result_id_key,
+)
+
+GROUP = "workers"
+
+_PUSH = """
+-- KEYS meta audio results; ARGV seq t_ms pcm cut_ms ttl_ms is_end t_s
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+if redis.call('HEXISTS', KEYS[1], 'e') == 1 then return {-2, 0} end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local ms, nxt = 0, 0
+if #last > 0 then
+  local a, b = string.match(last[1][1], '(%d+)-(%d+)')
+  ms, nxt = tonumber(a), tonumber(b)
+end
+local ttl = ARGV[5]
+if ARGV[6] == '1' then
+  redis.call('XADD', KEYS[2], ms .. '-' .. (nxt + 1), 'e', '1')
+  redis.call('HSET', KEYS[1], 'e', '1')
+else
+  local seq, t_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+  if seq < nxt then return {0, nxt} end
+  if seq > nxt then return {-3, nxt} end
+  if t_ms < ms then return {-4, ms} end
+  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], t_ms .. '-' .. (seq + 1),
+             't', ARGV[7], 'p', ARGV[3])
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
+return {1, nxt}
+"""
+
+_OWNED = """
+local function owned(meta, worker)
+  local x = redis.call('HGET', meta, 'x')
+  if not x then return nil end
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], x, x, 1)
+  if #p == 0 or p[1][2] ~= worker then return nil end
+  return x
+end
+"""
+
+_RENEW = _OWNED + """
+-- KEYS sessions meta...; ARGV group worker
+local lost = {}
+for i = 2, #KEYS do
+  local x = owned(KEYS[i], ARGV[2])
+  if x then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, x, 'JUSTID')
+  else table.insert(lost, i - 1) end
+end
+return lost
+"""
+
+_RELEASE = _OWNED + """
+-- KEYS sessions meta; ARGV group worker sid
+local x = owned(KEYS[2], ARGV[2])
+if not x then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], x)
+redis.call('XDEL', KEYS[1], x)
+redis.call('HSET', KEYS[2], 'x', redis.call('XADD', KEYS[1], '*', 's', ARGV[3]))
+return 1
+"""
+
+_FINISH = _OWNED + """
+-- KEYS sessions meta audio results active; ARGV group worker sid result_ttl_ms
+local x = owned(KEYS[2], ARGV[2])
+if not x then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], x)
+redis.call('XDEL', KEYS[1], x)
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[2], 'd', '1', 'e', '1')
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
+redis.call('SREM', KEYS[5], ARGV[3])
+return 1
+"""
+
+_CREATE = """
+-- KEYS meta sessions active; ARGV sid sr ch enc ttl_ms
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local x = redis.call('XADD', KEYS[2], '*', 's', ARGV[1])
+redis.call('HSET', KEYS[1], 'sr', ARGV[2], 'ch', ARGV[3], 'enc', ARGV[4], 'n', 0, 'x', x)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
+_ADOPT = """
+-- KEYS sessions meta; ARGV group entry worker. Returns the claim count, or 0 for a stale entry
+-- (session expired, finished, or handed out again under a newer entry), which is dropped.
+local m = redis.call('HMGET', KEYS[2], 'x', 'd')
+if m[1] ~= ARGV[2] or m[2] then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[2], 'o', ARGV[3])
+return redis.call('HINCRBY', KEYS[2], 'n', 1)
+"""
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except BusError:
+        raise
+    except RedisError as e:
+        raise BusError(f"Redis failed: {type(e).__name__}: {e}",
+                       reason="redis_unavailable") from e
+
+
+def _seq_of(entry_id: bytes | str) -> int:
+    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(s.split("-")[1]) - 1
+
+
+class RedisBus(Bus):
+    """:class:`~worker.bus.Bus` over Redis streams (layout in the module docstring).
+
+    Parameters
+    ----------
+    url : str
+        ``redis://host:port/db``; ignored when ``client`` is given.
+    prefix : str
+        First part of every key, so several deployments can share one Redis.
+    lease_ms : int
+        A session whose owner has not renewed for this long is claimable by any worker; a worker
+        whose heartbeat is older counts as dead. Owners renew every ``lease_ms / 3`` or so.
+    retain_s : float
+        Audio kept per session, s of stream time (what a new owner rebuilds from).
+    max_results : int
+        Results kept per session (approximately, ``MAXLEN ~``) for resuming clients.
+    session_ttl_s : float
+        Session keys expire this long after the last gateway activity.
+    result_ttl_s : float
+        A finished session's results stay readable this long.
+    client : redis.asyncio.Redis | None
+        An existing client (``decode_responses=False``); one is made from ``url`` otherwise.
+    """
+
+    def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str = "mm",
+                 lease_ms: int = 5000, retain_s: float = 30.0, max_results: int = 1000,
+                 session_ttl_s: float = 300.0, result_ttl_s: float = 120.0,
+                 client: aioredis.Redis | None = None) -> None:
+        if lease_ms <= 0 or retain_s <= 0 or max_results <= 0:
+            raise BusError("lease_ms, retain_s and max_results must be positive",
+                           reason="bad_settings")
+        self.r = client or aioredis.Redis.from_url(url, decode_responses=False)
+        self.prefix, self.lease_ms, self.retain_s = prefix, int(lease_ms), float(retain_s)
+        self.max_results = int(max_results)
+        self.session_ttl_ms = int(session_ttl_s * 1000)
+        self.result_ttl_ms = int(result_ttl_s * 1000)
+        self._push = self.r.register_script(_PUSH)
+        self._renew = self.r.register_script(_RENEW)
+        self._release = self.r.register_script(_RELEASE)
+        self._finish = self.r.register_script(_FINISH)
+        self._adopt = self.r.register_script(_ADOPT)
+        self._create = self.r.register_script(_CREATE)
+        self._group_ready = False
+        self._cursor: dict[str, tuple[int, bytes]] = {}  # session → (last seq read, entry id)
+
+    # ------------------------------------------------------------------ key names
+    @property
+    def sessions_key(self) -> str:
+        return f"{self.prefix}:sessions"
+
+    @property
+    def active_key(self) -> str:
+        return f"{self.prefix}:active"
+
+    @property
+    def workers_key(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:w:{worker_id}"
+
+    def meta_key(self, sid: str) -> str:
+        return f"{self.prefix}:s:{sid}:meta"
+
+    def audio_key(self, sid: str) -> str:
+        return f"{self.prefix}:s:{sid}:audio"
+
+    def results_key(self, sid: str) -> str:
+        return f"{self.prefix}:s:{sid}:results"
+
+    def session_keys(self, sid: str) -> list[str]:
+        """Every key of one session."""
+        return [self.meta_key(sid), self.audio_key(sid), self.results_key(sid)]
+
+    # ------------------------------------------------------------------ gateway side
+    async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
+        sid = session_id or new_session_id()
+        with _redis_errors():
+            made = await self._create(
+                keys=[self.meta_key(sid), self.sessions_key, self.active_key],
+                args=[sid, params.sample_rate, params.channels, params.encoding,
+                      self.session_ttl_ms])
+        if not made:
+            raise BusError(f"session {sid!r} exists", reason="session_exists")
+        return sid
+
+    async def session_params(self, session_id: str) -> StreamParams | None:
+        with _redis_errors():
+            m = await self.r.hmget(self.meta_key(session_id), "sr", "ch", "enc")
+        if m[0] is None:
+            return None
+        return StreamParams.from_dict({"sample_rate": m[0], "channels": m[1] or 1,
+                                       "encoding": (m[2] or b"pcm_s16le").decode()})
+
+    async def _push_entry(self, session_id: str, seq: int, t_s: float, pcm: bytes,
+                          is_end: bool) -> tuple[int, int]:
+        t_ms = int(t_s * 1000)
+        cut_ms = max(0, t_ms - int(self.retain_s * 1000))
+        with _redis_errors():
+            code, n = await self._push(
+                keys=self.session_keys(session_id),
+                args=[seq, t_ms, pcm, cut_ms, self.session_ttl_ms, int(is_end), repr(t_s)])
+        return int(code), int(n)
+
+    async def push_audio(self, session_id: str, chunk: AudioChunk) -> bool:
+        if chunk.seq < 0 or chunk.t_s < 0:
+            raise BusError(f"seq and t_s must be ≥ 0, got {chunk.seq}, {chunk.t_s}",
+                           reason="bad_seq")
+        code, n = await self._push_entry(session_id, chunk.seq, chunk.t_s, chunk.pcm, False)
+        if code == -1:
+            raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
+        if code == -2:
+            raise BusError(f"session {session_id!r} has ended", reason="ended")
+        if code == -3:
+            raise BusError(f"chunk seq {chunk.seq} skips ahead: expected {n}", reason="bad_seq")
+        if code == -4:
+            raise BusError(f"chunk t_s {chunk.t_s} is before the previous chunk's ({n} ms)",
+                           reason="bad_seq")
+        return code == 1
+
+    async def end_session(self, session_id: str) -> None:
+        await self._push_entry(session_id, 0, 0.0, b"", True)
+
+    async def last_seq(self, session_id: str) -> int:
+        with _redis_errors():
+            async with self.r.pipeline(transaction=False) as p:
+                p.exists(self.meta_key(session_id))
+                p.xrevrange(self.audio_key(session_id), count=1)
+                exists, last = await p.execute()
+        if not exists:
+            raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
+        if not last:
+            return -1
+        seq = _seq_of(last[0][0])
+        return seq - 1 if b"e" in last[0][1] else seq
+
+    async def read_results(self, session_id: str, after: str = "0",
+                           timeout_s: float = 1.0) -> list[tuple[str, dict]]:
+        key = self.results_key(session_id)
+        after = after or "0"
+        result_id_key(after)  # validates
+        with _redis_errors():
+            async with self.r.pipeline(transaction=False) as p:
+                p.exists(self.meta_key(session_id))
+                p.xrange(key, min=f"({after}" if after != "0" else "-")
+                exists, got = await p.execute()
+            if not got:
+                if not exists:
+                    raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
+                if timeout_s > 0:
+                    res = await self.r.xread({key: after}, block=max(1, int(timeout_s * 1000)))
+                    got = res[0][1] if res else []
+        return [(eid.decode(), json.loads(f[b"r"])) for eid, f in got]
+
+    async def capacity(self) -> Capacity:
+        with _redis_errors():
+            workers = [w.decode() for w in await self.r.smembers(self.workers_key)]
+            caps = await self.r.mget([self.worker_key(w) for w in workers]) if workers else []
+            dead = [w for w, c in zip(workers, caps, strict=True) if c is None]
+            active = [s.decode() for s in await self.r.smembers(self.active_key)]
+            async with self.r.pipeline(transaction=False) as p:
+                for sid in active:
+                    p.exists(self.meta_key(sid))
+                alive = await p.execute()
+            gone = [s for s, a in zip(active, alive, strict=True) if not a]
+            async with self.r.pipeline(transaction=False) as p:
+                if dead:
+                    p.srem(self.workers_key, *dead)
+                if gone:
+                    p.srem(self.active_key, *gone)
+                await p.execute()
+        live = [int(c) for c in caps if c is not None]
+        return Capacity(len(live), len(active) - len(gone), sum(live))
+
+    # ------------------------------------------------------------------ worker side
+    async def heartbeat(self, worker_id: str, max_sessions: int) -> None:
+        with _redis_errors():
+            async with self.r.pipeline(transaction=False) as p:
+                p.set(self.worker_key(worker_id), int(max_sessions), px=self.lease_ms)
+                p.sadd(self.workers_key, worker_id)
+                await p.execute()
+
+    async def _ensure_group(self, force: bool = False) -> None:
+        if self._group_ready and not force:
+            return
+        try:
+            await self.r.xgroup_create(self.sessions_key, GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    async def _take(self, worker_id: str, max_n: int, block_s: float) -> list[tuple[bytes, str]]:
+        """Hand-out entries (id, session id) for this worker: lapsed ones, then new ones."""
+        got: list[tuple[bytes, str]] = []
+        start = "0-0"
+        for _ in range(8):  # XAUTOCLAIM scans ≤ 10 × COUNT entries per call
+            nxt, entries, *_ = await self.r.xautoclaim(
+                self.sessions_key, GROUP, worker_id, self.lease_ms, start, count=max_n - len(got))
+            got += [(eid, f[b"s"].decode()) for eid, f in entries if f]
+            start = nxt.decode() if isinstance(nxt, bytes) else nxt
+            if start == "0-0" or len(got) >= max_n:
+                break
+        if len(got) < max_n:
+            block = int(block_s * 1000) if block_s > 0 and not got else None
+            res = await self.r.xreadgroup(GROUP, worker_id, {self.sessions_key: ">"},
+                                          count=max_n - len(got), block=block)
+            got += [(eid, f[b"s"].decode()) for _, entries in (res or []) for eid, f in entries
+                    if f]
+        return got
+
+    async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
+        if max_n <= 0:
+            return []
+        with _redis_errors():
+            await self._ensure_group()
+            try:
+                entries = await self._take(worker_id, max_n, block_s)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                await self._ensure_group(force=True)  # Redis restarted empty
+                entries = await self._take(worker_id, max_n, block_s)
+            claims = []
+            for eid, sid in entries:
+                n = await self._adopt(keys=[self.sessions_key, self.meta_key(sid)],
+                                      args=[GROUP, eid, worker_id])
+                params = await self.session_params(sid) if n else None
+                if params is None:
+                    continue
+                self._cursor.pop(sid, None)
+                claims.append(Claim(sid, params, reclaimed=int(n) > 1))
+        return claims
+
+    async def read_audio(self, session_id: str, after_seq: int, max_chunks: int = 256
+                         ) -> AudioBatch:
+        key = self.audio_key(session_id)
+        cur = self._cursor.get(session_id)
+        start = b"(" + cur[1] if cur is not None and cur[0] == after_seq else b"-"
+        chunks: list[AudioChunk] = []
+        ended = False
+        with _redis_errors():
+            if not await self.r.exists(self.meta_key(session_id)):
+                raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
+            while len(chunks) < max_chunks and not ended:
+                page = await self.r.xrange(key, min=start, count=max_chunks + 1)
+                for eid, f in page:
+                    if b"e" in f:
+                        ended = True
+                        break
+                    seq = _seq_of(eid)
+                    if seq > after_seq:
+                        if len(chunks) == max_chunks:
+                            break
+                        chunks.append(AudioChunk(seq, float(f[b"t"]), bytes(f[b"p"])))
+                        self._cursor[session_id] = (seq, eid)
+                if len(page) <= max_chunks:
+                    break
+                start = b"(" + page[-1][0]
+        return AudioBatch(chunks, ended)
+
+    async def publish_result(self, session_id: str, result: dict) -> str:
+        key = self.results_key(session_id)
+        with _redis_errors():
+            async with self.r.pipeline(transaction=True) as p:
+                p.xadd(key, {"r": json.dumps(result, separators=(",", ":"))},
+                       maxlen=self.max_results, approximate=True)
+                p.pexpire(key, self.session_ttl_ms)
+                p.pexpire(self.meta_key(session_id), self.session_ttl_ms)
+                eid = (await p.execute())[0]
+        return eid.decode()
+
+    async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:
+        if not session_ids:
+            return []
+        with _redis_errors():
+            lost = await self._renew(keys=[self.sessions_key]
+                                     + [self.meta_key(s) for s in session_ids],
+                                     args=[GROUP, worker_id])
+        out = [session_ids[int(i) - 1] for i in lost]
+        for sid in out:
+            self._cursor.pop(sid, None)
+        return out
+
+    async def release(self, worker_id: str, session_ids: list[str]) -> None:
+        with _redis_errors():
+            for sid in session_ids:
+                await self._release(keys=[self.sessions_key, self.meta_key(sid)],
+                                    args=[GROUP, worker_id, sid])
+                self._cursor.pop(sid, None)
+
+    async def finish(self, worker_id: str, session_id: str) -> None:
+        with _redis_errors():
+            await self._finish(keys=[self.sessions_key, *self.session_keys(session_id),
+                                     self.active_key],
+                               args=[GROUP, worker_id, session_id, self.result_ttl_ms])
+        self._cursor.pop(session_id, None)
+
+    async def ping(self) -> bool:
+        """True when Redis answers (for readiness probes)."""
+        try:
+            return bool(await self.r.ping())
+        except RedisError:
+            return False
+
+    async def close(self) -> None:
+        await self.r.aclose()
