@@ -120,6 +120,25 @@ class _FrameTail:
         return span
 
 
+def _check_batch(encoder: Encoder, streams: list, new_frames: list[np.ndarray]
+                 ) -> list[np.ndarray]:
+    """Validate a whole tick before any stream's state changes (one bad stream spoils none)."""
+    if len(streams) != len(new_frames):
+        raise StreamError(f"{len(streams)} streams but {len(new_frames)} frame arrays",
+                          reason="bad_batch")
+    checked = []
+    for i, (st, f) in enumerate(zip(streams, new_frames, strict=True)):
+        if st.encoder is not encoder:
+            raise StreamError(f"stream {i} was built with another encoder", reason="bad_batch")
+        if st._tail.finished:
+            raise StreamError(f"stream {i} already finished", reason="stream_finished")
+        try:
+            checked.append(_check_frames(f))
+        except StreamError as e:
+            raise StreamError(f"stream {i}: {e.message}", reason=e.reason) from e
+    return checked
+
+
 def _run(encoder: Encoder, fn, spans: list[_Span]) -> list[tuple[torch.Tensor, ...]]:
     """Run ``fn`` once on the right-padded, standardised batch of spans; slice each output."""
     length = max(len(sp.frames) for sp in spans)
@@ -220,12 +239,8 @@ def hash_step(encoder: Encoder, hashers: list[StreamingHasher], new_frames: list
     list of np.ndarray
         Per stream, (k_i,) packed hashes (uint16/uint32), or (k_i, n_bits) float32.
     """
-    if len(hashers) != len(new_frames):
-        raise StreamError(f"{len(hashers)} hashers but {len(new_frames)} frame arrays",
-                          reason="bad_batch")
-    if any(h.encoder is not encoder for h in hashers):
-        raise StreamError("every hasher must use the given encoder", reason="bad_batch")
-    spans = [h._tail.take(f) for h, f in zip(hashers, new_frames, strict=True)]
+    frames = _check_batch(encoder, hashers, new_frames)
+    spans = [h._tail.take(f) for h, f in zip(hashers, frames, strict=True)]
     results = [_empty(encoder, packed) for _ in hashers]
     with torch.inference_mode():
         for modality in {h.modality for h in hashers}:
@@ -335,7 +350,8 @@ class StreamingEmbedder:
     ``[start, end)`` — what :meth:`Encoder.window_embeddings` does for an index window starting
     at frame ``2·start``. It differs from ``Encoder.embed(frames[2·start:2·end])`` only at the
     window's first and last steps, which that call computes with zero padding instead of the
-    neighbouring frames.
+    neighbouring frames; after :meth:`finish`, a stream no longer than the window embeds
+    exactly as ``Encoder.embed`` of all its frames.
 
     Parameters
     ----------
@@ -383,6 +399,18 @@ class StreamingEmbedder:
         """Feed ``frames`` (n, 48) float32 (one forward pass; batch streams with embed_step)."""
         embed_step(self.encoder, [self], [frames])
 
+    def finish(self) -> None:
+        """End of stream: add the last trunk steps, zero-padded as the whole pass pads them.
+
+        A stream of N ≤ ``window_frames`` frames then embeds exactly as ``Encoder.embed``.
+        """
+        span = self._tail.take(np.zeros((0, N_BINS), np.float32), final=True)
+        if span is not None:
+            with torch.inference_mode():  # alone: a padded batch would not reproduce the end
+                h, s = _run(self.encoder, self.encoder.nets[f"embed_{self.modality}"].trunk,
+                            [span])[0]
+            self._window.add(h.cpu().numpy(), s.cpu().numpy())
+
     def pooled(self) -> np.ndarray | None:
         """The attention-pooled trunk features (D,) float64 of the window, or None."""
         return self._window.pooled()
@@ -397,12 +425,8 @@ def embed_step(encoder: Encoder, embedders: list[StreamingEmbedder],
                new_frames: list[np.ndarray]) -> None:
     """One tick for many streams: push ``new_frames[i]`` (n_i, 48) into ``embedders[i]`` with one
     trunk forward pass per modality, updating each stream's running sums."""
-    if len(embedders) != len(new_frames):
-        raise StreamError(f"{len(embedders)} embedders but {len(new_frames)} frame arrays",
-                          reason="bad_batch")
-    if any(e.encoder is not encoder for e in embedders):
-        raise StreamError("every embedder must use the given encoder", reason="bad_batch")
-    spans = [e._tail.take(f) for e, f in zip(embedders, new_frames, strict=True)]
+    frames = _check_batch(encoder, embedders, new_frames)
+    spans = [e._tail.take(f) for e, f in zip(embedders, frames, strict=True)]
     with torch.inference_mode():
         for modality in {e.modality for e in embedders}:
             idx = [i for i, e in enumerate(embedders) if e.modality == modality and spans[i]]

@@ -91,8 +91,8 @@ def test_embed_trunk_step_j_depends_on_frames_2j_minus_2_to_2j_plus_3(shipped):
 
 
 # ---------------------------------------------------------------------------------- hasher
-@pytest.mark.parametrize("n", [163, 160, 161, 162, 9, 5, 3, 0])
 @pytest.mark.parametrize("pattern", ["ones", "random", "all"])
+@pytest.mark.parametrize("n", [123, 122, 160, 9, 5, 3, 0])  # every T mod 4, tiny streams
 def test_streaming_hashes_equal_the_whole_pass_for_any_chunking(shipped, n, pattern):
     f = _frames(n, seed=n)
     sizes = _chunks(n, pattern, seed=n)
@@ -137,6 +137,18 @@ def test_hash_step_batches_many_streams_like_each_alone(untrained):
         np.testing.assert_array_equal(np.concatenate(got[i]), want)
 
 
+def test_a_bad_stream_in_a_tick_changes_no_stream(untrained):
+    f = _frames(40)
+    good, other = StreamingHasher(untrained), StreamingHasher(untrained)
+    bad = f[:8].copy()
+    bad[3, 0] = np.inf
+    with pytest.raises(StreamError, match="stream 1: .*NaN or infinity"):
+        hash_step(untrained, [good, other], [f[:8], bad])
+    assert good.n_frames == other.n_frames == 0
+    out = np.concatenate([*hash_step(untrained, [good], [f]), good.finish()])
+    np.testing.assert_array_equal(out, untrained.hashes(f, "audio"))
+
+
 def test_hasher_rejects_bad_input(untrained):
     h = StreamingHasher(untrained)
     with pytest.raises(StreamError, match="shape"):
@@ -145,7 +157,7 @@ def test_hasher_rejects_bad_input(untrained):
     bad[2, 5] = np.nan
     with pytest.raises(StreamError, match="NaN"):
         h.push(bad)
-    with pytest.raises(StreamError, match="2 frame arrays"):
+    with pytest.raises(StreamError, match="1 streams but 2 frame arrays"):
         hash_step(untrained, [h], [_frames(2), _frames(2)])
     with pytest.raises(StreamError, match="modality"):
         StreamingHasher(untrained, "video")  # type: ignore[arg-type]
@@ -262,6 +274,21 @@ def test_embedding_pools_the_whole_trunk_over_its_window_span(untrained, n):
     np.testing.assert_allclose(e.embedding(), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [2, 7, 120, 214])
+def test_a_finished_stream_within_one_window_embeds_like_encoder_embed(shipped, n):
+    f = _frames(n, seed=n)
+    e = StreamingEmbedder(shipped)
+    i = 0
+    for c in _chunks(n, "random", seed=n):
+        e.push(f[i:i + c])
+        i += c
+    e.finish()
+    assert e.window_span == (0, 2 * (n // 2))
+    np.testing.assert_allclose(e.embedding(), shipped.embed(f, "audio"), atol=1e-5)
+    with pytest.raises(StreamError):
+        e.push(f[:2])
+
+
 def test_embedding_is_none_until_the_first_trunk_step(untrained):
     e = StreamingEmbedder(untrained)
     e.push(_frames(3))
@@ -309,5 +336,5 @@ def test_embedder_rejects_bad_window(untrained):
     with pytest.raises(StreamError) as e:
         StreamingEmbedder(untrained, window_frames=20, block_frames=7)
     assert e.value.reason == "bad_window"
-    with pytest.raises(StreamError, match="encoder"):
+    with pytest.raises(StreamError, match="another encoder"):
         embed_step(Encoder.untrained(1), [StreamingEmbedder(untrained)], [_frames(4)])
