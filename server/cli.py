@@ -22,7 +22,9 @@ def cache_dir() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     from index import cli as index_cli
+    from index import eval_cli
     from model import cli as model_cli
+    from worker import cli as worker_cli
 
     parser = argparse.ArgumentParser(
         prog="midimatch",
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     index_cli.register(sub)
     model_cli.register(sub)
+    worker_cli.register(sub)
+    eval_cli.register(sub)
     return parser
 
 
