@@ -36,6 +36,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_info)
 
+    q = sub.add_parser("identify", help="which piece of an index is playing in an audio file",
+                       description="Search the end of AUDIO (the last 20 s are verified, the "
+                       "last 10 s pruned by embedding) against an index and print the ranking "
+                       "and the decision. Exit 2 with a message for unreadable, silent or "
+                       "too-short audio, a missing index or a model mismatch.")
+    q.add_argument("audio", type=Path, help="wav, flac, ogg (anything libsndfile reads)")
+    q.add_argument("--index", required=True, type=Path, help="index folder")
+    q.add_argument("--top", type=int, default=5, metavar="N", help="matches shown (default 5)")
+    q.add_argument("--weights", help="model weights file (default: the shipped model)")
+    q.add_argument("--calibration", type=Path,
+                   help="calibration JSON (default: model/weights/default.calibration.json)")
+    q.add_argument("--start", type=float, default=0.0, metavar="S",
+                   help="ignore the audio before S seconds")
+    q.add_argument("--duration", type=float, metavar="S", help="use only S seconds from --start")
+    q.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=_identify)
+
 
 def _build(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
@@ -90,3 +108,61 @@ def _info(args: argparse.Namespace) -> int:
         for k, v in info.items():
             print(f"{k:>17}: {v}")
     return 0
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from index.decision import load_calibration
+    from index.search import Cascade, CascadeConfig
+    from model.errors import AudioError, MidimatchError
+    from model.features import load_audio
+
+    if args.top < 1:
+        raise MidimatchError("--top must be >= 1", reason="bad_argument")
+    if args.start < 0 or (args.duration is not None and args.duration <= 0):
+        raise MidimatchError("--start must be >= 0 and --duration > 0", reason="bad_argument")
+    if not args.audio.is_file():  # before loading the model: a typo should fail fast
+        raise AudioError(f"no such audio file: {args.audio}", reason="unreadable")
+    audio, rate = load_audio(args.audio)
+    total_s = audio.shape[0] / rate
+    a0 = int(args.start * rate)
+    a1 = audio.shape[0] if args.duration is None else a0 + int(args.duration * rate)
+    audio = audio[a0:a1]
+    if audio.shape[0] == 0:
+        raise AudioError(f"--start {args.start} s is past the end of {args.audio} "
+                         f"({total_s:.1f} s)", reason="too_short")
+    kw = {"config": CascadeConfig(top_n=args.top)}
+    cascade = Cascade.open(args.index, weights=args.weights, device=args.device, **kw)
+    if args.calibration is not None:
+        cascade.calibration = load_calibration(cascade.encoder.model_id, args.calibration)
+    res = cascade.search_audio(audio, rate)
+    cal = cascade.calibration
+    best = res.matches[0] if res.matches else None
+    if args.json:
+        out = {
+            "audio": str(args.audio),
+            "query_s": round(audio.shape[0] / rate, 3),
+            "index": str(cascade.index.path),
+            "model_id": cascade.encoder.model_id,
+            "threshold": cal.threshold if cal.threshold != float("inf") else None,
+            "calibration": cal.source,
+            "decision": "identified" if res.identified else "not_in_collection",
+        } | res.to_dict()
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'rank':>4}  {'confidence':>10}  {'score':>6}  {'position':>9}  title")
+    for rank, m in enumerate(res.matches, 1):
+        print(f"{rank:>4}  {m.confidence:>10.3f}  {m.score:>6.2f}  {_clock(m.position_s):>9}  "
+              f"{m.title}")
+    if res.identified is not None:
+        m = res.identified
+        print(f"identified: {m.title} at {_clock(m.position_s)} (confidence {m.confidence:.3f}"
+              f" >= {cal.threshold:.3f})")
+    else:
+        conf = f"best confidence {best.confidence:.3f}" if best else "no references"
+        print(f"not in the collection ({conf} < threshold {cal.threshold:.3f})")
+    return 0
+
+
+def _clock(seconds: float) -> str:
+    """1:23.4 for 83.4 s."""
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"

@@ -1,0 +1,427 @@
+"""The identification cascade: prune by embedding, verify by hash-DTW, confirm with a confidence.
+
+One query (CQT frames of the last seconds of audio) is searched in four stages:
+
+1. **encode** (:meth:`Cascade.encode`): the *query view* is fixed so that the streaming worker can
+   reproduce it exactly —
+
+   * the last ``query_window_s`` seconds (``query_window_frames`` CQT frames, 20 s by default)
+     are hashed as one excerpt with the audio hash network: ``(M,)`` packed hashes, M = frames//4;
+   * the last ``index.meta["window"]["length"]`` frames (the index's window, 10 s) — or the whole
+     query when it is shorter — are embedded with the audio embedding network.
+
+2. **prune** (:meth:`Cascade.prune`): the ``top_k`` references whose nearest window embedding is
+   nearest (:class:`index.prune.EmbeddingPruner`); all queries of a batch in one matrix product.
+3. **verify** (:meth:`Cascade.verify`): hash-DTW of the query hashes against the candidates'
+   whole hash sequences, penalty φ and gully g (:mod:`index.hashdtw`), ranked by score.
+4. **confirm** (:meth:`Cascade.confirm`): the best ``top_n`` are aligned again on their Hamming
+   matrix with a traceback (:mod:`index.confirm`), which gives the matched span and the
+   confidence in [0, 1]; see that module for how the confidence is made.
+
+φ: ``config.penalty`` when given, else ``index.meta["hash_penalty"]`` when the index stores one,
+else the lower median Hamming distance between two fixed pseudo-random samples of 2,048 of the
+index's hash frames (computed once at load, deterministic). That is Raffel's "median distance we
+observed" (15 for his 32-bit hashes), measured on our own hashes.
+
+Positions: hash frame j covers CQT frames 4j..4j+3, frame t is centred at ``t / 21.53`` s.
+``start_s`` / ``end_s`` are the centres of the first and last CQT frames of the matched span;
+``position_s`` maps the *last frame of the query* into the reference through the end of the path
+(``(Tq - 1) + 4 (end_j - end_i)`` frames, clipped to the piece) — it equals ``end_s`` when the
+query is a whole number of hash frames and the path ends on its last one.
+
+The decision (identified or not in the collection) is :mod:`index.decision`'s offline rule; a
+stream applies :class:`index.decision.StreamDecision` to consecutive results instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from index.bits import median_hamming
+from index.confirm import ConfirmedMatch, confirm_candidates
+from index.decision import Calibration, decide, load_calibration
+from index.hashdtw import hash_dtw_batch
+from index.prune import EmbeddingPruner
+from index.store import IndexData, load_index
+from model.errors import AudioError, ModelMismatchError
+
+__all__ = [
+    "Cascade",
+    "CascadeConfig",
+    "Match",
+    "ModelMismatchError",
+    "QueryCode",
+    "SearchResult",
+    "Verified",
+    "default_penalty",
+]
+
+FRAME_RATE_HZ = 22050 / 1024
+_PENALTY_SAMPLE = 2048
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """Settings of the cascade.
+
+    Attributes
+    ----------
+    top_k : int
+        References kept by the embedding prune (Raffel's TOP_EMBEDDINGS, scaled down).
+    top_n : int
+        Verified references confirmed and returned as matches.
+    gully : float
+        Hash-DTW and confirm gully g (see the streaming caveat in :mod:`index.hashdtw`).
+    penalty : int or None
+        φ in Hamming units; None = the index's (see the module docstring).
+    query_window_s : float
+        Seconds of the query's end that are hashed and verified.
+    min_query_s : float
+        Shorter queries are refused (``AudioError("too_short")``).
+    """
+
+    top_k: int = 100
+    top_n: int = 5
+    gully: float = 0.9
+    penalty: int | None = None
+    query_window_s: float = 20.0
+    min_query_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.top_n < 1:
+            raise ValueError("top_k and top_n must be >= 1")
+        if not 0.0 <= self.gully <= 1.0:
+            raise ValueError(f"gully must lie in [0, 1], got {self.gully}")
+        if self.penalty is not None and (self.penalty < 0 or int(self.penalty) != self.penalty):
+            raise ValueError(f"penalty must be a non-negative integer, got {self.penalty}")
+        if not 0.0 < self.min_query_s <= self.query_window_s:
+            raise ValueError("need 0 < min_query_s <= query_window_s")
+
+    @property
+    def query_window_frames(self) -> int:
+        """CQT frames hashed and verified."""
+        return int(round(self.query_window_s * FRAME_RATE_HZ))
+
+    @property
+    def min_query_frames(self) -> int:
+        """Fewest CQT frames searched (at least two hash frames)."""
+        return max(8, int(round(self.min_query_s * FRAME_RATE_HZ)))
+
+
+@dataclass(frozen=True)
+class Match:
+    """One ranked reference.
+
+    Attributes
+    ----------
+    ref : int
+        Reference number in the index.
+    id : str
+        Stable identifier: the first 16 hex digits of the MIDI file's SHA-256.
+    title : str
+    confidence : float
+        In [0, 1]; compare with the calibrated threshold (:mod:`index.decision`).
+    score : float
+        Hash-DTW score (mean Hamming cost per path cell, penalties included); lower is better.
+    start_s, end_s : float
+        Matched span in the reference, seconds.
+    position_s : float
+        Where in the reference the query's last frame is: the live position.
+    """
+
+    ref: int
+    id: str
+    title: str
+    confidence: float
+    score: float
+    start_s: float
+    end_s: float
+    position_s: float
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The answer to one query.
+
+    Attributes
+    ----------
+    matches : list of Match
+        Best first, at most ``top_n``.
+    identified : Match or None
+        ``matches[0]`` when confident (offline rule), else None: not in the collection.
+    timings_s : dict
+        Seconds per stage: ``encode``, ``prune``, ``verify``, ``confirm``, ``total`` (and
+        ``features`` for :meth:`Cascade.search_audio`). In a batch, ``prune`` is the shared
+        matrix product's time, counted in every result.
+    n_candidates : int
+        References verified (after pruning).
+    """
+
+    matches: list[Match]
+    identified: Match | None
+    timings_s: dict = field(default_factory=dict)
+    n_candidates: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "matches": [m.to_dict() for m in self.matches],
+            "identified": self.identified.to_dict() if self.identified else None,
+            "timings_s": dict(self.timings_s),
+            "n_candidates": self.n_candidates,
+        }
+
+
+class QueryCode(NamedTuple):
+    """A query, encoded (:meth:`Cascade.encode`).
+
+    Attributes
+    ----------
+    embedding : np.ndarray, shape (D,), float32
+    hashes : np.ndarray, shape (M,), uint16/uint32
+    n_frames : int
+        Tq, CQT frames the hashes were computed from (the query view's length).
+    """
+
+    embedding: np.ndarray
+    hashes: np.ndarray
+    n_frames: int
+
+
+class Verified(NamedTuple):
+    """Hash-DTW of one query against its candidates, sorted best first; all shape (K,).
+
+    ``refs`` are reference numbers; ``scores``, ``end_j``, ``end_i``, ``path_length`` as
+    :class:`index.hashdtw.HashDTWBatch`. Ties keep the prune order.
+    """
+
+    refs: np.ndarray
+    scores: np.ndarray
+    end_j: np.ndarray
+    end_i: np.ndarray
+    path_length: np.ndarray
+
+
+def default_penalty(index: IndexData) -> int:
+    """φ for an index: ``meta["hash_penalty"]``, else the median Hamming distance of a sample.
+
+    Returns ``n_bits // 2`` for an empty index (the median of random bits).
+    """
+    if "hash_penalty" in index.meta:
+        return int(index.meta["hash_penalty"])
+    h = index.hashes
+    if h.shape[0] < 2:
+        return int(index.meta.get("n_bits", 32)) // 2
+    rng = np.random.default_rng(0)
+    a = np.asarray(h[np.sort(rng.integers(0, h.shape[0], _PENALTY_SAMPLE))])
+    b = np.asarray(h[np.sort(rng.integers(0, h.shape[0], _PENALTY_SAMPLE))])
+    return median_hamming(a, b)
+
+
+class Cascade:
+    """Identify queries against one index with one model.
+
+    Parameters
+    ----------
+    index : IndexData
+    encoder : model.encoder.Encoder
+        Must be the model that built the index.
+    config : CascadeConfig
+    calibration : Calibration, optional
+        Default: :func:`index.decision.load_calibration` for the encoder's model.
+
+    Raises
+    ------
+    ModelMismatchError
+        ``index.model_id != encoder.model_id``.
+    """
+
+    def __init__(self, index: IndexData, encoder, config: CascadeConfig = CascadeConfig(),
+                 calibration: Calibration | None = None) -> None:
+        index.check_model(encoder.model_id)
+        self.index = index
+        self.encoder = encoder
+        self.config = config
+        self.calibration = calibration or load_calibration(encoder.model_id)
+        self.penalty = int(config.penalty) if config.penalty is not None else default_penalty(
+            index)
+        self.embed_frames = int(index.meta.get("window", {}).get("length",
+                                                                 encoder.window.length))
+        self.pruner = EmbeddingPruner(index.embeddings, index.embed_ref, len(index),
+                                      device=encoder.device)
+        self._ids = [str(r.get("sha256", ""))[:16] or f"ref{k}" for k, r in enumerate(index.refs)]
+        self._titles = [str(r.get("title", Path(r.get("path", "")).stem)) for r in index.refs]
+        self._durations = np.array([float(r.get("duration_s", np.inf)) for r in index.refs])
+
+    @classmethod
+    def open(cls, index_dir: str | Path, weights: str | Path | None = None,
+             device: str = "cpu", **kw) -> Cascade:
+        """Load the index at ``index_dir`` and the model ``weights`` (default: the shipped one).
+
+        ``kw`` goes to the constructor (``config``, ``calibration``).
+        """
+        from model.encoder import Encoder
+
+        encoder = Encoder.load(weights, device=device)
+        return cls(load_index(index_dir, expected_model_id=encoder.model_id), encoder, **kw)
+
+    # ------------------------------------------------------------------ stages
+    def encode(self, frames: np.ndarray) -> QueryCode:
+        """The query view of ``frames`` (module docstring, stage 1).
+
+        Parameters
+        ----------
+        frames : np.ndarray, shape (T, 48), float32
+            CQT frames of the query, oldest first, T >= ``config.min_query_frames``.
+
+        Raises
+        ------
+        AudioError
+            ``too_short``.
+        """
+        frames = np.asarray(frames, dtype=np.float32)
+        if frames.ndim != 2 or frames.shape[1] != 48:
+            raise ValueError(f"frames must have shape (T, 48), got {frames.shape}")
+        if frames.shape[0] < self.config.min_query_frames:
+            raise AudioError(
+                f"query too short: {frames.shape[0] / FRAME_RATE_HZ:.2f} s, need at least "
+                f"{self.config.min_query_frames / FRAME_RATE_HZ:.2f} s", reason="too_short")
+        view = frames[-self.config.query_window_frames:]
+        hashes = self.encoder.hashes(view, "audio")
+        emb = self.encoder.embed(frames[-self.embed_frames:], "audio")
+        return QueryCode(np.asarray(emb, np.float32), hashes, int(view.shape[0]))
+
+    def prune(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) query embeddings → ids (Q, K) int64 and squared distances (Q, K) float32."""
+        return self.pruner.search(embeddings, self.config.top_k)
+
+    def verify(self, query_hashes: np.ndarray, candidates: np.ndarray) -> Verified:
+        """Hash-DTW of one query against candidate references, best first.
+
+        Parameters
+        ----------
+        query_hashes : np.ndarray, shape (M,), the index's hash dtype
+        candidates : np.ndarray, shape (K,), int
+            Reference numbers (e.g. a row of :meth:`prune`'s ids).
+
+        Returns
+        -------
+        Verified
+        """
+        cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
+        sub, offsets = self._gather(cand)
+        res = hash_dtw_batch(query_hashes, sub, offsets, penalty=self.penalty,
+                             gully=self.config.gully)
+        order = np.argsort(res.scores, kind="stable")
+        return Verified(cand[order], res.scores[order], res.end_j[order], res.end_i[order],
+                        res.path_length[order])
+
+    def confirm(self, query_hashes: np.ndarray, candidates: np.ndarray, verified: Verified,
+                n_frames: int | None = None) -> list[Match]:
+        """Align and score the best ``top_n`` of ``verified``; matches ranked by confidence.
+
+        ``candidates`` are the references that were verified (their number enters the
+        confidence as the size of the field the winner beat); ``n_frames`` is Tq, the query
+        view's CQT frames (default ``4 * M``), for ``position_s``.
+        """
+        q = np.asarray(query_hashes)
+        n_frames = 4 * q.shape[0] if n_frames is None else int(n_frames)
+        top = min(self.config.top_n, verified.refs.shape[0])
+        seqs = [np.asarray(self.index.hash_sequence(int(k))) for k in verified.refs[:top]]
+        confirmed = confirm_candidates(q, seqs, verified.scores, penalty=self.penalty,
+                                       gully=self.config.gully)
+        matches = [self._match(int(verified.refs[r]), c, n_frames)
+                   for r, c in enumerate(confirmed)]
+        # confidence, then hash-DTW score: the verify order where confidences tie
+        order = sorted(range(len(matches)), key=lambda r: (-matches[r].confidence, r))
+        return [matches[r] for r in order]
+
+    # ------------------------------------------------------------------ whole searches
+    def search_frames(self, frames: np.ndarray) -> SearchResult:
+        """Search one query given as (T, 48) CQT frames."""
+        return self.search_batch([frames])[0]
+
+    def search_audio(self, audio: np.ndarray, sample_rate: int) -> SearchResult:
+        """Search one query given as PCM (n,) or (n, channels), any rate in 8–96 kHz.
+
+        Raises
+        ------
+        AudioError
+            ``silent`` (below -60 dBFS RMS), ``too_short``, or the feature stage's errors.
+        """
+        from model.features import audio_to_frames, is_silent
+
+        if is_silent(audio):
+            raise AudioError("the audio is silent (RMS below -60 dBFS): nothing to identify",
+                             reason="silent")
+        t0 = time.perf_counter()
+        frames = audio_to_frames(audio, sample_rate, device=self.encoder.device)
+        t_feat = time.perf_counter() - t0
+        res = self.search_frames(frames)
+        res.timings_s["features"] = t_feat
+        res.timings_s["total"] += t_feat
+        return res
+
+    def search_batch(self, list_of_frames: list[np.ndarray]) -> list[SearchResult]:
+        """Search several queries; their embeddings are pruned in one matrix product."""
+        t0 = time.perf_counter()
+        codes = [self.encode(f) for f in list_of_frames]
+        t_enc = (time.perf_counter() - t0) / max(1, len(codes))
+        results = self.search_codes(codes)
+        for r in results:
+            r.timings_s["encode"] = t_enc
+            r.timings_s["total"] += t_enc
+        return results
+
+    def search_codes(self, codes: list[QueryCode]) -> list[SearchResult]:
+        """Prune (one matrix product), verify and confirm already-encoded queries."""
+        if not codes:
+            return []
+        if len(self.index) == 0:
+            return [SearchResult([], None, {"prune": 0.0, "verify": 0.0, "confirm": 0.0,
+                                            "total": 0.0}, 0) for _ in codes]
+        t0 = time.perf_counter()
+        ids, _ = self.prune(np.stack([c.embedding for c in codes]))
+        t_prune = time.perf_counter() - t0
+        out = []
+        for code, cand in zip(codes, ids, strict=True):
+            t1 = time.perf_counter()
+            ver = self.verify(code.hashes, cand)
+            t2 = time.perf_counter()
+            matches = self.confirm(code.hashes, cand, ver, code.n_frames)
+            t3 = time.perf_counter()
+            timings = {"prune": t_prune, "verify": t2 - t1, "confirm": t3 - t2,
+                       "total": t_prune + (t3 - t1)}
+            out.append(SearchResult(matches, decide(matches, self.calibration), timings,
+                                    int(cand.shape[0])))
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _gather(self, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates' hash sequences, concatenated, and their offsets (K + 1,)."""
+        off = self.index.hash_offsets
+        starts, ends = np.asarray(off[cand]), np.asarray(off[cand + 1])
+        lengths = ends - starts
+        offsets = np.zeros(cand.shape[0] + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # one fancy-index read of only the candidates' frames (K x ~1,000 hashes, ~0.4 MB)
+        idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return np.asarray(self.index.hashes[idx]), offsets
+
+    def _match(self, k: int, c: ConfirmedMatch, n_frames: int) -> Match:
+        dur = self._durations[k]
+        pos_frames = (n_frames - 1) + 4 * (c.end_j - c.end_i)
+        return Match(
+            ref=k, id=self._ids[k], title=self._titles[k], confidence=float(c.confidence),
+            score=float(c.score),
+            start_s=float(min(4 * c.start_j / FRAME_RATE_HZ, dur)),
+            end_s=float(min((4 * c.end_j + 3) / FRAME_RATE_HZ, dur)),
+            position_s=float(np.clip(pos_frames / FRAME_RATE_HZ, 0.0, dur)),
+        )

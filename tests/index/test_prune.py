@@ -1,0 +1,99 @@
+"""Embedding prune against a brute-force reference implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index.prune import EmbeddingPruner
+
+
+def brute_force(queries, emb, owner, n_refs, k):
+    """Per query, per reference: min over its windows of the squared distance; then sort."""
+    ids, dists = [], []
+    for q in queries.astype(np.float64):
+        best = np.full(n_refs, np.inf)
+        for w in range(emb.shape[0]):
+            d = float(np.sum((emb[w].astype(np.float64) - q) ** 2))
+            best[owner[w]] = min(best[owner[w]], d)
+        order = sorted(range(n_refs), key=lambda r: (best[r], r))[:k]
+        ids.append(order)
+        dists.append(best[order])
+    return np.array(ids), np.array(dists)
+
+
+def random_index(seed, n_refs, dim=16, max_windows=6, shuffle=False):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, max_windows + 1, n_refs)
+    owner = np.repeat(np.arange(n_refs), counts).astype(np.int32)
+    if shuffle:
+        owner = rng.permutation(owner)
+    emb = np.tanh(rng.normal(size=(owner.shape[0], dim))).astype(np.float16)
+    return emb, owner
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_matches_brute_force(shuffle):
+    emb, owner = random_index(0, n_refs=40, shuffle=shuffle)
+    rng = np.random.default_rng(1)
+    queries = np.tanh(rng.normal(size=(7, 16))).astype(np.float32)
+    pruner = EmbeddingPruner(emb, owner, 40)
+    ids, dists = pruner.search(queries, 10)
+    ref_ids, ref_d = brute_force(queries, emb, owner, 40, 10)
+    assert ids.shape == (7, 10) and ids.dtype == np.int64 and dists.dtype == np.float32
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(dists, ref_d, rtol=1e-5, atol=1e-4)
+    full = pruner.reference_distances(queries)
+    assert full.shape == (7, 40)
+    np.testing.assert_allclose(np.sort(full, axis=1)[:, :10], ref_d, rtol=1e-5, atol=1e-4)
+
+
+def test_query_on_a_window_finds_its_reference_at_distance_zero():
+    emb, owner = random_index(2, n_refs=25)
+    pruner = EmbeddingPruner(emb, owner, 25)
+    w = 17
+    ids, dists = pruner.search(emb[w:w + 1].astype(np.float32), 3)
+    assert ids[0, 0] == owner[w]
+    assert dists[0, 0] == pytest.approx(0.0, abs=1e-4)
+    assert np.all(np.diff(dists[0]) >= 0)
+
+
+def test_k_is_clamped_and_references_without_windows_come_last():
+    emb, owner = random_index(3, n_refs=5)
+    owner = np.where(owner == 2, 4, owner).astype(np.int32)  # reference 2 loses its windows
+    pruner = EmbeddingPruner(emb, owner, 5)
+    ids, dists = pruner.search(np.zeros((2, 16), np.float32), 100)
+    assert ids.shape == (2, 5)
+    assert np.all(ids[:, -1] == 2) and np.all(np.isinf(dists[:, -1]))
+    assert np.all(np.isfinite(dists[:, :-1]))
+
+
+def test_chunked_queries_equal_one_at_a_time(monkeypatch):
+    import index.prune as prune
+
+    emb, owner = random_index(4, n_refs=30)
+    queries = np.tanh(np.random.default_rng(5).normal(size=(9, 16))).astype(np.float32)
+    pruner = EmbeddingPruner(emb, owner, 30)
+    whole = pruner.search(queries, 8)
+    monkeypatch.setattr(prune, "_BLOCK_ELEMENTS", 2 * pruner.n_windows)  # 2 queries per chunk
+    chunked = pruner.search(queries, 8)
+    one = [pruner.search(q[None], 8) for q in queries]
+    # ids exactly; distances to BLAS rounding, which depends on the block shape
+    np.testing.assert_array_equal(whole[0], chunked[0])
+    np.testing.assert_array_equal(whole[0], np.concatenate([o[0] for o in one]))
+    np.testing.assert_allclose(whole[1], chunked[1], rtol=1e-6)
+
+
+def test_bad_inputs_are_refused():
+    emb, owner = random_index(6, n_refs=4)
+    with pytest.raises(ValueError, match="embed_ref"):
+        EmbeddingPruner(emb, owner[:-1], 4)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        EmbeddingPruner(emb, owner, 3)
+    pruner = EmbeddingPruner(emb, owner, 4)
+    with pytest.raises(ValueError, match="shape"):
+        pruner.search(np.zeros((1, 15), np.float32), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        pruner.search(np.full((1, 16), np.nan, np.float32), 2)
+    with pytest.raises(ValueError, match="k must"):
+        pruner.search(np.zeros((1, 16), np.float32), 0)

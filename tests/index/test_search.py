@@ -1,0 +1,163 @@
+"""The cascade on a small index built in the test: right piece first, right position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index import store
+from index.build import BuildOptions, build_index
+from index.decision import Calibration
+from index.hashdtw import hash_dtw, median_hamming
+from index.search import FRAME_RATE_HZ, Cascade, CascadeConfig, SearchResult, default_penalty
+from model.encoder import Encoder
+from model.errors import AudioError, ModelMismatchError
+from model.features import SAMPLE_RATE, audio_to_frames
+from model.render import render
+from tests.conftest import make_piece
+
+N_PIECES = 6
+PROGRAMS = (0, 24, 40, 56, 73, 81)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cascade")
+    songs = root / "songs"
+    songs.mkdir()
+    pieces = []
+    for i in range(N_PIECES):
+        pm = make_piece(100 + i, duration_s=40.0, program=PROGRAMS[i], drums=False)
+        pm.write(str(songs / f"song{i}.mid"))
+        pieces.append(pm)
+    build_index(root / "idx", [songs], BuildOptions(workers=1, progress=False))
+    cascade = Cascade.open(root / "idx")
+    titles = [r["title"] for r in cascade.index.refs]
+    return root, cascade, pieces, titles
+
+
+def excerpt(pm, start_s: float, length_s: float) -> np.ndarray:
+    """CQT frames of ``length_s`` seconds of the sine rendering from ``start_s``."""
+    frames = audio_to_frames(render(pm, "sine"), SAMPLE_RATE)
+    f0 = int(round(start_s * FRAME_RATE_HZ))
+    return frames[f0:f0 + int(round(length_s * FRAME_RATE_HZ))]
+
+
+@pytest.mark.parametrize(("piece", "start_s", "length_s"), [(2, 12.0, 10.0), (4, 20.0, 15.0)])
+def test_rendered_excerpt_ranks_its_piece_first_at_the_right_position(collection, piece,
+                                                                     start_s, length_s):
+    _, cascade, pieces, titles = collection
+    res = cascade.search_frames(excerpt(pieces[piece], start_s, length_s))
+    assert isinstance(res, SearchResult)
+    top = res.matches[0]
+    assert titles[top.ref] == f"song{piece}"
+    assert top.title == f"song{piece}" and len(top.id) == 16
+    assert cascade.index.refs[top.ref]["sha256"].startswith(top.id)
+    assert abs(top.position_s - (start_s + length_s)) < 0.5
+    assert abs(top.start_s - start_s) < 1.0 and top.start_s < top.end_s <= top.position_s + 0.2
+    assert 0.0 <= top.confidence <= 1.0
+    assert [m.confidence for m in res.matches] == sorted(
+        (m.confidence for m in res.matches), reverse=True)
+    assert res.n_candidates == N_PIECES and len(res.matches) == 5
+    assert {"encode", "prune", "verify", "confirm", "total"} <= set(res.timings_s)
+
+
+def test_search_audio_equals_search_frames_and_refuses_bad_audio(collection):
+    _, cascade, pieces, _ = collection
+    audio = render(pieces[1], "sine")[int(5 * SAMPLE_RATE):int(17 * SAMPLE_RATE)]
+    a = cascade.search_audio(audio, SAMPLE_RATE)
+    f = cascade.search_frames(audio_to_frames(audio, SAMPLE_RATE))
+    assert [m.ref for m in a.matches] == [m.ref for m in f.matches]
+    assert a.matches[0].score == pytest.approx(f.matches[0].score)
+    assert "features" in a.timings_s
+    with pytest.raises(AudioError) as e:
+        cascade.search_audio(np.zeros(SAMPLE_RATE * 5, np.float32), SAMPLE_RATE)
+    assert e.value.reason == "silent"
+    with pytest.raises(AudioError) as e:
+        cascade.search_audio(audio[: SAMPLE_RATE // 2], SAMPLE_RATE)
+    assert e.value.reason == "too_short"
+
+
+def test_batch_equals_one_query_at_a_time(collection):
+    _, cascade, pieces, _ = collection
+    queries = [excerpt(pieces[i], 6.0 + i, 8.0 + i) for i in (0, 3, 5)]
+    batch = cascade.search_batch(queries)
+    for q, b in zip(queries, batch, strict=True):
+        one = cascade.search_frames(q)
+        assert [m.ref for m in one.matches] == [m.ref for m in b.matches]
+        np.testing.assert_allclose([m.score for m in one.matches],
+                                   [m.score for m in b.matches], rtol=1e-6)
+
+
+def test_stages_agree_with_the_primitives(collection):
+    _, cascade, pieces, _ = collection
+    code = cascade.encode(excerpt(pieces[5], 3.0, 30.0))
+    # the query view: the last query_window_s seconds are hashed
+    assert code.n_frames == cascade.config.query_window_frames
+    assert code.hashes.shape == (code.n_frames // 4,)
+    ids, dists = cascade.prune(code.embedding[None])
+    assert ids.shape == dists.shape == (1, N_PIECES) and np.all(np.diff(dists[0]) >= 0)
+    cand = ids[0][::-1].copy()  # any order: verify sorts
+    ver = cascade.verify(code.hashes, cand)
+    assert np.all(np.diff(ver.scores) >= 0) and sorted(ver.refs) == list(range(N_PIECES))
+    for k, score, end_j in zip(ver.refs, ver.scores, ver.end_j, strict=True):
+        one = hash_dtw(code.hashes, np.asarray(cascade.index.hash_sequence(int(k))),
+                       penalty=cascade.penalty, gully=cascade.config.gully)
+        assert one.score == pytest.approx(float(score)) and one.end_j == end_j
+    matches = cascade.confirm(code.hashes, cand, ver, code.n_frames)
+    by_ref = {m.ref: m for m in matches}
+    # confirm's traceback ends where the hash-DTW ended
+    for k, score, end_j in zip(ver.refs[:5], ver.scores[:5], ver.end_j[:5], strict=True):
+        assert by_ref[int(k)].score == pytest.approx(float(score), rel=1e-6)
+        assert by_ref[int(k)].end_s == pytest.approx((4 * end_j + 3) / FRAME_RATE_HZ)
+
+
+def test_penalty_is_the_median_hamming_of_a_sample_unless_given(collection):
+    _, cascade, _, _ = collection
+    idx = cascade.index
+    rng = np.random.default_rng(0)
+    a = np.asarray(idx.hashes[np.sort(rng.integers(0, idx.hashes.shape[0], 2048))])
+    b = np.asarray(idx.hashes[np.sort(rng.integers(0, idx.hashes.shape[0], 2048))])
+    assert cascade.penalty == default_penalty(idx) == median_hamming(a, b)
+    assert 4 <= cascade.penalty <= 28
+    stored = store.IndexData(**{**idx.__dict__, "meta": dict(idx.meta, hash_penalty=9)})
+    assert default_penalty(stored) == 9
+    given = Cascade(idx, cascade.encoder, CascadeConfig(penalty=3, top_k=2, top_n=1))
+    assert given.penalty == 3
+    res = given.search_frames(np.random.default_rng(1).random((300, 48), np.float32))
+    assert res.n_candidates == 2 and len(res.matches) == 1
+
+
+def test_decision_follows_the_calibration(collection):
+    _, cascade, pieces, _ = collection
+    q = excerpt(pieces[0], 10.0, 12.0)
+    never = Cascade(cascade.index, cascade.encoder, calibration=Calibration(
+        cascade.encoder.model_id, threshold=float("inf")))
+    assert never.search_frames(q).identified is None
+    always = Cascade(cascade.index, cascade.encoder, calibration=Calibration(
+        cascade.encoder.model_id, threshold=0.0))
+    res = always.search_frames(q)
+    assert res.identified == res.matches[0]
+
+
+def test_model_mismatch_is_refused(collection):
+    root, cascade, _, _ = collection
+    other = Encoder.untrained(seed=7)
+    with pytest.raises(ModelMismatchError):
+        Cascade(cascade.index, other)
+    weights = root / "other.pt"
+    other.save(weights)
+    with pytest.raises(ModelMismatchError, match="rebuild"):
+        Cascade.open(root / "idx", weights=weights)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        CascadeConfig(top_k=0)
+    with pytest.raises(ValueError):
+        CascadeConfig(gully=1.5)
+    with pytest.raises(ValueError):
+        CascadeConfig(penalty=-1)
+    with pytest.raises(ValueError):
+        CascadeConfig(min_query_s=30.0, query_window_s=20.0)
+    assert CascadeConfig(query_window_s=10.0).query_window_frames == 215
