@@ -151,6 +151,26 @@ def _run(encoder: Encoder, fn, spans: list[_Span]) -> list[tuple[torch.Tensor, .
     return [tuple(o[i, sp.skip:sp.skip + sp.count] for o in outs) for i, sp in enumerate(spans)]
 
 
+def _forward(encoder: Encoder, streams: list, spans: list[_Span | None], kind: str
+             ) -> list[tuple[np.ndarray, ...] | None]:
+    """Each stream's outputs for its span (None without one), one forward pass per modality.
+
+    ``kind`` "hash" runs the hash net (→ activations); "embed" the embed trunk (→ h, scores).
+    """
+    out: list[tuple[np.ndarray, ...] | None] = [None] * len(streams)
+    with torch.inference_mode():
+        for modality in sorted({st.modality for st in streams}):
+            idx = [i for i, st in enumerate(streams)
+                   if st.modality == modality and spans[i] is not None]
+            if not idx:
+                continue
+            net = encoder.nets[f"{kind}_{modality}"]
+            res = _run(encoder, net.trunk if kind == "embed" else net, [spans[i] for i in idx])
+            for i, r in zip(idx, res, strict=True):
+                out[i] = tuple(t.cpu().numpy() for t in r)
+    return out
+
+
 # ---------------------------------------------------------------------------------- hashes
 class StreamingHasher:
     """Incremental :meth:`Encoder.hashes` for one stream.
@@ -202,9 +222,9 @@ class StreamingHasher:
         span = self._tail.take(np.zeros((0, N_BINS), np.float32), final=True)
         if span is None:
             return _empty(self.encoder, packed)
-        with torch.inference_mode():  # alone: a padded batch would not reproduce the end
-            (act,) = _run(self.encoder, self.encoder.nets[f"hash_{self.modality}"], [span])[0]
-        return _pack(act.cpu().numpy(), packed)
+        # alone: a padded batch would not reproduce the end
+        (act,) = _forward(self.encoder, [self], [span], "hash")[0]
+        return _pack(act, packed)
 
 
 def _empty(encoder: Encoder, packed: bool) -> np.ndarray:
@@ -241,19 +261,8 @@ def hash_step(encoder: Encoder, hashers: list[StreamingHasher], new_frames: list
     """
     frames = _check_batch(encoder, hashers, new_frames)
     spans = [h._tail.take(f) for h, f in zip(hashers, frames, strict=True)]
-    results = [_empty(encoder, packed) for _ in hashers]
-    with torch.inference_mode():
-        for modality in {h.modality for h in hashers}:
-            idx = [i for i, h in enumerate(hashers) if h.modality == modality and spans[i]]
-            if not idx:
-                continue
-            outs = _run(encoder, encoder.nets[f"hash_{modality}"], [spans[i] for i in idx])
-            acts = [o[0].cpu().numpy() for o in outs]
-            flat = _pack(np.concatenate(acts), packed)
-            for i, part in zip(idx, np.split(flat, np.cumsum([len(a) for a in acts])[:-1]),
-                               strict=True):
-                results[i] = part
-    return results
+    return [_empty(encoder, packed) if o is None else _pack(o[0], packed)
+            for o in _forward(encoder, hashers, spans, "hash")]
 
 
 # ------------------------------------------------------------------------------ embeddings
@@ -406,10 +415,8 @@ class StreamingEmbedder:
         """
         span = self._tail.take(np.zeros((0, N_BINS), np.float32), final=True)
         if span is not None:
-            with torch.inference_mode():  # alone: a padded batch would not reproduce the end
-                h, s = _run(self.encoder, self.encoder.nets[f"embed_{self.modality}"].trunk,
-                            [span])[0]
-            self._window.add(h.cpu().numpy(), s.cpu().numpy())
+            # alone: a padded batch would not reproduce the end
+            self._window.add(*_forward(self.encoder, [self], [span], "embed")[0])
 
     def pooled(self) -> np.ndarray | None:
         """The attention-pooled trunk features (D,) float64 of the window, or None."""
@@ -427,15 +434,9 @@ def embed_step(encoder: Encoder, embedders: list[StreamingEmbedder],
     trunk forward pass per modality, updating each stream's running sums."""
     frames = _check_batch(encoder, embedders, new_frames)
     spans = [e._tail.take(f) for e, f in zip(embedders, frames, strict=True)]
-    with torch.inference_mode():
-        for modality in {e.modality for e in embedders}:
-            idx = [i for i, e in enumerate(embedders) if e.modality == modality and spans[i]]
-            if not idx:
-                continue
-            outs = _run(encoder, encoder.nets[f"embed_{modality}"].trunk,
-                        [spans[i] for i in idx])
-            for i, (h, s) in zip(idx, outs, strict=True):
-                embedders[i]._window.add(h.cpu().numpy(), s.cpu().numpy())
+    for e, out in zip(embedders, _forward(encoder, embedders, spans, "embed"), strict=True):
+        if out is not None:
+            e._window.add(*out)
 
 
 def embeddings(encoder: Encoder, embedders: list[StreamingEmbedder]) -> list[np.ndarray | None]:
