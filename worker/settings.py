@@ -1,0 +1,161 @@
+"""The worker's settings: one frozen object per process, from the environment and CLI flags.
+
+Every field ``f`` is read from ``MIDIMATCH_<F>`` (upper case): ``MIDIMATCH_INDEX``,
+``MIDIMATCH_REDIS_URL``, ``MIDIMATCH_DEVICE``, ``MIDIMATCH_WORKER_ID``, ``MIDIMATCH_METRICS_PORT``,
+``MIDIMATCH_MAX_SESSIONS``, ``MIDIMATCH_LEASE_MS``, ``MIDIMATCH_RETAIN_S``... The index may also
+be given as ``MIDIMATCH_INDEX_DIR`` (the gateway's name for it), so one deployment environment
+serves both. ``midimatch worker`` flags override the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from model.errors import MidimatchError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class WorkerSettingsError(MidimatchError):
+    """A worker setting with a value that cannot be used."""
+
+    reason = "bad_setting"
+
+
+def default_worker_id() -> str:
+    """``host-pid-xxxx``: unique per process, readable in Redis and in logs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What one worker process needs to know.
+
+    Attributes
+    ----------
+    index : Path or None
+        The index folder (required to run a worker).
+    redis_url : str or None
+        ``redis://host:port/db`` (required for ``midimatch worker``; the embedded worker uses
+        the gateway's in-process bus instead).
+    device : str
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    weights : Path or None
+        Model weights; None: the shipped model.
+    worker_id : str
+        This worker's consumer name; unique per process.
+    metrics_port : int
+        Port of the Prometheus ``/metrics`` endpoint; 0: none.
+    max_sessions : int
+        Sessions this worker holds at once (its advertised capacity).
+    lease_ms : int
+        A session whose owner has not renewed for this long goes to another worker, ms.
+    retain_s : float
+        Audio retained per session in Redis, s of stream time (what a takeover rebuilds from).
+    max_results : int
+        Results retained per session for resuming clients.
+    session_ttl_s, result_ttl_s : float
+        Expiry of an abandoned session, and of a finished session's results, s.
+    redis_prefix : str
+        First part of every Redis key.
+    window_s, result_every_s, tick_budget_s : float
+        The engine's query window, result period and per-tick time budget, s.
+    poll_s : float
+        Wait between two looks at the bus when nothing arrived, s (bounds the added latency).
+    claim_every_s : float
+        How often a worker holding sessions looks for more (one without waits this long in a
+        blocking claim), s.
+    """
+
+    index: Path | None = None
+    redis_url: str | None = None
+    device: str = "auto"
+    weights: Path | None = None
+    worker_id: str = field(default_factory=default_worker_id)
+    metrics_port: int = 9101
+    max_sessions: int = 64
+    lease_ms: int = 5000
+    retain_s: float = 30.0
+    max_results: int = 120
+    session_ttl_s: float = 300.0
+    result_ttl_s: float = 120.0
+    redis_prefix: str = "mm"
+    window_s: float = 10.0
+    result_every_s: float = 1.0
+    tick_budget_s: float = 0.5
+    poll_s: float = 0.05
+    claim_every_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise WorkerSettingsError(f"device must be one of {DEVICES}, got {self.device!r}")
+        positive = ("max_sessions", "lease_ms", "retain_s", "max_results", "session_ttl_s",
+                    "result_ttl_s", "window_s", "result_every_s", "tick_budget_s", "poll_s",
+                    "claim_every_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise WorkerSettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise WorkerSettingsError(f"metrics_port must be in 0..65535, got "
+                                      f"{self.metrics_port!r}")
+        if self.lease_ms < 300:
+            raise WorkerSettingsError(f"lease_ms must be ≥ 300 (renewed every third), got "
+                                      f"{self.lease_ms!r}")
+        if not self.worker_id or any(c.isspace() for c in self.worker_id):
+            raise WorkerSettingsError(f"worker_id must be non-empty without spaces, got "
+                                      f"{self.worker_id!r}")
+
+    @property
+    def renew_s(self) -> float:
+        """How often leases are renewed and the heartbeat sent: a third of the lease, s."""
+        return self.lease_ms / 3000.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Settings from ``MIDIMATCH_*`` variables, then ``overrides`` (``None`` = not given).
+
+        Raises
+        ------
+        WorkerSettingsError
+            A variable that does not parse as its field's type, an unknown override, or an
+            out-of-range value.
+        """
+        env = os.environ if env is None else env
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise WorkerSettingsError(f"unknown settings {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MIDIMATCH_{f.name.upper()}")
+            if f.name == "index" and not raw:
+                raw = env.get("MIDIMATCH_INDEX_DIR")
+            if raw:
+                values[f.name] = _parse(f.name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for name in ("index", "weights"):
+            if values.get(name) is not None:
+                values[name] = Path(values[name]).expanduser()
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> WorkerSettings:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+def _parse(name: str, raw: str, type_name: Any) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as e:
+        raise WorkerSettingsError(f"MIDIMATCH_{name.upper()}={raw!r}: {e}") from e
+    return raw
