@@ -127,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         true_refs,
     )
     from index.search import Cascade, CascadeConfig
+    from model.errors import MidimatchError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,8 +158,11 @@ def _run(args: argparse.Namespace) -> int:
         "n_queries": len(queries), "wall_s": wall,
         "summary": summary,
     }
-    if any(o["kind"] == "out" for o in outcomes):
+    try:
         report["calibration_halves"] = calibrate_halves(outcomes, cascade.encoder.model_id)
+    except MidimatchError as e:  # too few pieces for two halves: say so, keep the rest
+        report["calibration_halves_skipped"] = e.message
+        print(f"calibration on halves skipped: {e.message}", file=sys.stderr)
     base = None
     if args.baseline > 0:
         from index.baseline import ChromaMatcher

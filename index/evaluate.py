@@ -185,7 +185,8 @@ def summarize(outcomes: Sequence[dict], top_k: int | None = None) -> dict[str, d
         group → ``n_in``, ``top1``, ``top5``, ``median_rank``, ``confident_wrong``,
         ``identified`` (confident and right), ``position_error_median_s``,
         ``position_within_1s``, ``start_error_median_s``, ``prune_recall@K``, ``n_out``,
-        ``false_confident``, ``time_per_query_median_s``, ``time_per_query_mean_s``;
+        ``false_confident``, ``time_per_query_median_s``, ``time_per_query_mean_s``,
+        ``stage_median_s`` (per cascade stage);
         rates are fractions in [0, 1], None where a group has no query of that kind.
     """
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -223,6 +224,11 @@ def summarize(outcomes: Sequence[dict], top_k: int | None = None) -> dict[str, d
         if times:
             g["time_per_query_median_s"] = float(np.median(times))
             g["time_per_query_mean_s"] = float(np.mean(times))
+        stages = sorted({k for r in rows for k in r.get("stage_s", {})})
+        if stages:
+            g["stage_median_s"] = {k: float(np.median([r["stage_s"][k] for r in rows
+                                                       if k in r.get("stage_s", {})]))
+                                   for k in stages}
         out[name] = g
     return out
 
@@ -291,7 +297,7 @@ def format_table(summary: dict[str, dict], baseline: dict[str, dict] | None = No
                  top_k: int | None = None) -> str:
     """A plain-text table of :func:`summarize` output (percentages), one row per group."""
     k = f"prune_recall@{top_k}" if top_k else None
-    head = ["group", "n_in", "top1%", "top5%", "med.rank", "pos.err s", "recall@K%",
+    head = ["group", "n_in", "top1%", "top5%", "med.rank", "pos.err s", "pos<=1s%", "recall@K%",
             "n_out", "false-conf%", "ms/query"]
     if baseline:
         head += ["chroma n", "chroma top1%", "chroma top5%", "chroma ms/q"]
@@ -299,6 +305,7 @@ def format_table(summary: dict[str, dict], baseline: dict[str, dict] | None = No
     for name, g in summary.items():
         row = [name, str(g["n_in"]), _pct(g.get("top1")), _pct(g.get("top5")),
                _num(g.get("median_rank"), "{:g}"), _num(g.get("position_error_median_s")),
+               _pct(g.get("position_within_1s")),
                _pct(g.get(k)) if k else "—", str(g["n_out"]), _pct(g.get("false_confident")),
                _num(1000 * g["time_per_query_median_s"] if "time_per_query_median_s" in g
                     else None, "{:.0f}")]

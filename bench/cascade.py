@@ -1,0 +1,165 @@
+"""One query's cascade time per stage at 10,000 references, on one core, against chroma + DTW.
+
+    python bench/cascade.py [--refs 10000] [--queries 40] [--baseline-queries 3]
+                            [--baseline-refs 500] [--eval DIR]
+
+Needs ``midimatch eval prepare`` first (its index and queries). The 10,000 references are the
+evaluation index's real MIDI files plus **transposed and tempo-varied variants** of them
+(:mod:`model.augment_midi`: ±1, ±2, ±3 semitones, tempo ×0.85 / 0.92 / 1.08 / 1.15), written as
+MIDI files under ``$MIDIMATCH_CACHE/bench/variants`` and indexed like any file: distinct
+references with real musical content, not copies. The bench index starts as a copy of the eval
+index, so only the variants are encoded (resumable).
+
+Timed on one core (torch and numba at 1 thread, BLAS at 1): ``Cascade.search_frames`` of
+``--queries`` 10 s clean in-collection queries (held-out renderer), one at a time, after one
+warm-up search; the cascade's own per-stage timings (encode, prune, verify, confirm). The
+baseline (:class:`index.baseline.ChromaMatcher`, subsequence DTW against every reference) is timed
+on ``--baseline-refs`` references only and **extrapolated** to the full collection by its
+total number of reference frames (its cost is linear in them); the table says so.
+Target: cascade ≤ 50 ms per query at 10,000 references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import machine, table  # noqa: E402
+
+VARIANTS = (("t", 1), ("x", 0.92), ("t", -1), ("x", 1.08), ("t", 2), ("x", 0.85), ("t", -2),
+            ("x", 1.15), ("t", 3), ("t", -3))
+
+
+def _cache() -> Path:
+    return Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
+
+
+def write_variants(base: list[str], n: int, out: Path) -> list[str]:
+    """``n`` variant files of the ``base`` files: the same number of variants of each file
+    (the first ``ceil(n / len(base))`` of ``VARIANTS``), existing files reused."""
+    from model.augment_midi import change_tempo, transpose
+    from model.errors import MidimatchError
+    from model.midi import load_midi
+
+    out.mkdir(parents=True, exist_ok=True)
+    per_file = min(len(VARIANTS), -(-n // max(1, len(base))))
+    paths: list[str] = []
+    for src in base:
+        pm = None
+        for kind, amount in VARIANTS[:per_file]:
+            if len(paths) >= n:
+                return paths
+            dst = out / f"{Path(src).parent.name}__{Path(src).stem}__{kind}{amount}.mid"
+            if not dst.is_file():
+                try:
+                    pm = pm or load_midi(src)
+                except MidimatchError:
+                    break
+                var = transpose(pm, amount) if kind == "t" else change_tempo(pm, amount)
+                var.write(str(dst.with_suffix(".tmp")))
+                dst.with_suffix(".tmp").replace(dst)
+            paths.append(str(dst))
+    return paths
+
+
+def percentile(x: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(x), q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--eval", type=Path, help="eval folder (default $MIDIMATCH_CACHE/eval)")
+    ap.add_argument("--refs", type=int, default=10_000)
+    ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--baseline-queries", type=int, default=3)
+    ap.add_argument("--baseline-refs", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=2, help="index build workers")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+
+    import numba
+    import torch
+
+    from index.baseline import ChromaMatcher
+    from index.build import BuildOptions, build_index
+    from index.evalset import load_queries
+    from index.evaluate import rank_in_matches, true_refs
+    from index.search import Cascade
+
+    ev = args.eval or _cache() / "eval"
+    base = json.loads((ev / "collection.json").read_text())["index_files"]
+    bench = _cache() / "bench"
+    index_dir = bench / "index"
+    if not index_dir.exists():
+        shutil.copytree(ev / "index", index_dir)
+    variants = write_variants(base, max(0, args.refs - len(base)), bench / "variants")
+    rep = build_index(index_dir, base + variants, BuildOptions(workers=args.workers))
+    print(f"bench index: {rep['n_refs']} references ({rep['encoded']} encoded now, "
+          f"{len(rep['skipped'])} skipped)", file=sys.stderr)
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    cascade = Cascade.open(index_dir)
+    queries, frames = load_queries(ev / "queries")
+    pick = [i for i, q in enumerate(queries) if q["kind"] == "in" and q["condition"] == "clean"
+            and q["length_s"] == 10.0][: args.queries]
+    qs, fs = [queries[i] for i in pick], [frames[i] for i in pick]
+    truth = true_refs(cascade.index.refs, qs)
+    cascade.search_frames(fs[0])  # warm-up: numba kernels, torch
+    stages: dict[str, list[float]] = {k: [] for k in ("encode", "prune", "verify", "confirm",
+                                                      "total")}
+    ranks = []
+    for f, t in zip(fs, truth, strict=True):
+        res = cascade.search_frames(f)
+        for k in stages:
+            stages[k].append(res.timings_s[k])
+        ranks.append(rank_in_matches(res.matches, t))
+
+    rng = np.random.default_rng(0)
+    sub = np.sort(rng.choice(len(cascade.index), size=min(args.baseline_refs,
+                                                          len(cascade.index)), replace=False))
+    matcher = ChromaMatcher.build([cascade.index.refs[k]["path"] for k in sub],
+                                  bench / f"chroma_{len(sub)}.npz")
+    matcher.scores(fs[0][:50])  # warm-up
+    base_t = []
+    for f in fs[: args.baseline_queries]:
+        t0 = time.perf_counter()
+        matcher.scores(f)
+        base_t.append(time.perf_counter() - t0)
+    all_frames = sum(int(r["n_frames"]) for r in cascade.index.refs)
+    scale = all_frames / float(matcher.chroma.shape[0])
+    n = len(cascade.index)
+    rows = [{"stage": k, "median ms": 1000 * float(np.median(v)),
+             "p90 ms": 1000 * percentile(v, 90), "queries": len(v), "references": n}
+            for k, v in stages.items()]
+    base_med = float(np.median(base_t))
+    rows.append({"stage": f"chroma+DTW, measured on {len(sub)} refs",
+                 "median ms": 1000 * base_med, "p90 ms": 1000 * percentile(base_t, 90),
+                 "queries": len(base_t), "references": len(sub)})
+    rows.append({"stage": f"chroma+DTW, EXTRAPOLATED to {n} refs (x{scale:.1f} frames)",
+                 "median ms": 1000 * base_med * scale, "p90 ms": 1000 * percentile(base_t, 90)
+                 * scale, "queries": len(base_t), "references": n})
+    top1 = float(np.mean([r == 1 for r in ranks]))
+    print(f"# Cascade vs chroma + DTW, one query on one core — {machine()}")
+    print(f"# 10 s clean held-out-renderer queries; top-1 at {n} refs: {100 * top1:.1f} % "
+          f"({len(ranks)} queries); speed-up {base_med * scale / np.median(stages['total']):.0f}x")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "top1": top1, "machine": machine(),
+                                         "n_refs": n}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
