@@ -48,7 +48,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.bus import (
     AudioBatch,
@@ -206,7 +210,12 @@ class RedisBus(Bus):
         if lease_ms <= 0 or retain_s <= 0 or max_results <= 0:
             raise BusError("lease_ms, retain_s and max_results must be positive",
                            reason="bad_settings")
-        self.r = client or aioredis.Redis.from_url(url, decode_responses=False)
+        # A dropped connection (Redis restarted, a network blip) is retried on a new one, so
+        # the first call after an outage does not fail. The audio, lease and finish scripts are
+        # safe to repeat; a repeated publish whose first reply was lost stores a result twice.
+        self.r = client or aioredis.Redis.from_url(
+            url, decode_responses=False, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
         self.prefix, self.lease_ms, self.retain_s = prefix, int(lease_ms), float(retain_s)
         self.max_results = int(max_results)
         self.session_ttl_ms = int(session_ttl_s * 1000)

@@ -1,0 +1,81 @@
+"""Fixtures for the integration tests: a small index, real ``midimatch worker`` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_piece
+
+MIDIMATCH = Path(sys.executable).with_name("midimatch")
+RATE = 16000
+
+
+@pytest.fixture(scope="session")
+def index_and_audio(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """An index of three 20 s pieces, and 20 s of the first as s16 PCM at 16 kHz, shape (n,)."""
+    import pretty_midi
+
+    from index.build import BuildOptions, build_index
+
+    root = tmp_path_factory.mktemp("collection")
+    for i in range(3):
+        make_piece(i, duration_s=20).write(str(root / f"p{i}.mid"))
+    out = tmp_path_factory.mktemp("index")
+    build_index(out, [root], BuildOptions(workers=1, progress=False))
+    audio = pretty_midi.PrettyMIDI(str(root / "p0.mid")).synthesize(fs=RATE)[: 20 * RATE]
+    pcm = (audio / max(1e-9, float(np.abs(audio).max())) * 20000).astype(np.int16)
+    return out, pcm
+
+
+class WorkerProcess:
+    """One ``midimatch worker`` subprocess (log in ``log``)."""
+
+    def __init__(self, index: Path, redis_url: str, worker_id: str, log: Path,
+                 lease_ms: int = 1000) -> None:
+        self.worker_id, self.log = worker_id, log
+        env = {**os.environ, "MIDIMATCH_POLL_S": "0.02", "MIDIMATCH_CLAIM_EVERY_S": "0.1",
+               "MIDIMATCH_RETAIN_S": "30"}
+        with open(log, "ab") as f:
+            self.proc = subprocess.Popen(
+                [str(MIDIMATCH), "-v", "worker", "--index", str(index), "--redis", redis_url,
+                 "--device", "cpu", "--metrics-port", "0", "--worker-id", worker_id,
+                 "--lease-ms", str(lease_ms), "--max-sessions", "8"],
+                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash (no hand-back)."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM and wait; the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, index_and_audio) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start worker processes against a Redis URL; all killed at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def start(redis_url: str, worker_id: str, **kw) -> WorkerProcess:
+        w = WorkerProcess(index_and_audio[0], redis_url, worker_id,
+                          tmp_path / f"{worker_id}-{len(started)}.log", **kw)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.kill()
