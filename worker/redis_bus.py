@@ -204,7 +204,7 @@ class RedisBus(Bus):
     """
 
     def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str = "mm",
-                 lease_ms: int = 5000, retain_s: float = 30.0, max_results: int = 1000,
+                 lease_ms: int = 5000, retain_s: float = 20.0, max_results: int = 1000,
                  session_ttl_s: float = 300.0, result_ttl_s: float = 120.0,
                  client: aioredis.Redis | None = None) -> None:
         if lease_ms <= 0 or retain_s <= 0 or max_results <= 0:

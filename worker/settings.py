@@ -81,7 +81,7 @@ class WorkerSettings:
     metrics_port: int = 9101
     max_sessions: int = 64
     lease_ms: int = 5000
-    retain_s: float = 30.0
+    retain_s: float = 20.0
     max_results: int = 120
     session_ttl_s: float = 300.0
     result_ttl_s: float = 120.0
