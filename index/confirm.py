@@ -7,7 +7,17 @@ matrix** of the query and a candidate's hash sequence:
 1. :func:`index.align.align_cost_matrix` on ``hamming_matrix(q, r)`` with the hash-DTW's φ and g
    — the same DP, so it ends where hash-DTW ended — with a traceback: the span in the reference
    and Raffel's normalised score ``s = cost / path length / mean(submatrix under the path)``.
-2. The confidence.
+2. The confidence, from how far the candidate's hash-DTW score stands out from the other
+   candidates' (:func:`margin_confidence`).
+
+Why not Raffel's ``c = clip(2 (1 - s), 0, 1)`` on the Hamming matrix: measured on 1,000 generated
+songs, 60 in- and 60 out-of-collection FluidSynth queries per length (``/tmp`` experiment, see the
+commit), it saturates at 1 for every true match but also reaches 1 for out-of-collection queries
+of 5-10 s, and its AUC (true top-1 vs out-of-collection) is 0.89 / 0.97 / 1.00 at 5 / 10 / 20 s.
+The candidates are a sample of how well *wrong* pieces align with this very query, so scores
+relative to them correct for what makes a query easy or hard (its length, its timbre, silence):
+``margin_confidence``'s evidence reached AUC 0.98 / 0.99 / 1.00, and 79 % / 95 % / 98 % of true
+matches scored above every out-of-collection query (Raffel's s: 32 % / 93 % / 97 %).
 """
 
 from __future__ import annotations
@@ -19,7 +29,11 @@ import numpy as np
 from index.align import align_cost_matrix
 from index.bits import hamming_matrix
 
-__all__ = ["ConfirmedMatch", "confirm_candidates"]
+__all__ = ["ConfirmedMatch", "confirm_candidates", "margin_confidence"]
+
+FIELD_SKIP = 3  # ranks left out of "the field": the match and up to two near-duplicates of it
+MIN_FIELD = 2  # fewer candidates than FIELD_SKIP + MIN_FIELD: no field, Raffel's c instead
+CENTRE, WIDTH = 0.8, 0.08  # logistic map of the evidence: 0.5 at x = 0.8, 0.92 at x = 1.0
 
 
 class ConfirmedMatch(NamedTuple):
@@ -69,14 +83,63 @@ def confirm_candidates(
     -------
     list of ConfirmedMatch, in the order of ``references``
     """
+    all_scores = np.asarray(all_scores, np.float64)
+    conf = margin_confidence(all_scores, len(references))
     out = []
-    for ref in references:
+    for r, ref in enumerate(references):
         if ref.shape[0] == 0:
             out.append(ConfirmedMatch(float("inf"), float("inf"), 0.0, -1, -1, -1))
             continue
         cost = hamming_matrix(query, ref).astype(np.float64)
         al = align_cost_matrix(cost, penalty=float(penalty), gully=gully)
         score = al.score / al.query_idx.shape[0]
-        out.append(ConfirmedMatch(score, al.norm_score, al.confidence, al.ref_start, al.ref_end,
+        c = al.confidence if conf is None else float(conf[r])
+        out.append(ConfirmedMatch(score, al.norm_score, c, al.ref_start, al.ref_end,
                                   int(al.query_idx[-1])))
+    return out
+
+
+def margin_confidence(scores: np.ndarray, n: int) -> np.ndarray | None:
+    """Confidence of the best ``n`` candidates from the hash-DTW scores of all K candidates.
+
+    For candidate r (rank r, score ``s_r``), two relative margins:
+
+    * against the field: ``1 - s_r / median(s[FIELD_SKIP:])``, the candidates below the third;
+    * against the runner-up: ``1 - s_r / o_r``, where ``o_r`` is the *second* best score among
+      the other candidates, so that one duplicate of the piece in the collection (common in
+      scraped MIDI) does not cancel the margin of either copy;
+
+    evidence ``x`` = their sum, confidence = ``1 / (1 + exp(-(x - CENTRE) / WIDTH))``.
+    Scale-free (the same for 16 or 32 bits, any query length) and monotone in ``s_r``, so the
+    ranking stays the hash-DTW's. The threshold that makes it a decision is calibrated
+    (:mod:`index.decision`).
+
+    Parameters
+    ----------
+    scores : np.ndarray, shape (K,), float
+        All candidates' hash-DTW scores, ascending (``+inf`` for empty references).
+    n : int
+        Candidates to score, n <= K.
+
+    Returns
+    -------
+    np.ndarray, shape (n,), float64 in [0, 1], or None when K < FIELD_SKIP + MIN_FIELD (too few
+    candidates to have a field: the caller falls back to Raffel's c).
+    """
+    s = np.asarray(scores, np.float64)
+    if s.shape[0] < FIELD_SKIP + MIN_FIELD:
+        return None
+    field = s[FIELD_SKIP:]
+    field = field[np.isfinite(field)]
+    med = float(np.median(field)) if field.size else 0.0
+    out = np.zeros(n)
+    for r in range(n):
+        if not np.isfinite(s[r]):
+            continue
+        other = s[1] if r >= 2 else s[2]  # second best of the others: ranks {0, 1, 2} minus r
+        m_field = 1.0 - s[r] / med if med > 0 else 0.0
+        m_next = 1.0 - s[r] / other if np.isfinite(other) and other > 0 else (
+            1.0 if np.isinf(other) else 0.0)
+        x = m_field + m_next
+        out[r] = 1.0 / (1.0 + np.exp(-(x - CENTRE) / WIDTH))
     return out

@@ -33,12 +33,12 @@ def collection(tmp_path_factory):
     build_index(root / "idx", [songs], BuildOptions(workers=1, progress=False))
     cascade = Cascade.open(root / "idx")
     titles = [r["title"] for r in cascade.index.refs]
-    return root, cascade, pieces, titles
+    renders = [audio_to_frames(render(pm, "sine"), SAMPLE_RATE) for pm in pieces]
+    return root, cascade, pieces, titles, renders
 
 
-def excerpt(pm, start_s: float, length_s: float) -> np.ndarray:
-    """CQT frames of ``length_s`` seconds of the sine rendering from ``start_s``."""
-    frames = audio_to_frames(render(pm, "sine"), SAMPLE_RATE)
+def excerpt(frames: np.ndarray, start_s: float, length_s: float) -> np.ndarray:
+    """``length_s`` seconds of a rendering's CQT frames from ``start_s``."""
     f0 = int(round(start_s * FRAME_RATE_HZ))
     return frames[f0:f0 + int(round(length_s * FRAME_RATE_HZ))]
 
@@ -46,8 +46,8 @@ def excerpt(pm, start_s: float, length_s: float) -> np.ndarray:
 @pytest.mark.parametrize(("piece", "start_s", "length_s"), [(2, 12.0, 10.0), (4, 20.0, 15.0)])
 def test_rendered_excerpt_ranks_its_piece_first_at_the_right_position(collection, piece,
                                                                      start_s, length_s):
-    _, cascade, pieces, titles = collection
-    res = cascade.search_frames(excerpt(pieces[piece], start_s, length_s))
+    _, cascade, _, titles, renders = collection
+    res = cascade.search_frames(excerpt(renders[piece], start_s, length_s))
     assert isinstance(res, SearchResult)
     top = res.matches[0]
     assert titles[top.ref] == f"song{piece}"
@@ -63,7 +63,7 @@ def test_rendered_excerpt_ranks_its_piece_first_at_the_right_position(collection
 
 
 def test_search_audio_equals_search_frames_and_refuses_bad_audio(collection):
-    _, cascade, pieces, _ = collection
+    _, cascade, pieces, _, renders = collection
     audio = render(pieces[1], "sine")[int(5 * SAMPLE_RATE):int(17 * SAMPLE_RATE)]
     a = cascade.search_audio(audio, SAMPLE_RATE)
     f = cascade.search_frames(audio_to_frames(audio, SAMPLE_RATE))
@@ -79,8 +79,8 @@ def test_search_audio_equals_search_frames_and_refuses_bad_audio(collection):
 
 
 def test_batch_equals_one_query_at_a_time(collection):
-    _, cascade, pieces, _ = collection
-    queries = [excerpt(pieces[i], 6.0 + i, 8.0 + i) for i in (0, 3, 5)]
+    _, cascade, pieces, _, renders = collection
+    queries = [excerpt(renders[i], 6.0 + i, 8.0 + i) for i in (0, 3, 5)]
     batch = cascade.search_batch(queries)
     for q, b in zip(queries, batch, strict=True):
         one = cascade.search_frames(q)
@@ -90,8 +90,8 @@ def test_batch_equals_one_query_at_a_time(collection):
 
 
 def test_stages_agree_with_the_primitives(collection):
-    _, cascade, pieces, _ = collection
-    code = cascade.encode(excerpt(pieces[5], 3.0, 30.0))
+    _, cascade, pieces, _, renders = collection
+    code = cascade.encode(excerpt(renders[5], 3.0, 30.0))
     # the query view: the last query_window_s seconds are hashed
     assert code.n_frames == cascade.config.query_window_frames
     assert code.hashes.shape == (code.n_frames // 4,)
@@ -113,7 +113,7 @@ def test_stages_agree_with_the_primitives(collection):
 
 
 def test_penalty_is_the_median_hamming_of_a_sample_unless_given(collection):
-    _, cascade, _, _ = collection
+    _, cascade, _, _, _ = collection
     idx = cascade.index
     rng = np.random.default_rng(0)
     a = np.asarray(idx.hashes[np.sort(rng.integers(0, idx.hashes.shape[0], 2048))])
@@ -129,8 +129,8 @@ def test_penalty_is_the_median_hamming_of_a_sample_unless_given(collection):
 
 
 def test_decision_follows_the_calibration(collection):
-    _, cascade, pieces, _ = collection
-    q = excerpt(pieces[0], 10.0, 12.0)
+    _, cascade, pieces, _, renders = collection
+    q = excerpt(renders[0], 10.0, 12.0)
     never = Cascade(cascade.index, cascade.encoder, calibration=Calibration(
         cascade.encoder.model_id, threshold=float("inf")))
     assert never.search_frames(q).identified is None
@@ -141,7 +141,7 @@ def test_decision_follows_the_calibration(collection):
 
 
 def test_model_mismatch_is_refused(collection):
-    root, cascade, _, _ = collection
+    root, cascade, _, _, _ = collection
     other = Encoder.untrained(seed=7)
     with pytest.raises(ModelMismatchError):
         Cascade(cascade.index, other)
