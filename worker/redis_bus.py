@@ -24,7 +24,8 @@ Leases. The lease is the PEL entry's idle time: the owner resets it with ``XCLAI
 lease lapsed and was taken over can never steal it back). A worker that stops renewing loses the
 entry to the next ``claim`` by anyone (``XAUTOCLAIM`` with min-idle ``lease_ms``). ``release``
 acks the entry and queues a fresh one so another worker claims it at once; ``finish`` acks and
-deletes it. Ownership checks and their effects run in one Lua script each (atomic).
+deletes it. Ownership checks and their effects run in one Lua script each, atomically
+(:mod:`worker.redis_scripts`).
 
 Sequence numbers. ``push_audio`` (a Lua script) appends only the next ``seq``: a duplicate is
 ignored (returns False; a client re-sending after a reconnect is harmless), a gap is an error.
@@ -54,6 +55,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker import redis_scripts as lua
 from worker.bus import (
     AudioBatch,
     AudioChunk,
@@ -67,100 +69,6 @@ from worker.bus import (
 )
 
 GROUP = "workers"
-
-_PUSH = """
--- KEYS meta audio results; ARGV seq t_ms pcm cut_ms ttl_ms is_end t_s
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
-if redis.call('HEXISTS', KEYS[1], 'e') == 1 then return {-2, 0} end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local ms, nxt = 0, 0
-if #last > 0 then
-  local a, b = string.match(last[1][1], '(%d+)-(%d+)')
-  ms, nxt = tonumber(a), tonumber(b)
-end
-local ttl = ARGV[5]
-if ARGV[6] == '1' then
-  redis.call('XADD', KEYS[2], ms .. '-' .. (nxt + 1), 'e', '1')
-  redis.call('HSET', KEYS[1], 'e', '1')
-else
-  local seq, t_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
-  if seq < nxt then return {0, nxt} end
-  if seq > nxt then return {-3, nxt} end
-  if t_ms < ms then return {-4, ms} end
-  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[4], t_ms .. '-' .. (seq + 1),
-             't', ARGV[7], 'p', ARGV[3])
-end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end
-return {1, nxt}
-"""
-
-_OWNED = """
-local function owned(meta, worker)
-  local x = redis.call('HGET', meta, 'x')
-  if not x then return nil end
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], x, x, 1)
-  if #p == 0 or p[1][2] ~= worker then return nil end
-  return x
-end
-"""
-
-_RENEW = _OWNED + """
--- KEYS sessions meta...; ARGV group worker
-local lost = {}
-for i = 2, #KEYS do
-  local x = owned(KEYS[i], ARGV[2])
-  if x then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, x, 'JUSTID')
-  else table.insert(lost, i - 1) end
-end
-return lost
-"""
-
-_RELEASE = _OWNED + """
--- KEYS sessions meta; ARGV group worker sid
-local x = owned(KEYS[2], ARGV[2])
-if not x then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], x)
-redis.call('XDEL', KEYS[1], x)
-redis.call('HSET', KEYS[2], 'x', redis.call('XADD', KEYS[1], '*', 's', ARGV[3]))
-return 1
-"""
-
-_FINISH = _OWNED + """
--- KEYS sessions meta audio results active; ARGV group worker sid result_ttl_ms
-local x = owned(KEYS[2], ARGV[2])
-if not x then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], x)
-redis.call('XDEL', KEYS[1], x)
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[2], 'd', '1', 'e', '1')
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[4], ARGV[4])
-redis.call('SREM', KEYS[5], ARGV[3])
-return 1
-"""
-
-_CREATE = """
--- KEYS meta sessions active; ARGV sid sr ch enc ttl_ms
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local x = redis.call('XADD', KEYS[2], '*', 's', ARGV[1])
-redis.call('HSET', KEYS[1], 'sr', ARGV[2], 'ch', ARGV[3], 'enc', ARGV[4], 'n', 0, 'x', x)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SADD', KEYS[3], ARGV[1])
-return 1
-"""
-
-_ADOPT = """
--- KEYS sessions meta; ARGV group entry worker. Returns the claim count, or 0 for a stale entry
--- (session expired, finished, or handed out again under a newer entry), which is dropped.
-local m = redis.call('HMGET', KEYS[2], 'x', 'd')
-if m[1] ~= ARGV[2] or m[2] then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
-end
-redis.call('HSET', KEYS[2], 'o', ARGV[3])
-return redis.call('HINCRBY', KEYS[2], 'n', 1)
-"""
 
 
 @contextmanager
@@ -220,12 +128,12 @@ class RedisBus(Bus):
         self.max_results = int(max_results)
         self.session_ttl_ms = int(session_ttl_s * 1000)
         self.result_ttl_ms = int(result_ttl_s * 1000)
-        self._push = self.r.register_script(_PUSH)
-        self._renew = self.r.register_script(_RENEW)
-        self._release = self.r.register_script(_RELEASE)
-        self._finish = self.r.register_script(_FINISH)
-        self._adopt = self.r.register_script(_ADOPT)
-        self._create = self.r.register_script(_CREATE)
+        self._push = self.r.register_script(lua.PUSH)
+        self._renew = self.r.register_script(lua.RENEW)
+        self._release = self.r.register_script(lua.RELEASE)
+        self._finish = self.r.register_script(lua.FINISH)
+        self._adopt = self.r.register_script(lua.ADOPT)
+        self._create = self.r.register_script(lua.CREATE)
         self._group_ready = False
         self._cursor: dict[str, tuple[int, bytes]] = {}  # session → (last seq read, entry id)
 
@@ -426,10 +334,13 @@ class RedisBus(Bus):
         chunks: list[AudioChunk] = []
         ended = False
         with _redis_errors():
-            if not await self.r.exists(self.meta_key(session_id)):
+            async with self.r.pipeline(transaction=False) as p:  # one round trip when idle
+                p.exists(self.meta_key(session_id))
+                p.xrange(key, min=start, count=max_chunks + 1)
+                exists, page = await p.execute()
+            if not exists:
                 raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
-            while len(chunks) < max_chunks and not ended:
-                page = await self.r.xrange(key, min=start, count=max_chunks + 1)
+            while True:
                 for eid, f in page:
                     if b"e" in f:
                         ended = True
@@ -440,9 +351,9 @@ class RedisBus(Bus):
                             break
                         chunks.append(AudioChunk(seq, float(f[b"t"]), bytes(f[b"p"])))
                         self._cursor[session_id] = (seq, eid)
-                if len(page) <= max_chunks:
+                if ended or len(chunks) >= max_chunks or len(page) <= max_chunks:
                     break
-                start = b"(" + page[-1][0]
+                page = await self.r.xrange(key, min=b"(" + page[-1][0], count=max_chunks + 1)
         return AudioBatch(chunks, ended)
 
     async def publish_result(self, session_id: str, result: dict) -> str:

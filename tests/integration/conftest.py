@@ -39,14 +39,14 @@ class WorkerProcess:
     """One ``midimatch worker`` subprocess (log in ``log``)."""
 
     def __init__(self, index: Path, redis_url: str, worker_id: str, log: Path,
-                 lease_ms: int = 1000) -> None:
-        self.worker_id, self.log = worker_id, log
+                 lease_ms: int = 1000, metrics_port: int = 0) -> None:
+        self.worker_id, self.log, self.metrics_port = worker_id, log, metrics_port
         env = {**os.environ, "MIDIMATCH_POLL_S": "0.02", "MIDIMATCH_CLAIM_EVERY_S": "0.1",
                "MIDIMATCH_RETAIN_S": "30"}
         with open(log, "ab") as f:
             self.proc = subprocess.Popen(
                 [str(MIDIMATCH), "-v", "worker", "--index", str(index), "--redis", redis_url,
-                 "--device", "cpu", "--metrics-port", "0", "--worker-id", worker_id,
+                 "--device", "cpu", "--metrics-port", str(metrics_port), "--worker-id", worker_id,
                  "--lease-ms", str(lease_ms), "--max-sessions", "8"],
                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
@@ -59,6 +59,17 @@ class WorkerProcess:
         """SIGTERM and wait; the exit status."""
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout_s)
+
+    def metric(self, name: str) -> float:
+        """One sample's value from its ``/metrics`` endpoint (a metric without labels)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise KeyError(name)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import RATE
+from tests.redis_server import free_port
 from worker.bus import AudioChunk, BusError, StreamParams
 from worker.redis_bus import RedisBus
 
@@ -74,7 +75,7 @@ async def test_two_workers_share_sessions_and_survive_a_crash(redis_server, star
                                                               index_and_audio) -> None:
     pcm = index_and_audio[1][: 10 * RATE]  # 10 s per session
     bus = RedisBus(redis_server.url, lease_ms=1000)
-    workers = [start_worker(redis_server.url, f"w{i}") for i in (1, 2)]
+    workers = [start_worker(redis_server.url, f"w{i}", metrics_port=free_port()) for i in (1, 2)]
     try:
         await wait_workers(bus, 2, workers)
         sids, feeds, results = [], [], {}
@@ -107,6 +108,8 @@ async def test_two_workers_share_sessions_and_survive_a_crash(redis_server, star
             assert_no_replay(results[sid])
             assert results[sid][-1][1]["audio_s"] == pytest.approx(10.0, abs=1e-3)  # all audio
         assert survivor.proc.poll() is None
+        assert survivor.metric("midimatch_worker_sessions_reclaimed_total") == len(orphans)
+        assert survivor.metric("midimatch_worker_sessions_claimed_total") == 4 - len(orphans)
     finally:
         await bus.close()
 
