@@ -17,6 +17,7 @@ from index.evaluate import (
     true_refs,
 )
 from model.errors import MidimatchError
+from tests.conftest import make_piece
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,32 @@ def test_baseline_subset_takes_in_collection_queries_of_each_cell():
     chosen = baseline_subset(qs, [("clean", 10.0), ("room_noise", 10.0)], per_cell=5)
     assert chosen == [0, 3, 4]
     assert len(baseline_subset(qs, [("clean", 10.0)], per_cell=1)) == 1
+
+
+def test_with_the_real_cascade_on_a_tiny_index(tmp_path):
+    from index.build import BuildOptions, build_index
+    from index.evalset import QuerySetConfig, clips_of_piece
+    from index.search import Cascade
+
+    files = []
+    for seed in range(4):
+        p = tmp_path / f"p{seed}.mid"
+        make_piece(seed + 30, duration_s=30.0, drums=False).write(str(p))
+        files.append(p)
+    build_index(tmp_path / "index", files, BuildOptions(workers=1, progress=False))
+    cascade = Cascade.open(tmp_path / "index")
+    cfg = QuerySetConfig(lengths_s=(10.0,), conditions=("clean",), renderer="sine")
+    queries, frames = [], []
+    for p in files[:2]:
+        recs, fr = clips_of_piece({"path": str(p)}, cfg.conditions, cfg)
+        queries += [{**r, "kind": "in", "piece": str(p), "ref_path": str(p)} for r in recs]
+        frames += [f.astype(np.float32) for f in fr]
+    refs = true_refs(cascade.index.refs, queries)
+    out = run_cascade(cascade, queries, frames, refs, progress=False)
+    assert [o["true_ref"] for o in out] == refs
+    for o in out:
+        assert o["prune_rank"] <= 4  # K = 100 keeps all four references
+        assert o["rank"] <= 4  # top_n = 5 returns all four: the true one is among them
+        assert set(o["stage_s"]) >= {"encode", "prune", "verify", "confirm", "total"}
+    g = summarize(out, top_k=100)["clean/10"]
+    assert g["n_in"] == 2 and g["prune_recall@100"] == 1.0
