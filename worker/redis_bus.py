@@ -69,6 +69,8 @@ from worker.bus import (
 )
 
 GROUP = "workers"
+_MAX_BACKWARD = 4096  # entries fetched newest-first to find a chunk without a cursor
+_MAX_CURSORS = 4096  # sessions whose read position this client remembers
 
 
 @contextmanager
@@ -124,6 +126,7 @@ class RedisBus(Bus):
         self.r = client or aioredis.Redis.from_url(
             url, decode_responses=False, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError])
+        self.url = url
         self.prefix, self.lease_ms, self.retain_s = prefix, int(lease_ms), float(retain_s)
         self.max_results = int(max_results)
         self.session_ttl_ms = int(session_ttl_s * 1000)
@@ -330,16 +333,23 @@ class RedisBus(Bus):
                          ) -> AudioBatch:
         key = self.audio_key(session_id)
         cur = self._cursor.get(session_id)
-        start = b"(" + cur[1] if cur is not None and cur[0] == after_seq else b"-"
+        hit = cur is not None and cur[0] == after_seq
         chunks: list[AudioChunk] = []
-        ended = False
+        ended, last_eid = False, b""
         with _redis_errors():
             async with self.r.pipeline(transaction=False) as p:  # one round trip when idle
                 p.exists(self.meta_key(session_id))
-                p.xrange(key, min=start, count=max_chunks + 1)
+                if hit:
+                    p.xrange(key, min=b"(" + cur[1], count=max_chunks + 1)
+                elif after_seq < 0:
+                    p.xrange(key, min="-", count=max_chunks + 1)
+                else:
+                    p.xrevrange(key, count=1)
                 exists, page = await p.execute()
             if not exists:
                 raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
+            if not hit and after_seq >= 0:
+                page = await self._page_after(key, after_seq, page, max_chunks)
             while True:
                 for eid, f in page:
                     if b"e" in f:
@@ -350,11 +360,34 @@ class RedisBus(Bus):
                         if len(chunks) == max_chunks:
                             break
                         chunks.append(AudioChunk(seq, float(f[b"t"]), bytes(f[b"p"])))
-                        self._cursor[session_id] = (seq, eid)
+                        last_eid = eid
                 if ended or len(chunks) >= max_chunks or len(page) <= max_chunks:
                     break
                 page = await self.r.xrange(key, min=b"(" + page[-1][0], count=max_chunks + 1)
+        if chunks:
+            self._remember(session_id, chunks[-1].seq, last_eid)
         return AudioBatch(chunks, ended)
+
+    async def _page_after(self, key: str, after_seq: int, newest: list, max_chunks: int) -> list:
+        """Entries from the first chunk after ``after_seq`` on, found from the newest entry
+        (chunks are contiguous, so they are the newest ``last seq − after_seq``): a reader
+        without a cursor (a gateway resuming, another process) fetches only what it needs."""
+        if not newest:
+            return []
+        has_end = int(b"e" in newest[0][1])
+        last_chunk = _seq_of(newest[0][0]) - has_end  # the end marker takes the next seq
+        n = last_chunk - after_seq + has_end  # entries after chunk ``after_seq``
+        if last_chunk <= after_seq:
+            return newest if has_end else []
+        if n <= _MAX_BACKWARD:
+            return list(reversed(await self.r.xrevrange(key, count=n)))
+        return await self.r.xrange(key, min="-", count=max(max_chunks + 1, _MAX_BACKWARD))
+
+    def _remember(self, session_id: str, seq: int, eid: bytes) -> None:
+        self._cursor.pop(session_id, None)
+        self._cursor[session_id] = (seq, eid)
+        if len(self._cursor) > _MAX_CURSORS:  # a gateway reads many sessions once: bound it
+            del self._cursor[next(iter(self._cursor))]
 
     async def publish_result(self, session_id: str, result: dict) -> str:
         key = self.results_key(session_id)

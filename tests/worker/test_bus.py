@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from worker.bus import AudioChunk, Bus, BusError, StreamParams, result_id_key
+from worker.bus import AudioBatch, AudioChunk, Bus, BusError, StreamParams, result_id_key
 from worker.local_bus import InProcessBus
 from worker.redis_bus import RedisBus
 
@@ -104,6 +104,28 @@ async def test_end_marker_after_the_last_chunk(bus: Bus) -> None:
     assert e.value.reason == "ended"
 
 
+async def test_any_reader_finds_chunks_after_a_seq(bus: Bus) -> None:
+    """A reader that did not read before (a gateway resuming a session, another process)."""
+    other = RedisBus(bus.url) if isinstance(bus, RedisBus) else bus
+    try:
+        sid = await bus.create_session(P)
+        assert (await other.read_audio(sid, 5)).chunks == []
+        for i in range(10):
+            await bus.push_audio(sid, chunk(i))
+        assert [c.seq for c in (await other.read_audio(sid, 3, max_chunks=2)).chunks] == [4, 5]
+        last = await other.read_audio(sid, 8, max_chunks=1)
+        assert [c.seq for c in last.chunks] == [9] and not last.ended
+        assert (await other.read_audio(sid, 9)) == AudioBatch([], False)
+        await bus.end_session(sid)
+        last = await other.read_audio(sid, 8, max_chunks=1)
+        assert [c.seq for c in last.chunks] == [9] and last.ended
+        assert (await other.read_audio(sid, 9)) == AudioBatch([], True)
+        assert [c.seq for c in (await other.read_audio(sid, 6)).chunks] == [7, 8, 9]
+    finally:
+        if other is not bus:
+            await other.close()
+
+
 async def test_claim_once_then_lease_lapse_then_reclaim(bus: Bus) -> None:
     sid = await bus.create_session(P)
     [c] = await bus.claim("a", 4)
@@ -191,6 +213,8 @@ async def test_retention_keeps_the_newest_window(make_bus: Callable[..., Bus]) -
     assert seqs == list(range(seqs[0], n))  # contiguous, newest last
     assert kept[0].t_s <= kept[-1].t_s - 1.0 + 1e-9  # at least the window...
     assert len(kept) <= 50 + 101  # ...and at most one Redis stream node (100 entries) more
+    later = await bus.read_audio(sid, after_seq=10, max_chunks=10_000)  # 10 was trimmed
+    assert later.chunks == kept
     for i in range(200):
         await bus.publish_result(sid, {"i": i})
     res = await bus.read_results(sid, "0", timeout_s=0)
