@@ -223,7 +223,8 @@ class Bus(ABC):
 
     @abstractmethod
     async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
-        """Take up to ``max_n`` sessions: new ones, then ones whose lease lapsed."""
+        """Take up to ``max_n`` sessions: ones whose lease lapsed (their owner died), and new
+        ones; waits up to ``block_s`` when there are none."""
 
     @abstractmethod
     async def read_audio(self, session_id: str, after_seq: int, max_chunks: int = 256
