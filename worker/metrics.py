@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 STAGES = ("features", "networks", "prune", "verify", "confirm", "tick")
-ERROR_KINDS = ("bad_audio", "internal", "bus", "lease_lost")
+ERROR_KINDS = ("bad_audio", "internal", "bus", "lease_lost", "audio_dropped")
 
 
 class WorkerMetrics:

@@ -1,0 +1,363 @@
+"""The streaming engine: all of one device's sessions, advanced together, one tick at a time.
+
+A tick processes all pending audio of all sessions, in *rounds*: each round cuts every session's
+queue at its next result boundary (results fall every ``result_every_s`` of audio, whatever the
+chunking), then
+
+1. **features**: each session's StreamingCQT turns its new audio into CQT frames;
+2. **networks**: ONE hash forward pass and ONE embedding-trunk pass for every session with new
+   frames (:func:`model.streaming.hash_step`, :func:`model.streaming.embed_step`);
+3. **prune**: the sessions whose result is due get their embeddings (one head pass) and are
+   pruned together, in ONE matrix product (:meth:`index.search.Cascade.prune`);
+4. **verify**: each due session's candidate hash-DTW is extended by its new hash frames
+   (newcomers swept over the retained window; a numba kernel parallel over candidates);
+5. **confirm**: the cascade's confirm ranks and scores the best, and the session's
+   :class:`index.decision.StreamDecision` says whether the answer is confident and stable.
+
+Real-time feeding (e.g. 100 ms chunks, a tick every ~100 ms) needs one round per tick; a large
+backlog (a takeover rebuilding from the retained audio) takes several.
+
+Falling behind is visible and bounded, never an unbounded queue:
+
+* when the tick has used ``tick_budget_s``, due sessions still waiting are not verified this
+  round (but at least one per tick, so that results never stop): their result is postponed
+  (they are served first next time: round-robin by when they were last verified) and the tick
+  counts in ``degraded_ticks_total``; a postponed session's next result covers all the audio
+  since, and ``lag_s`` grows meanwhile;
+* no further round starts past the budget, so audio can stay queued; a session's queue is capped
+  at ``max_pending_s``, the oldest audio dropped first and counted in
+  ``errors_total{kind="audio_dropped"}``;
+* every result carries ``lag_s`` (queued audio it does not cover), and the
+  ``audio_lag_seconds`` gauge is the largest lag over the sessions.
+
+The end-to-end histogram ``update_seconds`` observes, per result, the time from the arrival
+(``received_at``, ``time.monotonic()``) of the newest chunk it covers to the end of the tick
+that produced it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.search import Cascade
+from model.features import FRAME_RATE
+from model.streaming import embed_step, embeddings, hash_step
+from worker.bus import StreamParams
+from worker.metrics import WorkerMetrics
+from worker.session import EngineError, Session, SessionConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineError", "EngineSettings"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How an engine runs its sessions.
+
+    Attributes
+    ----------
+    window_s : float
+        The query window: hash frames of the last ``window_s`` seconds are matched (10–30 s).
+    result_every_s : float
+        Audio between two results of a session, s.
+    top_k, top_n : int
+        References kept by the prune, and confirmed and returned per result.
+    max_sessions : int
+        Sessions one engine holds; ``open`` refuses more.
+    tick_budget_s : float
+        Past this much time in one tick, verification is postponed and no new round starts.
+    slack_s : float
+        The query may grow this far past ``window_s`` before the window slides and every
+        candidate's DP restarts from the last ``window_s`` (amortises the restart).
+    max_pending_s : float
+        Audio queued per session beyond which the oldest is dropped (counted), s.
+    change_s : float
+        The newest ``change_s`` seconds are checked against the top match each result; when
+        they no longer match it, the query restarts from them (0 disables the check; see
+        :meth:`worker.session.Session.music_changed`).
+    """
+
+    window_s: float = 10.0
+    result_every_s: float = 1.0
+    top_k: int = 100
+    top_n: int = 5
+    max_sessions: int = 64
+    tick_budget_s: float = 0.5
+    slack_s: float = 5.0
+    max_pending_s: float = 30.0
+    change_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "window_s": 1.0 <= self.window_s <= 120.0,
+            "result_every_s": 0.05 <= self.result_every_s <= 10.0,
+            "top_k": self.top_k >= 1,
+            "top_n": 1 <= self.top_n,
+            "max_sessions": self.max_sessions >= 1,
+            "tick_budget_s": self.tick_budget_s > 0,
+            "slack_s": self.slack_s >= 0,
+            "max_pending_s": self.max_pending_s >= self.result_every_s,
+            "change_s": 0 <= self.change_s <= self.window_s / 2,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            raise EngineError(f"bad engine settings: {shown}", reason="bad_settings")
+
+    @property
+    def window_hashes(self) -> int:
+        """Hash frames of the query window (4 CQT frames each)."""
+        return max(2, int(round(self.window_s * FRAME_RATE)) // 4)
+
+
+class Engine:
+    """Sessions of one device (see the module docstring).
+
+    Parameters
+    ----------
+    cascade : Cascade
+        The index, model, φ, g and calibration; ``settings.top_k``/``top_n`` override its
+        config's (on a shallow copy that shares the index and the pruner).
+    settings : EngineSettings
+    metrics : WorkerMetrics, optional
+        Where the engine's metrics go (a private set when omitted).
+    """
+
+    def __init__(self, cascade: Cascade, settings: EngineSettings = EngineSettings(),
+                 metrics: WorkerMetrics | None = None) -> None:
+        if (cascade.config.top_k, cascade.config.top_n) != (settings.top_k, settings.top_n):
+            cascade = copy.copy(cascade)  # shares index, encoder and pruner: only config differs
+            cascade.config = dataclasses.replace(cascade.config, top_k=settings.top_k,
+                                                 top_n=settings.top_n)
+        self.cascade = cascade
+        self.encoder = cascade.encoder
+        self.settings = settings
+        self.metrics = metrics or WorkerMetrics()
+        self._config = SessionConfig(
+            window_hashes=settings.window_hashes,
+            slack_hashes=int(round(settings.slack_s * FRAME_RATE)) // 4,
+            result_every_s=settings.result_every_s, max_pending_s=settings.max_pending_s,
+            change_hashes=int(round(settings.change_s * FRAME_RATE)) // 4)
+        self._sessions: dict[str, Session] = {}
+        self._ticks = 0
+        self._verified_in_tick = False
+
+    # ------------------------------------------------------------------ the runner's calls
+    @property
+    def sessions(self) -> int:
+        """Sessions held (opened and not yet finalised or dropped)."""
+        return len(self._sessions)
+
+    def open(self, session_id: str, params: StreamParams, t0_s: float = 0.0) -> None:
+        """Start a session; ``t0_s`` is the stream time of the first sample that will be fed."""
+        if session_id in self._sessions:
+            raise EngineError(f"session {session_id!r} is already open", reason="session_exists")
+        if len(self._sessions) >= self.settings.max_sessions:
+            raise EngineError(f"engine full ({self.settings.max_sessions} sessions)",
+                              reason="full")
+        self._sessions[session_id] = Session(session_id, params, self.cascade, self._config,
+                                             t0_s)
+        self.metrics.sessions_active.set(len(self._sessions))
+
+    def feed(self, session_id: str, pcm: np.ndarray, received_at: float | None = None) -> None:
+        """Queue float32 samples (n, channels) (cheap: the work happens in :meth:`tick`).
+
+        Raises
+        ------
+        EngineError
+            ``unknown_session``, ``ended``, or ``bad_audio`` (wrong shape, not finite) — the
+            last also counted in ``errors_total{kind="bad_audio"}``.
+        """
+        s = self._get(session_id)
+        try:
+            pcm = _check_pcm(pcm, s.params.channels)
+        except EngineError:
+            self.metrics.errors_total.labels("bad_audio").inc()
+            raise
+        if s.enqueue(pcm, received_at):
+            self.metrics.errors_total.labels("audio_dropped").inc()
+
+    def end(self, session_id: str) -> None:
+        """The stream is over: the next tick flushes it and returns its ``final`` result, after
+        which the session is gone."""
+        self._get(session_id).ended = True
+
+    def drop(self, session_id: str) -> None:
+        """Forget a session at once, without a final result (lease lost, handed back)."""
+        self._sessions.pop(session_id, None)
+        self.metrics.sessions_active.set(len(self._sessions))
+
+    def lag_s(self) -> float:
+        """The largest backlog over the sessions, s (see :attr:`Session.lag_s`)."""
+        return max((s.lag_s for s in self._sessions.values()), default=0.0)
+
+    def nbytes(self, session_id: str) -> int:
+        """Bytes of one session's own state (queued audio included, shared index excluded)."""
+        return self._get(session_id).nbytes
+
+    def tick(self) -> list[tuple[str, dict]]:
+        """Process all pending audio (within the budget); every result due, in order.
+
+        Synchronous and CPU-bound; never call it concurrently with itself.
+        """
+        t_start = time.perf_counter()
+        self._ticks += 1
+        self._verified_in_tick = False  # at least one session is verified per tick, however late
+        times = {k: 0.0 for k in ("features", "networks", "prune", "verify", "confirm")}
+        out: list[tuple[Session, dict]] = []
+        degraded = rounds = False
+        budget = self.settings.tick_budget_s
+        while True:
+            work = [s for s in self._sessions.values()
+                    if s.pending_samples or s.flush_due or s.is_due]
+            if not work:
+                break
+            if rounds and time.perf_counter() - t_start > budget:
+                degraded = True  # audio stays queued (bounded by max_pending_s)
+                break
+            rounds = True
+            degraded |= self._round(work, times, out, t_start)
+        if rounds:
+            self._observe(times, out, degraded, time.perf_counter() - t_start)
+        for s, _ in out:
+            if s.finalised:
+                self._sessions.pop(s.id, None)
+        self.metrics.sessions_active.set(len(self._sessions))
+        return [(s.id, r) for s, r in out]
+
+    # ------------------------------------------------------------------ internals
+    def _get(self, session_id: str) -> Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise EngineError(f"unknown session {session_id!r}", reason="unknown_session")
+        return s
+
+    def _round(self, work: list[Session], times: dict[str, float],
+               out: list[tuple[Session, dict]], t_start: float) -> bool:
+        """One round (module docstring); appends results to ``out``; True if degraded."""
+        t = time.perf_counter()
+        frames: list[np.ndarray] = []
+        alive: list[Session] = []
+        audio = 0.0
+        for s in work:
+            try:
+                before = s.consumed
+                frames.append(s.features(s.take_audio()))
+                audio += (s.consumed - before) / s.rate
+                alive.append(s)
+            except Exception:
+                self._fail(s, out)
+        self.metrics.audio_seconds_total.inc(audio)
+        t1 = time.perf_counter()
+        times["features"] += t1 - t
+        batch = [(s, f) for s, f in zip(alive, frames, strict=True) if f.shape[0]]
+        if batch:
+            hashes = hash_step(self.encoder, [s.hasher for s, _ in batch], [f for _, f in batch])
+            embed_step(self.encoder, [s.embedder for s, _ in batch], [f for _, f in batch])
+            for (s, _), h in zip(batch, hashes, strict=True):
+                s.add_hashes(h)
+            self.metrics.batch_size.observe(len(batch))
+        for s in alive:
+            if s.flush_due:  # after the pass above: the hasher's tail follows its last frames
+                s.add_hashes(s.hasher.finish())
+                s.flushed = True
+        times["networks"] += time.perf_counter() - t1
+        return self._results([s for s in alive if s.is_due], times, out, t_start)
+
+    def _results(self, due: list[Session], times: dict[str, float],
+                 out: list[tuple[Session, dict]], t_start: float) -> bool:
+        """Prune, verify and confirm the due sessions within the budget; True if degraded."""
+        budget = self.settings.tick_budget_s
+        # finals first, then postponed results, then the least recently verified
+        due.sort(key=lambda s: (not s.flushed, s.overdue_since is None, s.verified_at))
+        min_frames = self.cascade.config.min_query_frames
+        search = [s for s in due if s.searchable(min_frames)]
+        for s in due:
+            if s not in search:
+                out.append((s, s.result(None)))
+        degraded = False
+        if time.perf_counter() - t_start > budget and self._verified_in_tick:
+            for s in [s for s in search if not s.flushed]:
+                s.postpone()
+                search.remove(s)
+                degraded = True
+        if not search:
+            return degraded
+        t = time.perf_counter()
+        embs = embeddings(self.encoder, [s.embedder for s in search])
+        ids, _ = self.cascade.prune(np.stack(embs))
+        t1 = time.perf_counter()
+        times["prune"] += t1 - t
+        for s, cand in zip(search, ids, strict=True):
+            if (not s.flushed and self._verified_in_tick
+                    and time.perf_counter() - t_start > budget):
+                s.postpone()
+                degraded = True
+                continue
+            try:
+                t2 = time.perf_counter()
+                ver = s.verify(cand)
+                t3 = time.perf_counter()
+                matches = self.cascade.confirm(s.query[:s.n_query], cand, ver, s.query_frames)
+                t4 = time.perf_counter()
+            except Exception:
+                self._fail(s, out)
+                continue
+            times["verify"] += t3 - t2
+            times["confirm"] += t4 - t3
+            s.verified_at = self._ticks
+            self._verified_in_tick = True
+            changed = not s.flushed and s.music_changed(self.cascade, matches, ver)
+            out.append((s, s.result(matches)))
+            if changed:
+                logger.debug("session %s: the music changed at %.1f s", s.id, s.audio_s)
+                s.restart_recent(self.cascade)
+        return degraded
+
+    def _fail(self, s: Session, out: list[tuple[Session, dict]]) -> None:
+        """A bug hit one session: log it, count it, end that session with an empty final
+        result so that the others carry on and the runner finishes it."""
+        logger.exception("session %s failed; ending it", s.id)
+        self.metrics.errors_total.labels("internal").inc()
+        s.flushed = True
+        s.decision.reset()
+        out.append((s, s.result(None)))
+
+    def _observe(self, times: dict[str, float], out: list[tuple[Session, dict]],
+                 degraded: bool, tick_s: float) -> None:
+        m = self.metrics
+        for stage, v in times.items():
+            m.stage_seconds.labels(stage).observe(v)
+        m.stage_seconds.labels("tick").observe(tick_s)
+        now = time.monotonic()
+        for s, _ in out:
+            if s.newest_received is not None:
+                m.update_seconds.observe(max(0.0, now - s.newest_received))
+                s.newest_received = None
+        m.results_total.inc(len(out))
+        if degraded:
+            m.degraded_ticks_total.inc()
+        m.audio_lag_seconds.set(self.lag_s())
+
+
+def _check_pcm(pcm: np.ndarray, channels: int) -> np.ndarray:
+    """Validate one chunk: float32 (n, channels) (or (n,) for mono), finite."""
+    a = np.asarray(pcm)
+    if a.dtype.kind != "f":
+        raise EngineError(f"PCM must be float samples, got {a.dtype}", reason="bad_audio")
+    if a.ndim == 1 and channels == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[1] != channels:
+        raise EngineError(f"PCM of shape {a.shape} does not match {channels} channel(s)",
+                          reason="bad_audio")
+    a = a.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(a)):
+        raise EngineError("PCM contains NaN or infinite samples", reason="bad_audio")
+    return a

@@ -1,0 +1,365 @@
+"""One live stream's state, updated incrementally: audio → CQT → hashes + embedding → DTW.
+
+Every stage keeps only what its next step needs, so a chunk costs work proportional to the audio
+it brings (DESIGN, "the streaming twist"):
+
+* ``cqt`` (:class:`model.features.StreamingCQT`): resampler and analysis-window state; any
+  chunking gives the frames of the whole signal;
+* ``hasher`` / ``embedder`` (:mod:`model.streaming`): the frames the networks' receptive fields
+  still need, and the embedder's running attention sums over a sliding window of the index's
+  window length (10 s); the engine runs them for all sessions in one forward pass;
+* ``query``: the hash frames of the retained query window — between ``window`` and ``window +
+  slack`` hash frames; past that the window slides: the oldest frames are dropped and every
+  candidate's DP restarts from the last ``window`` frames (amortised over ``slack``);
+* ``dtw`` (:class:`worker.candidates.CandidateDTW`): per-candidate hash-DTW rows, extended by
+  the new hash frames when a result is due; a candidate that enters the set is swept over the
+  retained window.
+
+Time: ``t0_s`` is the stream time of the first sample fed (not 0 after a takeover that rebuilds
+from the retained audio); ``audio_s`` is the stream time up to which audio has been processed.
+Results are due every ``result_every_s`` of audio (the engine cuts each session's pending audio
+at those boundaries), and once more, ``final``, when the stream has ended and been flushed.
+
+This module holds state and the per-session steps; the batching across sessions (networks,
+prune) and the schedule are :mod:`worker.engine`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.decision import StreamDecision
+from index.hashdtw import hash_dtw
+from index.search import Cascade, Match, Verified
+from model.errors import MidimatchError
+from model.features import FRAME_RATE, StreamingCQT
+from model.streaming import StreamingEmbedder, StreamingHasher
+from worker.bus import StreamParams
+from worker.candidates import CandidateDTW
+
+SILENCE_DBFS = -60.0  # as the offline search's is_silent: a silent window is not searched
+_EMPTY = np.zeros((0, 48), np.float32)
+
+
+class EngineError(MidimatchError):
+    """A session used wrongly (unknown, duplicate, ended) or audio that cannot be streamed."""
+
+    reason = "engine"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What every session of an engine shares (derived from the engine's settings)."""
+
+    window_hashes: int  # hash frames of the retained query window
+    slack_hashes: int  # extra hash frames before the window slides
+    result_every_s: float
+    max_pending_s: float
+    change_hashes: int  # recent hash frames checked against the top match (0: no check)
+
+
+class Session:
+    """The state of one stream (see the module docstring).
+
+    Parameters
+    ----------
+    session_id : str
+    params : StreamParams
+    cascade : Cascade
+        Gives the encoder, the index's hashes, φ, g, the calibration and the embedding window.
+    config : SessionConfig
+    t0_s : float
+        Stream time of the first sample that will be fed, s.
+    """
+
+    def __init__(self, session_id: str, params: StreamParams, cascade: Cascade,
+                 config: SessionConfig, t0_s: float = 0.0) -> None:
+        if not math.isfinite(t0_s) or t0_s < 0:
+            raise EngineError(f"t0_s must be a finite time >= 0, got {t0_s!r}", reason="bad_t0")
+        enc = cascade.encoder
+        self.id, self.params, self.config, self.t0_s = session_id, params, config, float(t0_s)
+        self.rate = params.sample_rate
+        self.cqt = StreamingCQT(params.sample_rate, params.channels, device=enc.device)
+        self.hasher = StreamingHasher(enc, "audio")
+        self.embedder = StreamingEmbedder(enc, window_frames=cascade.embed_frames)
+        self.dtw = CandidateDTW(cascade.index.hashes, cascade.index.hash_offsets,
+                                penalty=cascade.penalty, gully=cascade.config.gully)
+        self.decision = StreamDecision(cascade.calibration)
+        cap = config.window_hashes + config.slack_hashes
+        self.query = np.zeros(cap, enc.hash_dtype)  # query[:n_query] is the DTW's query
+        # the newest CQT frames, to re-seed the embedder when the music changes
+        self._recent = np.zeros((4 * config.change_hashes + 8, 48), np.float32)
+        self._n_recent = 0
+        self._embed_frames = cascade.embed_frames
+        self.n_query = 0
+        self.query_start = 0  # stream hash index of query[0]
+        self.n_frames = 0  # CQT frames emitted
+        self.n_hashes = 0  # hash frames emitted
+        self._pending: deque[tuple[np.ndarray, float | None]] = deque()
+        self.pending_samples = 0
+        self.consumed = 0  # samples processed
+        self.dropped = 0  # samples dropped from a full pending queue
+        self.period = max(1, int(round(config.result_every_s * self.rate)))
+        self.next_due = self.period  # sample count (consumed + dropped) of the next result
+        self.overdue_since: int | None = None  # sample count when a due result was postponed
+        self.newest_received: float | None = None  # arrival time of the newest chunk processed
+        # (samples, Σ x²) per result period, for the silence gate over the query window
+        n_periods = int(math.ceil(config.window_hashes * 4 / FRAME_RATE
+                                  / config.result_every_s)) + 1
+        self._energy: deque[tuple[int, float]] = deque(maxlen=n_periods)
+        self._energy_now = [0, 0.0]
+        self.ended = False  # end() was called
+        self.flushed = False  # the CQT and hasher were flushed (after end, all audio consumed)
+        self.finalised = False  # the final result was produced
+        self.verified_at = 0  # engine tick of the last verification (round-robin priority)
+        self._votes = (-1, 0)  # (top reference, consecutive results its recent frames failed)
+
+    # ------------------------------------------------------------------ audio in
+    @property
+    def stream_samples(self) -> int:
+        """Samples of the stream behind us: processed plus dropped."""
+        return self.consumed + self.dropped
+
+    @property
+    def audio_s(self) -> float:
+        """Stream time up to which audio has been processed, s."""
+        return self.t0_s + self.stream_samples / self.rate
+
+    @property
+    def pending_s(self) -> float:
+        return self.pending_samples / self.rate
+
+    @property
+    def lag_s(self) -> float:
+        """Audio received but not yet in a result beyond the schedule: the queue plus any
+        audio processed since a postponed result fell due, s."""
+        over = 0 if self.overdue_since is None else self.stream_samples - self.overdue_since
+        return (self.pending_samples + over) / self.rate
+
+    def enqueue(self, pcm: np.ndarray, received_at: float | None) -> int:
+        """Queue float32 (n, channels) samples; returns samples dropped (oldest first) to keep
+        the queue within ``max_pending_s``."""
+        if self.ended:
+            raise EngineError(f"session {self.id!r} has ended", reason="ended")
+        if pcm.shape[0] == 0:
+            return 0
+        self._pending.append((pcm, received_at))
+        self.pending_samples += pcm.shape[0]
+        cap = int(self.config.max_pending_s * self.rate)
+        dropped = 0
+        while self.pending_samples > cap:
+            old, t = self._pending[0]
+            cut = min(old.shape[0], self.pending_samples - cap)
+            if cut == old.shape[0]:
+                self._pending.popleft()
+            else:
+                self._pending[0] = (old[cut:], t)
+            self.pending_samples -= cut
+            dropped += cut
+        self.dropped += dropped
+        self._advance_due()
+        return dropped
+
+    def take_audio(self) -> np.ndarray:
+        """Pop the pending samples up to the next result boundary (all channels)."""
+        want = min(self.pending_samples, self.next_due - self.stream_samples)
+        parts = []
+        while want > 0:
+            pcm, t = self._pending[0]
+            n = min(want, pcm.shape[0])
+            parts.append(pcm[:n])
+            if n == pcm.shape[0]:
+                self._pending.popleft()
+            else:
+                self._pending[0] = (pcm[n:], t)
+            if t is not None:
+                self.newest_received = t
+            want -= n
+            self.pending_samples -= n
+        if not parts:
+            return np.zeros((0, self.params.channels), np.float32)
+        pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self.consumed += pcm.shape[0]
+        e = self._energy_now
+        e[0] += pcm.size
+        e[1] += float(np.dot(pcm.ravel(), pcm.ravel()))
+        return pcm
+
+    def features(self, pcm: np.ndarray) -> np.ndarray:
+        """CQT frames (n, 48) completed by ``pcm``; after end, with the queue empty, the flush."""
+        frames = self.cqt.push(pcm) if pcm.shape[0] else _EMPTY
+        if self.ended and self.pending_samples == 0 and not self.flushed:
+            tail = self.cqt.finish()
+            frames = np.concatenate([frames, tail]) if frames.shape[0] else tail
+        self.n_frames += frames.shape[0]
+        self._keep_recent(frames)
+        return frames
+
+    def _keep_recent(self, frames: np.ndarray) -> None:
+        cap = self._recent.shape[0]
+        if frames.shape[0] >= cap:
+            self._recent[:] = frames[-cap:]
+            self._n_recent = cap
+            return
+        keep = min(self._n_recent, cap - frames.shape[0])
+        self._recent[:keep] = self._recent[self._n_recent - keep:self._n_recent]
+        self._recent[keep:keep + frames.shape[0]] = frames
+        self._n_recent = keep + frames.shape[0]
+
+    @property
+    def flush_due(self) -> bool:
+        """The stream ended and its audio is all in: the hasher's last frames are due."""
+        return self.ended and self.pending_samples == 0 and not self.flushed
+
+    def add_hashes(self, hashes: np.ndarray) -> None:
+        """Append new hash frames to the query window (sliding it when it is full)."""
+        cfg = self.config
+        k = hashes.shape[0]
+        if self.n_query + k > self.query.shape[0]:
+            keep = min(cfg.window_hashes, self.n_query + k)
+            joined = np.concatenate([self.query[:self.n_query], hashes])[-keep:]
+            self.query_start += self.n_query + k - keep
+            self.query[:keep] = joined
+            self.n_query = keep
+            self.dtw.restart()
+        else:
+            self.query[self.n_query:self.n_query + k] = hashes
+            self.n_query += k
+        self.n_hashes += k
+
+    # ------------------------------------------------------------------ results
+    @property
+    def is_due(self) -> bool:
+        """A result is due: a boundary was reached, a postponed result waits, or the final."""
+        if self.finalised:
+            return False
+        if self.flushed:
+            return True
+        return self.overdue_since is not None or self.stream_samples >= self.next_due
+
+    def postpone(self) -> None:
+        """Skip this result (the engine is behind); the next verification covers the audio."""
+        if self.overdue_since is None:
+            self.overdue_since = self.stream_samples
+        self._advance_due()
+
+    def _advance_due(self) -> None:
+        while self.next_due <= self.stream_samples:
+            self.next_due += self.period
+
+    @property
+    def query_frames(self) -> int:
+        """CQT frames since the query window's start (Tq, for positions)."""
+        return self.n_frames - 4 * self.query_start
+
+    def searchable(self, min_frames: int) -> bool:
+        """Long enough (the offline minimum) and not silent over the query window."""
+        if self.n_query == 0 or self.query_frames < min_frames:
+            return False
+        n = sum(e[0] for e in self._energy) + self._energy_now[0]
+        sq = sum(e[1] for e in self._energy) + self._energy_now[1]
+        return n > 0 and math.sqrt(sq / n) > 10.0 ** (SILENCE_DBFS / 20.0)
+
+    def verify(self, candidates: np.ndarray) -> Verified:
+        """Set the candidate set (prune order, (K,)) and extend the DTW; ranked as the offline
+        ``Cascade.verify``: by score, ties in prune order."""
+        self.dtw.set_candidates(candidates)
+        res = self.dtw.extend(self.query[:self.n_query])
+        refs = self.dtw.refs
+        sorter = np.argsort(candidates, kind="stable")
+        rank = sorter[np.searchsorted(candidates, refs, sorter=sorter)]
+        order = np.lexsort((rank, res.scores))
+        return Verified(refs[order], res.scores[order], res.end_j[order], res.end_i[order],
+                        res.path_length[order])
+
+    def music_changed(self, cascade: Cascade, matches: list[Match], verified: Verified) -> bool:
+        """True when the newest ``change_hashes`` frames have twice in a row not looked like the
+        top match.
+
+        A window that still holds the previous piece keeps it on top, confidently, for about
+        half the window after the music changes. So each result the recent frames alone are
+        matched against the top reference (hash-DTW, free start); they "do not look like it"
+        when their score is within a fifth of the gap between the top match's score and the
+        field's (the median score of all candidates, nearly all non-matches) from the field.
+        A 3 s suffix is noisy (one clean piece had one such suffix in 12 s), hence two in a row.
+        """
+        n = self.config.change_hashes
+        if n == 0 or not matches or self.n_query < 2 * n:
+            self._votes = (-1, 0)
+            return False
+        top = matches[0]
+        scores = verified.scores[np.isfinite(verified.scores)]
+        if scores.shape[0] < 2:
+            return False
+        field = float(np.median(scores))
+        end_j = int(verified.end_j[np.flatnonzero(verified.refs == top.ref)[0]])
+        ref = np.asarray(cascade.index.hash_sequence(top.ref))[max(0, end_j - 2 * n):end_j + 1]
+        recent = hash_dtw(self.query[self.n_query - n:self.n_query], ref,
+                          penalty=cascade.penalty, gully=cascade.config.gully).score
+        if recent <= top.score + 0.8 * (field - top.score):
+            self._votes = (-1, 0)
+            return False
+        votes = self._votes[1] + 1 if self._votes[0] == top.ref else 1
+        self._votes = (top.ref, votes)
+        return votes >= 2
+
+    def restart_recent(self, cascade: Cascade) -> None:
+        """Forget all but the newest ``change_hashes`` frames of the query (the music changed):
+        the DP restarts from them, the embedding is rebuilt from the newest CQT frames, and the
+        decision starts over."""
+        n = self.config.change_hashes
+        self.query[:n] = self.query[self.n_query - n:self.n_query]
+        self.query_start += self.n_query - n
+        self.n_query = n
+        self.dtw.restart()
+        self.decision.reset()
+        self._votes = (-1, 0)
+        frames = self._recent[:self._n_recent][-4 * n:]
+        self.embedder = StreamingEmbedder(cascade.encoder, window_frames=self._embed_frames)
+        self.embedder.push(frames)
+
+    def result(self, matches: list[Match] | None) -> dict:
+        """The result message body (see :mod:`worker.bus`) for the ranking ``matches`` (None:
+        not searchable, an empty ranking); updates the stream decision."""
+        matches = matches or []
+        top = self.decision.update(matches)
+        self._energy.append((self._energy_now[0], self._energy_now[1]))
+        self._energy_now = [0, 0.0]
+        self.overdue_since = None
+        self._advance_due()
+        final = self.flushed
+        self.finalised = final
+        return {
+            "audio_s": round(self.audio_s, 4),
+            "lag_s": round(self.pending_s, 4),
+            "final": final,
+            "matches": [{"id": m.id, "title": m.title, "confidence": round(m.confidence, 4),
+                         "score": round(m.score, 4), "position_s": round(m.position_s, 3)}
+                        for m in matches],
+            "decision": None if top is None else {
+                "id": top.id, "title": top.title, "confidence": round(top.confidence, 4),
+                "position_s": round(top.position_s, 3)},
+        }
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this session's own state (queued audio included; the shared index and
+        models excluded)."""
+        pending = sum(p.nbytes for p, _ in self._pending)
+        return int(pending + _cqt_nbytes(self.cqt) + self.hasher.nbytes + self.embedder.nbytes
+                   + self.query.nbytes + self._recent.nbytes + self.dtw.nbytes)
+
+
+def _cqt_nbytes(cqt: StreamingCQT) -> int:
+    """Buffers of a StreamingCQT (it has no ``nbytes`` of its own yet): its sample FIFO and, at
+    rates other than 22,050 Hz, the resampler's FIFO and its per-stream kernel copy."""
+    total = cqt._buf._a.nbytes
+    rs = cqt._rs
+    if rs is not None:
+        total += rs.buf._a.nbytes + rs.kernel.element_size() * rs.kernel.nelement()
+    return int(total)
