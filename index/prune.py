@@ -113,7 +113,7 @@ class EmbeddingPruner:
         queries : np.ndarray, shape (Q, D), float
             Query embeddings.
         k : int
-            References to keep; clamped to ``n_refs``.
+            References to keep; clamped to ``n_refs`` (none for an empty collection).
 
         Returns
         -------
@@ -128,6 +128,8 @@ class EmbeddingPruner:
         k = min(int(k), self.n_refs)
         ids = np.empty((q.shape[0], k), np.int64)
         dists = np.empty((q.shape[0], k), np.float32)
+        if k == 0:  # an empty collection
+            return ids, dists
         for q0, q1 in self._chunks(q.shape[0]):
             d = self._ref_dist(q[q0:q1])
             if self.device.type == "cpu":

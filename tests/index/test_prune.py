@@ -68,6 +68,12 @@ def test_k_is_clamped_and_references_without_windows_come_last():
     assert np.all(np.isfinite(dists[:, :-1]))
 
 
+def test_empty_collection_gives_no_candidates():
+    pruner = EmbeddingPruner(np.zeros((0, 16), np.float16), np.zeros(0, np.int32), 0)
+    ids, dists = pruner.search(np.zeros((3, 16), np.float32), 100)
+    assert ids.shape == dists.shape == (3, 0)
+
+
 def test_chunked_queries_equal_one_at_a_time(monkeypatch):
     import index.prune as prune
 

@@ -161,3 +161,10 @@ def test_config_is_validated():
     with pytest.raises(ValueError):
         CascadeConfig(min_query_s=30.0, query_window_s=20.0)
     assert CascadeConfig(query_window_s=10.0).query_window_frames == 215
+
+
+def test_an_empty_collection_answers_not_in_the_collection(collection):
+    _, cascade, _, _, renders = collection
+    empty = store.empty_index(dict(cascade.index.meta), cascade.encoder.hash_dtype)
+    res = Cascade(empty, cascade.encoder).search_frames(excerpt(renders[0], 0.0, 5.0))
+    assert res.matches == [] and res.identified is None and res.n_candidates == 0
