@@ -354,12 +354,17 @@ class Cascade:
         Raises
         ------
         AudioError
-            ``silent`` (below -60 dBFS RMS), ``too_short``, or the feature stage's errors.
+            ``silent`` (below -60 dBFS RMS over the part searched, the last
+            ``query_window_s``), ``too_short``, or the feature stage's errors.
         """
         from model.features import audio_to_frames, is_silent
 
-        if is_silent(audio):
-            raise AudioError("the audio is silent (RMS below -60 dBFS): nothing to identify",
+        audio = np.asarray(audio)
+        # the part the query view uses (plus a second for the CQT's edge): its end
+        tail = audio[-int((self.config.query_window_s + 1.0) * sample_rate):]
+        if is_silent(tail):
+            raise AudioError("the audio is silent (RMS below -60 dBFS over the last "
+                             f"{self.config.query_window_s:g} s): nothing to identify",
                              reason="silent")
         t0 = time.perf_counter()
         frames = audio_to_frames(audio, sample_rate, device=self.encoder.device)

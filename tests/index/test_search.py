@@ -73,6 +73,9 @@ def test_search_audio_equals_search_frames_and_refuses_bad_audio(collection):
     with pytest.raises(AudioError) as e:
         cascade.search_audio(np.zeros(SAMPLE_RATE * 5, np.float32), SAMPLE_RATE)
     assert e.value.reason == "silent"
+    long_silence = np.concatenate([audio, np.zeros(SAMPLE_RATE * 25, np.float32)])
+    with pytest.raises(AudioError, match="last 20 s"):  # the part searched is silent
+        cascade.search_audio(long_silence, SAMPLE_RATE)
     with pytest.raises(AudioError) as e:
         cascade.search_audio(audio[: SAMPLE_RATE // 2], SAMPLE_RATE)
     assert e.value.reason == "too_short"
