@@ -327,10 +327,19 @@ class Cascade:
                 n_frames: int | None = None) -> list[Match]:
         """Align and score the best ``top_n`` of ``verified``; matches ranked by confidence.
 
-        ``candidates`` are the references that were verified (their number enters the
-        confidence as the size of the field the winner beat); ``n_frames`` is Tq, the query
-        view's CQT frames (default ``4 * M``), for ``position_s``.
+        Parameters
+        ----------
+        query_hashes : np.ndarray, shape (M,)
+        candidates : np.ndarray, shape (K,)
+            The references that were verified; must be as many as ``verified`` holds (all K
+            scores are the field the confidence is measured against, see :mod:`index.confirm`).
+        verified : Verified
+        n_frames : int, optional
+            Tq, the query view's CQT frames (default ``4 * M``), for ``position_s``.
         """
+        if np.shape(candidates)[0] != verified.refs.shape[0]:
+            raise ValueError(f"{np.shape(candidates)[0]} candidates but {verified.refs.shape[0]} "
+                             "verified: confirm needs the whole verified field")
         q = np.asarray(query_hashes)
         n_frames = 4 * q.shape[0] if n_frames is None else int(n_frames)
         top = min(self.config.top_n, verified.refs.shape[0])

@@ -109,6 +109,8 @@ def test_stages_agree_with_the_primitives(collection):
         assert one.score == pytest.approx(float(score)) and one.end_j == end_j
     matches = cascade.confirm(code.hashes, cand, ver, code.n_frames)
     by_ref = {m.ref: m for m in matches}
+    with pytest.raises(ValueError, match="whole verified field"):
+        cascade.confirm(code.hashes, cand[:3], ver, code.n_frames)
     # confirm's traceback ends where the hash-DTW ended
     for k, score, end_j in zip(ver.refs[:5], ver.scores[:5], ver.end_j[:5], strict=True):
         assert by_ref[int(k)].score == pytest.approx(float(score), rel=1e-6)
