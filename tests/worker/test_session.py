@@ -1,0 +1,167 @@
+"""Session: one stream's queue, result boundaries, query window, ranking and result message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from index.build import BuildOptions, build_index
+from index.search import Cascade
+from tests.conftest import make_piece
+from worker.bus import StreamParams
+from worker.session import EngineError, Session, SessionConfig
+
+SR = 22050
+CONFIG = SessionConfig(window_hashes=10, slack_hashes=5, result_every_s=1.0, max_pending_s=2.0,
+                       change_hashes=4)
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory: pytest.TempPathFactory) -> Cascade:
+    root = tmp_path_factory.mktemp("session")
+    coll = root / "collection"
+    coll.mkdir()
+    for i in range(6):
+        make_piece(i, duration_s=15.0).write(str(coll / f"piece{i}.mid"))
+    shutil.copy(coll / "piece0.mid", coll / "twin.mid")  # same hashes: ties
+    build_index(root / "index", [coll], BuildOptions(workers=1, progress=False))
+    return Cascade.open(root / "index")
+
+
+def tone(seconds: float, amplitude: float = 0.3, rate: int = SR) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)[:, None]
+
+
+def feed_all(s: Session, pcm: np.ndarray) -> None:
+    """Queue ``pcm`` a second at a time (the cap is 2 s) and process it all, frames only (a
+    result at each boundary, unranked)."""
+    for i in range(0, pcm.shape[0], SR):
+        s.enqueue(pcm[i:i + SR], None)
+        while s.pending_samples:
+            s.features(s.take_audio())
+            if s.is_due:
+                s.result(None)
+
+
+def test_audio_is_cut_at_result_boundaries(cascade: Cascade) -> None:
+    s = Session("s", StreamParams(SR), cascade, CONFIG, t0_s=5.0)
+    cuts = []
+    for k in range(8):  # 0.37 s chunks
+        s.enqueue(tone(0.37), received_at=float(k))
+        while s.pending_samples:
+            pcm = s.take_audio()
+            cuts.append(s.stream_samples)
+            if s.is_due:
+                s.result(None)
+            assert pcm.shape[1] == 1
+    assert SR in cuts and 2 * SR in cuts  # a cut exactly at every whole second
+    assert s.consumed == 8 * int(0.37 * SR)
+    assert s.audio_s == pytest.approx(5.0 + s.consumed / SR)
+    assert s.newest_received == 7.0  # the newest chunk taken
+
+
+def test_full_queue_drops_the_oldest_audio(cascade: Cascade) -> None:
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    ramp = np.arange(3 * SR, dtype=np.float32)[:, None] / (3 * SR)
+    assert s.enqueue(ramp[:SR], None) == 0
+    assert s.enqueue(ramp[SR:], None) == SR  # 3 s queued against a 2 s cap: 1 s dropped
+    assert s.pending_s == pytest.approx(2.0)
+    first = s.take_audio()
+    assert first[0, 0] == ramp[SR, 0]  # what is left starts with the newest two seconds
+    assert s.stream_samples == 2 * SR  # dropped audio still counts in stream time
+    assert s.audio_s == pytest.approx(2.0)
+
+
+def test_query_window_slides_past_window_plus_slack(cascade: Cascade) -> None:
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    hashes = np.arange(1, 40, dtype=s.query.dtype)
+    s.add_hashes(hashes[:12])
+    assert s.n_query == 12 and s.query_start == 0
+    s.dtw.set_candidates(np.array([0, 1]))
+    s.dtw.extend(s.query[:s.n_query])
+    s.add_hashes(hashes[12:16])  # 16 > 10 + 5: keep the newest 10
+    assert s.n_query == 10 and s.query_start == 6
+    np.testing.assert_array_equal(s.query[:10], hashes[6:16])
+    assert not s.dtw._from_row.any()  # every candidate starts over from the new window
+    s.add_hashes(hashes[16:19])
+    assert s.n_query == 13 and s.n_hashes == 19
+
+
+def test_silent_or_short_queries_are_not_searched(cascade: Cascade) -> None:
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    min_frames = cascade.config.min_query_frames
+    feed_all(s, np.zeros((3 * SR, 1), np.float32))
+    s.add_hashes(np.ones(s.n_frames // 4, s.query.dtype))
+    assert s.query_frames >= min_frames and not s.searchable(min_frames)  # silent
+    for seconds, searchable in ((1.0, False), (3.0, True)):  # too short, then long enough
+        loud = Session("l", StreamParams(SR), cascade, CONFIG)
+        feed_all(loud, tone(seconds))
+        loud.add_hashes(np.ones(loud.n_frames // 4, loud.query.dtype))
+        assert loud.searchable(min_frames) is searchable
+
+
+def test_ranking_equals_offline_verify_including_ties(cascade: Cascade) -> None:
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    titles = [r["title"] for r in cascade.index.refs]
+    p0, twin = titles.index("piece0"), titles.index("twin")
+    query = np.asarray(cascade.index.hash_sequence(p0))[5:15].copy()
+    s.add_hashes(query)
+    for order in ([twin, p0, 1, 2], [p0, twin, 2, 1]):
+        cand = np.array([r for r in order if r < len(titles)])
+        got, want = s.verify(cand), cascade.verify(query, cand)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+        assert got.refs[0] == cand[0]  # equal scores keep the prune order
+
+
+def test_result_message_shape_and_decision(cascade: Cascade) -> None:
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    titles = [r["title"] for r in cascade.index.refs]
+    query = np.asarray(cascade.index.hash_sequence(titles.index("piece3")))[10:20].copy()
+    s.add_hashes(query)
+    s.n_frames = 4 * query.shape[0]
+    cand = np.arange(len(titles))
+    matches = cascade.confirm(query, cand, s.verify(cand), s.query_frames)
+    results = [s.result(matches) for _ in range(s.decision.stable_results)]
+    r = results[-1]
+    assert set(r) == {"audio_s", "lag_s", "final", "matches", "decision"}
+    assert r["final"] is False and len(r["matches"]) == cascade.config.top_n
+    assert set(r["matches"][0]) == {"id", "title", "confidence", "score", "position_s"}
+    assert r["matches"][0]["title"] == "piece3"
+    confident = cascade.calibration.is_confident(matches[0].confidence)
+    assert (r["decision"] is not None) == confident  # stable for stable_results results
+    assert results[0]["decision"] is None or s.decision.stable_results == 1
+    json.dumps(results)  # plain JSON types only
+    assert s.result(None)["decision"] is None  # an empty ranking breaks the streak
+
+
+def test_restart_on_music_change_keeps_the_newest_frames(cascade: Cascade) -> None:
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    feed_all(s, tone(2.0))
+    hashes = np.arange(1, 13, dtype=s.query.dtype)
+    s.add_hashes(hashes)
+    s.restart_recent(cascade)
+    assert s.n_query == CONFIG.change_hashes and s.query_start == 12 - CONFIG.change_hashes
+    np.testing.assert_array_equal(s.query[:s.n_query], hashes[-CONFIG.change_hashes:])
+    start, end = s.embedder.window_span  # the embedding restarts from the newest CQT frames
+    assert end - start <= 4 * CONFIG.change_hashes
+    assert s.embedder.pooled() is not None
+
+
+def test_memory_and_validation(cascade: Cascade) -> None:
+    with pytest.raises(EngineError):
+        Session("s", StreamParams(SR), cascade, CONFIG, t0_s=float("nan"))
+    s = Session("s", StreamParams(48000, channels=2), cascade, CONFIG)
+    empty = s.nbytes
+    s.enqueue(np.zeros((48000, 2), np.float32), None)
+    assert s.nbytes == empty + 48000 * 2 * 4  # queued audio counts
+    s.dtw.set_candidates(np.arange(len(cascade.index)))
+    assert s.nbytes > empty + 48000 * 8
+    assert s.nbytes < 2_000_000
+    s.ended = True
+    with pytest.raises(EngineError, match="ended"):
+        s.enqueue(np.zeros((10, 2), np.float32), None)
