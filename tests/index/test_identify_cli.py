@@ -89,3 +89,14 @@ def test_errors_exit_2_with_a_message(setup, capsys, tmp_path):
         assert code == 2, argv
         assert message in err, (argv, err)
         assert out == ""
+
+
+@pytest.mark.parametrize("suffix", [".ogg", ".mp3"])
+def test_compressed_mono_audio_at_another_rate(setup, capsys, tmp_path, suffix):
+    mono, rate = sf.read(setup / "query.flac", dtype="float32")
+    path = tmp_path / f"query{suffix}"
+    sf.write(path, mono[:, 0], rate)  # libsndfile writes (and reads) Vorbis and MP3
+    code, out, _ = run(capsys, "--index", setup / "idx", path, "--json")
+    assert code == 0
+    top = json.loads(out)["matches"][0]
+    assert top["title"] == "tune1" and abs(top["position_s"] - 20.0) < 0.5
