@@ -59,6 +59,7 @@ __all__ = [
     "SearchResult",
     "Verified",
     "default_penalty",
+    "hash_frame_end_s",
 ]
 
 FRAME_RATE_HZ = 22050 / 1024
@@ -207,6 +208,14 @@ class Verified(NamedTuple):
     end_j: np.ndarray
     end_i: np.ndarray
     path_length: np.ndarray
+
+
+def hash_frame_end_s(j: np.ndarray | int) -> np.ndarray | float:
+    """Reference time of the end of hash frame ``j`` (e.g. :class:`Verified` ``end_j``), seconds.
+
+    The centre of its last CQT frame, ``(4 j + 3) / 21.53``; ``Match.end_s`` uses it too.
+    """
+    return (4 * np.asarray(j) + 3) / FRAME_RATE_HZ
 
 
 def default_penalty(index: IndexData) -> int:
@@ -436,6 +445,6 @@ class Cascade:
             ref=k, id=self._ids[k], title=self._titles[k], confidence=float(c.confidence),
             score=float(c.score),
             start_s=float(min(4 * c.start_j / FRAME_RATE_HZ, dur)),
-            end_s=float(min((4 * c.end_j + 3) / FRAME_RATE_HZ, dur)),
+            end_s=float(min(hash_frame_end_s(c.end_j), dur)),
             position_s=float(np.clip(pos_frames / FRAME_RATE_HZ, 0.0, dur)),
         )

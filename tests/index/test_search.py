@@ -9,7 +9,14 @@ from index import store
 from index.build import BuildOptions, build_index
 from index.decision import Calibration
 from index.hashdtw import hash_dtw, median_hamming
-from index.search import FRAME_RATE_HZ, Cascade, CascadeConfig, SearchResult, default_penalty
+from index.search import (
+    FRAME_RATE_HZ,
+    Cascade,
+    CascadeConfig,
+    SearchResult,
+    default_penalty,
+    hash_frame_end_s,
+)
 from model.encoder import Encoder
 from model.errors import AudioError, ModelMismatchError
 from model.features import SAMPLE_RATE, audio_to_frames
@@ -115,6 +122,7 @@ def test_stages_agree_with_the_primitives(collection):
     for k, score, end_j in zip(ver.refs[:5], ver.scores[:5], ver.end_j[:5], strict=True):
         assert by_ref[int(k)].score == pytest.approx(float(score), rel=1e-6)
         assert by_ref[int(k)].end_s == pytest.approx((4 * end_j + 3) / FRAME_RATE_HZ)
+        assert hash_frame_end_s(end_j) == pytest.approx(by_ref[int(k)].end_s)
 
 
 def test_penalty_is_the_median_hamming_of_a_sample_unless_given(collection):
