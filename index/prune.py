@@ -75,6 +75,9 @@ class EmbeddingPruner:
         self._emb = emb.to(self.device)
         self._norms = (self._emb * self._emb).sum(dim=1)
         self._ref_of_window = torch.from_numpy(ref_sorted).to(self.device)
+        # numpy's reduceat / argpartition on the CPU; scatter_reduce / topk stay on an
+        # accelerator (tests run the torch path on the CPU by clearing this flag)
+        self._numpy_reduce = self.device.type == "cpu"
 
     @property
     def n_windows(self) -> int:
@@ -132,7 +135,7 @@ class EmbeddingPruner:
             return ids, dists
         for q0, q1 in self._chunks(q.shape[0]):
             d = self._ref_dist(q[q0:q1])
-            if self.device.type == "cpu":
+            if self._numpy_reduce:
                 ids[q0:q1], dists[q0:q1] = _top_k_numpy(d.numpy(), k)
             else:
                 # topk is not stable on ties; adding a tiny rank-preserving key would cost a
@@ -162,7 +165,7 @@ class EmbeddingPruner:
         win = torch.addmm(self._norms[None, :], q, self._emb.T, alpha=-2.0)
         win += (q * q).sum(dim=1, keepdim=True)
         win.clamp_(min=0.0)  # rounding can dip below 0 for a query on top of a window
-        if self.device.type == "cpu":
+        if self._numpy_reduce:
             seg = np.minimum.reduceat(win.numpy(), self._seg_starts, axis=1)
             if self._seg_refs.shape[0] == self.n_refs:
                 return torch.from_numpy(seg)

@@ -48,6 +48,19 @@ def test_matches_brute_force(shuffle):
     np.testing.assert_allclose(np.sort(full, axis=1)[:, :10], ref_d, rtol=1e-5, atol=1e-4)
 
 
+def test_the_accelerator_path_gives_the_same_answer():
+    emb, owner = random_index(7, n_refs=30, shuffle=True)
+    queries = np.tanh(np.random.default_rng(8).normal(size=(5, 16))).astype(np.float32)
+    numpy_path = EmbeddingPruner(emb, owner, 30)
+    torch_path = EmbeddingPruner(emb, owner, 30)
+    torch_path._numpy_reduce = False  # scatter_reduce + topk, as on a GPU, here on the CPU
+    a, b = numpy_path.search(queries, 12), torch_path.search(queries, 12)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-6)
+    np.testing.assert_allclose(numpy_path.reference_distances(queries),
+                               torch_path.reference_distances(queries), rtol=1e-6)
+
+
 def test_query_on_a_window_finds_its_reference_at_distance_zero():
     emb, owner = random_index(2, n_refs=25)
     pruner = EmbeddingPruner(emb, owner, 25)
