@@ -34,9 +34,8 @@ from index.hashdtw import HashDTWBatch, _penalty_keys, _select_end, _sweep
 __all__ = ["CandidateDTW"]
 
 
-@njit(cache=True, parallel=True)
-def _extend_kernel(q, hashes, starts, lengths, top_off, tops, cols, from_row, pu, pl, g,
-                   scores, end_j, end_i, path_length):
+def _extend(q, hashes, starts, lengths, top_off, tops, cols, from_row, pu, pl, g,
+            scores, end_j, end_i, path_length):
     m = q.shape[0]
     for k in prange(starts.shape[0]):
         n = lengths[k]
@@ -56,6 +55,14 @@ def _extend_kernel(q, hashes, starts, lengths, top_off, tops, cols, from_row, pu
         end_i[k] = ei
         end_j[k] = ej
         path_length[k] = length
+
+
+# The same loop serial and parallel over candidates: a typical live call (5 new rows against
+# 100 references of ~1,000 frames, 0.5 M cells, ~0.25 ms) costs less than waking a thread team,
+# which on shared cores took up to ~10 ms; a restart of the whole window is worth splitting.
+_extend_serial = njit(cache=True)(_extend)
+_extend_parallel = njit(cache=True, parallel=True)(_extend)
+PARALLEL_CELLS = 4_000_000
 
 
 class CandidateDTW:
@@ -138,7 +145,8 @@ class CandidateDTW:
         """Bring every candidate up to ``query`` (M,), the whole query since the last restart.
 
         Rows ``[from_row[k], M)`` are swept for candidate k (all M for a newcomer, the new ones
-        for the rest), in one parallel kernel call.
+        for the rest), in one kernel call (parallel over candidates when there are at least
+        ``PARALLEL_CELLS`` DP cells to fill).
 
         Returns
         -------
@@ -164,7 +172,9 @@ class CandidateDTW:
         out = HashDTWBatch(np.empty(k, np.float32), np.empty(k, np.int64),
                            np.empty(k, np.int64), np.empty(k, np.int64))
         if k:
-            _extend_kernel(q, self._hashes, self._starts, self._lengths, self._top_off,
+            cells = int(((m - self._from_row) * self._lengths).sum())
+            kernel = _extend_parallel if cells >= PARALLEL_CELLS else _extend_serial
+            kernel(q, self._hashes, self._starts, self._lengths, self._top_off,
                            self._tops, self._cols, self._from_row, pu, pl, self._gully, *out)
         self._from_row[:] = m
         self._m = m
