@@ -1,0 +1,120 @@
+"""The gateway's settings: one frozen object per process, from the environment and CLI flags.
+
+Every field can be set by an environment variable ``MIDIMATCH_<FIELD>`` (upper case), and
+``midimatch serve`` flags override the environment. ``model/`` and ``index/`` never read the
+environment; this module is where the service does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from model.errors import MidimatchError
+
+
+class SettingsError(MidimatchError):
+    """A setting with a value that cannot be used."""
+
+    reason = "bad_setting"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one gateway process needs to know.
+
+    Attributes
+    ----------
+    host, port : str, int
+        Where to listen.
+    redis_url : str or None
+        ``None``: the worker runs in this process (embedded mode); else the gateway only.
+    index_dir : Path or None
+        The index: the embedded worker's, and the demo collection (titles, MIDI paths).
+    auth_token : str or None
+        When set, clients must send ``Authorization: Bearer <token>`` or ``?token=<token>``.
+    max_message_bytes : int
+        Largest websocket message accepted, bytes (one PCM chunk or one JSON message).
+    max_session_s : float
+        Longest audio one session may send, s.
+    max_sessions_per_address : int
+        Concurrent connections from one client address.
+    idle_timeout_s : float
+        A connection that sends nothing for this long is closed with ``timeout``.
+    resume_grace_s : float
+        A dropped session stays resumable this long; after it, its stream is ended.
+    result_poll_s : float
+        Longest wait of one ``read_results`` call (bounds how late a close is noticed), s.
+    demo_seconds : float
+        Length of a rendered demo excerpt, s.
+    worker_sessions : int
+        Sessions the embedded worker accepts at once.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = None
+    index_dir: Path | None = None
+    auth_token: str | None = None
+    max_message_bytes: int = 1 << 20
+    max_session_s: float = 3600.0
+    max_sessions_per_address: int = 8
+    idle_timeout_s: float = 30.0
+    resume_grace_s: float = 30.0
+    result_poll_s: float = 1.0
+    demo_seconds: float = 25.0
+    worker_sessions: int = 64
+
+    def __post_init__(self) -> None:
+        positive = ("port", "max_message_bytes", "max_session_s", "max_sessions_per_address",
+                    "idle_timeout_s", "result_poll_s", "demo_seconds", "worker_sessions")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.resume_grace_s < 0:
+            raise SettingsError(f"resume_grace_s must be ≥ 0, got {self.resume_grace_s!r}")
+        if self.max_message_bytes < 1024:
+            raise SettingsError("max_message_bytes must be at least 1024 (one JSON message)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``MIDIMATCH_*`` variables, then ``overrides`` (``None`` = not given).
+
+        Raises
+        ------
+        SettingsError
+            A variable that does not parse as its field's type, or an out-of-range value.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MIDIMATCH_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw, f.default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SettingsError(f"unknown settings {sorted(unknown)}")
+        if values.get("index_dir") is not None:
+            values["index_dir"] = Path(values["index_dir"]).expanduser()
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests, the CLI)."""
+        return replace(self, **changes)
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as e:
+        raise SettingsError(f"MIDIMATCH_{name.upper()}={raw!r}: {e}") from e
+    return raw

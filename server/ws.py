@@ -1,0 +1,347 @@
+"""Protocol v1 at ``/v1/stream``: one websocket per stream (docs/protocol.md is the reference).
+
+The handler validates everything a client sends, turns PCM messages into numbered bus chunks,
+and forwards the worker's results. It never computes anything: the worker does, behind the bus.
+Every error is answered with an ``error`` message and a close code, and touches only its own
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from model.errors import MidimatchError
+from server.metrics import GatewayMetrics
+from server.sessions import SessionState, SessionTable, bus_position
+from server.settings import Settings
+from worker.bus import PROTOCOL_VERSION, AudioChunk, Bus, BusError, StreamParams
+
+log = logging.getLogger(__name__)
+
+# One close code per error code; 4xxx mirror the HTTP status of the same meaning.
+CLOSE_CODES = {
+    "bad_request": 4400,
+    "unauthorized": 4401,
+    "timeout": 4408,
+    "too_large": 1009,  # RFC 6455 "message too big"; aiohttp uses it past the transport cap too
+    "busy": 1013,  # RFC 6455 "try again later"
+    "internal": 1011,  # RFC 6455 "internal error"
+}
+CLOSE_NORMAL = 1000  # the final result was sent
+CLOSE_REPLACED = 4409  # the session was resumed on another connection
+CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
+
+
+class ProtocolError(MidimatchError):
+    """What a client did wrong (or what the service cannot do): becomes an ``error`` message.
+
+    ``code`` is the protocol's error code (a key of :data:`CLOSE_CODES`), ``reason`` a finer
+    stable detail (``odd_length``, ``binary_before_start``...).
+    """
+
+    def __init__(self, code: str, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason or code)
+        self.code = code
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token a client sent: ``Authorization: Bearer …`` or the ``token`` query parameter."""
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query.get("token")
+
+
+def authorized(settings: Settings, request: web.Request) -> bool:
+    if not settings.auth_token:
+        return True
+    sent = bearer_token(request)
+    return sent is not None and hmac.compare_digest(sent.encode(), settings.auth_token.encode())
+
+
+class StreamHandler:
+    """The ``/v1/stream`` route: one instance per app, one :meth:`handle` call per connection."""
+
+    def __init__(self, settings: Settings, bus: Bus, metrics: GatewayMetrics,
+                 table: SessionTable) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.metrics = metrics
+        self.table = table
+        self.per_address: Counter[str] = Counter()
+        self.connections: set[web.WebSocketResponse] = set()
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        s = self.settings
+        # Above the protocol limit but bounded: messages up to this cap get a clear error from
+        # us; past it aiohttp itself closes with 1009 (the same close code).
+        ws = web.WebSocketResponse(max_msg_size=2 * s.max_message_bytes + 65536, heartbeat=20.0)
+        await ws.prepare(request)
+        conn = _Connection(self, ws, request.remote or "?")
+        self.connections.add(ws)
+        self.metrics.connections_active.inc()
+        try:
+            await conn.run(authorized(s, request))
+        finally:
+            self.connections.discard(ws)
+            self.metrics.connections_active.dec()
+        return ws
+
+    async def close_all(self) -> None:
+        for ws in list(self.connections):
+            with contextlib.suppress(Exception):
+                await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutting down")
+
+
+class _Connection:
+    """State of one websocket: at most one session, the result pump, the send lock."""
+
+    def __init__(self, h: StreamHandler, ws: web.WebSocketResponse, address: str) -> None:
+        self.h, self.ws, self.address = h, ws, address
+        self.state: SessionState | None = None
+        self.stopped = False
+        self.send_lock = asyncio.Lock()
+        self.pump: asyncio.Task | None = None
+        self.closing = False
+
+    async def run(self, auth_ok: bool) -> None:
+        h = self.h
+        counted = False
+        try:
+            if not auth_ok:
+                raise ProtocolError("unauthorized", "missing or wrong token: send "
+                                    "'Authorization: Bearer <token>' or ?token=<token>")
+            if h.per_address[self.address] >= h.settings.max_sessions_per_address:
+                raise ProtocolError("busy", f"too many connections from {self.address} (limit "
+                                    f"{h.settings.max_sessions_per_address})",
+                                    reason="too_many_sessions")
+            h.per_address[self.address] += 1
+            counted = True
+            await self._receive_loop()
+        except ProtocolError as e:
+            await self._fail(e)
+        except (BusError, ConnectionError, OSError) as e:
+            log.exception("bus failure on session %s", self._sid())
+            await self._fail(ProtocolError("internal", f"the service failed: {e}"))
+        except Exception as e:  # never let one connection's bug take down others
+            log.exception("internal error on session %s", self._sid())
+            await self._fail(ProtocolError("internal", f"internal error: {type(e).__name__}"))
+        finally:
+            if counted:
+                h.per_address[self.address] -= 1
+                if h.per_address[self.address] <= 0:
+                    del h.per_address[self.address]
+            await self._cleanup()
+
+    def _sid(self) -> str | None:
+        return self.state.session_id if self.state else None
+
+    # ------------------------------------------------------------------ receiving
+    async def _receive_loop(self) -> None:
+        s = self.h.settings
+        while True:
+            try:
+                msg = await self.ws.receive(timeout=s.idle_timeout_s)
+            except asyncio.TimeoutError:
+                if self.state is not None and self.state.done:
+                    return
+                raise ProtocolError("timeout", f"nothing received for {s.idle_timeout_s:g} s"
+                                    ) from None
+            if msg.type == WSMsgType.TEXT:
+                await self._on_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await self._on_binary(msg.data)
+            elif msg.type == WSMsgType.ERROR and self.ws.close_code == 1009:
+                self.h.metrics.errors_total.labels("too_large").inc()
+                return
+            else:  # CLOSE, CLOSING, CLOSED, ERROR: the client went away
+                return
+
+    async def _on_text(self, text: str) -> None:
+        if len(text.encode()) > self.h.settings.max_message_bytes:
+            raise ProtocolError("too_large", f"message of {len(text.encode())} bytes; the limit"
+                                f" is {self.h.settings.max_message_bytes}",
+                                reason="message_too_large")
+        try:
+            msg = json.loads(text)
+        except ValueError as e:
+            raise ProtocolError("bad_request", f"text message is not JSON: {e}",
+                                reason="bad_json") from e
+        if not isinstance(msg, dict):
+            raise ProtocolError("bad_request", "a message must be a JSON object",
+                                reason="bad_json")
+        if msg.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError("bad_request", f"unsupported protocol version {msg.get('v')!r}; "
+                                f"this server speaks v {PROTOCOL_VERSION}",
+                                reason="bad_version")
+        kind = msg.get("type")
+        if kind == "start":
+            await self._on_start(msg)
+        elif kind == "stop":
+            if self.state is None:
+                raise ProtocolError("bad_request", "stop before start", reason="stop_before_start")
+            self.stopped = True
+            await self.h.table.end(self.state)
+        else:
+            raise ProtocolError("bad_request", f"unknown message type {kind!r} (expected "
+                                "'start' or 'stop')", reason="unknown_type")
+
+    async def _on_binary(self, pcm: bytes) -> None:
+        s, st = self.h.settings, self.state
+        if st is None:
+            raise ProtocolError("bad_request", "audio before start: send a 'start' message first",
+                                reason="binary_before_start")
+        if self.stopped or st.ended:
+            raise ProtocolError("bad_request", "audio after stop", reason="audio_after_stop")
+        if len(pcm) > s.max_message_bytes:
+            raise ProtocolError("too_large", f"audio message of {len(pcm)} bytes; the limit is "
+                                f"{s.max_message_bytes}", reason="message_too_large")
+        if len(pcm) % st.params.bytes_per_frame:
+            raise ProtocolError("bad_request", f"{len(pcm)} bytes is not a whole number of "
+                                f"{st.params.bytes_per_frame}-byte sample frames "
+                                f"({st.params.encoding}, {st.params.channels} ch)",
+                                reason="odd_length")
+        if st.params.seconds(st.audio_bytes + len(pcm)) > s.max_session_s:
+            raise ProtocolError("too_large", f"session longer than {s.max_session_s:g} s of audio",
+                                reason="session_too_long")
+        if not pcm:
+            return
+        chunk = AudioChunk(st.next_seq, st.audio_s, bytes(pcm))
+        await self.h.bus.push_audio(st.session_id, chunk)
+        st.next_seq += 1
+        st.audio_bytes += len(pcm)
+        self.h.metrics.audio_bytes_total.inc(len(pcm))
+        self.h.metrics.audio_seconds_total.inc(st.params.seconds(len(pcm)))
+
+    async def _on_start(self, msg: dict) -> None:
+        h = self.h
+        if self.state is not None:
+            raise ProtocolError("bad_request", "this connection already started a session",
+                                reason="already_started")
+        try:
+            params = StreamParams(msg.get("sample_rate"), msg.get("channels", 1),  # type: ignore
+                                  msg.get("encoding", "pcm_s16le"))
+        except BusError as e:
+            raise ProtocolError("bad_request", str(e), reason=e.reason) from e
+        resume = msg.get("session")
+        if resume is None:
+            cap = await h.bus.capacity()
+            if cap.saturated:
+                raise ProtocolError("busy", f"all workers are busy ({cap.sessions_active} "
+                                    f"sessions, {cap.workers} workers); try again later",
+                                    reason="saturated")
+            sid = await h.bus.create_session(params)
+            state = SessionState(sid, params)
+            h.metrics.sessions_started_total.inc()
+        else:
+            state = await self._resume(resume, params, msg.get("after"))
+            h.metrics.sessions_resumed_total.inc()
+        old = state.conn
+        h.table.attach(state, self.ws)
+        self.state = state
+        if old is not None and old is not self.ws:
+            with contextlib.suppress(Exception):
+                await old.close(code=CLOSE_REPLACED, message=b"session resumed elsewhere")
+        await self._send({"type": "ready", "v": PROTOCOL_VERSION, "session": state.session_id,
+                          "resumed": resume is not None, "audio_s": round(state.audio_s, 3),
+                          "after": state.last_result,
+                          "limits": {"max_message_bytes": h.settings.max_message_bytes,
+                                     "max_session_s": h.settings.max_session_s}})
+        self.pump = asyncio.create_task(self._pump_results())
+
+    async def _resume(self, sid: Any, params: StreamParams, after: Any) -> SessionState:
+        h = self.h
+        if not isinstance(sid, str) or not sid:
+            raise ProtocolError("bad_request", "'session' must be a session id string",
+                                reason="bad_session")
+        if after is not None and not isinstance(after, str):
+            raise ProtocolError("bad_request", "'after' must be a result id string",
+                                reason="bad_after")
+        state = h.table.get(sid)
+        if state is None:  # served by another gateway, or before a restart: ask the bus
+            known = await h.bus.session_params(sid)
+            if known is None:
+                raise ProtocolError("bad_request", f"unknown or expired session {sid!r}",
+                                    reason="unknown_session")
+            state = SessionState(sid, known)
+            state.next_seq, state.audio_bytes = await bus_position(h.bus, sid, known)
+        if state.params != params:
+            raise ProtocolError("bad_request", f"resumed session has {state.params.to_dict()}, "
+                                f"this start says {params.to_dict()}", reason="params_mismatch")
+        if after is not None:
+            state.last_result = after
+        return state
+
+    # ------------------------------------------------------------------ sending
+    async def _send(self, obj: dict) -> None:
+        async with self.send_lock:
+            await self.ws.send_str(json.dumps(obj, separators=(",", ":")))
+
+    async def _pump_results(self) -> None:
+        h, st = self.h, self.state
+        assert st is not None
+        try:
+            while not self.ws.closed and not self.closing:
+                got = await h.bus.read_results(st.session_id, after=st.last_result,
+                                               timeout_s=h.settings.result_poll_s)
+                for rid, result in got:
+                    if st.conn is not self.ws:
+                        return
+                    await self._send({"type": "result", "v": PROTOCOL_VERSION,
+                                      "session": st.session_id, "result_id": rid, **result})
+                    st.last_result = rid
+                    h.metrics.results_total.inc()
+                    if "lag_s" in result:
+                        h.metrics.result_lag_seconds.observe(max(0.0, float(result["lag_s"])))
+                    if result.get("decision") and not st.decided:
+                        st.decided = True
+                        h.metrics.decision_audio_seconds.observe(float(result.get("audio_s", 0)))
+                    if result.get("final"):
+                        st.done = True
+                        async with self.send_lock:
+                            await self.ws.close(code=CLOSE_NORMAL, message=b"final")
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("result delivery failed for session %s", st.session_id)
+            await self._fail(ProtocolError("internal", f"result delivery failed: {e}"))
+
+    async def _fail(self, e: ProtocolError) -> None:
+        self.h.metrics.errors_total.labels(e.code).inc()
+        if self.state is not None and e.code != "internal":
+            # The client broke the protocol (or timed out): its stream is over.
+            with contextlib.suppress(Exception):
+                await self.h.table.end(self.state)
+        if self.ws.closed:
+            return
+        with contextlib.suppress(Exception):
+            await self._send({"type": "error", "v": PROTOCOL_VERSION, "code": e.code,
+                              "reason": e.reason, "message": e.message})
+            async with self.send_lock:
+                await self.ws.close(code=CLOSE_CODES[e.code], message=e.code.encode())
+
+    async def _cleanup(self) -> None:
+        self.closing = True
+        if self.pump is not None and not self.pump.done():
+            # Let the pump's read_results time out rather than cancel it: a task cancelled while
+            # waiting on InProcessBus's asyncio.Condition can leave its lock with a waiter that
+            # is never woken (seen on CPython 3.11), which would stall every session.
+            done, _ = await asyncio.wait({self.pump}, timeout=self.h.settings.result_poll_s + 2)
+            if not done:
+                self.pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.pump
+        if not self.ws.closed:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+        if self.state is not None:
+            self.h.table.detach(self.state, self.ws)

@@ -1,0 +1,293 @@
+"""Protocol v1 over the in-process bus: the happy path, every error case, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from server.app import create_app
+from server.settings import Settings
+from server.ws import CLOSE_CODES
+from tests.server.conftest import (
+    FakeWorker,
+    drain,
+    pcm_s16,
+    receive_json,
+    send_audio,
+    start_msg,
+)
+from worker.bus import InProcessBus
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+def bus() -> InProcessBus:
+    return InProcessBus()
+
+
+async def client_for(aiohttp_client, bus, **settings):
+    return await aiohttp_client(create_app(Settings(**settings), bus, close_bus=False))
+
+
+async def expect_error(ws, code: str, reason: str | None = None) -> dict:
+    msgs, close = await drain(ws)
+    errors = [m for m in msgs if m["type"] == "error"]
+    assert len(errors) == 1, msgs
+    err = errors[0]
+    assert err["v"] == 1 and err["code"] == code and err["message"]
+    if reason is not None:
+        assert err["reason"] == reason, err
+    assert close == CLOSE_CODES[code]
+    return err
+
+
+async def test_stream_results_and_final(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus) as worker:
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        ready = await receive_json(ws)
+        assert ready["type"] == "ready" and ready["v"] == 1 and ready["resumed"] is False
+        sid = ready["session"]
+        await send_audio(ws, 3.0, chunk_s=0.25)
+        await ws.send_str(json.dumps({"type": "stop", "v": 1}))
+        msgs, close = await drain(ws)
+    assert close == 1000
+    assert all(m["type"] == "result" and m["v"] == 1 and m["session"] == sid for m in msgs)
+    assert [m["final"] for m in msgs] == [False] * (len(msgs) - 1) + [True]
+    audio = [m["audio_s"] for m in msgs]
+    assert audio == sorted(audio) and audio[-1] == pytest.approx(3.0)
+    assert len(msgs) >= 6  # a result at least every 0.5 s of audio from the fake worker
+    assert msgs[-1]["decision"]["title"] == "Test Piece"
+    assert msgs[0]["matches"][0].keys() >= {"id", "title", "confidence", "score", "position_s"}
+    assert worker.seqs[sid] == list(range(12))  # 12 chunks of 0.25 s, numbered from 0
+
+
+@pytest.mark.parametrize("first, reason", [
+    (b"\x00\x01", "binary_before_start"),
+    ("{not json", "bad_json"),
+    ("[1, 2]", "bad_json"),
+    (json.dumps({"type": "hello", "v": 1}), "unknown_type"),
+    (json.dumps({"type": "start", "sample_rate": 16000}), "bad_version"),
+    (json.dumps({"type": "start", "v": 2, "sample_rate": 16000}), "bad_version"),
+    (start_msg(sample_rate=4000), "bad_sample_rate"),
+    (start_msg(sample_rate="fast"), "bad_sample_rate"),
+    (start_msg(channels=3), "bad_channels"),
+    (start_msg(encoding="mp3"), "bad_encoding"),
+    (json.dumps({"type": "stop", "v": 1}), "stop_before_start"),
+    (start_msg(session=""), "bad_session"),
+    (start_msg(session="nope"), "unknown_session"),
+])
+async def test_bad_first_message(aiohttp_client, bus, first, reason):
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        if isinstance(first, bytes):
+            await ws.send_bytes(first)
+        else:
+            await ws.send_str(first)
+        await expect_error(ws, "bad_request", reason)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\x00\x01\x02", "odd_length"),  # 3 bytes of 2-byte samples
+    ("start-again", "already_started"),
+])
+async def test_bad_message_after_start_ends_session(aiohttp_client, bus, payload, reason):
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        sid = (await receive_json(ws))["session"]
+        if payload == "start-again":
+            await ws.send_str(start_msg())
+        else:
+            await ws.send_bytes(payload)
+        await expect_error(ws, "bad_request", reason)
+    assert bus._sessions[sid].ended  # its stream is over: the worker will flush and forget it
+
+
+async def test_audio_after_stop(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus)
+    ws = await client.ws_connect("/v1/stream")  # no worker: the final result never comes
+    async with FakeWorker(bus) as worker:
+        await ws.send_str(start_msg())
+        await receive_json(ws)
+        worker.running = False
+    await ws.send_str(json.dumps({"type": "stop", "v": 1}))
+    await ws.send_bytes(pcm_s16(0.1))
+    await expect_error(ws, "bad_request", "audio_after_stop")
+
+
+async def test_oversized_messages(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus, max_message_bytes=4096)
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        await receive_json(ws)
+        await ws.send_bytes(b"\x00" * 8192)
+        await expect_error(ws, "too_large", "message_too_large")
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg(pad="x" * 5000))
+        await expect_error(ws, "too_large", "message_too_large")
+        # past the transport's hard cap aiohttp closes by itself, with the same close code
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_bytes(b"\x00" * (2 * 4096 + 65536 + 2))
+        _, close = await drain(ws)
+        assert close == CLOSE_CODES["too_large"]
+
+
+async def test_session_too_long(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus, max_session_s=1.0)
+    async with FakeWorker(bus) as worker:
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        sid = (await receive_json(ws))["session"]
+        await send_audio(ws, 2.0, chunk_s=0.25)
+        err = await expect_error(ws, "too_large", "session_too_long")
+    assert "1 s" in err["message"]
+    assert len(worker.seqs[sid]) <= 4  # nothing past the limit reached the bus
+
+
+async def test_too_many_sessions_per_address_spares_the_others(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus, max_sessions_per_address=2)
+    async with FakeWorker(bus):
+        first = await client.ws_connect("/v1/stream")
+        await first.send_str(start_msg())
+        await receive_json(first)
+        second = await client.ws_connect("/v1/stream")
+        third = await client.ws_connect("/v1/stream")
+        await expect_error(third, "busy", "too_many_sessions")
+        await second.close()
+        await send_audio(first, 1.0)
+        await first.send_str(json.dumps({"type": "stop", "v": 1}))
+        msgs, close = await drain(first)
+        assert close == 1000 and msgs[-1]["final"]
+        again = await client.ws_connect("/v1/stream")  # the slots were given back
+        await again.send_str(start_msg())
+        assert (await receive_json(again))["type"] == "ready"
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+async def test_token(aiohttp_client, bus, how):
+    client = await client_for(aiohttp_client, bus, auth_token="s3cret")
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        await expect_error(ws, "unauthorized")
+        ws = await client.ws_connect("/v1/stream?token=wrong")
+        await expect_error(ws, "unauthorized")
+        if how == "header":
+            ws = await client.ws_connect("/v1/stream",
+                                         headers={"Authorization": "Bearer s3cret"})
+        else:
+            ws = await client.ws_connect("/v1/stream?token=s3cret")
+        await ws.send_str(start_msg())
+        assert (await receive_json(ws))["type"] == "ready"
+
+
+async def test_busy_when_saturated_or_no_worker(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus)
+    ws = await client.ws_connect("/v1/stream")
+    await ws.send_str(start_msg())
+    await expect_error(ws, "busy", "saturated")  # no worker alive
+    async with FakeWorker(bus, max_sessions=1):
+        ws1 = await client.ws_connect("/v1/stream")
+        await ws1.send_str(start_msg())
+        assert (await receive_json(ws1))["type"] == "ready"
+        ws2 = await client.ws_connect("/v1/stream")
+        await ws2.send_str(start_msg())
+        err = await expect_error(ws2, "busy", "saturated")
+        assert "try again" in err["message"]
+        await send_audio(ws1, 0.5)  # the first session is served as before
+        assert (await receive_json(ws1))["type"] == "result"
+
+
+async def test_idle_timeout(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus, idle_timeout_s=0.3)
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await expect_error(ws, "timeout")  # never started
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        sid = (await receive_json(ws))["session"]
+        await ws.send_bytes(pcm_s16(0.1))
+        msgs, close = await drain(ws)
+    assert close == CLOSE_CODES["timeout"] and msgs[-1]["code"] == "timeout"
+    assert bus._sessions[sid].ended
+
+
+async def test_internal_error_when_the_bus_fails(aiohttp_client, bus, monkeypatch):
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus):
+        async def broken(*a, **k):
+            raise ConnectionError("redis went away")
+        monkeypatch.setattr(bus, "create_session", broken)
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        err = await expect_error(ws, "internal")
+        assert "redis went away" in err["message"]
+
+
+async def test_bad_clients_do_not_disturb_a_good_one(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus):
+        good = await client.ws_connect("/v1/stream")
+        await good.send_str(start_msg())
+        await receive_json(good)
+
+        async def bad(payload):
+            ws = await client.ws_connect("/v1/stream")
+            await ws.send_str(start_msg())
+            await receive_json(ws)
+            await ws.send_bytes(payload)
+            await drain(ws)
+
+        feed = asyncio.create_task(send_audio(good, 2.0, chunk_s=0.1))
+        await asyncio.gather(*(bad(b"\x01" * n) for n in (1, 3, 5)))
+        await feed
+        await good.send_str(json.dumps({"type": "stop", "v": 1}))
+        msgs, close = await drain(good)
+    assert close == 1000
+    assert msgs[-1]["final"] and msgs[-1]["audio_s"] == pytest.approx(2.0)
+    assert not any(m["type"] == "error" for m in msgs)
+
+
+async def test_http_endpoints(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus)
+    r = await client.get("/healthz")
+    assert r.status == 200 and (await r.json())["ok"] is True
+    r = await client.get("/readyz")
+    assert r.status == 503 and "no worker" in (await r.json())["detail"]
+    async with FakeWorker(bus):
+        r = await client.get("/readyz")
+        assert r.status == 200 and (await r.json())["ready"] is True
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_bytes(b"x")
+        await drain(ws)
+    text = await (await client.get("/metrics")).text()
+    assert 'midimatch_gateway_errors_total{code="bad_request"} 1.0' in text
+    assert "midimatch_gateway_connections_active 0.0" in text
+    labels = {part.split("=")[0] for line in text.splitlines()
+              if line.startswith("midimatch_gateway_") and "{" in line
+              for part in line[line.index("{") + 1:line.index("}")].split(",")}
+    assert labels == {"code", "le"}  # fixed label sets only, nothing per session or address
+    page = await client.get("/")
+    assert page.status == 200 and "<html" in (await page.text()).lower()
+    for asset in ("app.js", "worklet.js", "style.css"):
+        assert (await client.get(f"/static/{asset}")).status == 200
+    assert (await client.get("/v1/demo")).status == 404
+
+
+async def test_not_ready_until_the_embedded_worker_loaded(aiohttp_client, bus):
+    loaded = {"ok": False}
+    client = await aiohttp_client(create_app(Settings(), bus, local_ready=lambda: loaded["ok"],
+                                             close_bus=False))
+    async with FakeWorker(bus):
+        r = await client.get("/readyz")
+        assert r.status == 503 and "loading" in (await r.json())["detail"]
+        loaded["ok"] = True
+        assert (await client.get("/readyz")).status == 200
