@@ -181,6 +181,24 @@ class CandidateDTW:
         return out
 
 
+    def score_once(self, query: np.ndarray) -> HashDTWBatch:
+        """Hash-DTW of a separate ``query`` (M,) against the same candidates, keeping no state
+        (e.g. the newest seconds alone); slot order, as :meth:`extend`."""
+        q = np.ascontiguousarray(query)
+        m, k = q.shape[0], self.n_candidates
+        if m == 0 or q.dtype != self._hashes.dtype:
+            raise ValueError(f"need a non-empty {self._hashes.dtype} query")
+        pu, pl = _penalty_keys(self._penalty, self._gully, self._n_bits, m,
+                               int(self._lengths.max(initial=0)))
+        out = HashDTWBatch(np.empty(k, np.float32), np.empty(k, np.int64),
+                           np.empty(k, np.int64), np.empty(k, np.int64))
+        if k:
+            _extend_serial(q, self._hashes, self._starts, self._lengths, self._top_off,
+                           np.zeros_like(self._tops), np.zeros((k, m), np.int64),
+                           np.zeros(k, np.int64), pu, pl, self._gully, *out)
+        return out
+
+
 def _ranges(lengths: np.ndarray) -> np.ndarray:
     """Concatenated ``arange(n)`` for each n of ``lengths``."""
     total = int(lengths.sum())

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from index.confirm import FIELD_SKIP, MIN_FIELD, margin_confidence
 from index.decision import StreamDecision
 from index.hashdtw import hash_dtw
 from index.search import Cascade, Match, Verified
@@ -277,15 +278,22 @@ class Session:
                         res.path_length[order])
 
     def music_changed(self, cascade: Cascade, matches: list[Match], verified: Verified) -> bool:
-        """True when the newest ``change_hashes`` frames have twice in a row not looked like the
-        top match.
+        """True when, twice in a row for the same top match, the newest ``change_hashes`` frames
+        say that something else is playing.
 
         A window that still holds the previous piece keeps it on top, confidently, for about
-        half the window after the music changes. So each result the recent frames alone are
-        matched against the top reference (hash-DTW, free start); they "do not look like it"
-        when their score is within a fifth of the gap between the top match's score and the
-        field's (the median score of all candidates, nearly all non-matches) from the field.
-        A 3 s suffix is noisy (one clean piece had one such suffix in 12 s), hence two in a row.
+        half the window after the music changes. So each result the newest frames (3 s) are
+        matched alone, two ways:
+
+        * against the top reference where it says we are (its part ending at the DP's end,
+          free start): they no longer look like it when their score is within a fifth of the
+          gap between the top match's score and the field's (the median over all candidates,
+          nearly all non-matches) from the field;
+        * against all candidates: another reference is their confident best (the cascade's
+          margin confidence over this field reaches the calibrated threshold) and the top match
+          is not even among their best three (so a near-duplicate of it does not count).
+
+        3 s are noisy evidence (a clean piece had one such suffix in 12 s), hence two in a row.
         """
         n = self.config.change_hashes
         if n == 0 or not matches or self.n_query < 2 * n:
@@ -293,14 +301,23 @@ class Session:
             return False
         top = matches[0]
         scores = verified.scores[np.isfinite(verified.scores)]
-        if scores.shape[0] < 2:
+        if scores.shape[0] < FIELD_SKIP + MIN_FIELD:
             return False
+        recent_q = self.query[self.n_query - n:self.n_query]
         field = float(np.median(scores))
         end_j = int(verified.end_j[np.flatnonzero(verified.refs == top.ref)[0]])
         ref = np.asarray(cascade.index.hash_sequence(top.ref))[max(0, end_j - 2 * n):end_j + 1]
-        recent = hash_dtw(self.query[self.n_query - n:self.n_query], ref,
-                          penalty=cascade.penalty, gully=cascade.config.gully).score
-        if recent <= top.score + 0.8 * (field - top.score):
+        recent = hash_dtw(recent_q, ref, penalty=cascade.penalty,
+                          gully=cascade.config.gully).score
+        lost = recent > top.score + 0.8 * (field - top.score)
+        if not lost:
+            alone = self.dtw.score_once(recent_q)
+            order = np.argsort(alone.scores, kind="stable")
+            best = self.dtw.refs[order[:FIELD_SKIP]]
+            conf = margin_confidence(alone.scores[order].astype(np.float64), 1)
+            lost = (best[0] != top.ref and top.ref not in best and conf is not None
+                    and cascade.calibration.is_confident(float(conf[0])))
+        if not lost:
             self._votes = (-1, 0)
             return False
         votes = self._votes[1] + 1 if self._votes[0] == top.ref else 1

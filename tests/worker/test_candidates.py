@@ -48,6 +48,21 @@ def test_equals_batch_through_set_changes_growth_and_restart(dtype: type, penalt
             np.testing.assert_array_equal(g, w)
 
 
+def test_score_once_is_stateless_and_equals_batch() -> None:
+    rng = np.random.default_rng(3)
+    hashes, offsets = _collection(rng, np.uint32)
+    dtw = CandidateDTW(hashes, offsets, penalty=16, gully=0.9)
+    dtw.set_candidates(np.array([4, 9, 5, 3, 11]))
+    query = hashes[offsets[9] + 10:offsets[9] + 30].copy()
+    before = dtw.extend(query)
+    other = rng.integers(0, 2 ** 32, 12, dtype=np.uint64).astype(np.uint32)
+    for g, w in zip(dtw.score_once(other), _batch(other, hashes, offsets, dtw.refs, 16, 0.9),
+                    strict=True):
+        np.testing.assert_array_equal(g, w)
+    for g, w in zip(dtw.extend(query), before, strict=True):  # its own DP is untouched
+        np.testing.assert_array_equal(g, w)
+
+
 def test_shares_the_index_hashes_and_reports_its_state() -> None:
     rng = np.random.default_rng(1)
     hashes, offsets = _collection(rng, np.uint32)
