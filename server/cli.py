@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from index import cli as index_cli
     from index import eval_cli
     from model import cli as model_cli
+    from server import serve_cli
     from worker import cli as worker_cli
 
     parser = argparse.ArgumentParser(
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_cli.register(sub)
     model_cli.register(sub)
     worker_cli.register(sub)
+    serve_cli.register(sub)
     eval_cli.register(sub)
     return parser
 

@@ -71,7 +71,7 @@ async def bus_position(bus: Bus, session_id: str, params: StreamParams) -> tuple
         batch = await bus.read_audio(session_id, after_seq=last_seq - 1, max_chunks=1)
         if batch.chunks and batch.chunks[-1].seq == last_seq:
             return last_seq + 1, _end_bytes(batch.chunks[-1], params)
-        last_seq = -1  # fall back to the scan below
+        return last_seq + 1, 0  # its audio is gone (finished): no more will be accepted anyway
     while True:
         batch = await bus.read_audio(session_id, after_seq=last_seq, max_chunks=1024)
         if not batch.chunks:

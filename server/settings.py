@@ -34,6 +34,7 @@ class Settings:
         ``None``: the worker runs in this process (embedded mode); else the gateway only.
     index_dir : Path or None
         The index: the embedded worker's, and the demo collection (titles, MIDI paths).
+        ``MIDIMATCH_INDEX_DIR``, or ``MIDIMATCH_INDEX`` as the worker calls it.
     auth_token : str or None
         When set, clients must send ``Authorization: Bearer <token>`` or ``?token=<token>``.
     max_message_bytes : int
@@ -50,8 +51,11 @@ class Settings:
         Longest wait of one ``read_results`` call (bounds how late a close is noticed), s.
     demo_seconds : float
         Length of a rendered demo excerpt, s.
-    worker_sessions : int
-        Sessions the embedded worker accepts at once.
+    redis_prefix : str
+        First part of every Redis key (the workers' ``MIDIMATCH_REDIS_PREFIX`` too).
+
+    The embedded worker reads its own settings (``worker.settings``: ``MIDIMATCH_MAX_SESSIONS``,
+    ``MIDIMATCH_DEVICE``...) from the same environment.
     """
 
     host: str = "127.0.0.1"
@@ -66,11 +70,11 @@ class Settings:
     resume_grace_s: float = 30.0
     result_poll_s: float = 1.0
     demo_seconds: float = 25.0
-    worker_sessions: int = 64
+    redis_prefix: str = "mm"
 
     def __post_init__(self) -> None:
         positive = ("port", "max_message_bytes", "max_session_s", "max_sessions_per_address",
-                    "idle_timeout_s", "result_poll_s", "demo_seconds", "worker_sessions")
+                    "idle_timeout_s", "result_poll_s", "demo_seconds")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -92,6 +96,8 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"MIDIMATCH_{f.name.upper()}")
+            if f.name == "index_dir" and not raw:
+                raw = env.get("MIDIMATCH_INDEX")  # the worker's name for it
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, raw, f.default)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -252,6 +252,7 @@ class _Connection:
                 await old.close(code=CLOSE_REPLACED, message=b"session resumed elsewhere")
         await self._send({"type": "ready", "v": PROTOCOL_VERSION, "session": state.session_id,
                           "resumed": resume is not None, "audio_s": round(state.audio_s, 3),
+                          "audio_bytes": state.audio_bytes,
                           "after": state.last_result,
                           "limits": {"max_message_bytes": h.settings.max_message_bytes,
                                      "max_session_s": h.settings.max_session_s}})
@@ -306,6 +307,12 @@ class _Connection:
                         h.metrics.decision_audio_seconds.observe(float(result.get("audio_s", 0)))
                     if result.get("final"):
                         st.done = True
+                        if isinstance(result.get("error"), dict):  # the worker gave up on it
+                            err = result["error"]
+                            code = "bad_request" if err.get("code") == "bad_audio" else "internal"
+                            await self._fail(ProtocolError(code, str(err.get("message", "")),
+                                                           reason=str(err.get("code", code))))
+                            return
                         async with self.send_lock:
                             await self.ws.close(code=CLOSE_NORMAL, message=b"final")
                         return

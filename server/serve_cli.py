@@ -1,0 +1,175 @@
+"""``midimatch serve``, ``midimatch stream`` and ``midimatch demo prepare``.
+
+``serve`` without ``--redis`` runs the worker in this process (the embedded default: one command,
+one process, an in-process bus); with ``--redis`` it is a gateway only, and any number of
+gateways and ``midimatch worker`` processes share the Redis. Heavy imports (torch, via the
+embedded worker's engine) happen only in the embedded path, and only inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+DEMO_WORKS = 200
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the live service: websocket gateway, web page, worker",
+                       description="Serve /v1/stream, the web page, /metrics, /healthz and "
+                       "/readyz. Without --redis a worker runs in this process on --index; "
+                       "with --redis this is a gateway only. Every setting can also be given "
+                       "as MIDIMATCH_<NAME> (e.g. MIDIMATCH_AUTH_TOKEN, "
+                       "MIDIMATCH_MAX_SESSION_S).")
+    p.add_argument("--index", type=Path, help="index folder (embedded worker; demo pieces)")
+    p.add_argument("--redis", metavar="URL", help="redis://host:port/db: gateway only")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8080)")
+    p.add_argument("--token", help="require this bearer token (MIDIMATCH_AUTH_TOKEN)")
+    p.add_argument("--max-session-s", type=float, metavar="S", help="longest session, s")
+    p.add_argument("--max-sessions-per-address", type=int, metavar="N")
+    p.add_argument("--idle-timeout-s", type=float, metavar="S")
+    p.add_argument("--resume-grace-s", type=float, metavar="S")
+    p.set_defaults(func=_serve)
+
+    s = sub.add_parser("stream", help="stream an audio file to a running service",
+                       description="Send FILE (any format libsndfile reads: WAV, FLAC, Ogg, "
+                       "MP3...) to /v1/stream and print the rolling results.")
+    s.add_argument("file", type=Path)
+    s.add_argument("--url", default="ws://127.0.0.1:8080/v1/stream",
+                   help="websocket URL (default ws://127.0.0.1:8080/v1/stream)")
+    s.add_argument("--speed", choices=("1", "max"), default="1",
+                   help="1: real time (default); max: as fast as the service takes it")
+    s.add_argument("--json", action="store_true", help="print every server message as JSON")
+    s.add_argument("--token", help="bearer token, when the service requires one")
+    s.add_argument("--chunk-s", type=float, default=0.25, help="seconds per message")
+    s.set_defaults(func=_stream)
+
+    d = sub.add_parser("demo", help="the demo collection for `make serve`")
+    dsub = d.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
+    dp = dsub.add_parser("prepare", help="convert part of the music21 corpus and index it "
+                         "(cached: a second run only checks)")
+    dp.add_argument("--limit", type=int, default=DEMO_WORKS,
+                    help=f"music21 works to convert (default {DEMO_WORKS})")
+    dp.add_argument("--index", type=Path, help="index folder (default: the cache's demo-index)")
+    dp.add_argument("--workers", type=int, default=2)
+    dp.set_defaults(func=_demo_prepare)
+
+
+def demo_index_dir() -> Path:
+    from server.cli import cache_dir
+
+    return cache_dir() / "demo-index"
+
+
+# ---------------------------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(
+        index_dir=args.index, redis_url=args.redis, host=args.host, port=args.port,
+        auth_token=args.token, max_session_s=args.max_session_s,
+        max_sessions_per_address=args.max_sessions_per_address,
+        idle_timeout_s=args.idle_timeout_s, resume_grace_s=args.resume_grace_s)
+    if settings.redis_url is None and settings.index_dir is None:
+        raise SystemExit("midimatch serve: give --index DIR (the worker runs in this process) "
+                         "or --redis URL (gateway only); `make serve` prepares a demo index")
+    asyncio.run(serve(settings))
+    return 0
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the service until SIGINT/SIGTERM (or ``stop``); raises if the embedded worker dies."""
+    from aiohttp import web
+
+    from server.app import create_app
+    from server.demo import DemoCollection, DemoError
+
+    demo = None
+    if settings.index_dir is not None:
+        try:
+            demo = DemoCollection.from_index(settings.index_dir)
+        except DemoError as e:
+            if settings.redis_url is None:
+                raise
+            log.warning("no demo collection: %s", e)
+    worker_task: asyncio.Task | None = None
+    if settings.redis_url is not None:
+        from worker.redis_bus import RedisBus
+
+        bus = RedisBus(settings.redis_url, prefix=settings.redis_prefix)
+        app = create_app(settings, bus, demo=demo)
+        mode = f"gateway only, workers via {settings.redis_url}"
+    else:
+        from worker.local_bus import InProcessBus
+        from worker.metrics import WorkerMetrics
+        from worker.runner import run_embedded  # torch is imported later, by its engine factory
+        from worker.settings import WorkerSettings
+
+        bus = InProcessBus()
+        loaded = asyncio.Event()
+        wmetrics = WorkerMetrics()
+        app = create_app(settings, bus, local_ready=loaded.is_set, registries=[wmetrics.registry],
+                         demo=demo)
+        wsettings = WorkerSettings.from_env(worker_id="embedded", metrics_port=0)
+        worker_task = asyncio.create_task(run_embedded(
+            bus, settings.index_dir, settings=wsettings, metrics=wmetrics, ready=loaded))
+        mode = f"embedded worker on {settings.index_dir}"
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"midimatch: serving on http://{settings.host}:{settings.port}/ ({mode}); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    waits = {asyncio.create_task(stop.wait())} | ({worker_task} if worker_task else set())
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if worker_task is not None and not worker_task.done():
+            worker_task.cancel()
+            await asyncio.gather(worker_task, return_exceptions=True)
+        await runner.cleanup()
+    if worker_task is not None and worker_task in done and worker_task.exception():
+        raise worker_task.exception()  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------- stream
+def _stream(args: argparse.Namespace) -> int:
+    from server.client import StreamClient, print_message
+
+    client = StreamClient(args.url, token=args.token, chunk_s=args.chunk_s,
+                          realtime=args.speed == "1")
+    final = asyncio.run(client.stream_file(args.file, lambda m: print_message(m, args.json)))
+    return 0 if final is not None and not final.get("error") else 2
+
+
+# ----------------------------------------------------------------------------------------- demo
+def _demo_prepare(args: argparse.Namespace) -> int:
+    from index.build import BuildOptions, build_index
+    from model.corpus import convert_music21_corpus, corpus_midi_files
+    from server.cli import cache_dir
+
+    corpus = cache_dir() / "corpus"
+    out = args.index or demo_index_dir()
+    print(f"demo: converting up to {args.limit} music21 works to MIDI (cached in {corpus})",
+          file=sys.stderr)
+    convert_music21_corpus(corpus, limit=args.limit, workers=args.workers)
+    files = corpus_midi_files(corpus, unique=True, max_duration_s=600.0)
+    if not files:
+        raise SystemExit(f"demo: no MIDI under {corpus / 'music21'}; see the messages above")
+    print(f"demo: indexing {len(files)} pieces into {out}", file=sys.stderr)
+    report = build_index(out, files, BuildOptions(workers=args.workers, progress=True))
+    print(f"demo: {report['n_refs']} pieces in {out} ({report['encoded']} encoded now, "
+          f"{report['reused']} unchanged). Next: midimatch serve --index {out}")
+    return 0
