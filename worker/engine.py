@@ -14,8 +14,14 @@ chunking), then
 5. **confirm**: the cascade's confirm ranks and scores the best, and the session's
    :class:`index.decision.StreamDecision` says whether the answer is confident and stable.
 
-Real-time feeding (e.g. 100 ms chunks, a tick every ~100 ms) needs one round per tick; a large
-backlog (a takeover rebuilding from the retained audio) takes several.
+With ``defer_audio`` (the default) a session's queued audio is processed only once it completes
+a result period (or the stream ends): each session then costs one CQT push and one slot in the
+network passes per result instead of one per chunk, which measured 2.1 instead of 5.6 ms of CPU
+per second of audio per stream with 100 ms chunks, for bit-identical results (every stage is
+chunking-invariant and hash-DTW is only extended when a result is due anyway). The sessions'
+periods are not aligned (they start at different times), so the work still spreads over the
+ticks. Real-time feeding then needs one round per tick; a large backlog (a takeover rebuilding
+from the retained audio) takes several.
 
 Falling behind is visible and bounded, never an unbounded queue:
 
@@ -27,8 +33,9 @@ Falling behind is visible and bounded, never an unbounded queue:
 * no further round starts past the budget, so audio can stay queued; a session's queue is capped
   at ``max_pending_s``, the oldest audio dropped first and counted in
   ``errors_total{kind="audio_dropped"}``;
-* every result carries ``lag_s`` (queued audio it does not cover), and the
-  ``audio_lag_seconds`` gauge is the largest lag over the sessions.
+* every result carries ``lag_s`` (the audio of complete result periods that no result covers
+  yet: :attr:`worker.session.Session.lag_s`), and the ``audio_lag_seconds`` gauge is the
+  largest lag over the sessions.
 
 The end-to-end histogram ``update_seconds`` observes, per result, the time from the arrival
 (``received_at``, ``time.monotonic()``) of the newest chunk it covers to the end of the tick
@@ -89,6 +96,9 @@ class EngineSettings:
         CQT push took 0.27 ms of CPU with one thread and 3.3 ms with two (OpenMP threads
         spinning at every operation, worse when the cores are shared). Hash-DTW still runs on
         numba's threads.
+    defer_audio : bool
+        Process a session's audio only once it completes a result period (module docstring);
+        False: every tick processes everything queued.
     """
 
     window_s: float = 10.0
@@ -101,6 +111,7 @@ class EngineSettings:
     max_pending_s: float = 30.0
     change_s: float = 3.0
     torch_threads: int | None = 1
+    defer_audio: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -214,7 +225,8 @@ class Engine:
         return self._get(session_id).nbytes
 
     def tick(self) -> list[tuple[str, dict]]:
-        """Process all pending audio (within the budget); every result due, in order.
+        """Process the pending audio (all of it, or with ``defer_audio`` all that completes a
+        result period; within the budget) and return every result due, in order.
 
         Synchronous and CPU-bound; never call it concurrently with itself.
         """
@@ -226,8 +238,8 @@ class Engine:
         degraded = rounds = False
         budget = self.settings.tick_budget_s
         while True:
-            work = [s for s in self._sessions.values()
-                    if s.pending_samples or s.flush_due or s.is_due]
+            defer = self.settings.defer_audio
+            work = [s for s in self._sessions.values() if s.has_work(defer)]
             if not work:
                 break
             if rounds and time.perf_counter() - t_start > budget:

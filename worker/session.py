@@ -107,6 +107,7 @@ class Session:
         self.period = max(1, int(round(config.result_every_s * self.rate)))
         self.next_due = self.period  # sample count (consumed + dropped) of the next result
         self.overdue_since: int | None = None  # sample count when a due result was postponed
+        self.reported = 0  # sample count covered by the last result
         self.newest_received: float | None = None  # arrival time of the newest chunk processed
         # (samples, Σ x²) per result period, for the silence gate over the query window
         n_periods = int(math.ceil(config.window_hashes * 4 / FRAME_RATE
@@ -136,10 +137,24 @@ class Session:
 
     @property
     def lag_s(self) -> float:
-        """Audio received but not yet in a result beyond the schedule: the queue plus any
-        audio processed since a postponed result fell due, s."""
-        over = 0 if self.overdue_since is None else self.stream_samples - self.overdue_since
-        return (self.pending_samples + over) / self.rate
+        """How far results are behind the received audio, s: the audio of result periods that
+        are complete (all their audio received) but not yet covered by a result; after ``end``,
+        all audio not yet covered. 0 when every due result is out, whatever is still queued
+        for the next period."""
+        received = self.stream_samples + self.pending_samples
+        upto = received if self.ended else (received // self.period) * self.period
+        return max(0, upto - self.reported) / self.rate
+
+    def has_work(self, defer_audio: bool) -> bool:
+        """Whether a tick should process this session now: a result or the flush is due, or
+        audio is queued (with ``defer_audio``: only once it completes a result period, or
+        the stream has ended)."""
+        if self.flush_due or self.is_due:
+            return True
+        if not self.pending_samples:
+            return False
+        return (not defer_audio or self.ended
+                or self.stream_samples + self.pending_samples >= self.next_due)
 
     def enqueue(self, pcm: np.ndarray, received_at: float | None) -> int:
         """Queue float32 (n, channels) samples; returns samples dropped (oldest first) to keep
@@ -347,12 +362,13 @@ class Session:
         self._energy.append((self._energy_now[0], self._energy_now[1]))
         self._energy_now = [0, 0.0]
         self.overdue_since = None
+        self.reported = self.stream_samples
         self._advance_due()
         final = self.flushed
         self.finalised = final
         return {
             "audio_s": round(self.audio_s, 4),
-            "lag_s": round(self.pending_s, 4),
+            "lag_s": round(self.lag_s, 4),
             "final": final,
             "matches": [{"id": m.id, "title": m.title, "confidence": round(m.confidence, 4),
                          "score": round(m.score, 4), "position_s": round(m.position_s, 3)}

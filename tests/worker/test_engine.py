@@ -86,6 +86,20 @@ def test_streaming_agrees_with_offline_search(cascade: Cascade, chunk_s: float) 
     assert [m["title"] for m in final["matches"]] == [m.title for m in offline.matches]
 
 
+def test_deferring_audio_changes_nothing_but_when_it_is_processed(cascade: Cascade) -> None:
+    clip = audio_of(4, 0.0, 6.0)
+    eager = one_stream(cascade, clip, 0.1, defer_audio=False)
+    assert one_stream(cascade, clip, 0.1, defer_audio=True) == eager
+    eng = Engine(cascade, EngineSettings(tick_budget_s=NO_BUDGET))
+    eng.open("s", StreamParams(SR))
+    eng.feed("s", clip[:SR // 2, None])
+    assert eng.tick() == [] and eng._sessions["s"].consumed == 0  # half a period: kept queued
+    assert eng.lag_s() == 0.0  # waiting for a period to complete is not lag
+    eng.feed("s", clip[SR // 2:SR + 100, None])
+    (sid, r), = eng.tick()
+    assert r["audio_s"] == 1.0 and r["lag_s"] == 0.0 and eng._sessions["s"].pending_samples == 100
+
+
 @needs_synth
 def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> None:
     clip = audio_of(2, 3.0, 15.0)
