@@ -78,6 +78,7 @@ class StreamHandler:
         self.table = table
         self.per_address: Counter[str] = Counter()
         self.connections: set[web.WebSocketResponse] = set()
+        self.pumps: set[asyncio.Task] = set()  # result pumps still running (strong refs)
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         s = self.settings
@@ -257,6 +258,8 @@ class _Connection:
                           "limits": {"max_message_bytes": h.settings.max_message_bytes,
                                      "max_session_s": h.settings.max_session_s}})
         self.pump = asyncio.create_task(self._pump_results())
+        h.pumps.add(self.pump)
+        self.pump.add_done_callback(h.pumps.discard)
 
     async def _resume(self, sid: Any, params: StreamParams, after: Any) -> SessionState:
         h = self.h
@@ -294,8 +297,8 @@ class _Connection:
                 got = await h.bus.read_results(st.session_id, after=st.last_result,
                                                timeout_s=h.settings.result_poll_s)
                 for rid, result in got:
-                    if st.conn is not self.ws:
-                        return
+                    if st.conn is not self.ws or self.closing or self.ws.closed:
+                        return  # not delivered: a resume gets it
                     await self._send({"type": "result", "v": PROTOCOL_VERSION,
                                       "session": st.session_id, "result_id": rid, **result})
                     st.last_result = rid
@@ -337,18 +340,14 @@ class _Connection:
                 await self.ws.close(code=CLOSE_CODES[e.code], message=e.code.encode())
 
     async def _cleanup(self) -> None:
+        # Bookkeeping first and without awaiting: aiohttp cancels the handler task when the
+        # client's TCP connection goes, and this must still run. The pump is not cancelled
+        # (a task cancelled while waiting on InProcessBus's asyncio.Condition can leave its
+        # lock with a waiter nobody wakes, on CPython 3.11): it sees ``closing`` and ends
+        # within ``result_poll_s``.
         self.closing = True
-        if self.pump is not None and not self.pump.done():
-            # Let the pump's read_results time out rather than cancel it: a task cancelled while
-            # waiting on InProcessBus's asyncio.Condition can leave its lock with a waiter that
-            # is never woken (seen on CPython 3.11), which would stall every session.
-            done, _ = await asyncio.wait({self.pump}, timeout=self.h.settings.result_poll_s + 2)
-            if not done:
-                self.pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self.pump
+        if self.state is not None:
+            self.h.table.detach(self.state, self.ws)
         if not self.ws.closed:
             with contextlib.suppress(Exception):
                 await self.ws.close()
-        if self.state is not None:
-            self.h.table.detach(self.state, self.ws)
