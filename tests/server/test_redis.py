@@ -1,0 +1,99 @@
+"""The gateway in gateway-only mode over a real redis-server (the ``redis_server`` fixture):
+streaming, an error, resume through another gateway, and readiness following Redis."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from server.app import create_app
+from server.settings import Settings
+from tests.server.conftest import FakeWorker, drain, receive_json, send_audio, start_msg
+from worker.redis_bus import RedisBus
+
+pytestmark = pytest.mark.asyncio
+STOP = json.dumps({"type": "stop", "v": 1})
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+async def gateway(aiohttp_client, redis_server, prefix, **kw):
+    settings = Settings(redis_url=redis_server.url, **kw)
+    return await aiohttp_client(create_app(settings, RedisBus(redis_server.url, prefix=prefix)))
+
+
+async def test_stream_and_errors_over_redis(aiohttp_client, redis_server, prefix):
+    client = await gateway(aiohttp_client, redis_server, prefix)
+    worker_bus = RedisBus(redis_server.url, prefix=prefix)  # the worker's own connection
+    try:
+        async with FakeWorker(worker_bus) as worker:
+            assert (await client.get("/readyz")).status == 200
+            ws = await client.ws_connect("/v1/stream")
+            await ws.send_str(start_msg())
+            sid = (await receive_json(ws))["session"]
+            bad = await client.ws_connect("/v1/stream")
+            await bad.send_str(start_msg())
+            await receive_json(bad)
+            await bad.send_bytes(b"\x00")
+            errs, close = await drain(bad)
+            assert errs[-1]["reason"] == "odd_length" and close == 4400
+            await send_audio(ws, 2.0)
+            await ws.send_str(STOP)
+            msgs, close = await drain(ws)
+    finally:
+        await worker_bus.close()
+    assert close == 1000 and msgs[-1]["final"] and msgs[-1]["audio_s"] == pytest.approx(2.0)
+    assert worker.seqs[sid] == list(range(8))
+    assert len({m["result_id"] for m in msgs}) == len(msgs)
+
+
+async def test_resume_through_another_gateway_over_redis(aiohttp_client, redis_server, prefix):
+    one = await gateway(aiohttp_client, redis_server, prefix)
+    two = await gateway(aiohttp_client, redis_server, prefix)
+    worker_bus = RedisBus(redis_server.url, prefix=prefix)
+    try:
+        async with FakeWorker(worker_bus) as worker:
+            ws = await one.ws_connect("/v1/stream")
+            await ws.send_str(start_msg())
+            sid = (await receive_json(ws))["session"]
+            await send_audio(ws, 0.75)
+            first = await receive_json(ws)
+            assert first["type"] == "result"
+            await ws.close()
+            ws = await two.ws_connect("/v1/stream")
+            await ws.send_str(start_msg(session=sid, after=first["result_id"]))
+            ready = await receive_json(ws)
+            assert ready["resumed"] and ready["audio_bytes"] == 24000  # 0.75 s of 16 kHz s16
+            await send_audio(ws, 0.25)
+            await ws.send_str(STOP)
+            msgs, close = await drain(ws)
+    finally:
+        await worker_bus.close()
+    assert close == 1000 and msgs[-1]["final"] and msgs[-1]["audio_s"] == pytest.approx(1.0)
+    assert worker.seqs[sid] == [0, 1, 2, 3]
+    assert first["result_id"] not in {m["result_id"] for m in msgs}
+
+
+async def test_readiness_follows_redis(aiohttp_client, redis_server, prefix):
+    client = await gateway(aiohttp_client, redis_server, prefix)
+    r = await client.get("/readyz")
+    assert r.status == 503 and "no worker" in (await r.json())["detail"]
+    worker_bus = RedisBus(redis_server.url, prefix=prefix)
+    try:
+        await worker_bus.heartbeat("w1", 4)
+        assert (await client.get("/readyz")).status == 200
+        redis_server.kill()
+        r = await client.get("/readyz")
+        assert r.status == 503 and "redis" in (await r.json())["detail"].lower()
+        ws = await client.ws_connect("/v1/stream")  # a new session gets a clear error
+        await ws.send_str(start_msg())
+        msgs, close = await drain(ws)
+        assert msgs[-1]["code"] == "internal" and close == 1011
+        assert (await client.get("/healthz")).status == 200  # alive, just not ready
+    finally:
+        await worker_bus.close()

@@ -1,0 +1,32 @@
+"""Settings: environment, overrides, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.settings import Settings, SettingsError
+
+
+def test_environment_then_overrides():
+    env = {"MIDIMATCH_PORT": "9000", "MIDIMATCH_AUTH_TOKEN": "t", "MIDIMATCH_MAX_SESSION_S": "60",
+           "MIDIMATCH_INDEX": "~/idx", "MIDIMATCH_REDIS_URL": ""}
+    s = Settings.from_env(env, port=9100, host=None)
+    assert s.port == 9100 and s.host == "127.0.0.1"  # flag beats env; None = not given
+    assert s.auth_token == "t" and s.max_session_s == 60.0 and s.redis_url is None
+    assert s.index_dir == Path("~/idx").expanduser()
+    assert Settings.from_env({"MIDIMATCH_INDEX_DIR": "/a", "MIDIMATCH_INDEX": "/b"}
+                             ).index_dir == Path("/a")
+
+
+@pytest.mark.parametrize("env, kw, match", [
+    ({"MIDIMATCH_PORT": "eighty"}, {}, "MIDIMATCH_PORT"),
+    ({}, {"max_message_bytes": 100}, "max_message_bytes"),
+    ({}, {"idle_timeout_s": 0}, "idle_timeout_s"),
+    ({}, {"resume_grace_s": -1}, "resume_grace_s"),
+    ({}, {"nonsense": 1}, "unknown"),
+])
+def test_bad_settings(env, kw, match):
+    with pytest.raises(SettingsError, match=match):
+        Settings.from_env(env, **kw)
