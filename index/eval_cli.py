@@ -163,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     except MidimatchError as e:  # too few pieces for two halves: say so, keep the rest
         report["calibration_halves_skipped"] = e.message
         print(f"calibration on halves skipped: {e.message}", file=sys.stderr)
+    _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline
     base = None
     if args.baseline > 0:
         from index.baseline import ChromaMatcher
@@ -176,7 +177,8 @@ def _run(args: argparse.Namespace) -> int:
         base = summarize(base_out)
         # the cascade on exactly the baseline's queries, for a like-for-like comparison
         report["baseline"] = {"summary": base, "cascade_same_queries":
-                              summarize([outcomes[i] for i in chosen], top_k=args.top_k)}
+                              summarize([outcomes[i] for i in chosen], top_k=args.top_k),
+                              "outcomes": base_out}
     print(format_table(summary, base, top_k=args.top_k))
     if "calibration_halves" in report:
         for name, r in report["calibration_halves"].items():
@@ -195,12 +197,16 @@ def _run(args: argparse.Namespace) -> int:
                         source=f"midimatch eval: {len(queries)} queries of {query_dir}")
         print(f"calibration saved to {save_calibration(cal, args.save_calibration)}: "
               f"threshold {cal.threshold:.3f}")
+    _write(args, report, outcomes)
+    return 0
+
+
+def _write(args: argparse.Namespace, report: dict, outcomes: list[dict]) -> None:
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(_jsonable(report), indent=1))
     if args.outcomes:
         args.outcomes.write_text(json.dumps(_jsonable(outcomes)))
-    return 0
 
 
 def _p(x: float | None) -> str:
