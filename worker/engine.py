@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -168,6 +169,7 @@ class Engine:
             result_every_s=settings.result_every_s, max_pending_s=settings.max_pending_s,
             change_hashes=int(round(settings.change_s * FRAME_RATE)) // 4)
         self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
         self._ticks = 0
         self._verified_in_tick = False
 
@@ -179,14 +181,16 @@ class Engine:
 
     def open(self, session_id: str, params: StreamParams, t0_s: float = 0.0) -> None:
         """Start a session; ``t0_s`` is the stream time of the first sample that will be fed."""
-        if session_id in self._sessions:
-            raise EngineError(f"session {session_id!r} is already open", reason="session_exists")
-        if len(self._sessions) >= self.settings.max_sessions:
-            raise EngineError(f"engine full ({self.settings.max_sessions} sessions)",
-                              reason="full")
-        self._sessions[session_id] = Session(session_id, params, self.cascade, self._config,
-                                             t0_s)
-        self.metrics.sessions_active.set(len(self._sessions))
+        session = Session(session_id, params, self.cascade, self._config, t0_s)
+        with self._lock:
+            if session_id in self._sessions:
+                raise EngineError(f"session {session_id!r} is already open",
+                                  reason="session_exists")
+            if len(self._sessions) >= self.settings.max_sessions:
+                raise EngineError(f"engine full ({self.settings.max_sessions} sessions)",
+                                  reason="full")
+            self._sessions[session_id] = session
+            self.metrics.sessions_active.set(len(self._sessions))
 
     def feed(self, session_id: str, pcm: np.ndarray, received_at: float | None = None) -> None:
         """Queue float32 samples (n, channels) (cheap: the work happens in :meth:`tick`).
@@ -203,18 +207,23 @@ class Engine:
         except EngineError:
             self.metrics.errors_total.labels("bad_audio").inc()
             raise
-        if s.enqueue(pcm, received_at):
+        with self._lock:
+            dropped = s.enqueue(pcm, received_at)
+        if dropped:
             self.metrics.errors_total.labels("audio_dropped").inc()
 
     def end(self, session_id: str) -> None:
         """The stream is over: the next tick flushes it and returns its ``final`` result, after
         which the session is gone."""
-        self._get(session_id).ended = True
+        with self._lock:
+            self._get(session_id).ended = True
 
     def drop(self, session_id: str) -> None:
-        """Forget a session at once, without a final result (lease lost, handed back)."""
-        self._sessions.pop(session_id, None)
-        self.metrics.sessions_active.set(len(self._sessions))
+        """Forget a session at once, without a final result (lease lost, handed back). Called
+        while a tick runs, that tick may still return a result of it: discard it."""
+        with self._lock:
+            self._sessions.pop(session_id, None)
+            self.metrics.sessions_active.set(len(self._sessions))
 
     def lag_s(self) -> float:
         """The largest backlog over the sessions, s (see :attr:`Session.lag_s`)."""
@@ -228,7 +237,9 @@ class Engine:
         """Process the pending audio (all of it, or with ``defer_audio`` all that completes a
         result period; within the budget) and return every result due, in order.
 
-        Synchronous and CPU-bound; never call it concurrently with itself.
+        Synchronous and CPU-bound; never call it concurrently with itself. The other calls may
+        come from another thread meanwhile (they take a lock that the tick holds only while it
+        takes the sessions' queued audio).
         """
         t_start = time.perf_counter()
         self._ticks += 1
@@ -239,7 +250,8 @@ class Engine:
         budget = self.settings.tick_budget_s
         while True:
             defer = self.settings.defer_audio
-            work = [s for s in self._sessions.values() if s.has_work(defer)]
+            with self._lock:
+                work = [s for s in self._sessions.values() if s.has_work(defer)]
             if not work:
                 break
             if rounds and time.perf_counter() - t_start > budget:
@@ -249,10 +261,11 @@ class Engine:
             degraded |= self._round(work, times, out, t_start)
         if rounds:
             self._observe(times, out, degraded, time.perf_counter() - t_start)
-        for s, _ in out:
-            if s.finalised:
-                self._sessions.pop(s.id, None)
-        self.metrics.sessions_active.set(len(self._sessions))
+        with self._lock:
+            for s, _ in out:
+                if s.finalised:
+                    self._sessions.pop(s.id, None)
+            self.metrics.sessions_active.set(len(self._sessions))
         return [(s.id, r) for s, r in out]
 
     # ------------------------------------------------------------------ internals
@@ -266,18 +279,18 @@ class Engine:
                out: list[tuple[Session, dict]], t_start: float) -> bool:
         """One round (module docstring); appends results to ``out``; True if degraded."""
         t = time.perf_counter()
+        with self._lock:
+            pcms = [s.take_audio() for s in work]
         frames: list[np.ndarray] = []
         alive: list[Session] = []
-        audio = 0.0
-        for s in work:
+        for s, pcm in zip(work, pcms, strict=True):
             try:
-                before = s.consumed
-                frames.append(s.features(s.take_audio()))
-                audio += (s.consumed - before) / s.rate
+                frames.append(s.features(pcm))
                 alive.append(s)
             except Exception:
                 self._fail(s, out)
-        self.metrics.audio_seconds_total.inc(audio)
+        self.metrics.audio_seconds_total.inc(sum(p.shape[0] / s.rate
+                                                 for s, p in zip(work, pcms, strict=True)))
         t1 = time.perf_counter()
         times["features"] += t1 - t
         batch = [(s, f) for s, f in zip(alive, frames, strict=True) if f.shape[0]]
@@ -288,7 +301,7 @@ class Engine:
                 s.add_hashes(h)
             self.metrics.batch_size.observe(len(batch))
         for s in alive:
-            if s.flush_due:  # after the pass above: the hasher's tail follows its last frames
+            if s.flushing:  # after the pass above: the hasher's tail follows its last frames
                 s.add_hashes(s.hasher.finish())
                 s.flushed = True
         times["networks"] += time.perf_counter() - t1

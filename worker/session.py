@@ -115,6 +115,7 @@ class Session:
         self._energy: deque[tuple[int, float]] = deque(maxlen=n_periods)
         self._energy_now = [0, 0.0]
         self.ended = False  # end() was called
+        self.flushing = False  # this round takes the last audio of an ended stream
         self.flushed = False  # the CQT and hasher were flushed (after end, all audio consumed)
         self.finalised = False  # the final result was produced
         self.verified_at = 0  # engine tick of the last verification (round-robin priority)
@@ -181,7 +182,8 @@ class Session:
         return dropped
 
     def take_audio(self) -> np.ndarray:
-        """Pop the pending samples up to the next result boundary (all channels)."""
+        """Pop the pending samples up to the next result boundary (all channels); when that
+        empties the queue of an ended stream, this round flushes it (``flushing``)."""
         want = min(self.pending_samples, self.next_due - self.stream_samples)
         parts = []
         while want > 0:
@@ -196,6 +198,7 @@ class Session:
                 self.newest_received = t
             want -= n
             self.pending_samples -= n
+        self.flushing = self.ended and self.pending_samples == 0 and not self.flushed
         if not parts:
             return np.zeros((0, self.params.channels), np.float32)
         pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -206,9 +209,10 @@ class Session:
         return pcm
 
     def features(self, pcm: np.ndarray) -> np.ndarray:
-        """CQT frames (n, 48) completed by ``pcm``; after end, with the queue empty, the flush."""
+        """CQT frames (n, 48) completed by ``pcm`` (from :meth:`take_audio`), and the CQT's
+        flush when this round is ``flushing``."""
         frames = self.cqt.push(pcm) if pcm.shape[0] else _EMPTY
-        if self.ended and self.pending_samples == 0 and not self.flushed:
+        if self.flushing:
             tail = self.cqt.finish()
             frames = np.concatenate([frames, tail]) if frames.shape[0] else tail
         self.n_frames += frames.shape[0]
