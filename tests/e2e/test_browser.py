@@ -1,0 +1,135 @@
+"""End to end in Debian's headless Chromium: the whole stack (``midimatch serve`` with its
+embedded worker on a small index built here), the page, and a fake microphone fed from a WAV of
+one collection piece. The page must name that piece. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from server.demo import DemoCollection, read_pieces
+from tests.conftest import make_piece
+from tests.redis_server import free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+TITLES = ("alpha", "bravo", "charlie", "delta")
+TARGET = "charlie"
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="Debian's chromium is not installed (apt-get install "
+                                "chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4-piece index and a WAV of 20 s of TARGET from 3 s on (rendered like the demo)."""
+    from index.build import BuildOptions, build_index
+
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "midi").mkdir()
+    for seed, title in enumerate(TITLES):
+        make_piece(100 + seed, duration_s=40.0, program=[0, 24, 40, 73][seed]).write(
+            str(root / "midi" / f"{title}.mid"))
+    build_index(root / "index", [root / "midi"], BuildOptions(workers=1, progress=False))
+    demo = DemoCollection(read_pieces(root / "index"))
+    piece = next(p for p in demo.pieces if p.title == TARGET)
+    wav = asyncio.run(demo.excerpt(piece, 20.0, start_s=3.0)).wav
+    (root / "query.wav").write_bytes(wav)
+    return root / "index", root / "query.wav"
+
+
+@pytest.fixture(scope="module")
+def server(collection):
+    index, _ = collection
+    port = free_port()
+    env = dict(os.environ, MIDIMATCH_DEMO_SECONDS="20")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--index", str(index),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"midimatch serve exited {proc.returncode}: {proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                    if json.load(r)["ready"]:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("midimatch serve never became ready")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def browser(playwright, wav: Path):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+        "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"])
+
+
+def wait_for_decision(page, timeout_ms: int = 120_000) -> str:
+    page.wait_for_function("""() => {
+        const t = document.getElementById('decision-title');
+        return t && t.className !== 'none' && t.textContent.length > 0; }""", timeout=timeout_ms)
+    return page.inner_text("#decision-title")
+
+
+def test_microphone_identifies_the_piece(server, collection):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright "
+                                   "(in the dev extras)")
+    _, wav = collection
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        b = browser(p, wav)
+        try:
+            page = b.new_page()
+            page.goto(server)
+            page.click("#mic")
+            title = wait_for_decision(page)
+            page.wait_for_function("() => document.getElementById('decided-after')"
+                                   ".textContent.startsWith('Decided after')")
+            page.screenshot(path=str(ARTIFACTS / "e2e-microphone.png"), full_page=True)
+            assert title == TARGET, page.inner_text("#ranking")
+            assert "position" in page.inner_text("#decision-detail")
+            assert page.is_visible("#progress")
+        finally:
+            b.close()
+
+
+def test_demo_button_plays_and_identifies(server, collection):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright "
+                                   "(in the dev extras)")
+    _, wav = collection
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        b = browser(p, wav)
+        try:
+            page = b.new_page()
+            page.goto(server)
+            page.click("#demo")
+            page.wait_for_selector("#demo-info:not([hidden])", timeout=60_000)
+            info = page.inner_text("#demo-info")
+            title = wait_for_decision(page)
+            page.screenshot(path=str(ARTIFACTS / "e2e-demo.png"), full_page=True)
+            assert f"“{title}”" in info, (info, page.inner_text("#ranking"))
+        finally:
+            b.close()
