@@ -31,9 +31,13 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info test-artifacts
 
-# The live service is issue #6; until it lands this target says so instead of failing obscurely.
+# The live service on http://$(SERVE_HOST):$(SERVE_PORT)/: the first run converts part of the
+# music21 corpus and indexes it (cached under ~/.cache/midimatch, or $MIDIMATCH_CACHE), later
+# runs start at once. `midimatch serve --help` lists the settings.
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8080
+DEMO_INDEX ?= $${MIDIMATCH_CACHE:-$$HOME/.cache/midimatch}/demo-index
 .PHONY: serve
 serve: $(STAMP)
-	@echo "make serve: the gateway and worker are not built yet (issues #5 and #6)." >&2
-	@echo "Today you can build and inspect an index: see README.md, 'Using it today'." >&2
-	@exit 1
+	test -f "$(DEMO_INDEX)/CURRENT" || $(BIN)/midimatch demo prepare --index "$(DEMO_INDEX)"
+	$(BIN)/midimatch serve --index "$(DEMO_INDEX)" --host $(SERVE_HOST) --port $(SERVE_PORT)
