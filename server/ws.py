@@ -22,7 +22,7 @@ from model.errors import MidimatchError
 from server.metrics import GatewayMetrics
 from server.sessions import SessionState, SessionTable, bus_position
 from server.settings import Settings
-from worker.bus import PROTOCOL_VERSION, AudioChunk, Bus, BusError, StreamParams
+from worker.bus import PROTOCOL_VERSION, AudioChunk, Bus, BusError, StreamParams, result_id_key
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,17 @@ class _Connection:
         if not pcm:
             return
         chunk = AudioChunk(st.next_seq, st.audio_s, bytes(pcm))
-        await self.h.bus.push_audio(st.session_id, chunk)
+        try:
+            await self.h.bus.push_audio(st.session_id, chunk)
+        except BusError as e:
+            if e.reason == "ended":
+                raise ProtocolError("bad_request", "audio after the stream ended (stop, or its "
+                                    "resume grace period ran out)", reason="audio_after_stop"
+                                    ) from e
+            if e.reason == "unknown_session":
+                raise ProtocolError("bad_request", "the session expired",
+                                    reason="unknown_session") from e
+            raise
         st.next_seq += 1
         st.audio_bytes += len(pcm)
         self.h.metrics.audio_bytes_total.inc(len(pcm))
@@ -266,9 +276,14 @@ class _Connection:
         if not isinstance(sid, str) or not sid:
             raise ProtocolError("bad_request", "'session' must be a session id string",
                                 reason="bad_session")
-        if after is not None and not isinstance(after, str):
-            raise ProtocolError("bad_request", "'after' must be a result id string",
-                                reason="bad_after")
+        if after is not None:
+            try:
+                if not isinstance(after, str):
+                    raise TypeError(type(after).__name__)
+                result_id_key(after)
+            except (BusError, TypeError) as e:
+                raise ProtocolError("bad_request", f"'after' must be a result id as sent in "
+                                    f"'result_id', got {after!r}", reason="bad_after") from e
         state = h.table.get(sid)
         if state is None:  # served by another gateway, or before a restart: ask the bus
             known = await h.bus.session_params(sid)

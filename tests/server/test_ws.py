@@ -80,6 +80,8 @@ async def test_stream_results_and_final(aiohttp_client, bus):
     (json.dumps({"type": "stop", "v": 1}), "stop_before_start"),
     (start_msg(session=""), "bad_session"),
     (start_msg(session="nope"), "unknown_session"),
+    (start_msg(session="nope", after="yesterday"), "bad_after"),
+    (start_msg(session="nope", after=7), "bad_after"),
 ])
 async def test_bad_first_message(aiohttp_client, bus, first, reason):
     client = await client_for(aiohttp_client, bus)
