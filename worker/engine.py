@@ -90,7 +90,7 @@ class EngineSettings:
     change_s : float
         The newest ``change_s`` seconds are checked against the top match each result; when
         they no longer match it, the query restarts from them (0 disables the check; see
-        :meth:`worker.session.Session.music_changed`).
+        :mod:`worker.change`).
     torch_threads : int or None
         torch's intra-op threads, set **process-wide** when the engine is made (None: leave
         them). One, because a tick is many small operations: on this 2-core machine a 100 ms

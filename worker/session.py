@@ -32,15 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.confirm import FIELD_SKIP, MIN_FIELD, margin_confidence
 from index.decision import StreamDecision
-from index.hashdtw import hash_dtw
 from index.search import Cascade, Match, Verified
 from model.errors import MidimatchError
 from model.features import FRAME_RATE, StreamingCQT
 from model.streaming import StreamingEmbedder, StreamingHasher
 from worker.bus import StreamParams
 from worker.candidates import CandidateDTW
+from worker.change import ChangeDetector
 
 SILENCE_DBFS = -60.0  # as the offline search's is_silent: a silent window is not searched
 _EMPTY = np.zeros((0, 48), np.float32)
@@ -119,7 +118,7 @@ class Session:
         self.flushed = False  # the CQT and hasher were flushed (after end, all audio consumed)
         self.finalised = False  # the final result was produced
         self.verified_at = 0  # engine tick of the last verification (round-robin priority)
-        self._votes = (-1, 0)  # (top reference, consecutive results its recent frames failed)
+        self.change = ChangeDetector()
 
     # ------------------------------------------------------------------ audio in
     @property
@@ -297,51 +296,14 @@ class Session:
                         res.path_length[order])
 
     def music_changed(self, cascade: Cascade, matches: list[Match], verified: Verified) -> bool:
-        """True when, twice in a row for the same top match, the newest ``change_hashes`` frames
-        say that something else is playing.
-
-        A window that still holds the previous piece keeps it on top, confidently, for about
-        half the window after the music changes. So each result the newest frames (3 s) are
-        matched alone, two ways:
-
-        * against the top reference where it says we are (its part ending at the DP's end,
-          free start): they no longer look like it when their score is within a fifth of the
-          gap between the top match's score and the field's (the median over all candidates,
-          nearly all non-matches) from the field;
-        * against all candidates: another reference is their confident best (the cascade's
-          margin confidence over this field reaches the calibrated threshold) and the top match
-          is not even among their best three (so a near-duplicate of it does not count).
-
-        3 s are noisy evidence (a clean piece had one such suffix in 12 s), hence two in a row.
-        """
+        """True when the newest ``change_hashes`` frames say, twice in a row, that something
+        other than the top match is playing (:class:`worker.change.ChangeDetector`)."""
         n = self.config.change_hashes
-        if n == 0 or not matches or self.n_query < 2 * n:
-            self._votes = (-1, 0)
+        if n == 0 or self.n_query < 2 * n:
+            self.change.reset()
             return False
-        top = matches[0]
-        scores = verified.scores[np.isfinite(verified.scores)]
-        if scores.shape[0] < FIELD_SKIP + MIN_FIELD:
-            return False
-        recent_q = self.query[self.n_query - n:self.n_query]
-        field = float(np.median(scores))
-        end_j = int(verified.end_j[np.flatnonzero(verified.refs == top.ref)[0]])
-        ref = np.asarray(cascade.index.hash_sequence(top.ref))[max(0, end_j - 2 * n):end_j + 1]
-        recent = hash_dtw(recent_q, ref, penalty=cascade.penalty,
-                          gully=cascade.config.gully).score
-        lost = recent > top.score + 0.8 * (field - top.score)
-        if not lost:
-            alone = self.dtw.score_once(recent_q)
-            order = np.argsort(alone.scores, kind="stable")
-            best = self.dtw.refs[order[:FIELD_SKIP]]
-            conf = margin_confidence(alone.scores[order].astype(np.float64), 1)
-            lost = (best[0] != top.ref and top.ref not in best and conf is not None
-                    and cascade.calibration.is_confident(float(conf[0])))
-        if not lost:
-            self._votes = (-1, 0)
-            return False
-        votes = self._votes[1] + 1 if self._votes[0] == top.ref else 1
-        self._votes = (top.ref, votes)
-        return votes >= 2
+        return self.change.update(self.query[self.n_query - n:self.n_query], cascade, matches,
+                                  verified, self.dtw)
 
     def restart_recent(self, cascade: Cascade) -> None:
         """Forget all but the newest ``change_hashes`` frames of the query (the music changed):
@@ -353,7 +315,7 @@ class Session:
         self.n_query = n
         self.dtw.restart()
         self.decision.reset()
-        self._votes = (-1, 0)
+        self.change.reset()
         frames = self._recent[:self._n_recent][-4 * n:]
         self.embedder = StreamingEmbedder(cascade.encoder, window_frames=self._embed_frames)
         self.embedder.push(frames)
