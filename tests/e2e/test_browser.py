@@ -133,3 +133,22 @@ def test_demo_button_plays_and_identifies(server, collection):
             assert f"“{title}”" in info, (info, page.inner_text("#ranking"))
         finally:
             b.close()
+
+
+def test_file_streaming_identifies_the_piece(server, collection):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright "
+                                   "(in the dev extras)")
+    _, wav = collection
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        b = browser(p, wav)
+        try:
+            page = b.new_page()
+            page.goto(server)
+            page.set_input_files("#file", str(wav))
+            title = wait_for_decision(page)
+            page.screenshot(path=str(ARTIFACTS / "e2e-file.png"), full_page=True)
+            assert title == TARGET, page.inner_text("#ranking")
+            assert page.inner_text("#status").startswith("File query.wav")
+        finally:
+            b.close()
