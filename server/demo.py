@@ -24,6 +24,7 @@ from model.errors import MidimatchError
 
 SAMPLE_RATE = 22_050
 RENDER_TIMEOUT_S = 60.0
+MAX_RENDERS = 2  # demo renders at once per gateway: the button must not become a CPU hog
 SOUNDFONTS = (Path("/usr/share/sounds/sf2/FluidR3_GM.sf2"),
               Path("/usr/share/sounds/sf2/default-GM.sf2"),
               Path("/usr/share/sounds/sf2/TimGM6mb.sf2"))
@@ -103,6 +104,7 @@ class DemoCollection:
         self.by_id = {p.id: p for p in pieces}
         self._rng = random.Random(seed)
         self.soundfont = soundfont or next((p for p in SOUNDFONTS if p.is_file()), None)
+        self._slots: asyncio.Semaphore | None = None  # bounds concurrent renders (CPU)
 
     @classmethod
     def from_index(cls, index_dir: str | Path, **kw: object) -> DemoCollection:
@@ -136,7 +138,14 @@ class DemoCollection:
 
     async def excerpt(self, piece: Piece, seconds: float, start_s: float | None = None
                       ) -> Excerpt:
-        """Render ``seconds`` of ``piece`` from ``start_s`` (random when None)."""
+        """Render ``seconds`` of ``piece`` from ``start_s`` (random when None); at most
+        :data:`MAX_RENDERS` at once, the others wait."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(MAX_RENDERS)
+        async with self._slots:
+            return await self._excerpt(piece, seconds, start_s)
+
+    async def _excerpt(self, piece: Piece, seconds: float, start_s: float | None) -> Excerpt:
         pm = await asyncio.to_thread(_load, piece.path)
         first = min((n.start for i in pm.instruments for n in i.notes), default=0.0)
         end = pm.get_end_time()

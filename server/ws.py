@@ -190,7 +190,7 @@ class _Connection:
             if self.state is None:
                 raise ProtocolError("bad_request", "stop before start", reason="stop_before_start")
             self.stopped = True
-            await self.h.table.end(self.state)
+            await asyncio.shield(self.h.table.end(self.state))
         else:
             raise ProtocolError("bad_request", f"unknown message type {kind!r} (expected "
                                 "'start' or 'stop')", reason="unknown_type")
@@ -217,7 +217,9 @@ class _Connection:
             return
         chunk = AudioChunk(st.next_seq, st.audio_s, bytes(pcm))
         try:
-            await self.h.bus.push_audio(st.session_id, chunk)
+            # Shielded: aiohttp cancels the handler when the client's TCP goes, and a bus call
+            # cut in the middle must not leave the bus half-updated (or its lock held).
+            await asyncio.shield(self.h.bus.push_audio(st.session_id, chunk))
         except BusError as e:
             if e.reason == "ended":
                 raise ProtocolError("bad_request", "audio after the stream ended (stop, or its "
@@ -249,7 +251,7 @@ class _Connection:
                 raise ProtocolError("busy", f"all workers are busy ({cap.sessions_active} "
                                     f"sessions, {cap.workers} workers); try again later",
                                     reason="saturated")
-            sid = await h.bus.create_session(params)
+            sid = await asyncio.shield(h.bus.create_session(params))
             state = SessionState(sid, params)
             h.metrics.sessions_started_total.inc()
         else:

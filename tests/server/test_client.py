@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -58,3 +60,30 @@ async def test_stream_reports_the_service_error(aiohttp_client):
     with pytest.raises(StreamError, match="unauthorized"):
         await StreamClient(str(client.make_url("/v1/stream")), realtime=False).stream_array(
             np.zeros((100, 1), np.float32), 16000, lambda m: None)
+
+
+@pytest.mark.asyncio
+async def test_the_client_resumes_after_the_gateway_drops_it(aiohttp_client):
+    from server.app import HANDLER_KEY
+
+    bus = InProcessBus()
+    app = create_app(Settings(), bus, close_bus=False)
+    client = await aiohttp_client(app)
+    x = np.zeros((16000 * 2, 1), np.float32)  # 2 s at 16 kHz, sent in 0.1 s messages
+    seen = []
+    async with FakeWorker(bus) as worker:
+        task = asyncio.create_task(StreamClient(
+            str(client.make_url("/v1/stream")), realtime=True, chunk_s=0.1).stream_array(
+                x, 16000, seen.append))
+        while not any(m["type"] == "result" for m in seen):
+            await asyncio.sleep(0.01)
+        await app[HANDLER_KEY].close_all()  # 1001, as a gateway shutting down does
+        final = await asyncio.wait_for(task, 20)
+    readies = [m for m in seen if m["type"] == "ready"]
+    assert [r["resumed"] for r in readies] == [False, True]
+    assert readies[1]["audio_bytes"] > 0
+    sid = readies[0]["session"]
+    assert final["final"] and final["audio_s"] == pytest.approx(2.0)
+    assert worker.seqs[sid] == list(range(len(worker.seqs[sid])))  # contiguous, no repeats
+    results = [m["result_id"] for m in seen if m["type"] == "result"]
+    assert len(results) == len(set(results))
