@@ -4,25 +4,16 @@ one collection piece. The page must name that piece. Screenshots go to test-arti
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from server.demo import DemoCollection, read_pieces
-from tests.conftest import make_piece
+from tests.e2e.conftest import TARGET, running
 from tests.redis_server import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-TITLES = ("alpha", "bravo", "charlie", "delta")
-TARGET = "charlie"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="Debian's chromium is not installed (apt-get install "
@@ -30,54 +21,12 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
 
 
 @pytest.fixture(scope="module")
-def collection(tmp_path_factory) -> tuple[Path, Path]:
-    """A 4-piece index and a WAV of 20 s of TARGET from 3 s on (rendered like the demo)."""
-    from index.build import BuildOptions, build_index
-
-    root = tmp_path_factory.mktemp("e2e")
-    (root / "midi").mkdir()
-    for seed, title in enumerate(TITLES):
-        make_piece(100 + seed, duration_s=40.0, program=[0, 24, 40, 73][seed]).write(
-            str(root / "midi" / f"{title}.mid"))
-    build_index(root / "index", [root / "midi"], BuildOptions(workers=1, progress=False))
-    demo = DemoCollection(read_pieces(root / "index"))
-    piece = next(p for p in demo.pieces if p.title == TARGET)
-    wav = asyncio.run(demo.excerpt(piece, 20.0, start_s=3.0)).wav
-    (root / "query.wav").write_bytes(wav)
-    return root / "index", root / "query.wav"
-
-
-@pytest.fixture(scope="module")
 def server(collection):
     index, _ = collection
     port = free_port()
-    env = dict(os.environ, MIDIMATCH_DEMO_SECONDS="20")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--index", str(index),
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"midimatch serve exited {proc.returncode}: {proc.stdout.read()}")
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                    if json.load(r)["ready"]:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("midimatch serve never became ready")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running([sys.executable, "-m", "server.cli", "serve", "--index", str(index), "--port",
+                  str(port)], f"http://127.0.0.1:{port}/readyz"):
+        yield f"http://127.0.0.1:{port}"
 
 
 def browser(playwright, wav: Path):
