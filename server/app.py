@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -142,6 +143,4 @@ async def _readiness(bus: Bus, local_ready: Callable[[], bool] | None) -> tuple[
 
 def _header_safe(text: str) -> str:
     """HTTP header values are latin-1: percent-encode the title (the page decodes it)."""
-    from urllib.parse import quote
-
     return quote(text, safe=" ,.;:()[]'!-_")

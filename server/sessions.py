@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.bus import AudioChunk, Bus, StreamParams
+from worker.bus import AudioChunk, Bus, BusError, StreamParams
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ class SessionTable:
                 seq, _ = await bus_position(self.bus, state.session_id, state.params)
                 if seq <= state.next_seq:
                     await self.end(state)
-        except Exception:  # the bus is down: its own expiry will clean up
+        except BusError as e:  # already expired on the bus, or the bus is down: its own
+            log.info("could not end expired session %s: %s", state.session_id, e)  # expiry
+        except Exception:  # cleans up either way
             log.exception("could not end expired session %s", state.session_id)
 
     def _spawn(self, coro: Any) -> None:
