@@ -7,8 +7,11 @@ chunking), then
 1. **features**: each session's StreamingCQT turns its new audio into CQT frames;
 2. **networks**: ONE hash forward pass and ONE embedding-trunk pass for every session with new
    frames (:func:`model.streaming.hash_step`, :func:`model.streaming.embed_step`);
-3. **prune**: the sessions whose result is due get their embeddings (one head pass) and are
-   pruned together, in ONE matrix product (:meth:`index.search.Cascade.prune`);
+3. **prune**: the sessions whose result is due ask for fresh candidates; their embeddings (one
+   head pass) are pruned together, in ONE matrix product (:meth:`index.search.Cascade.prune`),
+   with the requests of the last ``prune_wait_s``: the product reads every window embedding of
+   the index (10,000 references: 240k × 128 float32, 120 MB), so one query costs about what
+   fifty do; meanwhile a due session verifies against its previous candidates;
 4. **verify**: each due session's candidate hash-DTW is extended by its new hash frames
    (newcomers swept over the retained window; a numba kernel parallel over candidates);
 5. **confirm**: the cascade's confirm ranks and scores the best, and the session's
@@ -100,6 +103,10 @@ class EngineSettings:
     defer_audio : bool
         Process a session's audio only once it completes a result period (module docstring);
         False: every tick processes everything queued.
+    prune_wait_s : float
+        A session's candidate refresh may wait this long (wall time) to share one prune with
+        other sessions' (module docstring); meanwhile its results use the candidates of its
+        previous prune. 0: every due session is pruned in the tick it falls due.
     """
 
     window_s: float = 10.0
@@ -113,6 +120,7 @@ class EngineSettings:
     change_s: float = 3.0
     torch_threads: int | None = 1
     defer_audio: bool = True
+    prune_wait_s: float = 0.5
 
     def __post_init__(self) -> None:
         checks = {
@@ -126,6 +134,7 @@ class EngineSettings:
             "max_pending_s": self.max_pending_s >= self.result_every_s,
             "change_s": 0 <= self.change_s <= self.window_s / 2,
             "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
+            "prune_wait_s": self.prune_wait_s >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -327,11 +336,9 @@ class Engine:
         if not search:
             return degraded
         t = time.perf_counter()
-        embs = embeddings(self.encoder, [s.embedder for s in search])
-        ids, _ = self.cascade.prune(np.stack(embs))
-        t1 = time.perf_counter()
-        times["prune"] += t1 - t
-        for s, cand in zip(search, ids, strict=True):
+        self._prune(search)
+        times["prune"] += time.perf_counter() - t
+        for s in search:
             if (not s.flushed and self._verified_in_tick
                     and time.perf_counter() - t_start > budget):
                 s.postpone()
@@ -339,9 +346,10 @@ class Engine:
                 continue
             try:
                 t2 = time.perf_counter()
-                ver = s.verify(cand)
+                ver = s.verify()
                 t3 = time.perf_counter()
-                matches = self.cascade.confirm(s.query[:s.n_query], cand, ver, s.query_frames)
+                matches = self.cascade.confirm(s.query[:s.n_query], s.candidates, ver,
+                                               s.query_frames)
                 t4 = time.perf_counter()
             except Exception:
                 self._fail(s, out)
@@ -356,6 +364,27 @@ class Engine:
                 logger.debug("session %s: the music changed at %.1f s", s.id, s.audio_s)
                 s.restart_recent(self.cascade)
         return degraded
+
+    def _prune(self, due: list[Session]) -> None:
+        """Refresh candidate sets: the due sessions ask; one matrix product serves every session
+        that asked, once the oldest request is ``prune_wait_s`` old (or a session has no
+        candidates yet, or is final). Until then results use the previous candidates."""
+        now = time.monotonic()
+        for s in due:
+            if s.prune_asked is None:
+                s.prune_asked = now
+        with self._lock:
+            asking = [s for s in self._sessions.values() if s.prune_asked is not None]
+        oldest = min(s.prune_asked for s in asking)
+        if not (now - oldest >= self.settings.prune_wait_s
+                or any(s.flushed or s.candidates.size == 0 for s in due)):
+            return
+        embs = embeddings(self.encoder, [s.embedder for s in asking])
+        ready = [(s, e) for s, e in zip(asking, embs, strict=True) if e is not None]
+        ids, _ = self.cascade.prune(np.stack([e for _, e in ready]))
+        for (s, _), row in zip(ready, ids, strict=True):
+            s.refresh(row)
+        self.metrics.prune_batch.observe(len(ready))
 
     def _fail(self, s: Session, out: list[tuple[Session, dict]]) -> None:
         """A bug hit one session: log it, count it, end that session with an empty final

@@ -39,6 +39,10 @@ class WorkerMetrics:
         self.batch_size = Histogram(
             "midimatch_worker_batch_sessions", "Sessions processed together in one tick",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.prune_batch = Histogram(
+            "midimatch_worker_prune_batch_sessions",
+            "Sessions whose candidates one prune (matrix product) refreshed",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.sessions_claimed_total = Counter(
             "midimatch_worker_sessions_claimed_total", "Sessions taken, new ones", registry=r)
         self.sessions_reclaimed_total = Counter(

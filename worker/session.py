@@ -119,6 +119,8 @@ class Session:
         self.finalised = False  # the final result was produced
         self.verified_at = 0  # engine tick of the last verification (round-robin priority)
         self.change = ChangeDetector()
+        self.candidates = np.zeros(0, np.int64)  # the last prune's references, nearest first
+        self.prune_asked: float | None = None  # time.monotonic() of a pending refresh request
 
     # ------------------------------------------------------------------ audio in
     @property
@@ -283,10 +285,17 @@ class Session:
         sq = sum(e[1] for e in self._energy) + self._energy_now[1]
         return n > 0 and math.sqrt(sq / n) > 10.0 ** (SILENCE_DBFS / 20.0)
 
-    def verify(self, candidates: np.ndarray) -> Verified:
-        """Set the candidate set (prune order, (K,)) and extend the DTW; ranked as the offline
+    def refresh(self, candidates: np.ndarray) -> None:
+        """A new candidate set from the prune, (K,) reference numbers nearest first (kept ones
+        keep their DP state; newcomers are swept over the window at the next :meth:`verify`)."""
+        self.candidates = np.asarray(candidates, np.int64)
+        self.dtw.set_candidates(self.candidates)
+        self.prune_asked = None
+
+    def verify(self) -> Verified:
+        """Extend the candidates' DTW to the whole query; ranked as the offline
         ``Cascade.verify``: by score, ties in prune order."""
-        self.dtw.set_candidates(candidates)
+        candidates = self.candidates
         res = self.dtw.extend(self.query[:self.n_query])
         refs = self.dtw.refs
         sorter = np.argsort(candidates, kind="stable")

@@ -17,9 +17,10 @@ from worker.engine import Engine, EngineError, EngineSettings
 from worker.metrics import WorkerMetrics
 
 SR = 22050
-# Results must not depend on how fast this (shared, loaded) machine is: no budget in play,
-# except in the test of falling behind.
+# Results must not depend on how fast this (shared, loaded) machine is: no budget in play
+# (except in the test of falling behind) and no waiting to batch prunes.
 NO_BUDGET = 3600.0
+EXACT = {"tick_budget_s": NO_BUDGET, "prune_wait_s": 0.0}
 SONGS = range(20)  # indexed: generate_song(i, 30 s), titled song<i>
 UNSEEN = 40  # a song of the same kind that is not in the index
 # The shipped model separates these songs confidently when they are rendered by a real synth;
@@ -66,7 +67,7 @@ def stream(engine: Engine, sid: str, audio: np.ndarray, chunk_s: float, *,
 
 
 def one_stream(cascade: Cascade, audio: np.ndarray, chunk_s: float, **settings) -> list[dict]:
-    eng = Engine(cascade, EngineSettings(window_s=15.0, tick_budget_s=NO_BUDGET, **settings))
+    eng = Engine(cascade, EngineSettings(window_s=15.0, **{**EXACT, **settings}))
     eng.open("s", StreamParams(SR))
     return stream(eng, "s", audio, chunk_s)
 
@@ -91,7 +92,7 @@ def test_deferring_audio_changes_nothing_but_when_it_is_processed(cascade: Casca
     clip = audio_of(4, 0.0, 6.0)
     eager = one_stream(cascade, clip, 0.1, defer_audio=False)
     assert one_stream(cascade, clip, 0.1, defer_audio=True) == eager
-    eng = Engine(cascade, EngineSettings(tick_budget_s=NO_BUDGET))
+    eng = Engine(cascade, EngineSettings(**EXACT))
     eng.open("s", StreamParams(SR))
     eng.feed("s", clip[:SR // 2, None])
     assert eng.tick() == [] and eng._sessions["s"].consumed == 0  # half a period: kept queued
@@ -120,15 +121,14 @@ def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> N
 
 
 def test_t0_puts_results_in_stream_time(cascade: Cascade) -> None:
-    eng = Engine(cascade, EngineSettings(tick_budget_s=NO_BUDGET))
+    eng = Engine(cascade, EngineSettings(**EXACT))
     eng.open("late", StreamParams(SR), t0_s=100.0)
     results = stream(eng, "late", audio_of(1, 0.0, 4.0), 0.5)
     assert [r["audio_s"] for r in results] == pytest.approx([101, 102, 103, 104, 104])
 
 
 def _decisions(cascade: Cascade, clip: np.ndarray, change_s: float) -> tuple[dict, dict]:
-    eng = Engine(cascade, EngineSettings(window_s=10.0, change_s=change_s,
-                                         tick_budget_s=NO_BUDGET))
+    eng = Engine(cascade, EngineSettings(window_s=10.0, change_s=change_s, **EXACT))
     eng.open("s", StreamParams(SR))
     results = stream(eng, "s", clip, 0.5, end=False)
     decided = {r["audio_s"]: (r["decision"] or {}).get("title") for r in results}
@@ -176,7 +176,7 @@ def test_many_sessions_in_one_tick_equal_each_alone(cascade: Cascade) -> None:
     clips = {f"s{i}": audio_of(i, 2.0 * i, 2.0 * i + 8.0) for i in range(4)}
     alone = {sid: one_stream(cascade, a, 0.25) for sid, a in clips.items()}
     metrics = WorkerMetrics()
-    eng = Engine(cascade, EngineSettings(window_s=15.0, tick_budget_s=NO_BUDGET), metrics)
+    eng = Engine(cascade, EngineSettings(window_s=15.0, **EXACT), metrics)
     for sid in clips:
         eng.open(sid, StreamParams(SR))
     together: dict[str, list[dict]] = {sid: [] for sid in clips}
@@ -198,7 +198,7 @@ def test_many_sessions_in_one_tick_equal_each_alone(cascade: Cascade) -> None:
 def test_feeding_from_another_thread_while_ticking(cascade: Cascade) -> None:
     clip = audio_of(6, 0.0, 8.0)
     alone = one_stream(cascade, clip, 0.1)
-    eng = Engine(cascade, EngineSettings(window_s=15.0, tick_budget_s=NO_BUDGET))
+    eng = Engine(cascade, EngineSettings(window_s=15.0, **EXACT))
     eng.open("s", StreamParams(SR))
     n = SR // 10
 
@@ -223,6 +223,30 @@ def test_feeding_from_another_thread_while_ticking(cascade: Cascade) -> None:
     # a period that ends with the stream comes out once, as the final result
     assert set(mine) <= set(ref) and len(mine) >= len(ref) - 1
     assert all(mine[k] == ref[k] for k in mine)
+
+
+def test_prunes_are_batched_across_sessions(cascade: Cascade) -> None:
+    clips = {f"s{i}": audio_of(i, 0.0, 5.0) for i in range(3)}
+    counts = {}
+    for wait in (0.0, NO_BUDGET):
+        metrics = WorkerMetrics()
+        eng = Engine(cascade, EngineSettings(tick_budget_s=NO_BUDGET, prune_wait_s=wait),
+                     metrics)
+        for sid in clips:
+            eng.open(sid, StreamParams(SR))
+        results = []
+        for i in range(0, 5 * SR, SR // 2):
+            for sid, a in clips.items():
+                eng.feed(sid, a[i:i + SR // 2, None])
+            results += eng.tick()
+        # results at 1, 2 s are under the 2 s minimum (lookahead): searched at 3, 4, 5 s
+        assert len(results) == 15 and all(r["matches"] for _, r in results[6:])
+        hist = {s.name: s.value for s in metrics.prune_batch.collect()[0].samples}
+        counts[wait] = (hist["midimatch_worker_prune_batch_sessions_count"],
+                        hist["midimatch_worker_prune_batch_sessions_sum"])
+    # every result pruned afresh, or one prune for all three at their first searchable result
+    assert counts[0.0] == (3.0, 9.0)
+    assert counts[NO_BUDGET] == (1.0, 3.0)
 
 
 def test_falling_behind_is_visible_and_bounded(cascade: Cascade) -> None:
@@ -253,7 +277,7 @@ def test_falling_behind_is_visible_and_bounded(cascade: Cascade) -> None:
 
 @needs_synth
 def test_memory_per_session_is_bounded(cascade: Cascade) -> None:
-    eng = Engine(cascade, EngineSettings(window_s=30.0, tick_budget_s=NO_BUDGET))
+    eng = Engine(cascade, EngineSettings(window_s=30.0, **EXACT))
     eng.open("s", StreamParams(48000, channels=2))
     clip = audio_of(4, 0.0, 30.0)
     stereo = np.repeat(np.interp(np.arange(30 * 48000) * SR / 48000, np.arange(clip.shape[0]),

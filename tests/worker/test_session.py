@@ -112,7 +112,8 @@ def test_ranking_equals_offline_verify_including_ties(cascade: Cascade) -> None:
     s.add_hashes(query)
     for order in ([twin, p0, 1, 2], [p0, twin, 2, 1]):
         cand = np.array([r for r in order if r < len(titles)])
-        got, want = s.verify(cand), cascade.verify(query, cand)
+        s.refresh(cand)
+        got, want = s.verify(), cascade.verify(query, cand)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
         assert got.refs[0] == cand[0]  # equal scores keep the prune order
@@ -125,7 +126,8 @@ def test_result_message_shape_and_decision(cascade: Cascade) -> None:
     s.add_hashes(query)
     s.n_frames = 4 * query.shape[0]
     cand = np.arange(len(titles))
-    matches = cascade.confirm(query, cand, s.verify(cand), s.query_frames)
+    s.refresh(cand)
+    matches = cascade.confirm(query, cand, s.verify(), s.query_frames)
     results = [s.result(matches) for _ in range(s.decision.stable_results)]
     r = results[-1]
     assert set(r) == {"audio_s", "lag_s", "final", "matches", "decision"}
