@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker.bus import (
@@ -65,12 +66,35 @@ class InProcessBus(Bus):
         self.session_ttl_s, self.result_ttl_s = session_ttl_s, result_ttl_s
         self._sessions: dict[str, _Session] = {}
         self._workers: dict[str, tuple[float, int]] = {}  # id → (last heartbeat, capacity)
-        self._changed = asyncio.Condition()
+        # Waiters are plain futures resolved on every change; no lock, and no asyncio.wait_for,
+        # which on CPython 3.11 can swallow a cancellation that arrives as the wait completes
+        # (a cancelled reader then kept waiting); an asyncio.Condition under wait_for also left
+        # later waiters unwoken after a cancellation (seen in the gateway's tests).
+        self._waiters: set[asyncio.Future] = set()
         self._ids = itertools.count(1)
 
     async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        waiters, self._waiters = self._waiters, set()
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    async def _wait_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Return once ``ready()`` holds (checked after every change) or ``timeout_s`` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not ready():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            waiter = loop.create_future()
+            self._waiters.add(waiter)
+            timer = loop.call_later(left, lambda f=waiter: f.done() or f.set_result(None))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiters.discard(waiter)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -145,11 +169,7 @@ class InProcessBus(Bus):
         out = pending()
         if out or timeout_s <= 0:
             return out
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: bool(pending())), timeout_s)
-            except asyncio.TimeoutError:
-                pass
+        await self._wait_until(lambda: bool(pending()), timeout_s)
         return pending()
 
     async def capacity(self) -> Capacity:
@@ -174,12 +194,7 @@ class InProcessBus(Bus):
         self._expire()
         found = claimable()
         if not found and block_s > 0:
-            async with self._changed:
-                try:
-                    await asyncio.wait_for(self._changed.wait_for(lambda: bool(claimable())),
-                                           block_s)
-                except asyncio.TimeoutError:
-                    pass
+            await self._wait_until(lambda: bool(claimable()), block_s)
             found = claimable()
         claims = []
         for sid, s in found:

@@ -202,6 +202,33 @@ async def test_results_order_resume_and_wait(bus: Bus) -> None:
         await bus.read_results("nope", "0", timeout_s=0)
 
 
+async def test_cancelled_waiters_end_at_once_and_stall_no_one(bus: Bus) -> None:
+    # A client that goes away cancels its reader, often just as a result arrives. The cancelled
+    # readers must end at once (a first version of the lock-free wait, an Event under
+    # asyncio.wait_for, swallowed such cancellations on CPython 3.11 and waited out the full
+    # timeout) and later readers must still be woken.
+    sid = await bus.create_session(P)
+    for _ in range(3):
+        readers = [asyncio.create_task(bus.read_results(sid, "9999999999999-0", timeout_s=30.0))
+                   for _ in range(3)]
+        claimer = asyncio.create_task(bus.claim("x", 1, block_s=30.0))
+        await asyncio.sleep(0.05)
+        publish = asyncio.create_task(bus.publish_result(sid, {"audio_s": 1.0}))
+        await asyncio.sleep(0)  # the publish runs up to its wake-up, then the cancellations land
+        for t in [*readers, claimer]:
+            t.cancel()
+        done, pending = await asyncio.wait([*readers, claimer], timeout=2.0)
+        assert not pending, "a cancelled waiter kept waiting"
+        await publish
+    waiter = asyncio.create_task(bus.read_results(sid, "0", timeout_s=5.0))
+    assert len(await asyncio.wait_for(waiter, 2.0)) == 3
+    late = asyncio.create_task(bus.read_results(sid, (await bus.read_results(sid, "0"))[-1][0],
+                                                timeout_s=5.0))
+    await asyncio.sleep(0.05)
+    rid = await bus.publish_result(sid, {"audio_s": 2.0})
+    assert await asyncio.wait_for(late, 2.0) == [(rid, {"audio_s": 2.0})]
+
+
 async def test_retention_keeps_the_newest_window(make_bus: Callable[..., Bus]) -> None:
     bus = make_bus(retain_s=1.0, max_results=20)
     sid = await bus.create_session(P)
