@@ -111,9 +111,16 @@ class Stream {
 
 let capture = null; // {ctx, node, source, media, stream}
 
-async function startCapture(label, connectSource) {
+// The service computes its features at 22,050 Hz: capturing at that rate halves the upload and
+// the audio each session keeps in Redis (bench/bus_memory.py: 1.17 MB per session at 22.05 kHz,
+// 2.19 MB at 44.1/48 kHz). A browser that cannot mix rates (Firefox with a microphone) gets its
+// own rate instead; the server accepts 8-96 kHz.
+const CAPTURE_RATE = 22050;
+
+async function startCapture(label, connectSource, rate = CAPTURE_RATE) {
   if (capture) await stopCapture();
-  const ctx = new AudioContext();
+  let ctx;
+  try { ctx = new AudioContext(rate ? { sampleRate: rate } : {}); } catch (e) { ctx = new AudioContext(); }
   await ctx.audioWorklet.addModule("/static/worklet.js");
   const node = new AudioWorkletNode(ctx, "pcm-tap", { numberOfInputs: 1, numberOfOutputs: 1 });
   const mute = ctx.createGain(); // keeps the worklet pulled without playing the microphone
@@ -125,7 +132,15 @@ async function startCapture(label, connectSource) {
   capture = { ctx, node, stream: s };
   clearResults();
   $("stop").disabled = false;
-  await connectSource(ctx, node, capture);
+  try {
+    await connectSource(ctx, node, capture);
+  } catch (e) {
+    if (e && e.name === "NotSupportedError" && rate) {
+      await stopCapture();
+      return startCapture(label, connectSource, null);
+    }
+    throw e;
+  }
   if (ctx.state === "suspended") await ctx.resume();
 }
 

@@ -60,6 +60,8 @@ def test_microphone_identifies_the_piece(server, collection):
             assert title == TARGET, page.inner_text("#ranking")
             assert "position" in page.inner_text("#decision-detail")
             assert page.is_visible("#progress")
+            # captured at the service's own rate (half the Redis memory of 44.1/48 kHz)
+            assert "streaming at 22050 Hz" in page.inner_text("#status")
         finally:
             b.close()
 
