@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"condition/length cells for the baseline (default {BASELINE_CELLS})")
     r.add_argument("--json", type=Path, dest="json_out", help="write the report here")
     r.add_argument("--outcomes", type=Path, help="write every query's outcome here (JSON)")
+    r.add_argument("--rescore", action="store_true",
+                   help="search nothing: recompute the figures of the --json report from its "
+                   "--outcomes file (after a change to how figures are computed)")
     r.add_argument("--save-calibration", type=Path, metavar="PATH",
                    help="store a calibration fitted on ALL queries of this run in PATH")
     p.set_defaults(func=_eval)
@@ -113,13 +116,63 @@ def _select(queries: list[dict], args: argparse.Namespace) -> list[int]:
     return keep
 
 
+def _calibrations(report: dict, outcomes: list[dict]) -> None:
+    from index.evaluate import calibrate_halves
+    from model.errors import MidimatchError
+
+    for key, by_length in (("calibration_halves", False), ("calibration_halves_by_length", True)):
+        try:
+            report[key] = calibrate_halves(outcomes, report["model_id"], by_length=by_length)
+        except MidimatchError as e:  # too few pieces for two halves: say so, keep the rest
+            report[key + "_skipped"] = e.message
+            print(f"{key} skipped: {e.message}", file=sys.stderr)
+
+
+def _print_calibration(report: dict) -> None:
+    for name, r in report.get("calibration_halves", {}).items():
+        t = r["test"]["all"]
+        print(f"one threshold, {name}: {r['threshold']:.3f} → on the other half "
+              f"recall {_p(t['recall'])} %, false-confident {_p(t['false_confident'])} %, "
+              f"confident-wrong {_p(t['confident_wrong'])} %")
+    for length, halves in report.get("calibration_halves_by_length", {}).items():
+        for name, r in halves.items():
+            t = r["test"]["all"]
+            print(f"{length} threshold, {name}: {r['threshold']:.3f} → other half recall "
+                  f"{_p(t['recall'])} %, false-confident {_p(t['false_confident'])} %")
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    from index.evaluate import format_table, query_time, summarize
+
+    if not (args.json_out and args.outcomes):
+        raise SystemExit("midimatch eval --rescore needs --json REPORT and --outcomes FILE")
+    report = json.loads(args.json_out.read_text())
+    outcomes = json.loads(args.outcomes.read_text())
+    for o in outcomes:
+        if "stage_s" in o:
+            o["time_s"] = query_time(o["stage_s"], o.get("batch_n", args.batch))
+        for k in ("rank", "prune_rank"):
+            if isinstance(o.get(k), str):
+                o[k] = float(o[k])
+    top_k = report.get("config", {}).get("top_k", args.top_k)
+    report["summary"] = summarize(outcomes, top_k=top_k)
+    report["rescored_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _calibrations(report, outcomes)
+    base = report.get("baseline", {}).get("summary")
+    print(format_table(report["summary"], base, top_k=top_k))
+    _print_calibration(report)
+    _write(args, report, outcomes)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.rescore:
+        return _rescore(args)
     import torch
 
     from index.evalset import load_queries
     from index.evaluate import (
         baseline_subset,
-        calibrate_halves,
         format_table,
         run_baseline,
         run_cascade,
@@ -127,7 +180,6 @@ def _run(args: argparse.Namespace) -> int:
         true_refs,
     )
     from index.search import Cascade, CascadeConfig
-    from model.errors import MidimatchError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,11 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         "n_queries": len(queries), "wall_s": wall,
         "summary": summary,
     }
-    try:
-        report["calibration_halves"] = calibrate_halves(outcomes, cascade.encoder.model_id)
-    except MidimatchError as e:  # too few pieces for two halves: say so, keep the rest
-        report["calibration_halves_skipped"] = e.message
-        print(f"calibration on halves skipped: {e.message}", file=sys.stderr)
+    _calibrations(report, outcomes)
     _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline
     base = None
     if args.baseline > 0:
@@ -180,12 +228,7 @@ def _run(args: argparse.Namespace) -> int:
                               summarize([outcomes[i] for i in chosen], top_k=args.top_k),
                               "outcomes": base_out}
     print(format_table(summary, base, top_k=args.top_k))
-    if "calibration_halves" in report:
-        for name, r in report["calibration_halves"].items():
-            t = r["test"]["all"]
-            print(f"calibration {name}: threshold {r['threshold']:.3f} → on the other half "
-                  f"recall {_p(t['recall'])} %, false-confident {_p(t['false_confident'])} %, "
-                  f"confident-wrong {_p(t['confident_wrong'])} %")
+    _print_calibration(report)
     if args.save_calibration:
         from index.decision import calibrate, save_calibration
 

@@ -15,8 +15,8 @@ batch) and records one outcome per query; :func:`summarize` turns outcomes into 
 * **false-confident rate**: out-of-collection queries that came back *identified* (with the
   cascade's loaded calibration); in the collection, ``confident_wrong`` is the same for a
   confident wrong answer;
-* **time per query**: the cascade's own ``timings_s["total"]`` (encode + prune share + verify +
-  confirm), seconds.
+* **time per query**: from the cascade's own ``timings_s``: encode + verify + confirm + the
+  query's share of its batch's prune (:func:`query_time`), seconds.
 
 :func:`calibrate_halves` checks the decision rule honestly: it splits the query *pieces* in two
 by a hash of their path, calibrates the threshold on one half (:func:`index.decision.calibrate`,
@@ -76,7 +76,20 @@ def rank_in_matches(matches: Sequence[Any], true_ref: int) -> float:
     return float(1 + ahead)
 
 
-def _outcome(q: dict, true: int | None, res: Any, cand: np.ndarray) -> dict[str, Any]:
+def query_time(timings_s: dict, batch_n: int) -> float:
+    """Seconds one query costs: encode + verify + confirm + its share of the batch's prune.
+
+    (``SearchResult.timings_s["prune"]`` is the whole batch's matrix product, counted in every
+    result of the batch; a per-query time divides it by the batch size.)
+    """
+    t = timings_s
+    if not all(k in t for k in ("encode", "prune", "verify", "confirm")):
+        return float(t.get("total", math.nan))
+    return float(t["encode"] + t["prune"] / max(1, batch_n) + t["verify"] + t["confirm"])
+
+
+def _outcome(q: dict, true: int | None, res: Any, cand: np.ndarray,
+             batch_n: int = 1) -> dict[str, Any]:
     top = res.matches[0] if res.matches else None
     rec: dict[str, Any] = {
         "kind": q["kind"], "condition": q["condition"], "length_s": q["length_s"],
@@ -84,8 +97,9 @@ def _outcome(q: dict, true: int | None, res: Any, cand: np.ndarray) -> dict[str,
         "top1_ref": None if top is None else top.ref,
         "top1_confidence": 0.0 if top is None else float(top.confidence),
         "identified_ref": None if res.identified is None else res.identified.ref,
-        "time_s": float(res.timings_s.get("total", math.nan)),
+        "time_s": query_time(res.timings_s, batch_n),
         "stage_s": {k: float(v) for k, v in res.timings_s.items()},
+        "batch_n": batch_n,
     }
     if true is not None:
         rec["rank"] = rank_in_matches(res.matches, true)
@@ -128,7 +142,7 @@ def run_cascade(cascade: Any, queries: Sequence[dict], frames: Sequence[np.ndarr
         for j, res in enumerate(results):
             res.timings_s["encode"] = t_enc
             res.timings_s["total"] = res.timings_s.get("total", 0.0) + t_enc
-            out.append(_outcome(queries[lo + j], refs_of[lo + j], res, ids[j]))
+            out.append(_outcome(queries[lo + j], refs_of[lo + j], res, ids[j], hi - lo))
         bar.update(hi - lo)
     bar.close()
     return out
@@ -239,16 +253,28 @@ def piece_half(piece: str) -> int:
 
 
 def calibrate_halves(outcomes: Sequence[dict], model_id: str, *,
-                     max_false_rate: float = 0.01) -> dict[str, Any]:
+                     max_false_rate: float = 0.01, by_length: bool = False) -> dict[str, Any]:
     """Calibrate on one half of the pieces, measure on the other, both ways round.
+
+    Parameters
+    ----------
+    by_length : bool
+        Fit one threshold per clip length (each on that length's queries of the fitting half)
+        instead of one for all lengths together.
 
     Returns
     -------
     dict
         Per direction ``"fit0_test1"`` / ``"fit1_test0"``: the fitted ``threshold``, its
         ``fit_recall`` / ``fit_false_rate``, and on the other half overall and per length
-        ``recall`` (confident and right), ``false_confident`` and ``confident_wrong``.
+        ``recall`` (confident and right), ``false_confident`` and ``confident_wrong``. With
+        ``by_length``: ``{"<length>s": that dict}`` for each length.
     """
+    if by_length:
+        lengths = sorted({o["length_s"] for o in outcomes})
+        return {f"{x:g}s": calibrate_halves([o for o in outcomes if o["length_s"] == x],
+                                            model_id, max_false_rate=max_false_rate)
+                for x in lengths}
     from index.decision import calibrate
 
     out: dict[str, Any] = {}
