@@ -11,7 +11,8 @@ chunking), then
    head pass) are pruned together, in ONE matrix product (:meth:`index.search.Cascade.prune`),
    with the requests of the last ``prune_wait_s``: the product reads every window embedding of
    the index (10,000 references: 240k × 128 float32, 120 MB), so one query costs about what
-   fifty do; meanwhile a due session verifies against its previous candidates;
+   fifty do; that product runs on the engine's prune thread (the second core) while ticks go
+   on, and a due session verifies against its previous candidates meanwhile;
 4. **verify**: each due session's candidate hash-DTW is extended by its new hash frames
    (newcomers swept over the retained window; a numba kernel parallel over candidates);
 5. **confirm**: the cascade's confirm ranks and scores the best, and the session's
@@ -52,6 +53,7 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +181,8 @@ class Engine:
             change_hashes=int(round(settings.change_s * FRAME_RATE)) // 4)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # the prune thread, made when needed
+        self._background: tuple[list[Session], Future] | None = None  # a prune running there
         self._ticks = 0
         self._verified_in_tick = False
 
@@ -366,25 +370,75 @@ class Engine:
         return degraded
 
     def _prune(self, due: list[Session]) -> None:
-        """Refresh candidate sets: the due sessions ask; one matrix product serves every session
-        that asked, once the oldest request is ``prune_wait_s`` old (or a session has no
-        candidates yet, or is final). Until then results use the previous candidates."""
+        """Refresh candidate sets (module docstring, stage 3): the due sessions ask.
+
+        ``prune_wait_s == 0``: every asking session is pruned now, in this thread. Otherwise a
+        session without candidates is pruned now (its first search cannot wait), and the
+        others' requests go, once the oldest is ``prune_wait_s`` old, into one product on the
+        engine's prune thread (the second core), applied by the first tick after it finished;
+        meanwhile results use the previous candidates.
+        """
         now = time.monotonic()
         for s in due:
             if s.prune_asked is None:
                 s.prune_asked = now
+        self._collect_prune()
+        if self.settings.prune_wait_s <= 0:
+            with self._lock:
+                asking = [s for s in self._sessions.values() if s.prune_asked is not None]
+            self._refresh(*self._prune_now(asking))
+            return
+        first = [s for s in due if s.candidates.size == 0]
+        if first:
+            self._refresh(*self._prune_now(first))
+        if self._background is not None:
+            return
         with self._lock:
             asking = [s for s in self._sessions.values() if s.prune_asked is not None]
-        oldest = min(s.prune_asked for s in asking)
-        if not (now - oldest >= self.settings.prune_wait_s
-                or any(s.flushed or s.candidates.size == 0 for s in due)):
+        if asking and now - min(s.prune_asked for s in asking) >= self.settings.prune_wait_s:
+            sessions, emb = self._embed(asking)
+            if sessions:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="prune")
+                self._background = (sessions, self._executor.submit(self._timed_prune, emb))
+
+    def _embed(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray]:
+        embs = embeddings(self.encoder, [s.embedder for s in sessions])
+        ready = [(s, e) for s, e in zip(sessions, embs, strict=True) if e is not None]
+        return [s for s, _ in ready], np.stack([e for _, e in ready]) if ready else np.zeros(0)
+
+    def _prune_now(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray]:
+        sessions, emb = self._embed(sessions)
+        return sessions, (self.cascade.prune(emb)[0] if sessions else np.zeros((0, 0)))
+
+    def _timed_prune(self, emb: np.ndarray) -> tuple[np.ndarray, float]:
+        t = time.perf_counter()
+        ids, _ = self.cascade.prune(emb)
+        return ids, time.perf_counter() - t
+
+    def _collect_prune(self) -> None:
+        """Apply the background prune's candidates if it has finished (to sessions still held)."""
+        if self._background is None or not self._background[1].done():
             return
-        embs = embeddings(self.encoder, [s.embedder for s in asking])
-        ready = [(s, e) for s, e in zip(asking, embs, strict=True) if e is not None]
-        ids, _ = self.cascade.prune(np.stack([e for _, e in ready]))
-        for (s, _), row in zip(ready, ids, strict=True):
+        sessions, future = self._background
+        self._background = None
+        try:
+            ids, seconds = future.result()
+        except Exception:
+            logger.exception("background prune failed")
+            self.metrics.errors_total.labels("internal").inc()
+            return
+        self.metrics.stage_seconds.labels("prune").observe(seconds)
+        with self._lock:
+            alive = [(s, row) for s, row in zip(sessions, ids, strict=True)
+                     if self._sessions.get(s.id) is s and not s.finalised]
+        self._refresh([s for s, _ in alive], np.array([row for _, row in alive]))
+
+    def _refresh(self, sessions: list[Session], ids: np.ndarray) -> None:
+        for s, row in zip(sessions, ids, strict=True):
             s.refresh(row)
-        self.metrics.prune_batch.observe(len(ready))
+        if sessions:
+            self.metrics.prune_batch.observe(len(sessions))
 
     def _fail(self, s: Session, out: list[tuple[Session, dict]]) -> None:
         """A bug hit one session: log it, count it, end that session with an empty final

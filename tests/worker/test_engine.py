@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -241,12 +242,34 @@ def test_prunes_are_batched_across_sessions(cascade: Cascade) -> None:
             results += eng.tick()
         # results at 1, 2 s are under the 2 s minimum (lookahead): searched at 3, 4, 5 s
         assert len(results) == 15 and all(r["matches"] for _, r in results[6:])
-        hist = {s.name: s.value for s in metrics.prune_batch.collect()[0].samples}
-        counts[wait] = (hist["midimatch_worker_prune_batch_sessions_count"],
-                        hist["midimatch_worker_prune_batch_sessions_sum"])
+        counts[wait] = prunes(metrics)
     # every result pruned afresh, or one prune for all three at their first searchable result
     assert counts[0.0] == (3.0, 9.0)
     assert counts[NO_BUDGET] == (1.0, 3.0)
+
+
+def prunes(metrics: WorkerMetrics) -> tuple[float, float]:
+    """(prunes made, sessions refreshed in all) from the prune-batch histogram."""
+    hist = {s.name: s.value for s in metrics.prune_batch.collect()[0].samples}
+    return (hist["midimatch_worker_prune_batch_sessions_count"],
+            hist["midimatch_worker_prune_batch_sessions_sum"])
+
+
+def test_background_prune_refreshes_candidates(cascade: Cascade) -> None:
+    metrics = WorkerMetrics()
+    eng = Engine(cascade, EngineSettings(tick_budget_s=NO_BUDGET, prune_wait_s=1e-6), metrics)
+    clip = audio_of(2, 0.0, 8.0)
+    eng.open("s", StreamParams(SR))
+    results = stream(eng, "s", clip[:6 * SR], 0.5, end=False)
+    for _ in range(500):  # let the prune thread finish and a tick collect it
+        if eng._background is None and prunes(metrics)[0] >= 2:
+            break
+        time.sleep(0.01)
+        eng.tick()
+    assert prunes(metrics)[0] >= 2  # the first (in the tick) and one from the prune thread
+    results += stream(eng, "s", clip[6 * SR:], 0.5)
+    assert [r["audio_s"] for r in results] == pytest.approx([1, 2, 3, 4, 5, 6, 7, 8, 8])
+    assert results[-1]["matches"][0]["title"] == "song2"
 
 
 def test_falling_behind_is_visible_and_bounded(cascade: Cascade) -> None:
