@@ -115,9 +115,9 @@ class ChromaMatcher:
         keys = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
         known: dict[str, np.ndarray] = {}
         if cache is not None and Path(cache).is_file():
-            with np.load(cache) as z:
-                known = {k: z["chroma"][a:b] for k, a, b in
-                         zip(z["keys"].tolist(), z["offsets"][:-1], z["offsets"][1:], strict=True)}
+            with np.load(cache) as z:  # each z[...] reads the array again: read each once
+                stored, offs, names = z["chroma"], z["offsets"], z["keys"].tolist()
+            known = {k: stored[a:b] for k, a, b in zip(names, offs[:-1], offs[1:], strict=True)}
         parts, changed = [], False
         for path, key in zip(paths, keys, strict=True):
             if key not in known:

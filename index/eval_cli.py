@@ -141,6 +141,27 @@ def _print_calibration(report: dict) -> None:
                   f"{_p(t['recall'])} %, false-confident {_p(t['false_confident'])} %")
 
 
+def _baseline(args: argparse.Namespace, report: dict, refs: list[dict], queries: list[dict],
+              frames: list, refs_of: list, outcomes: list[dict]) -> dict | None:
+    """Run the chroma baseline on ``--baseline`` queries per cell; add it to ``report``."""
+    if args.baseline <= 0:
+        return None
+    from index.baseline import ChromaMatcher
+    from index.evaluate import baseline_subset, run_baseline, summarize
+
+    matcher = ChromaMatcher.build([r["path"] for r in refs], _root(args) / "chroma_cache.npz")
+    cells = [(c.split("/")[0], float(c.split("/")[1])) for c in args.baseline_cells.split(",")]
+    chosen = baseline_subset(queries, cells, args.baseline)
+    base_out = run_baseline(matcher, queries, frames, refs_of, chosen,
+                            progress=not args.no_progress)
+    base = summarize(base_out)
+    # the cascade on exactly the baseline's queries, for a like-for-like comparison
+    report["baseline"] = {"summary": base, "cascade_same_queries":
+                          summarize([outcomes[i] for i in chosen], top_k=args.top_k),
+                          "outcomes": base_out}
+    return base
+
+
 def _rescore(args: argparse.Namespace) -> int:
     from index.evaluate import format_table, query_time, summarize
 
@@ -158,6 +179,22 @@ def _rescore(args: argparse.Namespace) -> int:
     report["summary"] = summarize(outcomes, top_k=top_k)
     report["rescored_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _calibrations(report, outcomes)
+    if args.baseline > 0:  # the baseline on the same queries the saved outcomes came from
+        from index.evalset import load_queries
+        from index.evaluate import true_refs
+        from index.store import load_index
+
+        queries, frames = load_queries(args.queries or _root(args) / "queries")
+        keep = _select(queries, args)
+        queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]
+        if len(queries) != len(outcomes) or any(
+                q["piece"] != o["piece"] or q["length_s"] != o["length_s"]
+                for q, o in zip(queries, outcomes, strict=True)):
+            raise SystemExit("midimatch eval --rescore: the outcomes are not of these queries "
+                             "(give the same --lengths/--conditions/--max-pieces as their run)")
+        refs = load_index(report["index"]).refs
+        _baseline(args, report, refs, queries, frames, true_refs(refs, queries), outcomes)
+        _write(args, report, outcomes)
     base = report.get("baseline", {}).get("summary")
     print(format_table(report["summary"], base, top_k=top_k))
     _print_calibration(report)
@@ -171,14 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from index.evalset import load_queries
-    from index.evaluate import (
-        baseline_subset,
-        format_table,
-        run_baseline,
-        run_cascade,
-        summarize,
-        true_refs,
-    )
+    from index.evaluate import format_table, run_cascade, summarize, true_refs
     from index.search import Cascade, CascadeConfig
 
     if args.threads:
@@ -212,21 +242,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     _calibrations(report, outcomes)
     _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline
-    base = None
-    if args.baseline > 0:
-        from index.baseline import ChromaMatcher
-
-        matcher = ChromaMatcher.build([r["path"] for r in cascade.index.refs],
-                                      root / "chroma_cache.npz")
-        cells = [(c.split("/")[0], float(c.split("/")[1])) for c in args.baseline_cells.split(",")]
-        chosen = baseline_subset(queries, cells, args.baseline)
-        base_out = run_baseline(matcher, queries, frames, refs_of, chosen,
-                                progress=not args.no_progress)
-        base = summarize(base_out)
-        # the cascade on exactly the baseline's queries, for a like-for-like comparison
-        report["baseline"] = {"summary": base, "cascade_same_queries":
-                              summarize([outcomes[i] for i in chosen], top_k=args.top_k),
-                              "outcomes": base_out}
+    base = _baseline(args, report, cascade.index.refs, queries, frames, refs_of, outcomes)
     print(format_table(summary, base, top_k=args.top_k))
     _print_calibration(report)
     if args.save_calibration:
