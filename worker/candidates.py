@@ -96,6 +96,11 @@ class CandidateDTW:
         self._m = 0  # query rows applied to the kept candidates
 
     @property
+    def hash_offsets(self) -> np.ndarray:
+        """The index's (R + 1,) offsets of each reference's hashes."""
+        return self._offsets
+
+    @property
     def n_candidates(self) -> int:
         return int(self.refs.shape[0])
 

@@ -109,6 +109,10 @@ class EngineSettings:
         A session's candidate refresh may wait this long (wall time) to share one prune with
         other sessions' (module docstring); meanwhile its results use the candidates of its
         previous prune. 0: every due session is pruned in the tick it falls due.
+    max_candidate_frames : int
+        A session's candidates are cut, in prune order, where their hash frames reach this
+        (the DP keeps 8 bytes per reference frame: 150,000 frames = 1.2 MB, the largest part of
+        the ≤ 2 MB a session may use; 100 typical candidates hold ~70,000).
     """
 
     window_s: float = 10.0
@@ -123,6 +127,7 @@ class EngineSettings:
     torch_threads: int | None = 1
     defer_audio: bool = True
     prune_wait_s: float = 0.5
+    max_candidate_frames: int = 150_000
 
     def __post_init__(self) -> None:
         checks = {
@@ -137,6 +142,7 @@ class EngineSettings:
             "change_s": 0 <= self.change_s <= self.window_s / 2,
             "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
             "prune_wait_s": self.prune_wait_s >= 0,
+            "max_candidate_frames": self.max_candidate_frames >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -178,7 +184,8 @@ class Engine:
             window_hashes=settings.window_hashes,
             slack_hashes=int(round(settings.slack_s * FRAME_RATE)) // 4,
             result_every_s=settings.result_every_s, max_pending_s=settings.max_pending_s,
-            change_hashes=int(round(settings.change_s * FRAME_RATE)) // 4)
+            change_hashes=int(round(settings.change_s * FRAME_RATE)) // 4,
+            max_candidate_frames=settings.max_candidate_frames)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # the prune thread, made when needed

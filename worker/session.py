@@ -60,6 +60,7 @@ class SessionConfig:
     result_every_s: float
     max_pending_s: float
     change_hashes: int  # recent hash frames checked against the top match (0: no check)
+    max_candidate_frames: int = 150_000  # hash frames of all candidates' DP rows together
 
 
 class Session:
@@ -287,8 +288,17 @@ class Session:
 
     def refresh(self, candidates: np.ndarray) -> None:
         """A new candidate set from the prune, (K,) reference numbers nearest first (kept ones
-        keep their DP state; newcomers are swept over the window at the next :meth:`verify`)."""
-        self.candidates = np.asarray(candidates, np.int64)
+        keep their DP state; newcomers are swept over the window at the next :meth:`verify`).
+
+        The set is cut, in prune order, where the candidates' hash frames reach
+        ``max_candidate_frames`` (at least one is kept): their DP rows are 8 bytes a frame, and
+        100 candidates of 6-minute pieces would hold 1.6 MB.
+        """
+        cand = np.asarray(candidates, np.int64)
+        offsets = self.dtw.hash_offsets
+        total = np.cumsum(np.asarray(offsets[cand + 1] - offsets[cand], np.int64))
+        keep = max(1, int(np.searchsorted(total, self.config.max_candidate_frames, "right")))
+        self.candidates = cand[:keep]
         self.dtw.set_candidates(self.candidates)
         self.prune_asked = None
 

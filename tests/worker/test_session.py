@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -117,6 +118,21 @@ def test_ranking_equals_offline_verify_including_ties(cascade: Cascade) -> None:
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
         assert got.refs[0] == cand[0]  # equal scores keep the prune order
+
+
+def test_candidates_are_cut_at_the_frame_budget(cascade: Cascade) -> None:
+    lengths = np.diff(np.asarray(cascade.index.hash_offsets))
+    order = np.argsort(lengths)[::-1]  # longest first, as a prune might rank them
+    budget = int(lengths[order[0]] + lengths[order[1]])
+    s = Session("s", StreamParams(SR), cascade,
+                dataclasses.replace(CONFIG, max_candidate_frames=budget), 0.0)
+    s.refresh(order)
+    np.testing.assert_array_equal(s.candidates, order[:2])  # the two nearest fill the budget
+    np.testing.assert_array_equal(np.sort(s.dtw.refs), np.sort(order[:2]))
+    tiny = Session("t", StreamParams(SR), cascade,
+                   dataclasses.replace(CONFIG, max_candidate_frames=1), 0.0)
+    tiny.refresh(order)
+    assert tiny.candidates.tolist() == [order[0]]  # never none
 
 
 def test_result_message_shape_and_decision(cascade: Cascade) -> None:
