@@ -1,19 +1,21 @@
 """The baseline a user would pick instead of learned hashes: chroma + subsequence DTW, exhaustively.
 
-Both sides become 12-bin chroma: the 48 CQT bins (MIDI 36 = C2 upwards, four whole octaves)
-folded onto pitch classes and L2-normalised per frame. The query is the audio's CQT
-(:func:`model.features.audio_to_frames`); a reference is its MIDI rendered by the same fast note
-render the index uses (:func:`model.fastrender.midi_to_frames_fast`). The query is aligned to
-**every** reference by subsequence DTW on the cosine distance (:func:`index.align.cosine_distance`,
-:func:`index.align.subsequence_dtw`, free start, end past the gully) and references are ranked by
-normalised cost, cost / path length (lower is better). No pruning, no learning: its accuracy is
-what the learned cascade has to beat, and its time per query is what pruning saves.
+Both sides become 12-bin chroma: the 48 CQT bins (MIDI 36 = C2 upwards, four whole octaves),
+back from log to magnitude, folded onto pitch classes and L2-normalised per frame. The query is
+the audio's CQT (:func:`model.features.audio_to_frames`); a reference is its MIDI rendered by
+the fast note render the index uses (:func:`model.fastrender.midi_to_frames_fast`). The query
+is aligned to **every** reference by subsequence DTW on the cosine distance
+(:func:`index.align.cosine_distance`, :func:`index.align.subsequence_dtw`: free start, end past
+the gully) and references are ranked by normalised cost, cost / path length (lower is better).
+No pruning, no learning: its accuracy is what the learned cascade has to beat, and its time per
+query is what pruning saves.
 
 φ (the penalty per non-diagonal move) is Raffel's median distance, taken once per query against
 an even sample of the collection's frames rather than per reference (a median per reference
 costs more than its DTW).
 
-Reference chroma is computed once and cached in one ``.npz`` keyed by the files' SHA-256
+Reference chroma is computed once and cached in one ``.npz`` keyed by the files' SHA-256 and
+:data:`CHROMA_VERSION`
 (:meth:`ChromaMatcher.build`), so a second run only reads it.
 """
 
@@ -31,16 +33,42 @@ from model.errors import MidimatchError
 from model.features import FRAME_RATE, N_BINS
 
 N_CHROMA = 12
+CHROMA_VERSION = "mag1"  # part of the cache key: chroma made another way is recomputed
 _PENALTY_SAMPLE = 20_000  # reference frames the per-query median penalty is taken over
 
 
-def frames_to_chroma(frames: np.ndarray) -> np.ndarray:
-    """Fold CQT frames onto the 12 pitch classes and L2-normalise each frame.
+def frames_to_magnitude(frames: np.ndarray) -> np.ndarray:
+    """Undo :func:`model.features.log_normalize` up to a gain per frame.
+
+    A frame holds ``v = dB above a floor 80 dB under its peak``, L2-normalised, so its largest
+    bin is the peak: ``|C| / peak = 10 ** (4 (v / v.max() - 1))`` (exact for frames louder than
+    the absolute floor). Bins at the floor (``v = 0``) become 0.
 
     Parameters
     ----------
     frames : np.ndarray, shape (T, 48), float
-        CQT frames, bin b = MIDI note 36 + b (so bin b has pitch class b mod 12, C = 0).
+
+    Returns
+    -------
+    np.ndarray, shape (T, 48), float32, in [0, 1]; the peak bin of a non-silent frame is 1.
+    """
+    frames = np.asarray(frames, dtype=np.float32)
+    peak = frames.max(axis=1, keepdims=True, initial=0.0)
+    rel = np.divide(frames, peak, out=np.zeros_like(frames), where=peak > 0)
+    return np.where(frames > 0, 10.0 ** (4.0 * (rel - 1.0)), 0.0).astype(np.float32)
+
+
+def frames_to_chroma(frames: np.ndarray) -> np.ndarray:
+    """Fold CQT frames onto the 12 pitch classes, in magnitude, and L2-normalise each frame.
+
+    Chroma sums *magnitudes* per pitch class (:func:`frames_to_magnitude` first): folding the
+    log frames themselves gives nearly flat vectors (every bin sits up to 80 dB above the
+    floor), which on the evaluation set ranked the true piece first for 1 query in 10.
+
+    Parameters
+    ----------
+    frames : np.ndarray, shape (T, 48), float
+        Log-normalised CQT frames, bin b = MIDI note 36 + b (pitch class b mod 12, C = 0).
 
     Returns
     -------
@@ -50,7 +78,8 @@ def frames_to_chroma(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames, dtype=np.float32)
     if frames.ndim != 2 or frames.shape[1] != N_BINS:
         raise ValueError(f"frames must have shape (T, {N_BINS}), got {frames.shape}")
-    chroma = frames.reshape(frames.shape[0], N_BINS // N_CHROMA, N_CHROMA).sum(axis=1)
+    mag = frames_to_magnitude(frames)
+    chroma = mag.reshape(frames.shape[0], N_BINS // N_CHROMA, N_CHROMA).sum(axis=1)
     norm = np.linalg.norm(chroma, axis=1, keepdims=True)
     return chroma / np.where(norm > 0, norm, 1.0)
 
@@ -112,7 +141,8 @@ class ChromaMatcher:
         """
         from model.midi import load_notes, midi_to_frames_fast
 
-        keys = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+        keys = [f"{CHROMA_VERSION}-{hashlib.sha256(Path(p).read_bytes()).hexdigest()}"
+                for p in paths]
         known: dict[str, np.ndarray] = {}
         if cache is not None and Path(cache).is_file():
             with np.load(cache) as z:  # each z[...] reads the array again: read each once

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.baseline import ChromaMatcher, frames_to_chroma, rank_of
+from index.baseline import ChromaMatcher, frames_to_chroma, frames_to_magnitude, rank_of
 from model.features import FRAME_RATE
 from model.midi import load_notes, midi_to_frames_fast
 from tests.conftest import make_piece
@@ -21,6 +21,13 @@ def test_chroma_folds_octaves_onto_pitch_classes():
     np.testing.assert_allclose(chroma[0], np.eye(12)[0])
     np.testing.assert_allclose(chroma[1], np.eye(12)[7])
     assert not chroma[2].any()  # silence stays silent (distance 1 to everything)
+    # folded in magnitude: a bin 40 dB under the peak (half the 80 dB log range) weighs 1 %
+    frames = np.zeros((1, 48), np.float32)
+    frames[0, 4] = 1.0  # E, the peak
+    frames[0, 9] = 0.5  # A, 40 dB down
+    np.testing.assert_allclose(frames_to_magnitude(frames)[0, [4, 9]], [1.0, 0.01], rtol=1e-5)
+    chroma = frames_to_chroma(frames)[0]
+    assert chroma[9] / chroma[4] == pytest.approx(0.01, rel=1e-4)
     with pytest.raises(ValueError):
         frames_to_chroma(np.zeros((3, 12)))
 
