@@ -202,13 +202,15 @@ def run_level(cascade, n: int, pool: list[np.ndarray], seconds: float, chunk_s: 
 
 
 def traced_per_session(cascade, pool: list[np.ndarray], rate: int, n: int = 10,
-                       seconds: float = 15.0) -> tuple[float, float]:
+                       seconds: float = 15.0) -> tuple[float, float, dict]:
     """Bytes per session that tracemalloc sees (Python and numpy allocations, not torch's),
-    and the engine's ``nbytes``, after ``seconds`` of audio through ``n`` sessions."""
+    the engine's ``nbytes``, and its mean parts, after ``seconds`` of audio through ``n``
+    sessions."""
     import tracemalloc
 
     from worker.bus import StreamParams
     from worker.engine import Engine, EngineSettings
+    from worker.session import _cqt_nbytes
 
     eng = Engine(cascade, EngineSettings(tick_budget_s=3600.0))
     tracemalloc.start()
@@ -223,7 +225,12 @@ def traced_per_session(cascade, pool: list[np.ndarray], rate: int, n: int = 10,
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     traced = sum(d.size_diff for d in after.compare_to(before, "filename"))
-    return traced / n, float(np.mean([eng.nbytes(f"t{i}") for i in range(n)]))
+    sessions = [eng._sessions[f"t{i}"] for i in range(n)]
+    parts = {"DP rows": np.mean([s.dtw._tops.nbytes for s in sessions]),
+             "column history": np.mean([s.dtw._cols.nbytes for s in sessions]),
+             "CQT buffers": np.mean([_cqt_nbytes(s.cqt) for s in sessions]),
+             "networks": np.mean([s.hasher.nbytes + s.embedder.nbytes for s in sessions])}
+    return traced / n, float(np.mean([s.nbytes for s in sessions])), parts
 
 
 def main() -> None:
@@ -257,7 +264,7 @@ def main() -> None:
     for n in (int(x) for x in args.sessions.split(",")):
         rows.append(run_level(cascade, n, pool, args.seconds, args.chunk_s, args.rate))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    traced, nbytes = traced_per_session(cascade, pool, args.rate)
+    traced, nbytes, parts = traced_per_session(cascade, pool, args.rate)
     best = max((r["sessions"] for r in rows if r["sustained"] == "yes"), default=0)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
@@ -267,7 +274,8 @@ def main() -> None:
           f"{args.chunk_s * 1000:.0f} ms chunks, {args.seconds:.0f} s per session")
     print(f"# most sessions sustained (p99 <= {TARGET_P99_S * 1000:.0f} ms, no drop, no lag): "
           f"{best}; per session after 15 s: tracemalloc {traced / 1e6:.2f} MB, "
-          f"nbytes {nbytes / 1e6:.2f} MB")
+          f"nbytes {nbytes / 1e6:.2f} MB (" + ", ".join(f"{k} {v / 1e6:.2f}"
+                                                          for k, v in parts.items()) + ")")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "machine": machine(), "load": load,
