@@ -218,15 +218,12 @@ class Engine:
         Raises
         ------
         EngineError
-            ``unknown_session``, ``ended``, or ``bad_audio`` (wrong shape, not finite) — the
-            last also counted in ``errors_total{kind="bad_audio"}``.
+            ``unknown_session``, ``ended``, or ``bad_audio`` (wrong shape, not finite); the
+            caller counts it (the runner ends the session and counts ``errors_total{kind}``).
+            Audio dropped from a full queue is counted here, ``errors_total{"audio_dropped"}``.
         """
         s = self._get(session_id)
-        try:
-            pcm = _check_pcm(pcm, s.params.channels)
-        except EngineError:
-            self.metrics.errors_total.labels("bad_audio").inc()
-            raise
+        pcm = _check_pcm(pcm, s.params.channels)
         with self._lock:
             dropped = s.enqueue(pcm, received_at)
         if dropped:
