@@ -7,7 +7,14 @@ import pytest
 
 from index.align import align_cost_matrix
 from index.bits import hamming_matrix
-from index.confirm import CENTRE, WIDTH, confirm_candidates, margin_confidence
+from index.confirm import (
+    CENTRE,
+    MIN_DISTINCT,
+    WIDTH,
+    confirm_candidates,
+    distinct_ratio,
+    margin_confidence,
+)
 from index.hashdtw import hash_dtw
 
 
@@ -81,3 +88,29 @@ def test_planted_excerpt_is_found_with_its_span():
     assert best.score == pytest.approx(1.0)  # one bit per cell on the diagonal
     assert best.confidence > 0.99 and out[1].confidence < 0.01
     assert best.norm_score < 0.2
+
+
+def test_a_query_that_hardly_changes_is_never_confident():
+    # A held tone hashes to a few values; it aligns at zero cost with any reference holding a
+    # similar held stretch, and the margins alone would read that as certainty.
+    rng = np.random.default_rng(4)
+    refs = [rng.integers(0, 2**32, 300, dtype=np.uint32) for _ in range(6)]
+    tone = np.array([0x0F0F0F0F] * 20 + [0x0F0F0F1F] * 34, np.uint32)
+    refs[1][50:104] = tone  # one reference holds the same stretch
+    assert distinct_ratio(tone) < MIN_DISTINCT
+    scores = np.array([hash_dtw(tone, r, penalty=16, gully=0.9).score for r in refs])
+    order = np.argsort(scores)
+    assert order[0] == 1 and scores[1] == 0.0
+    assert margin_confidence(scores[order], 1)[0] > 0.99  # what the margins alone would say
+    out = confirm_candidates(tone, [refs[k] for k in order[:3]], scores[order], penalty=16,
+                             gully=0.9)
+    assert [m.confidence for m in out] == [0.0, 0.0, 0.0]
+    assert (out[0].start_j, out[0].end_j) == (50, 103)  # the span is still reported
+    # and a query of ordinary variety is unaffected
+    varied = refs[1][150:204].copy()
+    assert distinct_ratio(varied) > 0.9
+
+
+def test_distinct_ratio():
+    assert distinct_ratio(np.zeros(0, np.uint32)) == 0.0
+    assert distinct_ratio(np.array([1, 1, 2, 3], np.uint32)) == 0.75
