@@ -5,7 +5,8 @@
 
 Needs ``midimatch eval prepare`` first (its index and queries). The 10,000 references are the
 evaluation index's real MIDI files plus **transposed and tempo-varied variants** of them
-(:mod:`model.augment_midi`: ±1, ±2, ±3 semitones, tempo ×0.85 / 0.92 / 1.08 / 1.15), written as
+(:mod:`model.augment_midi`; each file gets the first ``ceil(n / files)`` of ``VARIANTS``: for
+10,000 from 2,055 files that is +1 semitone, tempo ×0.92, −1 semitone, ×1.08), written as
 MIDI files under ``$MIDIMATCH_CACHE/bench/variants`` and indexed like any file: distinct
 references with real musical content, not copies. The bench index starts as a copy of the eval
 index, so only the variants are encoded (resumable).
