@@ -212,6 +212,11 @@ def _run(args: argparse.Namespace) -> int:
     from index.search import Cascade, CascadeConfig
 
     if args.threads:
+        import numba
+
+        # numba's OpenMP layer shares torch's thread pool and resets its size at its first
+        # parallel kernel: both must be told, or torch runs on numba's count
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
         torch.set_num_threads(args.threads)
     root = _root(args)
     index_dir, query_dir = args.index or root / "index", args.queries or root / "queries"
@@ -232,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
         "command": " ".join(["midimatch", *sys.argv[1:]]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpu": platform.processor() or platform.machine(),
-                    "cpus": _cpus(), "torch_threads": torch.get_num_threads(),
+                    "cpus": _cpus(), "torch_threads_at_end": torch.get_num_threads(),
                     "python": platform.python_version()},
         "index": str(index_dir), "n_refs": len(cascade.index), "model_id": cascade.encoder.model_id,
         "calibration": cascade.calibration.to_dict(),
