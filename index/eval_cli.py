@@ -244,6 +244,7 @@ def _run(args: argparse.Namespace) -> int:
         "config": {k: getattr(cascade.config, k) for k in cascade.config.__dataclass_fields__},
         "n_queries": len(queries), "wall_s": wall,
         "summary": summary,
+        "summary_by_source": summarize(outcomes, top_k=args.top_k, by_source=True),
     }
     _calibrations(report, outcomes)
     _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline

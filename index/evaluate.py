@@ -93,7 +93,7 @@ def _outcome(q: dict, true: int | None, res: Any, cand: np.ndarray,
     top = res.matches[0] if res.matches else None
     rec: dict[str, Any] = {
         "kind": q["kind"], "condition": q["condition"], "length_s": q["length_s"],
-        "piece": q["piece"], "true_ref": true,
+        "piece": q["piece"], "source": q.get("source"), "true_ref": true,
         "top1_ref": None if top is None else top.ref,
         "top1_confidence": 0.0 if top is None else float(top.confidence),
         "identified_ref": None if res.identified is None else res.identified.ref,
@@ -190,8 +190,10 @@ def _median(x: list[float]) -> float | None:
     return float(np.median(x)) if x else None
 
 
-def summarize(outcomes: Sequence[dict], top_k: int | None = None) -> dict[str, dict]:
-    """Figures per ``"condition/length"`` group (plus ``"all/<length>"``).
+def summarize(outcomes: Sequence[dict], top_k: int | None = None, *,
+              by_source: bool = False) -> dict[str, dict]:
+    """Figures per ``"condition/length"`` group (plus ``"all/<length>"``); with ``by_source``,
+    per ``"<source>:condition/length"`` instead (music21 works and generated songs apart).
 
     Returns
     -------
@@ -205,8 +207,9 @@ def summarize(outcomes: Sequence[dict], top_k: int | None = None) -> dict[str, d
     """
     groups: dict[str, list[dict]] = defaultdict(list)
     for o in outcomes:
-        groups[f"{o['condition']}/{o['length_s']:g}"].append(o)
-        groups[f"all/{o['length_s']:g}"].append(o)
+        pre = f"{o.get('source')}:" if by_source else ""
+        groups[f"{pre}{o['condition']}/{o['length_s']:g}"].append(o)
+        groups[f"{pre}all/{o['length_s']:g}"].append(o)
     out = {}
     for name, rows in sorted(groups.items()):
         ins = [r for r in rows if r["kind"] == "in"]
