@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--lengths", default="", help="only these clip lengths, e.g. 5,10")
     r.add_argument("--conditions", default="", help=f"only these, from {','.join(CONDITIONS)}")
     r.add_argument("--max-pieces", type=int, help="at most N pieces of each kind (in, out)")
-    r.add_argument("--top-k", type=int, default=100, help="references kept by the prune")
+    r.add_argument("--top-k", type=int, default=None,
+                   help="references kept by the prune (default: the cascade's, 300)")
     r.add_argument("--batch", type=int, default=64, help="queries per prune batch")
     r.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     r.add_argument("--baseline", type=int, default=0, metavar="N",
@@ -64,6 +65,10 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.top_k is None:
+        from index.search import DEFAULT_TOP_K
+
+        args.top_k = DEFAULT_TOP_K
     return _prepare(args) if args.action == "prepare" else _run(args)
 
 

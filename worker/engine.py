@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from index.search import Cascade
+from index.search import DEFAULT_TOP_K, Cascade
 from model.features import FRAME_RATE
 from model.streaming import embed_step, embeddings, hash_step
 from worker.bus import StreamParams
@@ -117,7 +117,7 @@ class EngineSettings:
 
     window_s: float = 10.0
     result_every_s: float = 1.0
-    top_k: int = 100
+    top_k: int = DEFAULT_TOP_K
     top_n: int = 5
     max_sessions: int = 64
     tick_budget_s: float = 0.5
