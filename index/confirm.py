@@ -26,6 +26,15 @@ Such queries get confidence 0: :func:`distinct_ratio`, the share of distinct has
 the query's hash frames, is 0.06 for that sine and at least 0.22 for each of 496 held-out-renderer
 music queries of 5 and 10 s (clean and room + noise; 1 % quantile 0.33); ``MIN_DISTINCT`` = 0.15
 sits between.
+
+A match must also explain the query, not a piece of it: a reference shorter than the query (the
+music21 corpus holds 2-second test files) aligns with a few seconds anywhere in it, its path
+leaving through the reference's last column, and the margins read that as certainty too (11 of
+the 36 confident out-of-collection answers at 5-20 s on the evaluation set named one of two such
+files). Such a path leaves through the reference's last column before the query's last frame,
+so the newest audio is unexplained: a match is confident only if its path reaches the query's
+last frame or spans at least ``MIN_COVERAGE`` of the query. (Paths ending on the last row are
+unaffected; the gully already makes them span ``g`` of the query in reference frames.)
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ FIELD_SKIP = 3  # ranks left out of "the field": the match and up to two near-du
 MIN_FIELD = 2  # fewer candidates than FIELD_SKIP + MIN_FIELD: no field, Raffel's c instead
 CENTRE, WIDTH = 0.8, 0.08  # logistic map of the evidence: 0.5 at x = 0.8, 0.92 at x = 1.0
 MIN_DISTINCT = 0.15  # distinct hash values per query hash frame below which nothing is confident
+MIN_COVERAGE = 0.8  # share of the query a path that stops short of its end must span
 
 
 class ConfirmedMatch(NamedTuple):
@@ -103,7 +113,11 @@ def confirm_candidates(
         cost = hamming_matrix(query, ref).astype(np.float64)
         al = align_cost_matrix(cost, penalty=float(penalty), gully=gully)
         score = al.score / al.query_idx.shape[0]
-        c = 0.0 if uniform else al.confidence if conf is None else float(conf[r])
+        m = query.shape[0]
+        explains = (al.query_idx[-1] == m - 1
+                    or (al.query_idx[-1] - al.query_idx[0] + 1) / m >= MIN_COVERAGE)
+        c = (0.0 if uniform or not explains
+             else al.confidence if conf is None else float(conf[r]))
         out.append(ConfirmedMatch(score, al.norm_score, c, al.ref_start, al.ref_end,
                                   int(al.query_idx[-1])))
     return out

@@ -114,3 +114,28 @@ def test_a_query_that_hardly_changes_is_never_confident():
 def test_distinct_ratio():
     assert distinct_ratio(np.zeros(0, np.uint32)) == 0.0
     assert distinct_ratio(np.array([1, 1, 2, 3], np.uint32)) == 0.75
+
+
+def test_a_reference_that_explains_only_part_of_the_query_is_not_confident():
+    # A 12-frame reference planted inside a 54-frame query aligns at zero cost (its path spans
+    # the whole reference but under a quarter of the query): evidence for a few seconds only.
+    rng = np.random.default_rng(5)
+    query = rng.integers(0, 2**32, 54, dtype=np.uint32)
+    short = query[20:32].copy()
+    refs = [short] + [rng.integers(0, 2**32, 300, dtype=np.uint32) for _ in range(5)]
+    scores = np.array([hash_dtw(query, r, penalty=16, gully=0.9).score for r in refs])
+    order = np.argsort(scores)
+    assert order[0] == 0 and margin_confidence(scores[order], 1)[0] > 0.99
+    (best, *_rest) = confirm_candidates(query, [refs[k] for k in order[:2]], scores[order],
+                                        penalty=16, gully=0.9)
+    assert (best.start_j, best.end_j) == (0, 11)
+    assert best.confidence == 0.0
+    # the same stretch inside a longer reference that covers the whole query stays confident
+    long = np.concatenate([rng.integers(0, 2**32, 40, dtype=np.uint32), query,
+                           rng.integers(0, 2**32, 40, dtype=np.uint32)])
+    refs[0] = long
+    scores = np.array([hash_dtw(query, r, penalty=16, gully=0.9).score for r in refs])
+    order = np.argsort(scores)
+    (best, *_rest) = confirm_candidates(query, [refs[k] for k in order[:2]], scores[order],
+                                        penalty=16, gully=0.9)
+    assert order[0] == 0 and best.confidence > 0.99
