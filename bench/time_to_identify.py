@@ -208,7 +208,8 @@ def summarise(condition: str, pieces: list[dict[str, Any]],
         decided = [(t, d) for t, d, _, _ in res if d is not None]
         rec: dict[str, Any] = {"path": p["path"], "start_s": p["start_s"],
                                "in_collection": p["true_id"] is not None,
-                               "results": len(res), "any_decision": bool(decided)}
+                               "results": len(res), "any_decision": bool(decided),
+                               "first_decision": list(decided[0]) if decided else None}
         if p["true_id"] is not None:
             right = [t for t, d in decided if d == p["true_id"]]
             first_right = right[0] if right else None
