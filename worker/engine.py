@@ -109,6 +109,14 @@ class EngineSettings:
         A session's candidate refresh may wait this long (wall time) to share one prune with
         other sessions' (module docstring); meanwhile its results use the candidates of its
         previous prune. 0: every due session is pruned in the tick it falls due.
+    prune_stale_s : float
+        A due session whose candidates come from an embedding this much *audio* older than its
+        stream is pruned in the tick instead of waiting for the shared prune. In real time the
+        shared prune refreshes every ``prune_wait_s`` of wall time, far more often; this bounds
+        audio that comes faster than real time (a file streamed at full speed, a takeover
+        rebuilding from its retained window), whose whole backlog a tick can process before
+        ``prune_wait_s`` has passed: before this setting such a session was verified, to its
+        end, against the candidates of its first 2 s.
     max_candidate_frames : int
         A session's candidates are cut, in prune order, where their hash frames reach this
         (the DP keeps 8 bytes per reference frame: 150,000 frames = 1.2 MB, the largest part of
@@ -127,6 +135,7 @@ class EngineSettings:
     torch_threads: int | None = 1
     defer_audio: bool = True
     prune_wait_s: float = 0.5
+    prune_stale_s: float = 3.0
     max_candidate_frames: int = 150_000
 
     def __post_init__(self) -> None:
@@ -142,6 +151,7 @@ class EngineSettings:
             "change_s": 0 <= self.change_s <= self.window_s / 2,
             "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
             "prune_wait_s": self.prune_wait_s >= 0,
+            "prune_stale_s": self.prune_stale_s > 0,
             "max_candidate_frames": self.max_candidate_frames >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -189,7 +199,8 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # the prune thread, made when needed
-        self._background: tuple[list[Session], Future] | None = None  # a prune running there
+        # a prune running there: its sessions, their audio_s when it was asked, the future
+        self._background: tuple[list[Session], list[float], Future] | None = None
         self._ticks = 0
         self._verified_in_tick = False
 
@@ -392,7 +403,9 @@ class Engine:
                 asking = [s for s in self._sessions.values() if s.prune_asked is not None]
             self._refresh(*self._prune_now(asking))
             return
-        first = [s for s in due if s.candidates.size == 0]
+        stale = self.settings.prune_stale_s
+        first = [s for s in due
+                 if s.candidates.size == 0 or s.audio_s - s.pruned_audio_s >= stale]
         if first:
             self._refresh(*self._prune_now(first))
         if self._background is not None:
@@ -404,7 +417,8 @@ class Engine:
             if sessions:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="prune")
-                self._background = (sessions, self._executor.submit(self._timed_prune, emb))
+                self._background = (sessions, [s.audio_s for s in sessions],
+                                    self._executor.submit(self._timed_prune, emb))
 
     def _embed(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray]:
         embs = embeddings(self.encoder, [s.embedder for s in sessions])
@@ -422,9 +436,9 @@ class Engine:
 
     def _collect_prune(self) -> None:
         """Apply the background prune's candidates if it has finished (to sessions still held)."""
-        if self._background is None or not self._background[1].done():
+        if self._background is None or not self._background[2].done():
             return
-        sessions, future = self._background
+        sessions, asked_at, future = self._background
         self._background = None
         try:
             ids, seconds = future.result()
@@ -434,8 +448,10 @@ class Engine:
             return
         self.metrics.stage_seconds.labels("prune").observe(seconds)
         with self._lock:
-            alive = [(s, row) for s, row in zip(sessions, ids, strict=True)
-                     if self._sessions.get(s.id) is s and not s.finalised]
+            # not to sessions gone, finished, or pruned since on fresher audio (stale rule)
+            alive = [(s, row) for s, t, row in zip(sessions, asked_at, ids, strict=True)
+                     if self._sessions.get(s.id) is s and not s.finalised
+                     and s.pruned_audio_s <= t]
         self._refresh([s for s, _ in alive], np.array([row for _, row in alive]))
 
     def _refresh(self, sessions: list[Session], ids: np.ndarray) -> None:

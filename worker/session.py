@@ -122,6 +122,7 @@ class Session:
         self.change = ChangeDetector()
         self.candidates = np.zeros(0, np.int64)  # the last prune's references, nearest first
         self.prune_asked: float | None = None  # time.monotonic() of a pending refresh request
+        self.pruned_audio_s = 0.0  # audio_s of the embedding behind the current candidates
 
     # ------------------------------------------------------------------ audio in
     @property
@@ -301,6 +302,7 @@ class Session:
         self.candidates = cand[:keep]
         self.dtw.set_candidates(self.candidates)
         self.prune_asked = None
+        self.pruned_audio_s = self.audio_s
 
     def verify(self) -> Verified:
         """Extend the candidates' DTW to the whole query; ranked as the offline
