@@ -411,6 +411,7 @@ def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.devi
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stem = out_path.with_suffix("")
     ckpt_path = Path(checkpoint_path) if checkpoint_path else Path(f"{stem}.ckpt")
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     train_data, valid = PairData.load(data_dir, "train"), PairData.load(data_dir, "valid")
     identity = {"config": cfg.to_dict(), "seed": seed, "hash": asdict(hp), "embed": asdict(ep),
                 "train": train_data.summary(), "valid": valid.summary(),

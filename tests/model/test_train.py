@@ -268,3 +268,12 @@ def test_another_seed_gives_another_run_and_a_changed_setup_refuses_to_resume(da
     assert other["embed"]["batches"] == 0  # a zero budget skips the stage
     with pytest.raises(MidimatchError, match="different seed"):
         _train(data_dir, tmp_path / "m.pt", seed=2)
+
+
+def test_the_checkpoint_folder_is_created(data_dir, tmp_path):
+    # `midimatch train fit --data elsewhere` keeps its checkpoint in a cache folder that need not
+    # exist yet; the first checkpoint write crashed there.
+    ckpt = tmp_path / "not" / "yet" / "m.ckpt"
+    report = _train(data_dir, tmp_path / "m.pt", max_batches=5, embed_minutes=0,
+                    checkpoint_path=ckpt)
+    assert ckpt.stat().st_size > 0 and report["hash"]["batches"] == 5
