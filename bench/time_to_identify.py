@@ -1,6 +1,6 @@
 """How many seconds of a live stream the engine needs before it names the right piece.
 
-    python bench/time_to_identify.py [--n-in 60] [--n-out 40] [--seconds 20] [--chunk-s 0.1]
+    python bench/time_to_identify.py [--n-in 150] [--n-out 100] [--seconds 20] [--chunk-s 0.1]
                                      [--conditions clean,room_noise] [--batch 25]
                                      [--index DIR] [--seed 0] [--json FILE]
                                      [--stable-results K] [--result-every-s S]
@@ -244,8 +244,8 @@ def summarise(condition: str, pieces: list[dict[str, Any]],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-in", type=int, default=60)
-    ap.add_argument("--n-out", type=int, default=40)
+    ap.add_argument("--n-in", type=int, default=150)
+    ap.add_argument("--n-out", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=20.0, help="audio per stream")
     ap.add_argument("--chunk-s", type=float, default=0.1)
     ap.add_argument("--conditions", default="clean,room_noise")
