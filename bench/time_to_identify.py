@@ -3,7 +3,16 @@
     python bench/time_to_identify.py [--n-in 150] [--n-out 100] [--seconds 20] [--chunk-s 0.1]
                                      [--conditions clean,room_noise] [--batch 25]
                                      [--index DIR] [--seed 0] [--json FILE]
+                                     [--half test|calib|all] [--starts N]
+                                     [--calibrate [--save-calibration]]
                                      [--stable-results K] [--result-every-s S]
+
+The pieces of the evaluation collection are split in two halves by a hash of their path: the
+**calib** half calibrates the stream decision (``--calibrate``: every stream's results, all
+conditions pooled, go to :func:`index.decision.calibrate_stream`, which picks the stream threshold
+and ``stable_results`` keeping at most 1 % of the out-of-collection streams deciding;
+``--save-calibration`` stores them in the model's calibration file), the **test** half (the
+default) measures the result. ``--starts`` draws that many streams per piece.
 
 Query pieces come from the evaluation collection (``midimatch eval prepare``:
 ``$MIDIMATCH_CACHE/eval/collection.json``): ``--n-in`` in-collection pieces (indexed, never
@@ -60,16 +69,26 @@ SAMPLE_RATE = 22050
 MIN_START_S = 5.0
 LEAD_S = 1.0  # rendered before the stream starts (held notes, reverb)
 TARGET_S = 4.0
-# one result of a stream: audio_s, decided id, confident top id, top id (each None if none)
-Row = tuple[float, str | None, str | None, str | None]
+# one result of a stream: audio_s, decided id, confident top id, top id (each None if none),
+# top confidence (0 when there is no match)
+Row = tuple[float, str | None, str | None, str | None, float]
 
 
 def _cache() -> Path:
     return Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
 
 
+def in_half(path: str, half: str) -> bool:
+    """Whether a piece belongs to ``half``: "calib" (crc32 of its path even), "test" (odd) or
+    "all"."""
+    if half == "all":
+        return True
+    return (zlib.crc32(path.encode()) % 2 == 0) == (half == "calib")
+
+
 def pick_pieces(collection: dict[str, Any], id_of_path: dict[str, str], n_in: int, n_out: int,
-                seconds: float, seed: int) -> list[dict[str, Any]]:
+                seconds: float, seed: int, half: str = "all",
+                starts: int = 1) -> list[dict[str, Any]]:
     """Draw the query pieces and their starts.
 
     Parameters
@@ -84,6 +103,10 @@ def pick_pieces(collection: dict[str, Any], id_of_path: dict[str, str], n_in: in
     seconds : float
         Stream length; a piece must hold ``MIN_START_S + seconds + 1`` s.
     seed : int
+    half : str
+        Only pieces of this half (:func:`in_half`).
+    starts : int
+        Streams per piece, each from its own random start.
 
     Returns
     -------
@@ -100,6 +123,8 @@ def pick_pieces(collection: dict[str, Any], id_of_path: dict[str, str], n_in: in
             if got == want:
                 break
             path = collection[kind][int(k)]["path"]
+            if not in_half(path, half):
+                continue
             true_id = id_of_path.get(path) if kind == "in_pieces" else None
             if kind == "in_pieces" and true_id is None:
                 continue
@@ -110,8 +135,9 @@ def pick_pieces(collection: dict[str, Any], id_of_path: dict[str, str], n_in: in
             latest = duration - seconds - 1.0
             if latest < MIN_START_S:
                 continue
-            out.append({"path": path, "start_s": round(float(rng.uniform(MIN_START_S, latest)), 3),
-                        "true_id": true_id})
+            for _ in range(starts):
+                out.append({"path": path, "true_id": true_id,
+                            "start_s": round(float(rng.uniform(MIN_START_S, latest)), 3)})
             got += 1
     return out
 
@@ -169,7 +195,7 @@ def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
 
     eng = Engine(cascade, EngineSettings(max_sessions=max(64, batch), prune_wait_s=0.0,
                                          tick_budget_s=3600.0, result_every_s=result_every_s))
-    confident = cascade.calibration.is_confident
+    cut = cascade.calibration.stream_cut
     chunk = int(round(chunk_s * SAMPLE_RATE))
     per_round = max(1, int(round(eng.settings.result_every_s / chunk_s)))
     results: list[list[Row]] = [[] for _ in clips]
@@ -192,9 +218,10 @@ def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
             for sid, r in eng.tick():
                 d, m = r.get("decision"), r.get("matches") or []
                 top = m[0]["id"] if m else None
-                sure = top if m and confident(m[0]["confidence"]) else None
+                conf = float(m[0]["confidence"]) if m else 0.0
+                sure = top if m and conf >= cut else None
                 results[int(sid[1:])].append((float(r["audio_s"]), d["id"] if d else None,
-                                              sure, top))
+                                              sure, top, conf))
     return results
 
 
@@ -205,17 +232,18 @@ def summarise(condition: str, pieces: list[dict[str, Any]],
     ``confident_s``: first ranking it first with a confident score)."""
     outcomes = []
     for p, res in zip(pieces, results, strict=True):
-        decided = [(t, d) for t, d, _, _ in res if d is not None]
+        decided = [(t, d) for t, d, *_ in res if d is not None]
         rec: dict[str, Any] = {"path": p["path"], "start_s": p["start_s"],
                                "in_collection": p["true_id"] is not None,
                                "results": len(res), "any_decision": bool(decided),
+                               "trace": [(t, m, round(c, 4)) for t, _, _, m, c in res],
                                "first_decision": list(decided[0]) if decided else None}
         if p["true_id"] is not None:
             right = [t for t, d in decided if d == p["true_id"]]
             first_right = right[0] if right else None
             rec["tti_s"] = first_right
-            rec["top1_s"] = next((t for t, _, _, m in res if m == p["true_id"]), None)
-            rec["confident_s"] = next((t for t, _, c, _ in res if c == p["true_id"]), None)
+            rec["top1_s"] = next((t for t, _, _, m, _ in res if m == p["true_id"]), None)
+            rec["confident_s"] = next((t for t, _, c, _, _ in res if c == p["true_id"]), None)
             rec["wrong_first"] = any(d != p["true_id"] and (first_right is None or t < first_right)
                                      for t, d in decided)
             rec["wrong_any"] = any(d != p["true_id"] for _, d in decided)
@@ -254,9 +282,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--render-threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the rows and every stream's outcome")
+    ap.add_argument("--half", choices=("test", "calib", "all"), default=None,
+                    help="pieces of this half (default: test; calib with --calibrate)")
+    ap.add_argument("--starts", type=int, default=1, help="streams per piece (default 1)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fit the stream decision on these streams (the calib half)")
+    ap.add_argument("--save-calibration", action="store_true",
+                    help="with --calibrate: store it in model/weights/default.calibration.json")
     ap.add_argument("--stable-results", type=int, help="what-if: consecutive confident results")
     ap.add_argument("--result-every-s", type=float, default=1.0, help="what-if: result period")
     args = ap.parse_args()
+    half = args.half or ("calib" if args.calibrate else "test")
+    if args.calibrate and half == "test":
+        sys.exit("--calibrate on the test half would measure on its own calibration data")
 
     from index.search import Cascade
 
@@ -270,7 +308,8 @@ def main() -> None:
         cascade.calibration = dataclasses.replace(cascade.calibration,
                                                   stable_results=args.stable_results)
     id_of_path = {r["path"]: str(r.get("sha256", ""))[:16] for r in cascade.index.refs}
-    pieces = pick_pieces(collection, id_of_path, args.n_in, args.n_out, args.seconds, args.seed)
+    pieces = pick_pieces(collection, id_of_path, args.n_in, args.n_out, args.seconds, args.seed,
+                         half=half, starts=args.starts)
     cache_dir = _cache() / "bench" / "tti"
     with ThreadPoolExecutor(max(1, args.render_threads)) as pool:
         clips = list(pool.map(lambda p: clean_audio(p, args.seconds, cache_dir), pieces))
@@ -296,12 +335,40 @@ def main() -> None:
           f"{args.seconds:g} s streams from >= {MIN_START_S:g} s into the piece, TiMidity + "
           f"freepats, {SAMPLE_RATE} Hz mono, {args.chunk_s * 1000:.0f} ms chunks, "
           f"{args.batch} sessions at once; a result per {args.result_every_s:g} s, decided after "
-          f"{cascade.calibration.stable_results} confident (threshold "
-          f"{cascade.calibration.threshold:.3f}); TTI in s of audio (target <= {TARGET_S:g} s)")
+          f"{cascade.calibration.stable_results} confident (stream threshold "
+          f"{cascade.calibration.stream_cut:.3f}); {half} half, "
+          f"{args.starts} start(s) a piece; TTI in s of audio (target <= {TARGET_S:g} s)")
     print(table(rows))
+    if args.calibrate:
+        calibrate(cascade, pieces, detail, args, half)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "machine": machine(), "load": load,
                                          "outcomes": detail}, indent=1))
+
+
+def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict]],
+              args: argparse.Namespace, half: str) -> None:
+    """Fit the stream decision on every stream of every condition and print what each rule
+    gives; store it with ``--save-calibration``."""
+    from index.decision import calibrate_stream, save_calibration
+
+    ins, ids, outs = [], [], []
+    for outcomes in detail.values():
+        for p, o in zip(pieces, outcomes, strict=True):
+            (ins if o["in_collection"] else outs).append(o["trace"])
+            if o["in_collection"]:
+                ids.append(p["true_id"])
+    conds = ", ".join(detail)
+    source = (f"bench/time_to_identify.py --calibrate --half {half} --starts {args.starts} "
+              f"--seconds {args.seconds:g} --conditions {conds}: {len(ins)} in-collection and "
+              f"{len(outs)} out-of-collection streams, TiMidity + freepats, "
+              f"{len(cascade.index)}-reference eval index")
+    cal = calibrate_stream(cascade.calibration, ins, ids, outs, source=source)
+    print(f"# stream calibration on the {half} half: {source}")
+    print(table([{k: v for k, v in r.items()} for r in cal.stream["tried"]]))
+    print(f"# chosen: stream threshold {cal.stream_cut:.3f}, stable_results {cal.stable_results}")
+    if args.save_calibration:
+        print(f"# saved to {save_calibration(cal)}")
 
 
 if __name__ == "__main__":

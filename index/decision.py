@@ -6,15 +6,20 @@ A search returns a ranking with confidences in [0, 1] (:mod:`index.search`). The
   threshold;
 * **identified** (a stream): the same reference has been the top match, and confident, in each of
   the last ``stable_results`` results (:class:`StreamDecision`), so one lucky window does not flip
-  the answer;
+  the answer. A stream gets many results, each a chance of a wrong answer, so its threshold
+  (``stream_threshold``) is calibrated separately, on whole streams (:func:`calibrate_stream`);
 * otherwise **not in the collection** — a normal answer, not an error.
 
 Calibration (:func:`calibrate`) picks the threshold from scored queries whose answer is known:
 the smallest threshold at which at most ``max_false_rate`` (1 %) of the out-of-collection queries
 are confident, and reports the recall (in-collection queries that are confident *and* right) at
-that point. Calibrations are stored as JSON keyed by ``model_id`` (a threshold means nothing for
-another model); :func:`load_calibration` reads ``model/weights/default.calibration.json`` unless
-told otherwise and falls back to Raffel's c >= 0.5 for a model it has no entry for.
+that point. :func:`calibrate_stream` does the same for whole streams: for each ``stable_results``
+it tries, the smallest threshold at which at most ``max_false_rate`` of the out-of-collection
+*streams* ever decide, keeping the pair with the shortest median time to identify on the
+in-collection streams. Calibrations are stored as JSON keyed by ``model_id`` (a threshold means
+nothing for another model); :func:`load_calibration` reads
+``model/weights/default.calibration.json`` unless told otherwise and falls back to Raffel's
+c >= 0.5 for a model it has no entry for.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -37,8 +42,11 @@ __all__ = [
     "DEFAULT_CALIBRATION_PATH",
     "Calibration",
     "StreamDecision",
+    "StreamTrace",
     "calibrate",
+    "calibrate_stream",
     "decide",
+    "simulate_stream",
     "load_calibration",
     "save_calibration",
 ]
@@ -82,6 +90,12 @@ class Calibration:
     source : str
         What data (set, query length, renderer) produced it.
     created_utc : str
+    stream_threshold : float or None
+        The threshold of :class:`StreamDecision` (None: ``threshold``), from
+        :func:`calibrate_stream`.
+    stream : dict
+        How ``stream_threshold`` and ``stable_results`` were obtained: the figures measured at
+        them on the calibration streams (``false_rate``, ``identified``, ``median_s``, ...).
     """
 
     model_id: str
@@ -94,29 +108,40 @@ class Calibration:
     n_out: int = 0
     source: str = "uncalibrated default (Raffel's c >= 0.5)"
     created_utc: str = ""
+    stream_threshold: float | None = None
+    stream: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.threshold <= 1.0 or self.threshold == math.inf):
-            raise ValueError(f"threshold must lie in [0, 1] (or be inf), got {self.threshold}")
+        for name in ("threshold", "stream_threshold"):
+            t = getattr(self, name)
+            if t is not None and not (0.0 <= t <= 1.0 or t == math.inf):
+                raise ValueError(f"{name} must lie in [0, 1] (or be inf), got {t}")
         if self.stable_results < 1:
             raise ValueError(f"stable_results must be >= 1, got {self.stable_results}")
 
     def is_confident(self, confidence: float) -> bool:
-        """True when ``confidence`` reaches the threshold."""
+        """True when ``confidence`` reaches the (single-query) threshold."""
         return confidence >= self.threshold
+
+    @property
+    def stream_cut(self) -> float:
+        """The threshold streams decide with."""
+        return self.threshold if self.stream_threshold is None else self.stream_threshold
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["threshold"] == math.inf:  # JSON has no infinity
-            d["threshold"] = "inf"
+        for name in ("threshold", "stream_threshold"):
+            if d[name] == math.inf:  # JSON has no infinity
+                d[name] = "inf"
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if d.get("threshold") == "inf":
-            d["threshold"] = math.inf
+        for name in ("threshold", "stream_threshold"):
+            if d.get(name) == "inf":
+                d[name] = math.inf
         return cls(**d)
 
 
@@ -226,13 +251,115 @@ class StreamDecision:
         The top match when it and the previous ``stable_results - 1`` results all had the same
         confident top-1 reference; None otherwise (not (yet) identified).
         """
-        top = decide(matches, self.calibration)
+        top = matches[0] if matches and matches[0].confidence >= self.calibration.stream_cut \
+            else None
         self._recent.append(None if top is None else int(top.ref))
         if top is not None and len(self._recent) == self.stable_results and all(
             r == top.ref for r in self._recent
         ):
             return top
         return None
+
+
+# One stream's results, oldest first: (audio seconds, top-1 id or None, top-1 confidence).
+StreamTrace = Sequence[tuple[float, str | None, float]]
+
+
+def simulate_stream(trace: StreamTrace, threshold: float, stable_results: int
+                    ) -> tuple[float, str] | None:
+    """The first decision :class:`StreamDecision` would make on ``trace``: (audio_s, id), or
+    None when the stream never decides."""
+    run_id, run = None, 0
+    for audio_s, top, conf in trace:
+        if top is not None and conf >= threshold:
+            run = run + 1 if top == run_id else 1
+            run_id = top
+            if run >= stable_results:
+                return float(audio_s), top
+        else:
+            run_id, run = None, 0
+    return None
+
+
+def _stream_peak(trace: StreamTrace, k: int) -> float:
+    """The largest threshold at which ``trace`` decides with ``stable_results = k`` (-1: never):
+    the best, over runs of k results with the same top-1, of the run's smallest confidence."""
+    best = -1.0
+    for r in range(k - 1, len(trace)):
+        window = trace[r - k + 1:r + 1]
+        top = window[-1][1]
+        if top is not None and all(t == top for _, t, _ in window):
+            best = max(best, min(c for _, _, c in window))
+    return best
+
+
+def calibrate_stream(
+    calibration: Calibration,
+    in_traces: Sequence[StreamTrace],
+    true_ids: Sequence[str],
+    out_traces: Sequence[StreamTrace],
+    *,
+    stable_choices: Sequence[int] = (1, 2, 3, 4),
+    max_false_rate: float = 0.01,
+    source: str = "",
+) -> Calibration:
+    """Choose the stream decision (``stream_threshold``, ``stable_results``) from whole streams.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        The single-query calibration of the same model; returned with the stream fields set.
+    in_traces, true_ids : the results of in-collection streams and the id each should decide for.
+    out_traces : the results of out-of-collection streams (at least one).
+    stable_choices : the ``stable_results`` values tried.
+    max_false_rate : allowed fraction of out-of-collection streams that ever decide.
+
+    Returns
+    -------
+    Calibration
+        For each ``k`` in ``stable_choices`` the smallest threshold at which at most
+        ``max_false_rate`` of ``out_traces`` decide; the ``k`` whose in-collection streams have
+        the shortest median time to a right first decision (a wrong first decision or none
+        counts as never) wins, ties going to the larger share identified. ``stream`` records
+        the figures of every ``k`` tried.
+    """
+    if not out_traces:
+        raise ValueError("stream calibration needs at least one out-of-collection stream")
+    if len(in_traces) != len(true_ids):
+        raise ValueError(f"{len(in_traces)} in-collection traces but {len(true_ids)} ids")
+    if not 0.0 <= max_false_rate < 1.0:
+        raise ValueError(f"max_false_rate must lie in [0, 1), got {max_false_rate}")
+    allowed = int(math.floor(max_false_rate * len(out_traces) + 1e-9))
+    tried = []
+    for k in stable_choices:
+        peaks = np.sort([_stream_peak(t, k) for t in out_traces])[::-1]
+        threshold = 0.0 if allowed >= peaks.size else float(np.nextafter(max(peaks[allowed], 0.0),
+                                                                          np.inf))
+        if threshold > 1.0:
+            threshold = math.inf
+        times = []
+        wrong = 0
+        for trace, true in zip(in_traces, true_ids, strict=True):
+            d = simulate_stream(trace, threshold, k)
+            wrong += d is not None and d[1] != true
+            times.append(d[0] if d is not None and d[1] == true else math.inf)
+        ts = np.asarray(times)
+        out_rate = float(np.mean([simulate_stream(t, threshold, k) is not None
+                                  for t in out_traces]))
+        tried.append({
+            "stable_results": int(k), "threshold": threshold, "false_rate": out_rate,
+            "identified": float(np.mean(np.isfinite(ts))) if ts.size else 0.0,
+            "wrong_first": wrong / max(1, len(in_traces)),
+            "median_s": float(np.median(ts)) if ts.size else math.inf,
+        })
+    best = min(tried, key=lambda r: (r["median_s"], -r["identified"]))
+    figures = {"max_false_rate": max_false_rate, "n_in": len(in_traces),
+               "n_out": len(out_traces), "source": source,
+               "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "tried": [{k: (v if v != math.inf else "inf") for k, v in r.items()}
+                         for r in tried]}
+    return replace(calibration, stream_threshold=best["threshold"],
+                   stable_results=best["stable_results"], stream=figures)
 
 
 def load_calibration(model_id: str, path: str | Path | None = None) -> Calibration:

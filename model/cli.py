@@ -51,6 +51,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     f.set_defaults(func=_fit)
+    r = tsub.add_parser("run", help="the shipped model in one command: data, pairs and training "
+                        "within --minutes (each step cached; a rerun resumes)")
+    r.add_argument("--minutes", type=float, default=60.0,
+                   help="wall-clock budget of the whole run, data steps included (default 60)")
+    r.add_argument("--works", type=int, default=400,
+                   help="music21 works, the first of the fixed list (default 400)")
+    r.add_argument("--generated", type=int, default=250, help="generated songs (default 250)")
+    r.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
+    r.add_argument("--max-piece-s", type=float, default=60.0, help="excerpt length cap")
+    r.add_argument("--hash-share", type=float, default=0.45,
+                   help="the hash stage's share of the training time (default 0.45)")
+    r.add_argument("--out", type=Path, default=Path("model/weights/default.pt"),
+                   help="weights file (default model/weights/default.pt, the shipped model)")
+    r.add_argument("--bits", type=int, choices=(16, 32), default=32)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    r.add_argument("--workers", type=int, default=2)
+    r.set_defaults(func=_run)
 
 
 def _default_out(args: argparse.Namespace) -> Path:
@@ -95,6 +113,17 @@ def _prepare(args: argparse.Namespace) -> int:
     report = prepare(args.out or _cache("train"), files, renders_per_piece=args.renders,
                      max_piece_s=args.max_piece_s, workers=args.workers, seed=args.seed)
     print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from model.train_run import train_run
+
+    ckpt = _cache("train") / f"{args.out.stem}.ckpt"
+    train_run(_cache("corpus"), _cache("train"), args.out, ckpt, minutes=args.minutes,
+              works=args.works, generated=args.generated,
+              renders=args.renders, max_piece_s=args.max_piece_s, hash_share=args.hash_share,
+              bits=args.bits, seed=args.seed, device=args.device, workers=args.workers)
     return 0
 
 

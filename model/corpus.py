@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -323,7 +323,8 @@ def read_manifest(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def corpus_midi_files(
-    out_dir: Path, *, unique: bool = True, max_duration_s: float | None = None
+    out_dir: Path, *, unique: bool = True, max_duration_s: float | None = None,
+    keys: Collection[str] | None = None,
 ) -> list[Path]:
     """Converted MIDI files under ``out_dir/music21``, sorted by name.
 
@@ -337,13 +338,16 @@ def corpus_midi_files(
         identical pieces apart.
     max_duration_s : float, optional
         Leave out longer works (whole string quartets run past 40 minutes).
+    keys : collection of str, optional
+        Only these works (``list_corpus_works(...)[i].key``), e.g. the first N of the list.
 
     Returns
     -------
     list of Path
     """
     folder = Path(out_dir) / SUBDIR
-    done = [r for r in read_manifest(out_dir).values() if r.get("status") == "done"]
+    done = [r for r in read_manifest(out_dir).values() if r.get("status") == "done"
+            and (keys is None or r["key"] in keys)]
     files: list[Path] = []
     seen: set[str] = set()
     for rec in sorted(done, key=lambda r: r["midi"]):

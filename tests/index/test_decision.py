@@ -13,9 +13,11 @@ from index.decision import (
     Calibration,
     StreamDecision,
     calibrate,
+    calibrate_stream,
     decide,
     load_calibration,
     save_calibration,
+    simulate_stream,
 )
 from model.errors import MidimatchError
 
@@ -112,3 +114,63 @@ def test_default_file_falls_back_for_unknown_models():
     assert cal.threshold == 0.5 and cal.false_rate is None
     with pytest.raises(ValueError):
         Calibration("m", threshold=1.5)
+
+
+def _trace(tops, confs, start_s=3.0):
+    return [(start_s + i, t, c) for i, (t, c) in enumerate(zip(tops, confs, strict=True))]
+
+
+def test_simulate_stream_matches_stream_decision():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        tops = [None if x == 0 else str(x) for x in rng.integers(0, 3, n)]
+        confs = rng.uniform(0, 1, n).round(2).tolist()
+        k, th = int(rng.integers(1, 4)), float(rng.uniform(0.2, 0.8))
+        dec = StreamDecision(Calibration("m", threshold=0.0, stream_threshold=th,
+                                         stable_results=k))
+        want = None
+        for (t, top, c) in _trace(tops, confs):
+            got = dec.update([] if top is None else [M(int(top), c)])
+            if got is not None and want is None:
+                want = (t, str(got.ref))
+        assert simulate_stream(_trace(tops, confs), th, k) == want
+
+
+def test_stream_threshold_overrides_the_query_threshold_for_streams_only():
+    cal = Calibration("m", threshold=0.5, stream_threshold=0.8, stable_results=1)
+    assert decide([M(1, 0.6)], cal) == M(1, 0.6)  # one query: 0.5
+    assert StreamDecision(cal).update([M(1, 0.6)]) is None  # a stream: 0.8
+    assert StreamDecision(cal).update([M(1, 0.85)]) == M(1, 0.85)
+    assert Calibration("m", threshold=0.5).stream_cut == 0.5
+
+
+def test_calibrate_stream_caps_deciding_outsiders_and_picks_the_fastest_rule():
+    rng = np.random.default_rng(0)
+    # out-of-collection: a different top-1 every result with confidences up to ~0.7, and a few
+    # streams stuck on one wrong reference at 0.6
+    outs = [_trace([str(rng.integers(100)) for _ in range(18)], rng.uniform(0, 0.7, 18))
+            for _ in range(190)]
+    outs += [_trace(["77"] * 18, [0.6] * 18) for _ in range(10)]
+    # in-collection: right from the 2nd result on with confidence 0.9
+    ins = [_trace(["x"] + ["1"] * 17, [0.3] + [0.9] * 17) for _ in range(50)]
+    cal = calibrate_stream(Calibration("m", threshold=0.5), ins, ["1"] * 50, outs,
+                           max_false_rate=0.01, source="synthetic")
+    assert cal.threshold == 0.5  # the single-query threshold is untouched
+    false = np.mean([simulate_stream(t, cal.stream_cut, cal.stable_results) is not None
+                     for t in outs])
+    assert false <= 0.01
+    # k = 1 needs a threshold above ~0.7, under which the ins still decide at 4 s: fastest
+    assert cal.stable_results == 1 and 0.6 < cal.stream_cut <= 0.9
+    assert {r["stable_results"] for r in cal.stream["tried"]} == {1, 2, 3, 4}
+    best = next(r for r in cal.stream["tried"] if r["stable_results"] == 1)
+    assert best["median_s"] == 4.0 and best["identified"] == 1.0 and best["false_rate"] <= 0.01
+    # and it survives the JSON round trip
+    assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+
+
+def test_calibrate_stream_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least one out-of-collection"):
+        calibrate_stream(Calibration("m"), [], [], [])
+    with pytest.raises(ValueError, match="traces but"):
+        calibrate_stream(Calibration("m"), [_trace(["1"], [1.0])], [], [_trace(["1"], [1.0])])
