@@ -107,6 +107,36 @@ def test_run_cascade_and_summary_figures():
     assert "clean/10" in format_table(summarize(out, top_k=3), top_k=3)
 
 
+def test_position_errors_at_a_repeat_are_counted_apart(tmp_path):
+    import pretty_midi
+
+    pm = pretty_midi.PrettyMIDI()
+    inst = pretty_midi.Instrument(0)
+    for rep in (0.0, 20.0):  # 0..10 s repeated at 20..30 s; 10..20 s is other music
+        inst.notes += [pretty_midi.Note(90, 60 + i % 7, rep + i * 0.5, rep + i * 0.5 + 0.4)
+                       for i in range(20)]
+    inst.notes += [pretty_midi.Note(90, 40 + i % 5, 10 + i * 0.3, 10 + i * 0.3 + 0.2)
+                   for i in range(30)]
+    pm.instruments.append(inst)
+    path = tmp_path / "aba.mid"
+    pm.write(str(path))
+    q = {"kind": "in", "condition": "clean", "length_s": 5.0, "piece": str(path),
+         "ref_path": str(path), "start_s": 2.0, "end_s": 7.0}
+    answers = [  # position found: the true 7 s (0.3 s off), its repeat at 27 s, other music
+        (np.array([0]), [M(0, 0.9, 1.0, 2.3, 7.3)], None),
+        (np.array([0]), [M(0, 0.9, 1.0, 22.0, 27.0)], None),
+        (np.array([0]), [M(0, 0.9, 1.0, 12.0, 17.0)], None),
+    ]
+    frames = [np.full((5, 48), i, np.float32) for i in range(3)]  # frame value: answer row
+    out = run_cascade(FakeCascade(answers), [q] * 3, frames, [0, 0, 0], progress=False)
+    assert "position_repeat_similarity" not in out[0]
+    assert out[1]["position_repeat_similarity"] == pytest.approx(1.0)
+    assert out[2]["position_repeat_similarity"] < 0.5
+    g = summarize(out)["clean/5"]
+    assert g["position_within_1s"] == pytest.approx(1 / 3)
+    assert g["position_within_1s_or_repeat"] == pytest.approx(2 / 3)
+
+
 def test_calibration_is_fitted_on_one_half_and_measured_on_the_other():
     pieces = [f"piece{i}" for i in range(40)]
     assert {piece_half(p) for p in pieces} == {0, 1}
