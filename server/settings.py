@@ -7,13 +7,13 @@ environment; this module is where the service does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from model.errors import MidimatchError
+from worker.env import settings_from_env
 
 
 class SettingsError(MidimatchError):
@@ -92,35 +92,10 @@ class Settings:
         SettingsError
             A variable that does not parse as its field's type, or an out-of-range value.
         """
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"MIDIMATCH_{f.name.upper()}")
-            if f.name == "index_dir" and not raw:
-                raw = env.get("MIDIMATCH_INDEX")  # the worker's name for it
-            if raw is not None and raw != "":
-                values[f.name] = _parse(f.name, raw, f.default)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise SettingsError(f"unknown settings {sorted(unknown)}")
-        if values.get("index_dir") is not None:
-            values["index_dir"] = Path(values["index_dir"]).expanduser()
-        return cls(**values)
+        return settings_from_env(cls, env, overrides, error=SettingsError,
+                                 aliases={"index_dir": "MIDIMATCH_INDEX"})  # the worker's name
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests, the CLI)."""
         return replace(self, **changes)
 
-
-def _parse(name: str, raw: str, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            return raw.lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError as e:
-        raise SettingsError(f"MIDIMATCH_{name.upper()}={raw!r}: {e}") from e
-    return raw

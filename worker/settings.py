@@ -13,11 +13,12 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from model.errors import MidimatchError
+from worker.env import settings_from_env
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -126,36 +127,10 @@ class WorkerSettings:
             A variable that does not parse as its field's type, an unknown override, or an
             out-of-range value.
         """
-        env = os.environ if env is None else env
-        names = {f.name for f in fields(cls)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise WorkerSettingsError(f"unknown settings {sorted(unknown)}")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"MIDIMATCH_{f.name.upper()}")
-            if f.name == "index" and not raw:
-                raw = env.get("MIDIMATCH_INDEX_DIR")
-            if raw:
-                values[f.name] = _parse(f.name, raw, f.type)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        for name in ("index", "weights"):
-            if values.get(name) is not None:
-                values[name] = Path(values[name]).expanduser()
-        return cls(**values)
+        return settings_from_env(cls, env, overrides, error=WorkerSettingsError,
+                                 aliases={"index": "MIDIMATCH_INDEX_DIR"})  # the gateway's name
 
     def with_(self, **changes: Any) -> WorkerSettings:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
-
-def _parse(name: str, raw: str, type_name: Any) -> Any:
-    kind = str(type_name)
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError as e:
-        raise WorkerSettingsError(f"MIDIMATCH_{name.upper()}={raw!r}: {e}") from e
-    return raw
