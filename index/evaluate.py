@@ -17,7 +17,9 @@ batch) and records one outcome per query; :func:`summarize` turns outcomes into 
 * **pruning recall@K**: the true piece among the K references the embedding prune keeps;
 * **false-confident rate**: out-of-collection queries that came back *identified* (with the
   cascade's loaded calibration); in the collection, ``confident_wrong`` is the same for a
-  confident wrong answer;
+  confident wrong answer. ``false_confident_not_duplicate`` leaves out the answers whose
+  reference plays the query's notes at the found position (:func:`index.repeats.cross_similarity`:
+  the same tune indexed under another name);
 * **time per query**: from the cascade's own ``timings_s``: encode + verify + confirm + the
   query's share of its batch's prune (:func:`query_time`), seconds.
 
@@ -93,7 +95,7 @@ def query_time(timings_s: dict, batch_n: int) -> float:
 
 
 def _outcome(q: dict, true: int | None, res: Any, cand: np.ndarray,
-             batch_n: int = 1) -> dict[str, Any]:
+             batch_n: int = 1, ref_paths: Sequence[str] | None = None) -> dict[str, Any]:
     top = res.matches[0] if res.matches else None
     rec: dict[str, Any] = {
         "kind": q["kind"], "condition": q["condition"], "length_s": q["length_s"],
@@ -114,18 +116,24 @@ def _outcome(q: dict, true: int | None, res: Any, cand: np.ndarray,
             rec["start_error_s"] = abs(top.start_s - q["start_s"])
             if rec["position_error_s"] > 1.0:
                 rec["position_repeat_similarity"] = _repeat_similarity(q, top.position_s)
+    elif res.identified is not None and ref_paths is not None:
+        found = res.identified
+        rec["duplicate_similarity"] = _repeat_similarity(q, found.position_s,
+                                                         ref_paths[found.ref])
     return rec
 
 
-def _repeat_similarity(q: dict, found_end_s: float) -> float | None:
-    """:func:`index.repeats.reference_similarity` of a query's true and found windows (None
-    when the reference cannot be read)."""
-    from index.repeats import reference_similarity
+def _repeat_similarity(q: dict, found_end_s: float, found_path: str | None = None
+                       ) -> float | None:
+    """Onset similarity (:mod:`index.repeats`) of a query's true window and the window found,
+    in the same reference or in ``found_path`` (None when a file cannot be read)."""
+    from index.repeats import cross_similarity
     from model.errors import MidimatchError
 
+    own = q.get("ref_path") or q["piece"]
     try:
-        return round(reference_similarity(q.get("ref_path") or q["piece"], q["end_s"], found_end_s,
-                                          q["end_s"] - q["start_s"]), 4)
+        return round(cross_similarity(own, q["end_s"], found_path or own, found_end_s,
+                                      q["end_s"] - q["start_s"]), 4)
     except (MidimatchError, OSError, KeyError):
         return None
 
@@ -148,6 +156,8 @@ def run_cascade(cascade: Any, queries: Sequence[dict], frames: Sequence[np.ndarr
     from tqdm import tqdm
 
     out: list[dict[str, Any]] = []
+    refs = getattr(getattr(cascade, "index", None), "refs", None)
+    paths = None if refs is None else [r["path"] for r in refs]
     bar = tqdm(total=len(queries), desc="cascade", unit="query", disable=not progress)
     for lo in range(0, len(queries), batch_size):
         hi = min(len(queries), lo + batch_size)
@@ -161,7 +171,7 @@ def run_cascade(cascade: Any, queries: Sequence[dict], frames: Sequence[np.ndarr
         for j, res in enumerate(results):
             res.timings_s["encode"] = t_enc
             res.timings_s["total"] = res.timings_s.get("total", 0.0) + t_enc
-            out.append(_outcome(queries[lo + j], refs_of[lo + j], res, ids[j], hi - lo))
+            out.append(_outcome(queries[lo + j], refs_of[lo + j], res, ids[j], hi - lo, paths))
         bar.update(hi - lo)
     bar.close()
     return out
@@ -262,6 +272,9 @@ def summarize(outcomes: Sequence[dict], top_k: int | None = None, *,
         if outs:
             g["false_confident"] = float(np.mean([r["identified_ref"] is not None
                                                   for r in outs]))
+            g["false_confident_not_duplicate"] = float(np.mean([
+                r["identified_ref"] is not None
+                and not is_repeat(r.get("duplicate_similarity") or 0.0) for r in outs]))
         if times:
             g["time_per_query_median_s"] = float(np.median(times))
             g["time_per_query_mean_s"] = float(np.mean(times))
@@ -352,7 +365,7 @@ def format_table(summary: dict[str, dict], baseline: dict[str, dict] | None = No
     k = f"prune_recall@{top_k}" if top_k else None
     head = ["group", "n_in", "top1%", "top5%", "med.rank", "pos.err s", "pos<=1s%",
             "pos<=1s|rep%", "recall@K%",
-            "n_out", "false-conf%", "ms/query"]
+            "n_out", "false-conf%", "not-dup%", "ms/query"]
     if baseline:
         head += ["chroma n", "chroma top1%", "chroma top5%", "chroma ms/q"]
     rows = [head]
@@ -361,6 +374,7 @@ def format_table(summary: dict[str, dict], baseline: dict[str, dict] | None = No
                _num(g.get("median_rank"), "{:g}"), _num(g.get("position_error_median_s")),
                _pct(g.get("position_within_1s")), _pct(g.get("position_within_1s_or_repeat")),
                _pct(g.get(k)) if k else "—", str(g["n_out"]), _pct(g.get("false_confident")),
+               _pct(g.get("false_confident_not_duplicate")),
                _num(1000 * g["time_per_query_median_s"] if "time_per_query_median_s" in g
                     else None, "{:.0f}")]
         if baseline:

@@ -9,7 +9,10 @@ equally long windows of the reference, matched with a small timing tolerance, as
 :data:`REPEAT_SIMILARITY`).
 
 The evaluation (:mod:`index.evaluate`) reports position errors both plainly and with such repeats
-counted as right, and says which is which.
+counted as right, and says which is which. :func:`cross_similarity` does the same across two
+files: an "out-of-collection" query whose confident answer plays the same notes at the found
+position is a duplicate of an indexed piece, not a wrong answer; the evaluation counts those
+apart too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from functools import lru_cache
 import numpy as np
 
 REPEAT_SIMILARITY = 0.8  # onset F1 at which two windows count as the same music
+MAX_SHIFT_S = 0.5  # a found position is known to a hash step (186 ms) and the path's end: the
+# second window is slid this far either way and the best alignment counts
 FRAMES_PER_S = 20.0  # onset grid: 50 ms
 TOLERANCE_FRAMES = 1  # an onset may move one grid step (timing jitter, quantisation)
 
@@ -50,7 +55,8 @@ def _matched(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def span_similarity(onset_s: np.ndarray, key: np.ndarray, a_start_s: float, b_start_s: float,
-                    length_s: float) -> float:
+                    length_s: float, other: tuple[np.ndarray, np.ndarray] | None = None,
+                    max_shift_s: float = MAX_SHIFT_S) -> float:
     """Onset F1 between the windows ``[a, a + length)`` and ``[b, b + length)`` of one piece.
 
     Parameters
@@ -61,6 +67,11 @@ def span_similarity(onset_s: np.ndarray, key: np.ndarray, a_start_s: float, b_st
         What sounds: the pitch, with drums kept apart from pitched notes (e.g. pitch + 128).
     a_start_s, b_start_s, length_s : float
         The two windows.
+    other : (onset_s, key), optional
+        The piece the second window is taken from, when it is another one.
+    max_shift_s : float
+        The second window is also tried this far earlier and later, in grid steps; the best
+        alignment counts.
 
     Returns
     -------
@@ -68,11 +79,18 @@ def span_similarity(onset_s: np.ndarray, key: np.ndarray, a_start_s: float, b_st
     either window is silent.
     """
     a = _onsets(onset_s, key, a_start_s, length_s)
-    b = _onsets(onset_s, key, b_start_s, length_s)
-    if not len(a) or not len(b):
+    if not len(a):
         return 0.0
-    precision, recall = _matched(a, b) / len(a), _matched(b, a) / len(b)
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    best = 0.0
+    steps = int(round(max_shift_s * FRAMES_PER_S))
+    for shift in range(-steps, steps + 1):
+        b = _onsets(*(other or (onset_s, key)), b_start_s + shift / FRAMES_PER_S, length_s)
+        if not len(b):
+            continue
+        precision, recall = _matched(a, b) / len(a), _matched(b, a) / len(b)
+        if precision + recall:
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
 
 
 @lru_cache(maxsize=512)
@@ -92,9 +110,20 @@ def reference_similarity(path: str, true_end_s: float, found_end_s: float, lengt
                            length_s)
 
 
+def cross_similarity(path_a: str, end_a_s: float, path_b: str, end_b_s: float, length_s: float
+                     ) -> float:
+    """:func:`span_similarity` of the window of ``length_s`` ending at ``end_a_s`` in the MIDI
+    file ``path_a`` and the one ending at ``end_b_s`` in ``path_b``: whether a query from one
+    file matched another file that plays the same notes there (a duplicate in the collection
+    under another name, e.g. one tune in two folk-song books)."""
+    return span_similarity(*_notes(str(path_a)), end_a_s - length_s, end_b_s - length_s,
+                           length_s, other=_notes(str(path_b)))
+
+
 def is_repeat(similarity: float) -> bool:
     """Whether a similarity means the same music."""
     return similarity >= REPEAT_SIMILARITY
 
 
-__all__ = ["REPEAT_SIMILARITY", "is_repeat", "reference_similarity", "span_similarity"]
+__all__ = ["REPEAT_SIMILARITY", "cross_similarity", "is_repeat", "reference_similarity",
+           "span_similarity"]

@@ -137,6 +137,37 @@ def test_position_errors_at_a_repeat_are_counted_apart(tmp_path):
     assert g["position_within_1s_or_repeat"] == pytest.approx(2 / 3)
 
 
+def test_confident_outsiders_that_are_duplicates_are_counted_apart(tmp_path):
+    import pretty_midi
+
+    def write(name, pitches):
+        pm = pretty_midi.PrettyMIDI()
+        inst = pretty_midi.Instrument(0)
+        inst.notes = [pretty_midi.Note(90, p, i * 0.5, i * 0.5 + 0.4)
+                      for i, p in enumerate(pitches)]
+        pm.instruments.append(inst)
+        pm.write(str(tmp_path / name))
+        return str(tmp_path / name)
+
+    tune = [60, 62, 64, 65, 67, 65, 64, 62] * 5
+    indexed = write("book1_tune.mid", tune)
+    copy = write("book2_tune.mid", tune)  # the same tune under another name, not indexed
+    other = write("other.mid", [50, 55, 57, 52, 59] * 8)
+
+    class WithIndex(FakeCascade):
+        index = type("Idx", (), {"refs": [{"path": indexed}]})()
+
+    answers = [(np.array([0]), [M(0, 0.9, 1.0, 2.0, 12.0)], M(0, 0.9, 1.0, 2.0, 12.0))] * 2
+    qs = [{"kind": "out", "condition": "clean", "length_s": 10.0, "piece": p, "start_s": 2.0,
+           "end_s": 12.0} for p in (copy, other)]
+    frames = [np.full((5, 48), i, np.float32) for i in range(2)]
+    out = run_cascade(WithIndex(answers), qs, frames, [None, None], progress=False)
+    assert out[0]["duplicate_similarity"] == pytest.approx(1.0)
+    assert out[1]["duplicate_similarity"] < 0.5
+    g = summarize(out)["clean/10"]
+    assert g["false_confident"] == 1.0 and g["false_confident_not_duplicate"] == 0.5
+
+
 def test_calibration_is_fitted_on_one_half_and_measured_on_the_other():
     pieces = [f"piece{i}" for i in range(40)]
     assert {piece_half(p) for p in pieces} == {0, 1}

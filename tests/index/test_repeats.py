@@ -32,7 +32,10 @@ def test_timing_jitter_within_a_grid_step_still_matches_but_a_shift_does_not():
     onset = np.concatenate([t, 20.0 + t + rng.uniform(-0.02, 0.02, t.size)])
     key = np.concatenate([p, p])
     assert span_similarity(onset, key, 0.0, 20.0, 8.0) > REPEAT_SIMILARITY
-    # the same section a second off is mostly different onsets
+    # a found position 0.3 s off (a hash step and a bit) is slid into place...
+    assert span_similarity(onset, key, 0.0, 20.3, 8.0) > REPEAT_SIMILARITY
+    assert span_similarity(onset, key, 0.0, 20.3, 8.0, max_shift_s=0.0) < REPEAT_SIMILARITY
+    # ...but a second off is beyond the slide: mostly different onsets
     assert span_similarity(onset, key, 0.0, 21.0, 8.0) < REPEAT_SIMILARITY
 
 
