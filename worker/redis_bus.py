@@ -40,6 +40,16 @@ Redis restart (no persistence): every session is gone. Gateways get ``unknown_se
 drop them; the consumer group is re-created on the next ``claim``. While Redis is unreachable
 every call raises :class:`~worker.bus.BusError` with reason ``redis_unavailable``; redis-py
 reconnects by itself once it is back.
+
+Result reads (gateway side). ``read_results`` does not hold a connection per waiting session:
+its first look (``EXISTS`` meta + ``XRANGE`` results) is batched with every other look made at
+the same time into one pipeline, and a call that has to wait registers with the bus's
+:class:`~worker.redis_results.ResultsDispatcher`, whose one background task issues a single
+short ``XREAD BLOCK`` (100 ms) over every watched results key (1000 keys per XREAD, chunks read
+concurrently) and hands each waiter the entries after its own ``after``. So a gateway's result
+reads use one connection for looks and one per 1000 waiting streams (redis-py 8's pool holds
+at most 100 by default); the task stops when nothing is watched and ``close`` ends it (waiters
+get ``closed``). A Redis error in it reaches its waiters as ``redis_unavailable``.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ from worker.bus import (
     new_session_id,
     result_id_key,
 )
+from worker.redis_results import ResultsDispatcher
 
 GROUP = "workers"
 _MAX_BACKWARD = 4096  # entries fetched newest-first to find a chunk without a cursor
@@ -137,6 +148,7 @@ class RedisBus(Bus):
         self._finish = self.r.register_script(lua.FINISH)
         self._adopt = self.r.register_script(lua.ADOPT)
         self._create = self.r.register_script(lua.CREATE)
+        self.dispatcher = ResultsDispatcher(self.r)  # every read_results of this client
         self._group_ready = False
         self._cursor: dict[str, tuple[int, bytes]] = {}  # session → (last seq read, entry id)
 
@@ -237,16 +249,12 @@ class RedisBus(Bus):
         after = after or "0"
         result_id_key(after)  # validates
         with _redis_errors():
-            async with self.r.pipeline(transaction=False) as p:
-                p.exists(self.meta_key(session_id))
-                p.xrange(key, min=f"({after}" if after != "0" else "-")
-                exists, got = await p.execute()
+            exists, got = await self.dispatcher.look(self.meta_key(session_id), key, after)
             if not got:
                 if not exists:
                     raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
                 if timeout_s > 0:
-                    res = await self.r.xread({key: after}, block=max(1, int(timeout_s * 1000)))
-                    got = res[0][1] if res else []
+                    got = await self.dispatcher.wait(key, after, timeout_s)
         return [(eid.decode(), json.loads(f[b"r"])) for eid, f in got]
 
     async def capacity(self) -> Capacity:
@@ -434,4 +442,5 @@ class RedisBus(Bus):
             return False
 
     async def close(self) -> None:
+        await self.dispatcher.close()  # its waiters get BusError ``closed``
         await self.r.aclose()
