@@ -39,6 +39,22 @@ class BuildOptions:
     rebuild: bool = False  # re-encode everything (needed after changing the model)
     prune_missing: bool = False  # drop references whose file no longer exists
     progress: bool = True
+    window_hop: int | None = None  # embedding window hop, CQT frames; None → the model's (108)
+
+
+def _load_encoder(opts: BuildOptions):
+    """The build's encoder: the model of ``opts.weights`` with ``opts.window_hop`` applied."""
+    from dataclasses import replace
+
+    from model.encoder import Encoder
+
+    encoder = Encoder.load(opts.weights)
+    if opts.window_hop is not None:
+        if not 1 <= opts.window_hop <= encoder.window.length:
+            raise MidimatchError(f"window hop must be in 1..{encoder.window.length} frames, got "
+                                 f"{opts.window_hop}", reason="bad_argument")
+        encoder.window = replace(encoder.window, hop=opts.window_hop)
+    return encoder
 
 
 def find_midi_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict]]:
@@ -81,12 +97,10 @@ _OPTS: BuildOptions | None = None
 def _init_worker(opts: BuildOptions) -> None:
     import torch
 
-    from model.encoder import Encoder
-
     global _ENCODER, _OPTS
     torch.set_num_threads(1)  # one process per core; threads would only fight
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _ENCODER = Encoder.load(opts.weights)
+    _ENCODER = _load_encoder(opts)
     _OPTS = opts
 
 
@@ -161,11 +175,9 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
     ModelMismatchError
         The existing index was built with another model and ``opts.rebuild`` is false.
     """
-    from model.encoder import Encoder
-
     opts = opts or BuildOptions()
     t0 = time.perf_counter()
-    encoder = Encoder.load(opts.weights)
+    encoder = _load_encoder(opts)
     meta = {
         "model_id": encoder.model_id,
         "n_bits": encoder.n_bits,
@@ -179,12 +191,13 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
     old = None
     if store.exists(out) and not opts.rebuild:
         old = store.load_index(out, mmap=True)
-        if old.model_id != encoder.model_id or old.meta.get("render_method") != opts.method:
+        if (old.model_id != encoder.model_id or old.meta.get("render_method") != opts.method
+                or old.meta.get("window", meta["window"]) != meta["window"]):
             raise ModelMismatchError(
                 f"index {out} was built with model {old.model_id!r} "
-                f"(render {old.meta.get('render_method')!r}); this build uses "
-                f"{encoder.model_id!r} (render {opts.method!r}). Pass --rebuild to re-encode "
-                "every reference with the new model."
+                f"(render {old.meta.get('render_method')!r}, window {old.meta.get('window')}); "
+                f"this build uses {encoder.model_id!r} (render {opts.method!r}, window "
+                f"{meta['window']}). Pass --rebuild to re-encode every reference."
             )
 
     files, skipped = find_midi_files(paths)
@@ -267,9 +280,7 @@ def _run_pool(todo: list[tuple[str, str, int, float]], opts: BuildOptions
     workers = max(1, min(opts.workers, len(todo)))
     if workers == 1:  # in this process: no start-up cost, and easy to debug
         global _ENCODER, _OPTS
-        from model.encoder import Encoder
-
-        _ENCODER, _OPTS = Encoder.load(opts.weights), opts
+        _ENCODER, _OPTS = _load_encoder(opts), opts
         collect(map(_encode_task, todo))
     else:
         # spawn, not fork: the parent has torch (and its thread pools) loaded already

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-encode everything (after changing the model)")
     b.add_argument("--prune-missing", action="store_true",
                    help="drop references whose file no longer exists")
+    b.add_argument("--window-hop", type=int, metavar="FRAMES",
+                   help="embedding window hop in CQT frames (default: the model's, 108 ≈ 5 s); "
+                        "smaller: more windows per reference, a larger index, a better prune")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--json", action="store_true", help="print the build report as JSON")
     b.set_defaults(func=_build)
@@ -62,7 +65,8 @@ def _build(args: argparse.Namespace) -> int:
         raise SystemExit("midimatch index build: --workers must be ≥ 1")
     opts = BuildOptions(weights=args.weights, method=args.method, workers=args.workers,
                         file_timeout_s=args.timeout, rebuild=args.rebuild,
-                        prune_missing=args.prune_missing, progress=not args.no_progress)
+                        prune_missing=args.prune_missing, progress=not args.no_progress,
+                        window_hop=args.window_hop)
     report = build_index(args.out, args.paths, opts)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -87,6 +87,25 @@ def test_other_model_is_refused_unless_rebuild(midi_folder, tmp_path):
     assert store.load_index(out).model_id == other_id
 
 
+def test_window_hop_makes_more_windows_and_an_index_keeps_its_own(midi_folder, tmp_path):
+    from dataclasses import replace
+
+    piece = [midi_folder / "piece0.mid"]
+    a = build_index(tmp_path / "a", piece, OPTS)
+    b = build_index(tmp_path / "b", piece, replace(OPTS, window_hop=27))
+    ia, ib = store.load_index(tmp_path / "a"), store.load_index(tmp_path / "b")
+    assert ia.meta["window"]["hop"] == 108 and ib.meta["window"]["hop"] == 27
+    assert ib.embeddings.shape[0] > ia.embeddings.shape[0]
+    assert a["n_refs"] == b["n_refs"] == 1
+    # windows every 27 frames start where the encoder says they do
+    starts = np.asarray(ib.embed_start)
+    assert starts[0] == 0 and np.all(np.diff(starts[:-1]) == 27)
+    with pytest.raises(ModelMismatchError, match="window"):
+        build_index(tmp_path / "a", piece, replace(OPTS, window_hop=54))
+    with pytest.raises(Exception, match="window hop"):
+        build_index(tmp_path / "c", piece, replace(OPTS, window_hop=0))
+
+
 def test_cli_build_and_info(midi_folder, tmp_path, capsys):
     out = tmp_path / "idx"
     assert main(["index", "build", str(out), str(midi_folder), "--no-progress",
