@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench clean train
 
 # Re-install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -27,6 +27,19 @@ bench: $(STAMP)
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/index_build.py
 	$(BIN)/python bench/model_bc.py
+
+# Retrain the shipped model from scratch in one command (`midimatch train run`: data, pairs and
+# training within 60 minutes on 2 CPU cores, CUDA when present; docs/model.md). The renderers it
+# trains with come from Debian's packages; missing ones are installed first.
+TRAIN_PACKAGES := fluidsynth fluid-soundfont-gm musescore-general-soundfont-small \
+                  timgm6mb-soundfont timidity freepats
+train: $(STAMP)
+	@missing=""; for p in $(TRAIN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q $$missing; else sudo apt-get install -y -q $$missing; fi; \
+	fi
+	$(BIN)/midimatch train run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info test-artifacts

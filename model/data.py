@@ -48,12 +48,14 @@ from model.render import (
     HELD_OUT,
     TRAIN_RENDERERS,
     available,
+    install_hint,
     render,
     renderable_midi,
     resource,
     sf3_to_sf2,
 )
 
+MIN_TRAIN_RENDERERS = 2  # issue #3: at least two renderers; one soundfont is learnt, not music
 SPLITS = ("train", "valid", "test")
 HELDOUT_SPLIT = "test_heldout"
 MANIFEST = "manifest.json"
@@ -277,8 +279,36 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int
 
 
 # ------------------------------------------------------------------------------ the collection
+def training_renderers(renderers: Sequence[str] | None = None,
+                       min_renderers: int | None = None) -> list[str]:
+    """The installed ones of ``renderers`` (default :data:`model.render.TRAIN_RENDERERS`).
+
+    Raises
+    ------
+    MidimatchError
+        ``no_renderer`` when none is installed, ``too_few_renderers`` when fewer than
+        ``min_renderers`` are (default: :data:`MIN_TRAIN_RENDERERS` for the default set, 1 for
+        an explicit list); the message names the Debian packages to install.
+    """
+    wanted = list(TRAIN_RENDERERS if renderers is None else renderers)
+    use = [r for r in wanted if available(r)]
+    if not use:
+        raise MidimatchError(f"none of the renderers {wanted} is installed "
+                             f"({install_hint(wanted)})", reason="no_renderer")
+    need = (MIN_TRAIN_RENDERERS if renderers is None else 1) if min_renderers is None \
+        else min_renderers
+    if len(use) < need:
+        missing = [r for r in wanted if r not in use]
+        raise MidimatchError(
+            f"only {use} of the training renderers {wanted} are installed; the model must hear "
+            f"at least {need} (one soundfont teaches it that soundfont): {install_hint(missing)}",
+            reason="too_few_renderers")
+    return use
+
+
 def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
             renderers: Sequence[str] | None = None, heldout: str | None = None,
+            min_renderers: int | None = None,
             renders_per_piece: int = 2, max_piece_s: float = 120.0, workers: int = 2,
             seed: int = 0, split: Sequence[float] = (0.8, 0.1, 0.1), progress: bool = True,
             pieces_per_shard: int = 100, min_frames: int = 100,
@@ -294,6 +324,10 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
     renderers : sequence of str, optional
         Training renderers (default :data:`model.render.TRAIN_RENDERERS`); missing ones are
         left out (listed in the report), none available raises ``no_renderer``.
+    min_renderers : int, optional
+        Fewer installed training renderers raise ``too_few_renderers`` with the packages to
+        install. Default :data:`MIN_TRAIN_RENDERERS` (2) for the default set, 1 for a list
+        given explicitly (tests, experiments).
     heldout : str, optional
         Renderer of ``test_heldout`` (default :data:`model.render.HELD_OUT`); the split is left
         out, with a note in the report, when it is not installed.
@@ -327,11 +361,9 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
     t_start = time.perf_counter()
     out = Path(out_dir)
     wanted = list(TRAIN_RENDERERS if renderers is None else renderers)
-    use = [r for r in wanted if available(r)]
+    use = training_renderers(renderers, min_renderers)
     held = HELD_OUT if heldout is None else heldout
     unavailable = [r for r in [*wanted, held] if not available(r)]
-    if not use:
-        raise MidimatchError(f"none of the renderers {wanted} is installed", reason="no_renderer")
     cache_dir = out / "soundfonts"
     for r in sorted({*use, held}):
         sf = resource(r) if available(r) else None

@@ -33,6 +33,7 @@ import copy
 import io
 import shutil
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -57,16 +58,20 @@ class Renderer:
     engine: str  # "fluidsynth", "timidity" or "sine"
     resources: tuple[Path, ...] = ()
     description: str = ""
+    package: str = ""  # the Debian package(s) that install it
 
 
 RENDERERS: dict[str, Renderer] = {r.name: r for r in (
-    Renderer("fluid-fluidr3", "fluidsynth", (_SF2 / "FluidR3_GM.sf2",), "FluidSynth + FluidR3 GM"),
+    Renderer("fluid-fluidr3", "fluidsynth", (_SF2 / "FluidR3_GM.sf2",), "FluidSynth + FluidR3 GM",
+             "fluidsynth fluid-soundfont-gm"),
     Renderer("fluid-musescore", "fluidsynth",
              (_SF3 / "MuseScore_General.sf3", _SF3 / "MuseScore_General_Lite.sf3",
-              _SF2 / "MuseScore_General.sf2"), "FluidSynth + MuseScore General"),
-    Renderer("fluid-timgm", "fluidsynth", (_SF2 / "TimGM6mb.sf2",), "FluidSynth + TimGM6mb"),
+              _SF2 / "MuseScore_General.sf2"), "FluidSynth + MuseScore General",
+             "fluidsynth musescore-general-soundfont-small"),
+    Renderer("fluid-timgm", "fluidsynth", (_SF2 / "TimGM6mb.sf2",), "FluidSynth + TimGM6mb",
+             "fluidsynth timgm6mb-soundfont"),
     Renderer("timidity-freepats", "timidity", (Path("/etc/timidity/freepats.cfg"),),
-             "TiMidity++ + freepats"),
+             "TiMidity++ + freepats", "timidity freepats"),
     Renderer("sine", "sine", (), "pretty_midi's sine synthesis (no drums)"),
 )}
 HELD_OUT = "timidity-freepats"
@@ -92,6 +97,12 @@ def available(name: str) -> bool:
     if r.engine == "sine":
         return True
     return shutil.which(r.engine) is not None and resource(name) is not None
+
+
+def install_hint(names: Sequence[str]) -> str:
+    """``apt-get install ...`` for the renderers ``names``."""
+    pkgs = sorted({p for n in names for p in _get(n).package.split()})
+    return f"apt-get install {' '.join(pkgs)}" if pkgs else ""
 
 
 def available_renderers() -> list[str]:

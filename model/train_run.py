@@ -92,11 +92,12 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
     reserve_minutes : kept back for the last validation, the weights file and the plots.
     """
     from model.corpus import convert_music21_corpus, corpus_midi_files, list_corpus_works
-    from model.data import prepare
+    from model.data import prepare, training_renderers
     from model.nets import NetConfig
     from model.songgen import generate_songs
     from model.train import train
 
+    training_renderers()  # before the first minute is spent: a missing soundfont fails here
     start = clock()
     deadline = start + 60.0 * minutes
     steps: dict[str, float] = {}

@@ -179,3 +179,19 @@ def test_worker_processes_and_the_piece_timeout(tmp_path: Path) -> None:
                      split=(1, 0, 0), progress=False, piece_timeout_s=1e-3)
     assert slow["skipped"] == {"timeout": 2} and slow["splits"]["train"]["pairs"] == 0
     assert not list((tmp_path / "slow").rglob("*.npz"))
+
+
+def test_one_installed_soundfont_is_refused_with_the_packages_to_install(tmp_path, monkeypatch):
+    # this machine lacking MuseScore General and TimGM6mb: only FluidR3 "installed"
+    monkeypatch.setattr(D, "available", lambda name: name in ("fluid-fluidr3", "sine"))
+    files = _write_collection(tmp_path / "midi", n=2)
+    with pytest.raises(D.MidimatchError) as e:
+        D.prepare(tmp_path / "out", files, heldout="sine", workers=0, progress=False)
+    assert e.value.reason == "too_few_renderers"
+    msg = str(e.value)
+    assert "apt-get install" in msg and "timgm6mb-soundfont" in msg
+    assert "musescore-general-soundfont-small" in msg and "fluid-soundfont-gm" not in msg
+    assert not (tmp_path / "out" / "train").exists()  # refused before rendering anything
+    # an explicit list is the caller's choice (tests, experiments)
+    D.prepare(tmp_path / "out1", files, renderers=("fluid-fluidr3",), heldout="sine",
+              workers=0, progress=False, min_renderers=1, max_piece_s=5)

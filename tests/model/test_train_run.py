@@ -31,6 +31,18 @@ def test_load_sampler_records_samples_and_summarises():
     assert LoadSampler().summary() == {"samples": 0, "min": None, "median": None, "max": None}
 
 
+def test_missing_soundfonts_fail_before_any_data_step(tmp_path, monkeypatch):
+    from model import data
+
+    monkeypatch.setattr(data, "available", lambda name: name == "fluid-fluidr3")
+    said = []
+    with pytest.raises(MidimatchError) as e:
+        train_run(tmp_path / "corpus", tmp_path / "pairs", tmp_path / "m.pt", tmp_path / "m.ckpt",
+                  say=said.append)
+    assert e.value.reason == "too_few_renderers" and said == []
+    assert not (tmp_path / "corpus").exists()
+
+
 def test_no_midi_after_the_data_steps_is_a_clear_error(tmp_path):
     said = []
     with pytest.raises(MidimatchError) as e:
