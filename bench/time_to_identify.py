@@ -220,9 +220,9 @@ def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
                 top = m[0]["id"] if m else None
                 conf = float(m[0]["confidence"]) if m else 0.0
                 sure = top if m and conf >= cut else None
-                pos = float(m[0]["position_s"]) if m else 0.0
+                top_pos = float(m[0]["position_s"]) if m else 0.0
                 results[int(sid[1:])].append((float(r["audio_s"]), d["id"] if d else None,
-                                              sure, top, conf, pos))
+                                              sure, top, conf, top_pos))
     return results
 
 
