@@ -316,6 +316,7 @@ def main() -> None:
                     help="with --calibrate: store it in model/weights/default.calibration.json")
     ap.add_argument("--stable-results", type=int, help="what-if: consecutive confident results")
     ap.add_argument("--result-every-s", type=float, default=1.0, help="what-if: result period")
+    ap.add_argument("--stream-threshold", type=float, help="what-if: the stream threshold")
     ap.add_argument("--min-query-s", type=float,
                     help="what-if: shortest query searched (the cascade's default: 2 s)")
     args = ap.parse_args()
@@ -336,6 +337,9 @@ def main() -> None:
     if args.stable_results:
         cascade.calibration = dataclasses.replace(cascade.calibration,
                                                   stable_results=args.stable_results)
+    if args.stream_threshold is not None:
+        cascade.calibration = dataclasses.replace(cascade.calibration,
+                                                  stream_threshold=args.stream_threshold)
     id_of_path = {r["path"]: str(r.get("sha256", ""))[:16] for r in cascade.index.refs}
     path_of_id = {v: k for k, v in id_of_path.items()}
     pieces = pick_pieces(collection, id_of_path, args.n_in, args.n_out, args.seconds, args.seed,
