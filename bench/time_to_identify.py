@@ -79,11 +79,11 @@ def _cache() -> Path:
 
 
 def in_half(path: str, half: str) -> bool:
-    """Whether a piece belongs to ``half``: "calib" (crc32 of its path even), "test" (odd) or
-    "all"."""
-    if half == "all":
-        return True
-    return (zlib.crc32(path.encode()) % 2 == 0) == (half == "calib")
+    """Whether a piece belongs to ``half``: "calib" (:func:`index.evaluate.piece_half` 0, the
+    halves ``midimatch eval`` calibrates on), "test" (1) or "all"."""
+    from index.evaluate import piece_half
+
+    return half == "all" or piece_half(path) == (0 if half == "calib" else 1)
 
 
 def pick_pieces(collection: dict[str, Any], id_of_path: dict[str, str], n_in: int, n_out: int,
@@ -404,7 +404,7 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
               f"{len(cascade.index)}-reference eval index")
     cal = calibrate_stream(cascade.calibration, ins, ids, outs, source=source)
     print(f"# stream calibration on the {half} half: {source}")
-    print(table([{k: v for k, v in r.items()} for r in cal.stream["tried"]]))
+    print(table(cal.stream["tried"]))
     print(f"# chosen: stream threshold {cal.stream_cut:.3f}, stable_results {cal.stable_results}")
     if args.save_calibration:
         print(f"# saved to {save_calibration(cal)}")

@@ -128,7 +128,6 @@ def _repeat_similarity(q: dict, found_end_s: float, found_path: str | None = Non
     """Onset similarity (:mod:`index.repeats`) of a query's true window and the window found,
     in the same reference or in ``found_path`` (None when a file cannot be read)."""
     from index.repeats import cross_similarity
-    from model.errors import MidimatchError
 
     own = q.get("ref_path") or q["piece"]
     try:

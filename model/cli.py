@@ -102,11 +102,10 @@ def _cache(sub: str) -> Path:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from model.data import corpus_files, prepare
+    from model.data import prepare, training_files
 
     corpus = args.corpus or _cache("corpus")
-    files = [f for f in corpus_files(corpus) if "generated" not in f.parts]
-    files += sorted((corpus / "generated").glob("*.mid"))[: args.generated]
+    files = training_files(corpus, generated=args.generated)
     if not files:
         raise SystemExit(f"no MIDI under {corpus}: run `midimatch data corpus` and "
                          "`midimatch data generate` first")

@@ -491,6 +491,19 @@ def _median(values: list[float]) -> float | None:
     return round(float(np.median(values)), 3) if values else None
 
 
+def training_files(corpus_dir: str | Path, *, works: int | None = None,
+                   generated: int = 250) -> list[Path]:
+    """The MIDI files training uses: converted music21 works (all of them, or only the first
+    ``works`` of :func:`model.corpus.list_corpus_works`' fixed order), then the first
+    ``generated`` generated songs (seed order)."""
+    from model.corpus import corpus_midi_files, list_corpus_works
+    from model.songgen import generated_midi_files
+
+    root = Path(corpus_dir)
+    keys = None if works is None else {w.key for w in list_corpus_works()[:works]}
+    return corpus_midi_files(root, keys=keys) + generated_midi_files(root)[:generated]
+
+
 def corpus_files(corpus_dir: str | Path) -> list[Path]:
     """The cached collection: converted music21 works (deduplicated) and generated songs."""
     from model.corpus import corpus_midi_files

@@ -91,8 +91,8 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
     hash_share : the hash stage's share of the training time; the embedding stage gets the rest.
     reserve_minutes : kept back for the last validation, the weights file and the plots.
     """
-    from model.corpus import convert_music21_corpus, corpus_midi_files, list_corpus_works
-    from model.data import prepare, training_renderers
+    from model.corpus import convert_music21_corpus
+    from model.data import prepare, training_files, training_renderers
     from model.nets import NetConfig
     from model.songgen import generate_songs
     from model.train import train
@@ -111,9 +111,8 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
 
     conv = step("corpus", lambda: convert_music21_corpus(corpus, limit=works, workers=workers))
     step("generate", lambda: generate_songs(corpus, generated, workers=workers))
-    keys = {w.key for w in list_corpus_works()[:works]}
-    m21 = corpus_midi_files(corpus, keys=keys)
-    files = [*m21, *sorted((corpus / "generated").glob("song_*.mid"))[:generated]]
+    files = training_files(corpus, works=works, generated=generated)
+    n_generated = sum("generated" in f.parts for f in files)
     if not files:
         raise MidimatchError(f"no MIDI under {corpus} after the data steps", reason="no_data")
     prep = step("prepare", lambda: prepare(pairs, files, renders_per_piece=renders,
@@ -128,8 +127,8 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
                                            checkpoint_path=checkpoint))
     report["run"] = {
         "minutes_budget": minutes, "minutes_total": round((clock() - start) / 60, 2),
-        "steps_s": steps, "works": works, "music21_files": len(m21),
-        "generated_files": len(files) - len(m21),
+        "steps_s": steps, "works": works, "music21_files": len(files) - n_generated,
+        "generated_files": n_generated,
         "corpus": {k: conv[k] for k in ("converted", "failed", "skipped_done")},
         "pairs": {k: prep.get(k) for k in ("splits", "shards_written") if k in prep},
         "fit_minutes": {"hash": round(hash_min, 2), "embed": round(embed_min, 2)},

@@ -195,3 +195,11 @@ def test_one_installed_soundfont_is_refused_with_the_packages_to_install(tmp_pat
     # an explicit list is the caller's choice (tests, experiments)
     D.prepare(tmp_path / "out1", files, renderers=("fluid-fluidr3",), heldout="sine",
               workers=0, progress=False, min_renderers=1, max_piece_s=5)
+
+
+def test_training_files_take_the_first_generated_songs_in_seed_order(tmp_path):
+    from model.songgen import generate_songs
+
+    songs = generate_songs(tmp_path, 3, workers=1, progress=False, duration_s=20.0)
+    assert D.training_files(tmp_path, generated=2) == songs[:2]  # no music21 works converted
+    assert D.training_files(tmp_path, works=0, generated=5) == songs
