@@ -11,7 +11,11 @@ Out-of-collection streams marked ``duplicate`` (indexed under another name) are 
 Rules, over the current run of results with the same top-1 (``k`` = how many are needed):
 ``min`` (the shipped :class:`index.decision.StreamDecision`: the smallest of the last k
 confidences), ``mean`` (their mean) and ``sum`` (the sum over the whole run: evidence that
-grows while the same piece stays on top).
+grows while the same piece stays on top), and ``pos`` (``min`` over a run that also moves
+forward in the piece as the stream does: between consecutive results of the run, the top-1's
+position must advance by the audio elapsed, within ``POS_SLACK`` of it plus ``POS_TOL_S`` —
+a chance match of an outsider has no reason to keep step with the stream; traces written before
+positions were recorded have none, and the rule is skipped for them).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table  # noqa: E402
 
-RULES = ("min", "mean", "sum")
+RULES = ("min", "mean", "sum", "pos")
+POS_SLACK, POS_TOL_S = 0.3, 0.5  # tempo ±30 %, and the position's own jitter
 
 
 def load(path: Path, id_of_path: dict[str, str]) -> tuple[list, list]:
@@ -48,19 +53,30 @@ def load(path: Path, id_of_path: dict[str, str]) -> tuple[list, list]:
 
 def scores(trace: list, rule: str, k: int) -> list[tuple[float, str | None, float]]:
     """Per result: (audio_s, top-1 id, score); -1 where the rule cannot decide yet."""
-    out, run_top, run = [], None, []
-    for t, top, conf in trace:
-        if top is not None and top == run_top:
+    out, run_top, run, last = [], None, [], None
+    for t, top, conf, *rest in trace:
+        pos = rest[0] if rest else None
+        if top is not None and top == run_top and (rule != "pos" or keeps_step(last, (t, pos))):
             run.append(conf)
         else:
             run_top, run = top, ([conf] if top is not None else [])
+        last = (t, pos)
         if top is None or len(run) < k:
             out.append((t, None, -1.0))
             continue
         w = run[-k:]
-        s = min(w) if rule == "min" else sum(w) / k if rule == "mean" else sum(run)
+        s = min(w) if rule in ("min", "pos") else sum(w) / k if rule == "mean" else sum(run)
         out.append((t, top, s))
     return out
+
+
+def keeps_step(prev: tuple | None, cur: tuple) -> bool:
+    """Whether the top-1's position moved on with the stream from ``prev`` to ``cur``, each
+    (audio_s, position_s)."""
+    if prev is None or prev[1] is None or cur[1] is None:
+        return False
+    elapsed, moved = cur[0] - prev[0], cur[1] - prev[1]
+    return abs(moved - elapsed) <= POS_SLACK * elapsed + POS_TOL_S
 
 
 def fit(outs: list, rule: str, k: int, max_false_rate: float) -> float:
@@ -97,7 +113,8 @@ def main() -> None:
     ci, co = load(args.calib, id_of_path)
     ti, to = load(args.test, id_of_path)
     rows = []
-    for rule in RULES:
+    has_pos = all(len(r) > 3 for tr in co for r in tr[:1])
+    for rule in RULES if has_pos else RULES[:-1]:
         for k in (2, 3, 4, 5):
             th = fit(co, rule, k, args.max_false_rate)
             a, b = measure(ci, co, rule, k, th), measure(ti, to, rule, k, th)

@@ -256,7 +256,8 @@ def summarise(condition: str, pieces: list[dict[str, Any]], results: list[list[R
         rec: dict[str, Any] = {"path": p["path"], "start_s": p["start_s"],
                                "in_collection": p["true_id"] is not None,
                                "results": len(res), "any_decision": bool(decided),
-                               "trace": [(t, m, round(c, 4)) for t, _, _, m, c, _ in res],
+                               "trace": [(t, m, round(c, 4), round(q, 2))
+                                         for t, _, _, m, c, q in res],
                                "first_decision": list(decided[0]) if decided else None}
         if p["true_id"] is not None:
             right = [t for t, d in decided if d == p["true_id"]]

@@ -261,8 +261,9 @@ class StreamDecision:
         return None
 
 
-# One stream's results, oldest first: (audio seconds, top-1 id or None, top-1 confidence).
-StreamTrace = Sequence[tuple[float, str | None, float]]
+# One stream's results, oldest first: (audio seconds, top-1 id or None, top-1 confidence, ...);
+# anything after the confidence (the bench adds the top-1's position) is ignored here.
+StreamTrace = Sequence[tuple]
 
 
 def simulate_stream(trace: StreamTrace, threshold: float, stable_results: int
@@ -270,7 +271,7 @@ def simulate_stream(trace: StreamTrace, threshold: float, stable_results: int
     """The first decision :class:`StreamDecision` would make on ``trace``: (audio_s, id), or
     None when the stream never decides."""
     run_id, run = None, 0
-    for audio_s, top, conf in trace:
+    for audio_s, top, conf, *_ in trace:
         if top is not None and conf >= threshold:
             run = run + 1 if top == run_id else 1
             run_id = top
@@ -288,8 +289,8 @@ def _stream_peak(trace: StreamTrace, k: int) -> float:
     for r in range(k - 1, len(trace)):
         window = trace[r - k + 1:r + 1]
         top = window[-1][1]
-        if top is not None and all(t == top for _, t, _ in window):
-            best = max(best, min(c for _, _, c in window))
+        if top is not None and all(w[1] == top for w in window):
+            best = max(best, min(w[2] for w in window))
     return best
 
 
