@@ -12,10 +12,9 @@ Rules, over the current run of results with the same top-1 (``k`` = how many are
 ``min`` (the shipped :class:`index.decision.StreamDecision`: the smallest of the last k
 confidences), ``mean`` (their mean) and ``sum`` (the sum over the whole run: evidence that
 grows while the same piece stays on top), and ``pos`` (``min`` over a run that also moves
-forward in the piece as the stream does: between consecutive results of the run, the top-1's
-position must advance by the audio elapsed, within ``POS_SLACK`` of it plus ``POS_TOL_S`` —
-a chance match of an outsider has no reason to keep step with the stream; traces written before
-positions were recorded have none, and the rule is skipped for them).
+forward in the piece as the stream does: :func:`index.decision.keeps_step` between consecutive
+results of the run, the shipped decision's ``keep_step``; traces written before positions were
+recorded have none, and the rule is skipped for them).
 """
 
 from __future__ import annotations
@@ -32,9 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table  # noqa: E402
+from index.decision import keeps_step  # noqa: E402
 
 RULES = ("min", "mean", "sum", "pos")
-POS_SLACK, POS_TOL_S = 0.3, 0.5  # tempo ±30 %, and the position's own jitter
 
 
 def load(path: Path, id_of_path: dict[str, str]) -> tuple[list, list]:
@@ -55,12 +54,12 @@ def scores(trace: list, rule: str, k: int) -> list[tuple[float, str | None, floa
     """Per result: (audio_s, top-1 id, score); -1 where the rule cannot decide yet."""
     out, run_top, run, last = [], None, [], None
     for t, top, conf, *rest in trace:
-        pos = rest[0] if rest else None
-        if top is not None and top == run_top and (rule != "pos" or keeps_step(last, (t, pos))):
+        here = (t, rest[0]) if rest else None
+        if top is not None and top == run_top and (rule != "pos" or keeps_step(last, here)):
             run.append(conf)
         else:
             run_top, run = top, ([conf] if top is not None else [])
-        last = (t, pos)
+        last = here
         if top is None or len(run) < k:
             out.append((t, None, -1.0))
             continue
@@ -68,15 +67,6 @@ def scores(trace: list, rule: str, k: int) -> list[tuple[float, str | None, floa
         s = min(w) if rule in ("min", "pos") else sum(w) / k if rule == "mean" else sum(run)
         out.append((t, top, s))
     return out
-
-
-def keeps_step(prev: tuple | None, cur: tuple) -> bool:
-    """Whether the top-1's position moved on with the stream from ``prev`` to ``cur``, each
-    (audio_s, position_s)."""
-    if prev is None or prev[1] is None or cur[1] is None:
-        return False
-    elapsed, moved = cur[0] - prev[0], cur[1] - prev[1]
-    return abs(moved - elapsed) <= POS_SLACK * elapsed + POS_TOL_S
 
 
 def fit(outs: list, rule: str, k: int, max_false_rate: float) -> float:

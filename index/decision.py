@@ -8,6 +8,11 @@ A search returns a ranking with confidences in [0, 1] (:mod:`index.search`). The
   the last ``stable_results`` results (:class:`StreamDecision`), so one lucky window does not flip
   the answer. A stream gets many results, each a chance of a wrong answer, so its threshold
   (``stream_threshold``) is calibrated separately, on whole streams (:func:`calibrate_stream`);
+  With ``keep_step`` (chosen by the stream calibration) the run must also *move on with the
+  stream*: between consecutive results the top match's position in the piece advances by the
+  audio that arrived, within ``STEP_SLACK`` of it plus ``STEP_TOL_S`` (:func:`keeps_step`). The
+  true piece does; an outsider's chance match seldom does, since nothing ties where its
+  alignment ends to the stream's clock.
 * otherwise **not in the collection** — a normal answer, not an error.
 
 Calibration (:func:`calibrate`) picks the threshold from scored queries whose answer is known:
@@ -28,7 +33,6 @@ import json
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -46,6 +50,7 @@ __all__ = [
     "calibrate",
     "calibrate_stream",
     "decide",
+    "keeps_step",
     "simulate_stream",
     "load_calibration",
     "save_calibration",
@@ -57,6 +62,8 @@ DEFAULT_CALIBRATION_PATH = (
 FORMAT = "midimatch-calibration/1"
 DEFAULT_THRESHOLD = 0.5  # Raffel's c >= 0.5, set on 30 s clips: only a fallback here
 DEFAULT_STABLE_RESULTS = 3
+STEP_SLACK = 0.3  # keep_step: tempo ±30 % between the stream and the reference
+STEP_TOL_S = 0.5  # ... plus this much jitter of the found position, s
 
 
 class _Scored(Protocol):
@@ -96,6 +103,9 @@ class Calibration:
     stream : dict
         How ``stream_threshold`` and ``stable_results`` were obtained: the figures measured at
         them on the calibration streams (``false_rate``, ``identified``, ``median_s``, ...).
+    keep_step : bool
+        Streams also require the top match's position to keep step with the stream
+        (:func:`keeps_step`) across the ``stable_results`` results.
     """
 
     model_id: str
@@ -110,6 +120,7 @@ class Calibration:
     created_utc: str = ""
     stream_threshold: float | None = None
     stream: dict = field(default_factory=dict)
+    keep_step: bool = False
 
     def __post_init__(self) -> None:
         for name in ("threshold", "stream_threshold"):
@@ -219,7 +230,8 @@ def decide(matches: Sequence[M], calibration: Calibration) -> M | None:
 
 
 class StreamDecision:
-    """Stream decision: identified once the same top-1 is confident in consecutive results.
+    """Stream decision: identified once the same top-1 is confident in consecutive results
+    (and, with ``calibration.keep_step``, its position keeps step with the stream).
 
     Parameters
     ----------
@@ -233,64 +245,97 @@ class StreamDecision:
         self.stable_results = int(stable_results or calibration.stable_results)
         if self.stable_results < 1:
             raise ValueError("stable_results must be >= 1")
-        self._recent: deque[int | None] = deque(maxlen=self.stable_results)
+        self._run_ref: int | None = None
+        self._run = 0
+        self._last: tuple[float, float] | None = None  # (audio_s, position_s) of the run's last
 
     def reset(self) -> None:
         """Forget the history (a new stream, or a seek)."""
-        self._recent.clear()
+        self._run_ref, self._run, self._last = None, 0, None
 
-    def update(self, matches: Sequence[M]) -> M | None:
+    def update(self, matches: Sequence[M], audio_s: float | None = None) -> M | None:
         """Feed the ranking of the newest result; returns its top match once it is stable.
 
         Parameters
         ----------
-        matches : sequence of matches (``ref`` and ``confidence``), best first
+        matches : sequence of matches (``ref``, ``confidence`` and, for ``keep_step``,
+            ``position_s``), best first
+        audio_s : float, optional
+            The stream's audio seconds at this result; needed by ``keep_step`` (without it a
+            ``keep_step`` calibration never decides).
 
         Returns
         -------
         The top match when it and the previous ``stable_results - 1`` results all had the same
-        confident top-1 reference; None otherwise (not (yet) identified).
+        confident top-1 reference (keeping step, with ``keep_step``); None otherwise (not (yet)
+        identified).
         """
         top = matches[0] if matches and matches[0].confidence >= self.calibration.stream_cut \
             else None
-        self._recent.append(None if top is None else int(top.ref))
-        if top is not None and len(self._recent) == self.stable_results and all(
-            r == top.ref for r in self._recent
-        ):
-            return top
-        return None
+        if top is None:
+            self.reset()
+            return None
+        here = None if audio_s is None else (float(audio_s), float(getattr(top, "position_s",
+                                                                            math.nan)))
+        same = int(top.ref) == self._run_ref and (not self.calibration.keep_step
+                                                   or keeps_step(self._last, here))
+        self._run = self._run + 1 if same else 1
+        self._run_ref, self._last = int(top.ref), here
+        return top if self._run >= self.stable_results else None
 
 
-# One stream's results, oldest first: (audio seconds, top-1 id or None, top-1 confidence, ...);
-# anything after the confidence (the bench adds the top-1's position) is ignored here.
+def keeps_step(prev: tuple[float, float] | None, cur: tuple[float, float] | None) -> bool:
+    """Whether a match's position moved on with the stream from ``prev`` to ``cur``, each
+    ``(audio_s, position_s)``: it advanced by the audio elapsed, within ``STEP_SLACK`` of it
+    plus ``STEP_TOL_S``. False when either is unknown (None, or a NaN position)."""
+    if prev is None or cur is None or math.isnan(prev[1]) or math.isnan(cur[1]):
+        return False
+    elapsed, moved = cur[0] - prev[0], cur[1] - prev[1]
+    return abs(moved - elapsed) <= STEP_SLACK * abs(elapsed) + STEP_TOL_S
+
+
+# One stream's results, oldest first: (audio seconds, top-1 id or None, top-1 confidence) and,
+# for keep_step, the top-1's position (s) as a 4th element; anything after that is ignored.
 StreamTrace = Sequence[tuple]
 
 
-def simulate_stream(trace: StreamTrace, threshold: float, stable_results: int
-                    ) -> tuple[float, str] | None:
+def _position(row: tuple) -> tuple[float, float]:
+    return float(row[0]), float(row[3]) if len(row) > 3 and row[3] is not None else math.nan
+
+
+def simulate_stream(trace: StreamTrace, threshold: float, stable_results: int,
+                    keep_step: bool = False) -> tuple[float, str] | None:
     """The first decision :class:`StreamDecision` would make on ``trace``: (audio_s, id), or
     None when the stream never decides."""
-    run_id, run = None, 0
-    for audio_s, top, conf, *_ in trace:
+    run_id, run, last = None, 0, None
+    for row in trace:
+        audio_s, top, conf = row[0], row[1], row[2]
         if top is not None and conf >= threshold:
-            run = run + 1 if top == run_id else 1
-            run_id = top
+            here = _position(row)
+            same = top == run_id and (not keep_step or keeps_step(last, here))
+            run = run + 1 if same else 1
+            run_id, last = top, here
             if run >= stable_results:
                 return float(audio_s), top
         else:
-            run_id, run = None, 0
+            run_id, run, last = None, 0, None
     return None
 
 
-def _stream_peak(trace: StreamTrace, k: int) -> float:
+def _stream_peak(trace: StreamTrace, k: int, keep_step: bool = False) -> float:
     """The largest threshold at which ``trace`` decides with ``stable_results = k`` (-1: never):
-    the best, over runs of k results with the same top-1, of the run's smallest confidence."""
+    the best, over runs of k results with the same top-1 (keeping step, with ``keep_step``), of
+    the run's smallest confidence."""
     best = -1.0
     for r in range(k - 1, len(trace)):
         window = trace[r - k + 1:r + 1]
         top = window[-1][1]
-        if top is not None and all(w[1] == top for w in window):
-            best = max(best, min(w[2] for w in window))
+        if top is None or not all(w[1] == top for w in window):
+            continue
+        if keep_step and not all(keeps_step(_position(a), _position(b))
+                                 for a, b in zip(window[:-1], window[1:], strict=True)):
+            continue
+        best = max(best, min(w[2] for w in window))
     return best
 
 
@@ -301,10 +346,12 @@ def calibrate_stream(
     out_traces: Sequence[StreamTrace],
     *,
     stable_choices: Sequence[int] = (1, 2, 3, 4),
+    step_choices: Sequence[bool] | None = None,
     max_false_rate: float = 0.01,
     source: str = "",
 ) -> Calibration:
-    """Choose the stream decision (``stream_threshold``, ``stable_results``) from whole streams.
+    """Choose the stream decision (``stream_threshold``, ``stable_results``, ``keep_step``) from
+    whole streams.
 
     Parameters
     ----------
@@ -313,16 +360,18 @@ def calibrate_stream(
     in_traces, true_ids : the results of in-collection streams and the id each should decide for.
     out_traces : the results of out-of-collection streams (at least one).
     stable_choices : the ``stable_results`` values tried.
+    step_choices : the ``keep_step`` values tried with each (default: both when every trace
+        row carries a position, else only False).
     max_false_rate : allowed fraction of out-of-collection streams that ever decide.
 
     Returns
     -------
     Calibration
-        For each ``k`` in ``stable_choices`` the smallest threshold at which at most
-        ``max_false_rate`` of ``out_traces`` decide; the ``k`` whose in-collection streams have
-        the shortest median time to a right first decision (a wrong first decision or none
-        counts as never) wins, ties going to the larger share identified. ``stream`` records
-        the figures of every ``k`` tried.
+        For each ``k`` in ``stable_choices`` (and ``keep_step`` in ``step_choices``) the
+        smallest threshold at which at most ``max_false_rate`` of ``out_traces`` decide; the
+        rule whose in-collection streams have the shortest median time to a right first decision
+        (a wrong first decision or none counts as never) wins, ties going to the larger share
+        identified. ``stream`` records the figures of every rule tried.
     """
     if not out_traces:
         raise ValueError("stream calibration needs at least one out-of-collection stream")
@@ -330,10 +379,13 @@ def calibrate_stream(
         raise ValueError(f"{len(in_traces)} in-collection traces but {len(true_ids)} ids")
     if not 0.0 <= max_false_rate < 1.0:
         raise ValueError(f"max_false_rate must lie in [0, 1), got {max_false_rate}")
+    if step_choices is None:
+        positioned = all(len(row) > 3 for t in (*in_traces, *out_traces) for row in t)
+        step_choices = (False, True) if positioned else (False,)
     allowed = int(math.floor(max_false_rate * len(out_traces) + 1e-9))
     tried = []
-    for k in stable_choices:
-        peaks = np.sort([_stream_peak(t, k) for t in out_traces])[::-1]
+    for k, step in ((k, step) for step in step_choices for k in stable_choices):
+        peaks = np.sort([_stream_peak(t, k, step) for t in out_traces])[::-1]
         threshold = 0.0 if allowed >= peaks.size else float(np.nextafter(max(peaks[allowed], 0.0),
                                                                           np.inf))
         if threshold > 1.0:
@@ -341,13 +393,14 @@ def calibrate_stream(
         times = []
         wrong = 0
         for trace, true in zip(in_traces, true_ids, strict=True):
-            d = simulate_stream(trace, threshold, k)
+            d = simulate_stream(trace, threshold, k, step)
             wrong += d is not None and d[1] != true
             times.append(d[0] if d is not None and d[1] == true else math.inf)
         ts = np.asarray(times)
         out_rate = float(np.mean(peaks >= threshold))  # a stream decides iff its peak reaches it
         tried.append({
-            "stable_results": int(k), "threshold": threshold, "false_rate": out_rate,
+            "stable_results": int(k), "keep_step": bool(step), "threshold": threshold,
+            "false_rate": out_rate,
             "identified": float(np.mean(np.isfinite(ts))) if ts.size else 0.0,
             "wrong_first": wrong / max(1, len(in_traces)),
             "median_s": float(np.median(ts)) if ts.size else math.inf,
@@ -359,7 +412,8 @@ def calibrate_stream(
                "tried": [{k: (v if v != math.inf else "inf") for k, v in r.items()}
                          for r in tried]}
     return replace(calibration, stream_threshold=best["threshold"],
-                   stable_results=best["stable_results"], stream=figures)
+                   stable_results=best["stable_results"], keep_step=best["keep_step"],
+                   stream=figures)
 
 
 def load_calibration(model_id: str, path: str | Path | None = None) -> Calibration:

@@ -350,7 +350,7 @@ class Session:
         """The result message body (see :mod:`worker.bus`) for the ranking ``matches`` (None:
         not searchable, an empty ranking); updates the stream decision."""
         matches = matches or []
-        top = self.decision.update(matches)
+        top = self.decision.update(matches, self.audio_s)
         self._energy.append((self._energy_now[0], self._energy_now[1]))
         self._energy_now = [0, 0.0]
         self.overdue_since = None

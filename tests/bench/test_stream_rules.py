@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.stream_rules import fit, keeps_step, measure, scores
+from bench.stream_rules import fit, measure, scores
 
 
 def steady(top: str, conf: float, n: int = 8, start_pos: float = 30.0, step: float = 1.0,
@@ -18,15 +18,6 @@ def steady(top: str, conf: float, n: int = 8, start_pos: float = 30.0, step: flo
             pos += 20.0
         out.append((float(i + 1), top, conf, pos))
     return out
-
-
-def test_keeps_step_allows_tempo_and_jitter_but_not_a_jump():
-    assert keeps_step((1.0, 10.0), (2.0, 11.0))
-    assert keeps_step((1.0, 10.0), (2.0, 11.7))  # 0.7 s more than elapsed: 0.3 + 0.5 allowed
-    assert not keeps_step((1.0, 10.0), (2.0, 12.0))
-    assert not keeps_step((1.0, 10.0), (2.0, 9.0))  # backwards
-    assert not keeps_step(None, (2.0, 11.0))
-    assert not keeps_step((1.0, None), (2.0, 11.0))  # no position recorded
 
 
 def test_min_ignores_positions_pos_breaks_the_run_at_a_jump():

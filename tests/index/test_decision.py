@@ -15,6 +15,7 @@ from index.decision import (
     calibrate,
     calibrate_stream,
     decide,
+    keeps_step,
     load_calibration,
     save_calibration,
     simulate_stream,
@@ -174,3 +175,83 @@ def test_calibrate_stream_rejects_bad_input():
         calibrate_stream(Calibration("m"), [], [], [])
     with pytest.raises(ValueError, match="traces but"):
         calibrate_stream(Calibration("m"), [_trace(["1"], [1.0])], [], [_trace(["1"], [1.0])])
+
+
+@dataclass(frozen=True)
+class MP:
+    ref: int
+    confidence: float
+    position_s: float
+
+
+def test_keeps_step_allows_tempo_and_jitter_not_jumps():
+    assert keeps_step((1.0, 10.0), (2.0, 11.0))
+    assert keeps_step((1.0, 10.0), (3.0, 12.9))  # 2 s on, 0.1 s off
+    assert keeps_step((1.0, 10.0), (2.0, 11.75))  # 0.3 x 1 s + 0.5 s allowed
+    assert not keeps_step((1.0, 10.0), (2.0, 11.9))
+    assert not keeps_step((1.0, 10.0), (2.0, 9.0))  # backwards
+    assert not keeps_step((1.0, 10.0), (2.0, 40.0))  # another repeat, far away
+    assert not keeps_step(None, (2.0, 11.0))
+    assert not keeps_step((1.0, math.nan), (2.0, 11.0))
+
+
+def test_keep_step_restarts_the_run_where_the_position_jumps():
+    cal = Calibration("m", threshold=0.0, stream_threshold=0.5, stable_results=3,
+                      keep_step=True)
+    dec = StreamDecision(cal)
+    positions = [20.0, 21.0, 40.0, 41.0, 42.0]  # a jump at the 3rd result
+    got = [dec.update([MP(7, 0.9, p)], audio_s=t + 1.0) for t, p in enumerate(positions)]
+    assert [g is not None for g in got] == [False, False, False, False, True]
+    # the same results without keep_step decide at the 3rd
+    dec = StreamDecision(Calibration("m", threshold=0.0, stream_threshold=0.5,
+                                     stable_results=3))
+    got = [dec.update([MP(7, 0.9, p)], audio_s=t + 1.0) for t, p in enumerate(positions)]
+    assert [g is not None for g in got] == [False, False, True, True, True]
+    # keep_step without the stream's clock cannot tell, so it never decides
+    dec = StreamDecision(cal)
+    assert all(dec.update([MP(7, 0.9, 20.0 + t)]) is None for t in range(6))
+
+
+def test_simulate_stream_matches_stream_decision_with_keep_step():
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        tops = [None if x == 0 else str(x) for x in rng.integers(0, 3, n)]
+        confs = rng.uniform(0, 1, n).round(2)
+        pos = np.cumsum(rng.choice([1.0, 1.0, 1.0, 5.0, -3.0], n)) + 30.0
+        trace = [(1.0 + i, t, float(c), float(p))
+                 for i, (t, c, p) in enumerate(zip(tops, confs, pos, strict=True))]
+        k, th = int(rng.integers(1, 4)), float(rng.uniform(0.1, 0.6))
+        dec = StreamDecision(Calibration("m", threshold=0.0, stream_threshold=th,
+                                         stable_results=k, keep_step=True))
+        want = None
+        for t, top, c, p in trace:
+            got = dec.update([] if top is None else [MP(int(top), c, p)], audio_s=t)
+            if got is not None and want is None:
+                want = (t, str(got.ref))
+        assert simulate_stream(trace, th, k, keep_step=True) == want
+
+
+def test_calibrate_stream_chooses_keep_step_when_outsiders_wander():
+    rng = np.random.default_rng(1)
+    # outsiders stuck on one wrong reference, confident, but their position goes anywhere
+    outs = [[(1.0 + i, "77", 0.95, float(rng.uniform(0, 20) + 50 * (i % 4))) for i in range(18)]
+            for _ in range(100)]
+    # insiders: right and keeping step from the 2nd result, confidence 0.8
+    ins = [[(1.0, "x", 0.3, 0.0)] + [(1.0 + i, "1", 0.8, 30.0 + i) for i in range(1, 18)]
+           for _ in range(40)]
+    cal = calibrate_stream(Calibration("m", threshold=0.5), ins, ["1"] * 40, outs)
+    assert cal.keep_step and cal.stable_results == 2 and cal.stream_cut < 0.8
+    assert {(r["stable_results"], r["keep_step"]) for r in cal.stream["tried"]} == {
+        (k, s) for k in (1, 2, 3, 4) for s in (False, True)}
+    # without keep_step no threshold under the outsiders' 0.95 lets an insider decide
+    plain = [r for r in cal.stream["tried"] if not r["keep_step"]]
+    assert all(r["identified"] == 0.0 for r in plain)
+    assert simulate_stream(ins[0], cal.stream_cut, cal.stable_results, cal.keep_step) == (
+        3.0, "1")
+    # traces without positions cannot try it
+    strip = calibrate_stream(Calibration("m"), [[r[:3] for r in t] for t in ins], ["1"] * 40,
+                             [[r[:3] for r in t] for t in outs])
+    assert not strip.keep_step
+    assert {r["keep_step"] for r in strip.stream["tried"]} == {False}
+    assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
