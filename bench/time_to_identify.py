@@ -4,7 +4,7 @@
                                      [--conditions clean,room_noise] [--batch 25]
                                      [--index DIR] [--seed 0] [--json FILE]
                                      [--half test|calib|all] [--starts N]
-                                     [--calibrate [--save-calibration]]
+                                     [--calibrate [--save-calibration] [--keep-step]]
                                      [--stable-results K] [--result-every-s S]
 
 The pieces of the evaluation collection are split in two halves by a hash of their path: the
@@ -315,6 +315,9 @@ def main() -> None:
                     help="fit the stream decision on these streams (the calib half)")
     ap.add_argument("--save-calibration", action="store_true",
                     help="with --calibrate: store it in model/weights/default.calibration.json")
+    ap.add_argument("--keep-step", action="store_true",
+                    help="with --calibrate: also try rules whose run must keep step with the "
+                    "stream (index.decision.keeps_step; not adopted: docs/benchmarks.md)")
     ap.add_argument("--stable-results", type=int, help="what-if: consecutive confident results")
     ap.add_argument("--result-every-s", type=float, default=1.0, help="what-if: result period")
     ap.add_argument("--stream-threshold", type=float, help="what-if: the stream threshold")
@@ -403,7 +406,8 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
               f"{len(outs)} out-of-collection streams ({dups} duplicates of indexed pieces left "
               f"out), TiMidity + freepats, "
               f"{len(cascade.index)}-reference eval index")
-    cal = calibrate_stream(cascade.calibration, ins, ids, outs, source=source)
+    cal = calibrate_stream(cascade.calibration, ins, ids, outs, source=source,
+                           step_choices=(False, True) if args.keep_step else (False,))
     print(f"# stream calibration on the {half} half: {source}")
     print(table(cal.stream["tried"]))
     print(f"# chosen: stream threshold {cal.stream_cut:.3f}, stable_results {cal.stable_results}")

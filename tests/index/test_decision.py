@@ -240,7 +240,10 @@ def test_calibrate_stream_chooses_keep_step_when_outsiders_wander():
     # insiders: right and keeping step from the 2nd result, confidence 0.8
     ins = [[(1.0, "x", 0.3, 0.0)] + [(1.0 + i, "1", 0.8, 30.0 + i) for i in range(1, 18)]
            for _ in range(40)]
-    cal = calibrate_stream(Calibration("m", threshold=0.5), ins, ["1"] * 40, outs)
+    assert not calibrate_stream(Calibration("m", threshold=0.5), ins, ["1"] * 40,
+                                outs).keep_step  # opt-in
+    cal = calibrate_stream(Calibration("m", threshold=0.5), ins, ["1"] * 40, outs,
+                           step_choices=(False, True))
     assert cal.keep_step and cal.stable_results == 2 and cal.stream_cut < 0.8
     assert {(r["stable_results"], r["keep_step"]) for r in cal.stream["tried"]} == {
         (k, s) for k in (1, 2, 3, 4) for s in (False, True)}
@@ -250,8 +253,7 @@ def test_calibrate_stream_chooses_keep_step_when_outsiders_wander():
     assert simulate_stream(ins[0], cal.stream_cut, cal.stable_results, cal.keep_step) == (
         3.0, "1")
     # traces without positions cannot try it
-    strip = calibrate_stream(Calibration("m"), [[r[:3] for r in t] for t in ins], ["1"] * 40,
-                             [[r[:3] for r in t] for t in outs])
-    assert not strip.keep_step
-    assert {r["keep_step"] for r in strip.stream["tried"]} == {False}
+    with pytest.raises(ValueError, match="position"):
+        calibrate_stream(Calibration("m"), [[r[:3] for r in t] for t in ins], ["1"] * 40,
+                         [[r[:3] for r in t] for t in outs], step_choices=(False, True))
     assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
