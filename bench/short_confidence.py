@@ -8,7 +8,8 @@ exactly these frames), and runs prune + hash-DTW with the shipped cascade. For e
 function of the sorted candidate scores, it sets one threshold per length at the 99th percentile
 of the outsiders' top-1 evidence (1 % of them confident) and reports the share of in-collection
 queries whose top-1 is right *and* over it. ``current`` is :func:`index.confirm.margin_confidence`'s
-evidence (before its monotone logistic map, which does not change the ranking); the others are
+evidence (:func:`index.confirm.margin_evidence`, before the monotone logistic map, which does not
+change the ranking); the others are
 alternatives measured against it.
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine, table  # noqa: E402
-from index.confirm import FIELD_SKIP  # noqa: E402
+from index.confirm import FIELD_SKIP, margin_evidence  # noqa: E402
 
 
 def _field(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,8 +37,7 @@ def _field(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _current(s: np.ndarray) -> np.ndarray:
-    med, _ = _field(s)
-    return (1 - s[:, 0] / med) + (1 - s[:, 0] / s[:, 2])
+    return np.array([margin_evidence(row, 1)[0] for row in s])
 
 
 def _z_field(s: np.ndarray) -> np.ndarray:

@@ -46,7 +46,8 @@ import numpy as np
 from index.align import align_cost_matrix
 from index.bits import hamming_matrix
 
-__all__ = ["ConfirmedMatch", "confirm_candidates", "distinct_ratio", "margin_confidence"]
+__all__ = ["ConfirmedMatch", "confirm_candidates", "distinct_ratio", "margin_confidence",
+           "margin_evidence"]
 
 FIELD_SKIP = 3  # ranks left out of "the field": the match and up to two near-duplicates of it
 MIN_FIELD = 2  # fewer candidates than FIELD_SKIP + MIN_FIELD: no field, Raffel's c instead
@@ -129,7 +130,26 @@ def distinct_ratio(query: np.ndarray) -> float:
 
 
 def margin_confidence(scores: np.ndarray, n: int) -> np.ndarray | None:
-    """Confidence of the best ``n`` candidates from the hash-DTW scores of all K candidates.
+    """Confidence of the best ``n`` candidates from the hash-DTW scores of all K candidates:
+    the logistic map ``1 / (1 + exp(-(x - CENTRE) / WIDTH))`` of :func:`margin_evidence`'s ``x``.
+    Scale-free (the same for 16 or 32 bits, any query length) and monotone in ``s_r``, so the
+    ranking stays the hash-DTW's. The threshold that makes it a decision is calibrated
+    (:mod:`index.decision`).
+
+    Returns
+    -------
+    np.ndarray, shape (n,), float64 in [0, 1], or None when K < FIELD_SKIP + MIN_FIELD (too few
+    candidates to have a field: the caller falls back to Raffel's c).
+    """
+    x = margin_evidence(scores, n)
+    if x is None:
+        return None
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-(x - CENTRE) / WIDTH))
+
+
+def margin_evidence(scores: np.ndarray, n: int) -> np.ndarray | None:
+    """The evidence ``x`` of the best ``n`` candidates, from the hash-DTW scores of all K.
 
     For candidate r (rank r, score ``s_r``), two relative margins:
 
@@ -138,10 +158,7 @@ def margin_confidence(scores: np.ndarray, n: int) -> np.ndarray | None:
       the other candidates, so that one duplicate of the piece in the collection (common in
       scraped MIDI) does not cancel the margin of either copy;
 
-    evidence ``x`` = their sum, confidence = ``1 / (1 + exp(-(x - CENTRE) / WIDTH))``.
-    Scale-free (the same for 16 or 32 bits, any query length) and monotone in ``s_r``, so the
-    ranking stays the hash-DTW's. The threshold that makes it a decision is calibrated
-    (:mod:`index.decision`).
+    ``x`` = their sum.
 
     Parameters
     ----------
@@ -152,8 +169,8 @@ def margin_confidence(scores: np.ndarray, n: int) -> np.ndarray | None:
 
     Returns
     -------
-    np.ndarray, shape (n,), float64 in [0, 1], or None when K < FIELD_SKIP + MIN_FIELD (too few
-    candidates to have a field: the caller falls back to Raffel's c).
+    np.ndarray, shape (n,), float64 (``-inf`` for a candidate with an infinite score), or None
+    when K < FIELD_SKIP + MIN_FIELD.
     """
     s = np.asarray(scores, np.float64)
     if s.shape[0] < FIELD_SKIP + MIN_FIELD:
@@ -161,7 +178,7 @@ def margin_confidence(scores: np.ndarray, n: int) -> np.ndarray | None:
     field = s[FIELD_SKIP:]
     field = field[np.isfinite(field)]
     med = float(np.median(field)) if field.size else 0.0
-    out = np.zeros(n)
+    out = np.full(n, -np.inf)
     for r in range(n):
         if not np.isfinite(s[r]):
             continue
@@ -169,6 +186,5 @@ def margin_confidence(scores: np.ndarray, n: int) -> np.ndarray | None:
         m_field = 1.0 - s[r] / med if med > 0 else 0.0
         m_next = 1.0 - s[r] / other if np.isfinite(other) and other > 0 else (
             1.0 if np.isinf(other) else 0.0)
-        x = m_field + m_next
-        out[r] = 1.0 / (1.0 + np.exp(-(x - CENTRE) / WIDTH))
+        out[r] = m_field + m_next
     return out

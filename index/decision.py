@@ -9,11 +9,9 @@ A search returns a ranking with confidences in [0, 1] (:mod:`index.search`). The
   the answer. A stream gets many results, each a chance of a wrong answer, so its threshold
   (``stream_threshold``) is calibrated separately, on whole streams (:func:`calibrate_stream`);
   With ``keep_step`` (opt-in; measured and not adopted, see :func:`calibrate_stream`) the run
-  must also *move on with the
-  stream*: between consecutive results the top match's position in the piece advances by the
-  audio that arrived, within ``STEP_SLACK`` of it plus ``STEP_TOL_S`` (:func:`keeps_step`). The
-  true piece does; an outsider's chance match seldom does, since nothing ties where its
-  alignment ends to the stream's clock.
+  must also *move on with the stream*: between consecutive results the top match's position in
+  the piece advances by the audio that arrived, within ``STEP_SLACK`` of it plus ``STEP_TOL_S``
+  (:func:`keeps_step`).
 * otherwise **not in the collection** — a normal answer, not an error.
 
 Calibration (:func:`calibrate`) picks the threshold from scored queries whose answer is known:
