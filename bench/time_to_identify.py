@@ -188,8 +188,7 @@ def condition_audio(clean: np.ndarray, condition: str, path: str, seed: int) -> 
 def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
                result_every_s: float = 1.0) -> list[list[Row]]:
     """Stream every clip through one engine, ``batch`` sessions at a time, as fast as it takes
-    them; per clip, each result's (``audio_s``, decision id or None, id of the top match if
-    it is confident or None, id of the top match or None) in order."""
+    them; per clip, each result's :data:`Row` in order."""
     from worker.bus import StreamParams
     from worker.engine import Engine, EngineSettings
 
