@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--embed-minutes", type=float, default=25.0)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    f.add_argument("--init", type=Path, metavar="WEIGHTS",
+                   help="start from this model; with --hash-minutes 0 only the embedding trains")
+    f.add_argument("--embed-batch", type=int, metavar="N", help="embedding batch size (default 20)")
+    f.add_argument("--embed-nce", type=float, default=0.0, metavar="W",
+                   help="weight of the in-batch InfoNCE term in the embedding loss (default 0)")
+    f.add_argument("--embed-tau", type=float, default=1.0, metavar="T",
+                   help="its temperature (default 1)")
     f.set_defaults(func=_fit)
     r = tsub.add_parser("run", help="the shipped model in one command: data, pairs and training "
                         "within --minutes (each step cached; a rerun resumes)")
@@ -127,12 +134,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from model.nets import NetConfig
-    from model.train import train
+    from dataclasses import replace
 
+    from model.nets import NetConfig
+    from model.train import embed_params, train
+
+    ep = replace(embed_params(), nce=args.embed_nce, tau=args.embed_tau)
+    if args.embed_batch is not None:
+        ep = replace(ep, batch_size=args.embed_batch)
     report = train(args.data or _cache("train"), args.out, config=NetConfig(n_bits=args.bits),
                    hash_minutes=args.hash_minutes, embed_minutes=args.embed_minutes,
-                   seed=args.seed, device=args.device,
+                   seed=args.seed, device=args.device, embed_stage=ep, init=args.init,
                    # the resumable checkpoint is big and is not shipped: keep it in the cache
                    checkpoint_path=_cache("train") / f"{args.out.stem}.ckpt")
     print(json.dumps({k: v for k, v in report.items() if k not in ("hash", "embed")}, indent=2,

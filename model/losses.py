@@ -113,6 +113,39 @@ def contrastive_loss(
     return loss
 
 
+def batch_nce(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, tau: float) -> torch.Tensor:
+    """In-batch InfoNCE on squared distances, both ways (audio → MIDI and MIDI → audio).
+
+    Item i's positive is ``y[i]``; its negatives are every ``y[j]`` of another group (piece):
+    logits ``-‖x_i − y_j‖² / τ``, cross-entropy of the diagonal, averaged over the rows and over
+    the columns. Other items of the same piece are left out (neither positive nor negative): the
+    prune wants the right *piece* near, and another window of it is not a mistake.
+
+    Unlike the seed's hinge, whose one deranged negative per item stops pulling once it is past
+    the margin, this ranks the positive against all B − 1 items at once and weighs the nearest
+    impostors most: what the prune's top-K needs.
+
+    Parameters
+    ----------
+    x, y : torch.Tensor (B, D)
+    groups : torch.Tensor (B,) int, the piece of each item
+    tau : float > 0, temperature in squared-distance units
+
+    Returns
+    -------
+    torch.Tensor, scalar
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    logits = -torch.cdist(x, y).pow(2) / tau  # (B, B)
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    same = (groups[:, None] == groups[None, :]) & ~eye
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(len(x), device=x.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                  + torch.nn.functional.cross_entropy(logits.T, target))
+
+
 def bhattacharyya(p: np.ndarray, q: np.ndarray) -> float:
     """Bhattacharyya coefficient Σ √(p̂ q̂) of two histograms over the same bins.
 
@@ -331,7 +364,25 @@ def embed_validation(f: torch.nn.Module, g: torch.nn.Module, es: EvalSet, mean: 
     other = es.piece[:, None] != es.piece[None, :]
     hm, hn = embed_histogram(np.diag(d), edges), embed_histogram(d[other], edges)
     return {"bc": bhattacharyya(hm, hn), "edges": np.asarray(edges).tolist(),
-            "match": hm.tolist(), "nonmatch": hn.tolist()}
+            "match": hm.tolist(), "nonmatch": hn.tolist(), **piece_recall(d, es.piece)}
+
+
+def piece_recall(d: np.ndarray, piece: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """How often the prune would keep the right piece: recall@k over pieces.
+
+    ``d[i, j]`` is the squared distance from audio window i to MIDI window j; ``piece`` the piece
+    of each (window i's match is MIDI window i). A piece's distance to a query is its nearest
+    window's (as in :class:`index.prune.EmbeddingPruner`); the query's rank is the number of
+    other pieces strictly nearer than its own. Returns ``{"recall@k": share with rank < k}`` and
+    ``"pieces"``, the number of pieces ranked.
+    """
+    pieces, inv = np.unique(piece, return_inverse=True)
+    per_piece = np.full((d.shape[0], len(pieces)), np.inf)
+    for j, p in enumerate(inv):  # N is ~1,000: a loop over columns is fast enough
+        np.minimum(per_piece[:, p], d[:, j], out=per_piece[:, p])
+    own = per_piece[np.arange(d.shape[0]), inv]
+    rank = (per_piece < own[:, None]).sum(1)
+    return {"pieces": int(len(pieces)), **{f"recall@{k}": float(np.mean(rank < k)) for k in ks}}
 
 
 def evaluate_bc(encoder: Encoder, data: PairData, *, max_items: int = 1024,

@@ -38,6 +38,7 @@ from model.losses import (
     EMBED_MARGIN,
     EVAL_SEED,
     PairSampler,
+    batch_nce,
     contrastive_loss,
     derangement,
     embed_bin_edges,
@@ -199,6 +200,8 @@ class StageParams:
     validate_every: int = 250
     patience: int = 2500
     improve: float = 0.99
+    nce: float = 0.0  # weight of the in-batch InfoNCE term (:func:`model.losses.batch_nce`)
+    tau: float = 1.0  # its temperature, squared-distance units
 
 
 def hash_params(config: NetConfig) -> StageParams:
@@ -260,7 +263,8 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
         v = validate()  # the untrained nets: the baseline every later BC is compared with
         rec = {"batch": 0, "elapsed_s": 0.0, "train_s": 0.0, "patience_end": p.patience,
                "stop": None, "best_bc": v["bc"], "best_batch": 0, "initial": v, "best_val": v,
-               "history": [{"batch": 0, "bc": v["bc"], "loss": None, "minutes": 0.0}],
+               "history": [{"batch": 0, "bc": v["bc"], "loss": None, "minutes": 0.0,
+                            **{k: x for k, x in v.items() if k.startswith("recall@")}}],
                "best": {"audio": _copy_state(f), "midi": _copy_state(g)}}
     else:
         f.load_state_dict(rec["nets"]["audio"])
@@ -276,7 +280,8 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
             v = validate()
             rec["history"].append({"batch": rec["batch"], "bc": v["bc"],
                                    "loss": float(np.mean(losses)) if losses else None,
-                                   "minutes": (time.monotonic() - t_start) / 60})
+                                   "minutes": (time.monotonic() - t_start) / 60,
+                                   **{k: x for k, x in v.items() if k.startswith("recall@")}})
             losses.clear()
             if v["bc"] < rec["best_bc"]:
                 if v["bc"] < p.improve * rec["best_bc"]:
@@ -309,6 +314,8 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
         perm = torch.from_numpy(derangement(len(pieces), sampler.rng, pieces)).to(dev)
         loss = contrastive_loss(fa, gm, fa, gm[perm], alpha=p.alpha, margin=p.margin,
                                 beta=p.beta)
+        if p.nce:
+            loss = loss + p.nce * batch_nce(fa, gm, torch.from_numpy(pieces).to(dev), p.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -366,7 +373,7 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
           embed_stage: StageParams | None = None, max_batches: int | None = None,
           max_valid_items: int = 1024, checkpoint_path: str | Path | None = None,
           num_threads: int | None = None, progress: bool = True,
-          plots: bool = True) -> dict[str, Any]:
+          plots: bool = True, init: str | Path | None = None) -> dict[str, Any]:
     """Train a model (DHS, then PSE) and write it with :meth:`Encoder.save`.
 
     Parameters
@@ -383,6 +390,9 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
     max_batches : cap on the batches of each stage (total across resumes), e.g. for tests.
     max_valid_items : validation excerpts per stage.
     num_threads : CPU threads while training (default: all cores); restored afterwards.
+    init : start from this saved model (its nets and its input mean/std) instead of untrained
+        nets: a stage given 0 minutes then keeps the init's nets, so ``hash_minutes=0`` with an
+        embedding budget fine-tunes only the embedding (``config`` must be the init's).
 
     Returns
     -------
@@ -396,7 +406,7 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
     try:
         return _train(data_dir, Path(out_path), config or NetConfig(), dev, hash_minutes,
                       embed_minutes, seed, hash_stage, embed_stage, max_batches,
-                      max_valid_items, checkpoint_path, progress, plots)
+                      max_valid_items, checkpoint_path, progress, plots, init)
     finally:  # a library call must not leave the process' thread count changed
         torch.set_num_threads(threads)
 
@@ -404,7 +414,8 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
 def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.device,
            hash_minutes: float, embed_minutes: float, seed: int, hash_stage: StageParams | None,
            embed_stage: StageParams | None, max_batches: int | None, max_valid_items: int,
-           checkpoint_path: str | Path | None, progress: bool, plots: bool) -> dict[str, Any]:
+           checkpoint_path: str | Path | None, progress: bool, plots: bool,
+           init: str | Path | None) -> dict[str, Any]:
     window = WindowSpec()
     hp = hash_stage or hash_params(cfg)
     ep = embed_stage or embed_params(window)
@@ -416,13 +427,21 @@ def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.devi
     identity = {"config": cfg.to_dict(), "seed": seed, "hash": asdict(hp), "embed": asdict(ep),
                 "train": train_data.summary(), "valid": valid.summary(),
                 "max_valid_items": max_valid_items}
+    start = Encoder.load(init) if init is not None else None
+    if start is not None:
+        if start.config != cfg:
+            raise MidimatchError(f"{init} has network config {start.config.to_dict()}, not "
+                                 f"{cfg.to_dict()}", reason="bad_argument")
+        identity["init"] = start.model_id
     ckpt = _load_checkpoint(ckpt_path, identity)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    nets = {k: v.to(dev) for k, v in Encoder.untrained(seed, cfg).nets.items()}
+    nets = {k: v.to(dev) for k, v in (start or Encoder.untrained(seed, cfg)).nets.items()}
     if ckpt is None:
-        mean, std = train_data.bin_stats()
+        # a fine-tune keeps the init's input statistics: its other nets were trained on them
+        mean, std = (start.mean.cpu().numpy(), start.std.cpu().numpy()) if start is not None \
+            else train_data.bin_stats()
         ckpt = {"format": CKPT_FORMAT, "identity": identity, "mean": torch.from_numpy(mean),
                 "std": torch.from_numpy(std), "stages": {}}
     mean_t, std_t = ckpt["mean"].to(dev), ckpt["std"].to(dev)

@@ -22,12 +22,14 @@ from model.encoder import Encoder
 from model.errors import MidimatchError
 from model.losses import (
     PairSampler,
+    batch_nce,
     bhattacharyya,
     contrastive_loss,
     contrastive_terms,
     derangement,
     embed_bin_edges,
     embed_histogram,
+    piece_recall,
 )
 from model.nets import NetConfig
 from model.train import (
@@ -94,6 +96,49 @@ def test_hinge_is_zero_beyond_the_margin():
     assert torch.all(x.grad == 0)
     _, hinge, _ = contrastive_terms(x, y, x, neg, margin=1.2)  # only the first pair is inside
     assert hinge.item() == pytest.approx(0.2**2 / 2)
+
+
+def test_batch_nce_matches_a_hand_computed_value_and_ignores_the_same_piece():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    d = torch.cdist(x, y).pow(2)  # [[1, 1, 0], [2, 0, 1], [5, 5, 4]]
+    tau = 2.0
+
+    def ce(logits: torch.Tensor, i: int) -> float:
+        return float(-(logits[i] - torch.logsumexp(logits, 0)))
+
+    # all pieces different: the mean of row-wise and column-wise cross-entropies
+    rows = np.mean([ce(-d[i] / tau, i) for i in range(3)])
+    cols = np.mean([ce(-d[:, j] / tau, j) for j in range(3)])
+    got = batch_nce(x, y, torch.tensor([0, 1, 2]), tau)
+    assert float(got) == pytest.approx(0.5 * (rows + cols), rel=1e-6)
+    # items 0 and 2 of one piece: neither is the other's negative any more
+    keep = [[0, 1], [0, 1, 2], [1, 2]]  # the columns (or rows) left for each item
+    rows = np.mean([ce(-d[i, keep[i]] / tau, keep[i].index(i)) for i in range(3)])
+    cols = np.mean([ce(-d[keep[j], j] / tau, keep[j].index(j)) for j in range(3)])
+    got = batch_nce(x, y, torch.tensor([7, 1, 7]), tau)
+    assert float(got) == pytest.approx(0.5 * (rows + cols), rel=1e-6)
+    with pytest.raises(ValueError, match="tau"):
+        batch_nce(x, y, torch.tensor([0, 1, 2]), 0.0)
+
+
+def test_batch_nce_falls_when_the_positive_is_the_nearest():
+    rng = torch.Generator().manual_seed(0)
+    y = 3.0 * torch.randn(8, 4, generator=rng)  # spread out: every pair far apart
+    groups = torch.arange(8)
+    near = batch_nce(y + 0.01, y, groups, 1.0)
+    far = batch_nce(y[torch.randperm(8, generator=rng)], y, groups, 1.0)
+    assert float(near) < 0.1 < float(far)
+
+
+def test_piece_recall_ranks_pieces_by_their_nearest_window():
+    # 4 query windows; pieces a, a, b, c (window i's match is MIDI window i)
+    d = np.array([[1.0, 5.0, 0.5, 3.0],   # own piece a at 1.0; b (0.5) nearer: rank 1
+                  [2.0, 0.9, 1.0, 3.0],   # own a at min(2.0, 0.9): rank 0
+                  [0.1, 0.2, 0.3, 0.05],  # own b at 0.3; a (0.1) and c (0.05) nearer: rank 2
+                  [4.0, 4.0, 4.0, 4.0]])  # a tie is not "nearer": rank 0
+    got = piece_recall(d, np.array([10, 10, 20, 30]), ks=(1, 2, 3))
+    assert got == {"pieces": 3, "recall@1": 0.5, "recall@2": 0.75, "recall@3": 1.0}
 
 
 def test_bhattacharyya_identical_is_one_and_disjoint_is_zero():
@@ -268,6 +313,34 @@ def test_another_seed_gives_another_run_and_a_changed_setup_refuses_to_resume(da
     assert other["embed"]["batches"] == 0  # a zero budget skips the stage
     with pytest.raises(MidimatchError, match="different seed"):
         _train(data_dir, tmp_path / "m.pt", seed=2)
+
+
+def test_a_fine_tune_from_a_model_keeps_its_hash_nets_and_statistics(data_dir, trained,
+                                                                      tmp_path):
+    _, start = trained
+    init = Encoder.load(start)
+    report = _train(data_dir, tmp_path / "ft.pt", init=start, hash_minutes=0, max_batches=20,
+                    embed_stage=replace(EMBED, nce=1.0, tau=0.5))
+    assert report["hash"]["batches"] == 0 and report["embed"]["batches"] == 20
+    tuned = Encoder.load(tmp_path / "ft.pt")
+    np.testing.assert_array_equal(tuned.mean.numpy(), init.mean.numpy())
+    np.testing.assert_array_equal(tuned.std.numpy(), init.std.numpy())
+    for name in ("hash_audio", "hash_midi"):
+        for key, t in init.nets[name].state_dict().items():
+            assert torch.equal(tuned.nets[name].state_dict()[key], t), (name, key)
+    # the embedding trained (the checkpoint's live nets moved; the file holds the best of
+    # them by validation, which may be the init itself)
+    live = torch.load(report["files"]["checkpoint"], weights_only=True)["stages"]["embed"]
+    assert any(not torch.equal(live["nets"]["audio"][k], t)
+               for k, t in init.nets["embed_audio"].state_dict().items())
+    # the embedding stage starts from the init's nets, not from untrained ones
+    assert report["embed"]["initial_bc"] == pytest.approx(
+        evaluate_bc(init, PairData.load(data_dir, "valid"), max_items=64,
+                    embed_margin=EMBED.margin)["embed"]["bc"], abs=1e-6)
+    first = report["embed"]["history"][0]
+    assert {"recall@1", "recall@5"} <= first.keys() and 0.0 <= first["recall@1"] <= 1.0
+    with pytest.raises(MidimatchError, match="network config"):
+        _train(data_dir, tmp_path / "other.pt", init=start, config=NetConfig())
 
 
 def test_the_checkpoint_folder_is_created(data_dir, tmp_path):
