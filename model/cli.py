@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the in-batch InfoNCE term in the embedding loss (default 0)")
     f.add_argument("--embed-tau", type=float, default=1.0, metavar="T",
                    help="its temperature (default 1)")
+    f.add_argument("--embed-select", default="bc", metavar="FIGURE",
+                   help="keep the embedding with the best validation bc (default) or "
+                        "recall@1/3/5/10 (pieces ranked as the prune ranks them)")
     f.set_defaults(func=_fit)
     r = tsub.add_parser("run", help="the shipped model in one command: data, pairs and training "
                         "within --minutes (each step cached; a rerun resumes)")
@@ -139,7 +142,8 @@ def _fit(args: argparse.Namespace) -> int:
     from model.nets import NetConfig
     from model.train import embed_params, train
 
-    ep = replace(embed_params(), nce=args.embed_nce, tau=args.embed_tau)
+    ep = replace(embed_params(), nce=args.embed_nce, tau=args.embed_tau,
+                 select=args.embed_select)
     if args.embed_batch is not None:
         ep = replace(ep, batch_size=args.embed_batch)
     report = train(args.data or _cache("train"), args.out, config=NetConfig(n_bits=args.bits),

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # train imports this module; the data class is only needed fo
 
 EMBED_HIST_BINS = 20
 EMBED_MARGIN = 3.0  # default PSE margin (tuned; the thesis had 1.06); sets the histogram range
+EMBED_RECALL_KS = (1, 3, 5, 10)  # piece recall@k reported by every embedding validation
 EVAL_SEED = 0  # validation excerpts are fixed across runs, so BCs of different models compare
 
 
@@ -364,7 +365,8 @@ def embed_validation(f: torch.nn.Module, g: torch.nn.Module, es: EvalSet, mean: 
     other = es.piece[:, None] != es.piece[None, :]
     hm, hn = embed_histogram(np.diag(d), edges), embed_histogram(d[other], edges)
     return {"bc": bhattacharyya(hm, hn), "edges": np.asarray(edges).tolist(),
-            "match": hm.tolist(), "nonmatch": hn.tolist(), **piece_recall(d, es.piece)}
+            "match": hm.tolist(), "nonmatch": hn.tolist(),
+            **piece_recall(d, es.piece, EMBED_RECALL_KS)}
 
 
 def piece_recall(d: np.ndarray, piece: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict:

@@ -36,6 +36,7 @@ from model.encoder import Encoder, WindowSpec
 from model.errors import MidimatchError
 from model.losses import (
     EMBED_MARGIN,
+    EMBED_RECALL_KS,
     EVAL_SEED,
     PairSampler,
     batch_nce,
@@ -186,7 +187,10 @@ class StageParams:
     ``length`` is the chunk (DHS) or window (PSE) length; ``max_shift`` the largest MIDI window
     shift against the audio window (PSE only). ``rho`` is RMSProp's decay (torch's ``alpha``).
     Patience follows the seed: stop after ``patience`` batches, extended to ``batch + patience``
-    whenever the validation BC beats ``improve`` × the best so far.
+    whenever the validation score beats ``improve`` × the best so far. The score is the BC
+    (``select="bc"``, the seed's) or, for the embedding, ``select="recall@k"``: 1 − the share
+    of validation windows whose piece is among the k nearest (:func:`model.losses.piece_recall`),
+    what the prune needs.
     """
 
     batch_size: int
@@ -202,6 +206,12 @@ class StageParams:
     improve: float = 0.99
     nce: float = 0.0  # weight of the in-batch InfoNCE term (:func:`model.losses.batch_nce`)
     tau: float = 1.0  # its temperature, squared-distance units
+    select: str = "bc"  # model selection: "bc" or (embedding) "recall@1" / "recall@3" / ...
+
+
+def _score(v: dict, select: str) -> float:
+    """The validation score a stage minimises (``select`` checked by :func:`train`)."""
+    return float(v["bc"]) if select == "bc" else 1.0 - float(v[select])
 
 
 def hash_params(config: NetConfig) -> StageParams:
@@ -262,7 +272,8 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
     if rec is None:
         v = validate()  # the untrained nets: the baseline every later BC is compared with
         rec = {"batch": 0, "elapsed_s": 0.0, "train_s": 0.0, "patience_end": p.patience,
-               "stop": None, "best_bc": v["bc"], "best_batch": 0, "initial": v, "best_val": v,
+               "stop": None, "best_bc": v["bc"], "best_score": _score(v, p.select),
+               "best_batch": 0, "initial": v, "best_val": v,
                "history": [{"batch": 0, "bc": v["bc"], "loss": None, "minutes": 0.0,
                             **{k: x for k, x in v.items() if k.startswith("recall@")}}],
                "best": {"audio": _copy_state(f), "midi": _copy_state(g)}}
@@ -283,10 +294,11 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
                                    "minutes": (time.monotonic() - t_start) / 60,
                                    **{k: x for k, x in v.items() if k.startswith("recall@")}})
             losses.clear()
-            if v["bc"] < rec["best_bc"]:
-                if v["bc"] < p.improve * rec["best_bc"]:
+            score = _score(v, p.select)
+            if score < rec["best_score"]:
+                if score < p.improve * rec["best_score"]:
                     rec["patience_end"] = max(rec["patience_end"], rec["batch"] + p.patience)
-                rec.update(best_bc=v["bc"], best_batch=rec["batch"], best_val=v,
+                rec.update(best_bc=v["bc"], best_score=score, best_batch=rec["batch"], best_val=v,
                            best={"audio": _copy_state(f), "midi": _copy_state(g)})
         rec.update(elapsed_s=time.monotonic() - t_start, sampler=sampler.state(),
                    nets={"audio": _copy_state(f), "midi": _copy_state(g)},
@@ -445,6 +457,11 @@ def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.devi
         ckpt = {"format": CKPT_FORMAT, "identity": identity, "mean": torch.from_numpy(mean),
                 "std": torch.from_numpy(std), "stages": {}}
     mean_t, std_t = ckpt["mean"].to(dev), ckpt["std"].to(dev)
+    for kind, p in (("hash", hp), ("embed", ep)):  # a bad choice fails now, not in an hour
+        allowed = ["bc"] + ([f"recall@{k}" for k in EMBED_RECALL_KS] if kind == "embed" else [])
+        if p.select not in allowed:
+            raise MidimatchError(f"{kind} stage: select must be one of {allowed}, "
+                                 f"got {p.select!r}", reason="bad_argument")
     try:  # fail on unusable data now, not after a 25-minute first stage
         for kind, p in (("hash", hp), ("embed", ep)):
             items = PairSampler(train_data, kind, p.batch_size, p.length, 0,
@@ -493,6 +510,7 @@ def _stage_summary(rec: dict, p: StageParams) -> dict[str, Any]:
     return {"params": asdict(p), "batches": rec["batch"], "minutes": rec["elapsed_s"] / 60,
             "batches_per_s": rec["batch"] / rec["train_s"] if rec["train_s"] else None,
             "stop": rec["stop"], "initial_bc": rec["initial"]["bc"], "best_bc": rec["best_bc"],
+            "select": p.select, "best_score": rec["best_score"],
             "best_batch": rec["best_batch"], "history": rec["history"],
             "histograms": {"untrained": rec["initial"], "trained": rec["best_val"]}}
 

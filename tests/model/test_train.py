@@ -320,8 +320,15 @@ def test_a_fine_tune_from_a_model_keeps_its_hash_nets_and_statistics(data_dir, t
     _, start = trained
     init = Encoder.load(start)
     report = _train(data_dir, tmp_path / "ft.pt", init=start, hash_minutes=0, max_batches=20,
-                    embed_stage=replace(EMBED, nce=1.0, tau=0.5))
+                    embed_stage=replace(EMBED, nce=1.0, tau=0.5, select="recall@3"))
     assert report["hash"]["batches"] == 0 and report["embed"]["batches"] == 20
+    # the file holds the validation with the best recall@3 (the earliest of equals)
+    emb = report["embed"]
+    hist = emb["history"]
+    best = min(hist, key=lambda h: 1.0 - h["recall@3"])
+    assert emb["select"] == "recall@3" and emb["best_batch"] == best["batch"]
+    assert emb["best_score"] == pytest.approx(1.0 - best["recall@3"])
+    assert emb["best_bc"] == pytest.approx(best["bc"])
     tuned = Encoder.load(tmp_path / "ft.pt")
     np.testing.assert_array_equal(tuned.mean.numpy(), init.mean.numpy())
     np.testing.assert_array_equal(tuned.std.numpy(), init.std.numpy())
@@ -341,6 +348,10 @@ def test_a_fine_tune_from_a_model_keeps_its_hash_nets_and_statistics(data_dir, t
     assert {"recall@1", "recall@5"} <= first.keys() and 0.0 <= first["recall@1"] <= 1.0
     with pytest.raises(MidimatchError, match="network config"):
         _train(data_dir, tmp_path / "other.pt", init=start, config=NetConfig())
+    with pytest.raises(MidimatchError, match="select must be one of"):
+        _train(data_dir, tmp_path / "bad.pt", embed_stage=replace(EMBED, select="recall@2"))
+    with pytest.raises(MidimatchError, match="select must be one of"):
+        _train(data_dir, tmp_path / "bad.pt", hash_stage=replace(HASH, select="recall@1"))
 
 
 def test_the_checkpoint_folder_is_created(data_dir, tmp_path):
