@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--embed-minutes", type=float, default=25.0)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    f.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
     f.add_argument("--init", type=Path, metavar="WEIGHTS",
                    help="start from this model; with --hash-minutes 0 only the embedding trains")
     f.add_argument("--embed-batch", type=int, metavar="N", help="embedding batch size (default 20)")
@@ -139,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from model.encoder import Encoder
     from model.nets import NetConfig
     from model.train import embed_params, train
 
@@ -146,9 +148,12 @@ def _fit(args: argparse.Namespace) -> int:
                  select=args.embed_select)
     if args.embed_batch is not None:
         ep = replace(ep, batch_size=args.embed_batch)
-    report = train(args.data or _cache("train"), args.out, config=NetConfig(n_bits=args.bits),
+    # a fine-tune keeps the init's network sizes (--bits is for a model trained from scratch)
+    config = Encoder.load(args.init).config if args.init else NetConfig(n_bits=args.bits)
+    report = train(args.data or _cache("train"), args.out, config=config,
                    hash_minutes=args.hash_minutes, embed_minutes=args.embed_minutes,
                    seed=args.seed, device=args.device, embed_stage=ep, init=args.init,
+                   num_threads=args.threads,
                    # the resumable checkpoint is big and is not shipped: keep it in the cache
                    checkpoint_path=_cache("train") / f"{args.out.stem}.ckpt")
     print(json.dumps({k: v for k, v in report.items() if k not in ("hash", "embed")}, indent=2,

@@ -493,6 +493,7 @@ def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.devi
     files = {"weights": out_path, "report": f"{stem}.train.json", "checkpoint": ckpt_path,
              "histograms_png": f"{stem}.hist.png", "curves_png": f"{stem}.curves.png"}
     report = {"model_id": enc.model_id, "config": cfg.to_dict(), "seed": seed,
+              "init": None if start is None else {"path": str(init), "model_id": start.model_id},
               "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "data": {"train": identity["train"], "valid": identity["valid"]},
               "mean": ckpt["mean"].tolist(), "std": ckpt["std"].tolist(),

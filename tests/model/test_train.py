@@ -276,6 +276,7 @@ def test_short_training_lowers_the_validation_bc_and_writes_a_loadable_model(dat
         assert r["batches"] == 60 and r["stop"] == "max_batches"
         assert r["best_bc"] < r["initial_bc"] - 0.05, (kind, r["initial_bc"], r["best_bc"])
         assert r["batches_per_s"] > 0
+    assert report["init"] is None  # trained from the untrained nets
     enc = Encoder.load(out)
     assert enc.model_id == report["model_id"] and enc.config == TINY
     np.testing.assert_allclose(enc.mean.numpy(), report["mean"])
@@ -322,6 +323,7 @@ def test_a_fine_tune_from_a_model_keeps_its_hash_nets_and_statistics(data_dir, t
     report = _train(data_dir, tmp_path / "ft.pt", init=start, hash_minutes=0, max_batches=20,
                     embed_stage=replace(EMBED, nce=1.0, tau=0.5, select="recall@3"))
     assert report["hash"]["batches"] == 0 and report["embed"]["batches"] == 20
+    assert report["init"] == {"path": str(start), "model_id": init.model_id}
     # the file holds the validation with the best recall@3 (the earliest of equals)
     emb = report["embed"]
     hist = emb["history"]
@@ -361,3 +363,25 @@ def test_the_checkpoint_folder_is_created(data_dir, tmp_path):
     report = _train(data_dir, tmp_path / "m.pt", max_batches=5, embed_minutes=0,
                     checkpoint_path=ckpt)
     assert ckpt.stat().st_size > 0 and report["hash"]["batches"] == 5
+
+
+def test_train_fit_cli_fine_tunes_the_embedding_of_a_saved_model(data_dir, trained, tmp_path,
+                                                                 monkeypatch, capsys):
+    from server.cli import main
+
+    _, start = trained
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))  # the checkpoint goes there
+    out = tmp_path / "ft.pt"
+    rc = main(["train", "fit", "--data", str(data_dir), "--out", str(out), "--init", str(start),
+               "--hash-minutes", "0", "--embed-minutes", "0.05", "--embed-nce", "1",
+               "--embed-tau", "2", "--embed-batch", "8", "--embed-select", "recall@3",
+               "--threads", "1"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["init"]["model_id"] == Encoder.load(start).model_id
+    report = json.loads((tmp_path / "ft.train.json").read_text())
+    assert report["config"] == TINY.to_dict()  # the init's sizes, not --bits' default
+    assert report["hash"]["batches"] == 0 and report["embed"]["batches"] > 0
+    p = report["embed"]["params"]
+    assert (p["nce"], p["tau"], p["batch_size"], p["select"]) == (1.0, 2.0, 8, "recall@3")
+    assert (tmp_path / "cache" / "train" / "ft.ckpt").stat().st_size > 0
