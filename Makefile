@@ -28,9 +28,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/index_build.py
 	$(BIN)/python bench/model_bc.py
 
-# Retrain the shipped model from scratch in one command (`midimatch train run`: data, pairs and
-# training within 60 minutes on 2 CPU cores, CUDA when present; docs/model.md). The renderers it
-# trains with come from Debian's packages; missing ones are installed first.
+# Retrain the model from scratch in one command (`midimatch train run`: data, pairs and training
+# within 60 minutes on 2 CPU cores, CUDA when present; docs/model.md). It writes
+# model/weights/default.pt; the shipped one is such a model (model/weights/base.pt) with its
+# embedding fine-tuned by a second command (`midimatch train fit --init ...`, in docs/model.md).
+# The renderers it trains with come from Debian's packages; missing ones are installed first.
 TRAIN_PACKAGES := fluidsynth fluid-soundfont-gm musescore-general-soundfont-small \
                   timgm6mb-soundfont timidity freepats
 train: $(STAMP)
