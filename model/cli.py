@@ -154,8 +154,11 @@ def _fit(args: argparse.Namespace) -> int:
                    hash_minutes=args.hash_minutes, embed_minutes=args.embed_minutes,
                    seed=args.seed, device=args.device, embed_stage=ep, init=args.init,
                    num_threads=args.threads,
-                   # the resumable checkpoint is big and is not shipped: keep it in the cache
-                   checkpoint_path=_cache("train") / f"{args.out.stem}.ckpt")
+                   # the resumable checkpoint is big and is not shipped: keep it in the cache;
+                   # a fine-tune has its own, so that it never meets `train run`'s checkpoint of
+                   # the same weights file (a different setup, which refuses to resume)
+                   checkpoint_path=_cache("train") / (f"{args.out.stem}.finetune.ckpt"
+                                                      if args.init else f"{args.out.stem}.ckpt"))
     print(json.dumps({k: v for k, v in report.items() if k not in ("hash", "embed")}, indent=2,
                      default=str))
     return 0

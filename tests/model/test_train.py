@@ -372,6 +372,9 @@ def test_train_fit_cli_fine_tunes_the_embedding_of_a_saved_model(data_dir, train
     _, start = trained
     monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))  # the checkpoint goes there
     out = tmp_path / "ft.pt"
+    # `train run` left a checkpoint for these weights: the fine-tune must not trip over it
+    (tmp_path / "cache" / "train").mkdir(parents=True)
+    (tmp_path / "cache" / "train" / "ft.ckpt").write_bytes(b"train run's, another setup")
     rc = main(["train", "fit", "--data", str(data_dir), "--out", str(out), "--init", str(start),
                "--hash-minutes", "0", "--embed-minutes", "0.05", "--embed-nce", "1",
                "--embed-tau", "2", "--embed-batch", "8", "--embed-select", "recall@3",
@@ -384,4 +387,4 @@ def test_train_fit_cli_fine_tunes_the_embedding_of_a_saved_model(data_dir, train
     assert report["hash"]["batches"] == 0 and report["embed"]["batches"] > 0
     p = report["embed"]["params"]
     assert (p["nce"], p["tau"], p["batch_size"], p["select"]) == (1.0, 2.0, 8, "recall@3")
-    assert (tmp_path / "cache" / "train" / "ft.ckpt").stat().st_size > 0
+    assert (tmp_path / "cache" / "train" / "ft.finetune.ckpt").stat().st_size > 0
