@@ -25,7 +25,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from model.encoder import Encoder
-    from model.train import PairData, evaluate_bc
+    from model.pairs import PairData
+    from model.train import evaluate_bc
     from server.cli import cache_dir
 
     data_dir = args.data or cache_dir() / "train"

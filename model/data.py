@@ -5,7 +5,7 @@ For each piece and each of ``renders_per_piece`` random (renderer, augmentation)
 move together), cuts a random excerpt, renders it (:mod:`model.render`), augments the audio
 (``preset("train")``), and takes CQT frames of the audio and :func:`model.midi.midi_to_frames_fast`
 frames of the *same* notes. :func:`prepare` does this for a collection, in worker processes,
-into ``<out_dir>/<split>/shard-NNNNN.npz`` (:func:`model.train.write_shard`).
+into ``<out_dir>/<split>/shard-NNNNN.npz`` (:func:`model.pairs.write_shard`).
 
 Splits are by piece: a file's content hash decides its split (:func:`split_of`), so a piece and
 all its renderings sit in one split, whatever the order of the files or the seed. ``train``,
@@ -432,7 +432,7 @@ def _signature(obj: Any) -> str:
 
 def _write(out: Path, shard: str, sh: dict[str, Any]) -> dict[str, Any]:
     """Write one finished shard; return its manifest record (no arrays)."""
-    from model.train import write_shard  # here: train.py may one day import this module
+    from model.pairs import write_shard
 
     audio, midi, ids, pairs, skipped = [], [], [], [], []
     for key in sorted(sh["results"]):

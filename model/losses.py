@@ -21,8 +21,8 @@ import torch
 
 from model.encoder import Encoder, WindowSpec
 
-if TYPE_CHECKING:  # train imports this module; the data class is only needed for types
-    from model.train import PairData
+if TYPE_CHECKING:  # the data class is only needed for types
+    from model.pairs import PairData
 
 EMBED_HIST_BINS = 20
 EMBED_MARGIN = 3.0  # default PSE margin (tuned; the thesis had 1.06); sets the histogram range

@@ -13,8 +13,8 @@ import pretty_midi
 import pytest
 
 from model import data as D
+from model.pairs import PairData
 from model.render import HELD_OUT, available
-from model.train import PairData
 from tests.conftest import make_piece
 
 SPLIT = (0.5, 0.25, 0.25)
