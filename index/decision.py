@@ -345,7 +345,7 @@ def calibrate_stream(
     out_traces: Sequence[StreamTrace],
     *,
     stable_choices: Sequence[int] = (1, 2, 3, 4),
-    step_choices: Sequence[bool] | None = None,
+    step_choices: Sequence[bool] = (False,),
     max_false_rate: float = 0.01,
     source: str = "",
 ) -> Calibration:
@@ -380,8 +380,6 @@ def calibrate_stream(
         raise ValueError(f"{len(in_traces)} in-collection traces but {len(true_ids)} ids")
     if not 0.0 <= max_false_rate < 1.0:
         raise ValueError(f"max_false_rate must lie in [0, 1), got {max_false_rate}")
-    if step_choices is None:
-        step_choices = (False,)
     if any(step_choices) and not all(len(row) > 3 for t in (*in_traces, *out_traces)
                                      for row in t):
         raise ValueError("keep_step needs every trace row to carry the top-1's position")

@@ -140,7 +140,6 @@ def _run(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from model.encoder import Encoder
     from model.nets import NetConfig
     from model.train import embed_params, train
 
@@ -148,8 +147,9 @@ def _fit(args: argparse.Namespace) -> int:
                  select=args.embed_select)
     if args.embed_batch is not None:
         ep = replace(ep, batch_size=args.embed_batch)
-    # a fine-tune keeps the init's network sizes (--bits is for a model trained from scratch)
-    config = Encoder.load(args.init).config if args.init else NetConfig(n_bits=args.bits)
+    # a fine-tune keeps the init's network sizes (train takes them from it; --bits is for a
+    # model trained from scratch)
+    config = None if args.init else NetConfig(n_bits=args.bits)
     report = train(args.data or _cache("train"), args.out, config=config,
                    hash_minutes=args.hash_minutes, embed_minutes=args.embed_minutes,
                    seed=args.seed, device=args.device, embed_stage=ep, init=args.init,

@@ -92,6 +92,19 @@ def _score(v: dict, select: str) -> float:
     return float(v["bc"]) if select == "bc" else 1.0 - float(v[select])
 
 
+def _history_entry(batch: int, v: dict, loss: float | None, minutes: float) -> dict[str, Any]:
+    """One validation as the stage's history keeps it: the BC and any piece recall@k."""
+    return {"batch": batch, "bc": v["bc"], "loss": loss, "minutes": minutes,
+            **{k: x for k, x in v.items() if k.startswith("recall@")}}
+
+
+def _check_select(kind: str, p: StageParams) -> None:
+    allowed = ["bc"] + ([f"recall@{k}" for k in EMBED_RECALL_KS] if kind == "embed" else [])
+    if p.select not in allowed:
+        raise MidimatchError(f"{kind} stage: select must be one of {allowed}, got {p.select!r}",
+                             reason="bad_argument")
+
+
 def hash_params(config: NetConfig) -> StageParams:
     """DHS defaults: the thesis' α=5.33, β=0.05, batches of 50 chunks of 100 frames.
 
@@ -150,10 +163,8 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
     if rec is None:
         v = validate()  # the untrained nets: the baseline every later BC is compared with
         rec = {"batch": 0, "elapsed_s": 0.0, "train_s": 0.0, "patience_end": p.patience,
-               "stop": None, "best_bc": v["bc"], "best_score": _score(v, p.select),
-               "best_batch": 0, "initial": v, "best_val": v,
-               "history": [{"batch": 0, "bc": v["bc"], "loss": None, "minutes": 0.0,
-                            **{k: x for k, x in v.items() if k.startswith("recall@")}}],
+               "stop": None, "best_bc": v["bc"], "best_batch": 0, "initial": v, "best_val": v,
+               "history": [_history_entry(0, v, None, 0.0)],
                "best": {"audio": _copy_state(f), "midi": _copy_state(g)}}
     else:
         f.load_state_dict(rec["nets"]["audio"])
@@ -167,16 +178,15 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
     def checkpoint() -> None:
         if rec["history"][-1]["batch"] != rec["batch"]:
             v = validate()
-            rec["history"].append({"batch": rec["batch"], "bc": v["bc"],
-                                   "loss": float(np.mean(losses)) if losses else None,
-                                   "minutes": (time.monotonic() - t_start) / 60,
-                                   **{k: x for k, x in v.items() if k.startswith("recall@")}})
+            rec["history"].append(_history_entry(
+                rec["batch"], v, float(np.mean(losses)) if losses else None,
+                (time.monotonic() - t_start) / 60))
             losses.clear()
-            score = _score(v, p.select)
-            if score < rec["best_score"]:
-                if score < p.improve * rec["best_score"]:
+            score, best = _score(v, p.select), _score(rec["best_val"], p.select)
+            if score < best:
+                if score < p.improve * best:
                     rec["patience_end"] = max(rec["patience_end"], rec["batch"] + p.patience)
-                rec.update(best_bc=v["bc"], best_score=score, best_batch=rec["batch"], best_val=v,
+                rec.update(best_bc=v["bc"], best_batch=rec["batch"], best_val=v,
                            best={"audio": _copy_state(f), "midi": _copy_state(g)})
         rec.update(elapsed_s=time.monotonic() - t_start, sampler=sampler.state(),
                    nets={"audio": _copy_state(f), "midi": _copy_state(g)},
@@ -271,7 +281,7 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
     data_dir : shards in ``<data_dir>/train`` and ``<data_dir>/valid`` (see :func:`write_shard`)
     out_path : the weights file; ``<stem>.train.json`` (report), ``<stem>.hist.png``,
         ``<stem>.curves.png`` and the checkpoint ``<stem>.ckpt`` go beside it.
-    config : network sizes (default ``NetConfig()``).
+    config : network sizes (default: the init's, else ``NetConfig()``).
     hash_minutes, embed_minutes : wall-clock budget of each stage, validations included,
         totalled across resumes. 0 skips a stage (its nets stay untrained).
     seed : seeds torch (initial weights: those of ``Encoder.untrained(seed)``), numpy and random.
@@ -282,7 +292,7 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
     num_threads : CPU threads while training (default: all cores); restored afterwards.
     init : start from this saved model (its nets and its input mean/std) instead of untrained
         nets: a stage given 0 minutes then keeps the init's nets, so ``hash_minutes=0`` with an
-        embedding budget fine-tunes only the embedding (``config`` must be the init's).
+        embedding budget fine-tunes only the embedding (a ``config`` given must be the init's).
 
     Returns
     -------
@@ -294,21 +304,28 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
     if dev.type == "cpu":
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
     try:
-        return _train(data_dir, Path(out_path), config or NetConfig(), dev, hash_minutes,
+        return _train(data_dir, Path(out_path), config, dev, hash_minutes,
                       embed_minutes, seed, hash_stage, embed_stage, max_batches,
                       max_valid_items, checkpoint_path, progress, plots, init)
     finally:  # a library call must not leave the process' thread count changed
         torch.set_num_threads(threads)
 
 
-def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.device,
+def _train(data_dir: str | Path, out_path: Path, config: NetConfig | None, dev: torch.device,
            hash_minutes: float, embed_minutes: float, seed: int, hash_stage: StageParams | None,
            embed_stage: StageParams | None, max_batches: int | None, max_valid_items: int,
            checkpoint_path: str | Path | None, progress: bool, plots: bool,
            init: str | Path | None) -> dict[str, Any]:
+    start = Encoder.load(init) if init is not None else None
+    if start is not None and config is not None and start.config != config:
+        raise MidimatchError(f"{init} has network config {start.config.to_dict()}, not "
+                             f"{config.to_dict()}", reason="bad_argument")
+    cfg = config or (start.config if start is not None else NetConfig())
     window = WindowSpec()
     hp = hash_stage or hash_params(cfg)
     ep = embed_stage or embed_params(window)
+    _check_select("hash", hp)  # a bad choice fails now, not after loading data or an hour
+    _check_select("embed", ep)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stem = out_path.with_suffix("")
     ckpt_path = Path(checkpoint_path) if checkpoint_path else Path(f"{stem}.ckpt")
@@ -317,11 +334,7 @@ def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.devi
     identity = {"config": cfg.to_dict(), "seed": seed, "hash": asdict(hp), "embed": asdict(ep),
                 "train": train_data.summary(), "valid": valid.summary(),
                 "max_valid_items": max_valid_items}
-    start = Encoder.load(init) if init is not None else None
     if start is not None:
-        if start.config != cfg:
-            raise MidimatchError(f"{init} has network config {start.config.to_dict()}, not "
-                                 f"{cfg.to_dict()}", reason="bad_argument")
         identity["init"] = start.model_id
     ckpt = _load_checkpoint(ckpt_path, identity)
     random.seed(seed)
@@ -335,11 +348,6 @@ def _train(data_dir: str | Path, out_path: Path, cfg: NetConfig, dev: torch.devi
         ckpt = {"format": CKPT_FORMAT, "identity": identity, "mean": torch.from_numpy(mean),
                 "std": torch.from_numpy(std), "stages": {}}
     mean_t, std_t = ckpt["mean"].to(dev), ckpt["std"].to(dev)
-    for kind, p in (("hash", hp), ("embed", ep)):  # a bad choice fails now, not in an hour
-        allowed = ["bc"] + ([f"recall@{k}" for k in EMBED_RECALL_KS] if kind == "embed" else [])
-        if p.select not in allowed:
-            raise MidimatchError(f"{kind} stage: select must be one of {allowed}, "
-                                 f"got {p.select!r}", reason="bad_argument")
     try:  # fail on unusable data now, not after a 25-minute first stage
         for kind, p in (("hash", hp), ("embed", ep)):
             items = PairSampler(train_data, kind, p.batch_size, p.length, 0,
@@ -389,7 +397,7 @@ def _stage_summary(rec: dict, p: StageParams) -> dict[str, Any]:
     return {"params": asdict(p), "batches": rec["batch"], "minutes": rec["elapsed_s"] / 60,
             "batches_per_s": rec["batch"] / rec["train_s"] if rec["train_s"] else None,
             "stop": rec["stop"], "initial_bc": rec["initial"]["bc"], "best_bc": rec["best_bc"],
-            "select": p.select, "best_score": rec["best_score"],
+            "select": p.select, "best_score": _score(rec["best_val"], p.select),
             "best_batch": rec["best_batch"], "history": rec["history"],
             "histograms": {"untrained": rec["initial"], "trained": rec["best_val"]}}
 
