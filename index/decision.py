@@ -201,16 +201,7 @@ def calibrate(
     correct = np.ones(cin.shape, bool) if in_correct is None else np.asarray(in_correct, bool)
     if correct.shape != cin.shape:
         raise ValueError(f"in_correct has shape {correct.shape}, in_confidence {cin.shape}")
-    allowed = int(math.floor(max_false_rate * cout.size + 1e-9))
-    desc = np.sort(cout)[::-1]
-    if allowed >= cout.size:
-        threshold = 0.0
-    else:
-        # Everything above desc[allowed] may be confident (at most `allowed` values); the
-        # threshold sits just above desc[allowed] so that it and its ties are not.
-        threshold = float(np.nextafter(desc[allowed], np.inf))
-        if threshold > 1.0:
-            threshold = math.inf
+    threshold = _threshold_above(cout, max_false_rate)
     false_rate = float(np.mean(cout >= threshold))
     recall = float(np.mean((cin >= threshold) & correct)) if cin.size else 0.0
     return Calibration(
@@ -219,6 +210,18 @@ def calibrate(
         n_in=int(cin.size), n_out=int(cout.size), source=source,
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
+
+
+def _threshold_above(out_values: Sequence[float], max_false_rate: float) -> float:
+    """The lowest threshold at which at most ``max_false_rate`` of ``out_values`` (confidences
+    of outsiders, in [0, 1]) reach it: just above the ``allowed``-th highest value, so that it
+    and its ties do not; 0 when every value may pass, ``inf`` when none may (above 1)."""
+    allowed = int(math.floor(max_false_rate * len(out_values) + 1e-9))
+    desc = np.sort(np.asarray(out_values, np.float64))[::-1]
+    if allowed >= desc.size:
+        return 0.0
+    threshold = float(np.nextafter(max(desc[allowed], 0.0), np.inf))
+    return math.inf if threshold > 1.0 else threshold
 
 
 def decide(matches: Sequence[M], calibration: Calibration) -> M | None:
@@ -383,14 +386,10 @@ def calibrate_stream(
     if any(step_choices) and not all(len(row) > 3 for t in (*in_traces, *out_traces)
                                      for row in t):
         raise ValueError("keep_step needs every trace row to carry the top-1's position")
-    allowed = int(math.floor(max_false_rate * len(out_traces) + 1e-9))
     tried = []
     for k, step in ((k, step) for step in step_choices for k in stable_choices):
-        peaks = np.sort([_stream_peak(t, k, step) for t in out_traces])[::-1]
-        threshold = 0.0 if allowed >= peaks.size else float(np.nextafter(max(peaks[allowed], 0.0),
-                                                                          np.inf))
-        if threshold > 1.0:
-            threshold = math.inf
+        peaks = np.array([_stream_peak(t, k, step) for t in out_traces])
+        threshold = _threshold_above(peaks, max_false_rate)
         times = []
         wrong = 0
         for trace, true in zip(in_traces, true_ids, strict=True):
