@@ -34,10 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("prepare", help="render + augment the cached corpus into aligned pairs")
     p.add_argument("--corpus", type=Path, help="MIDI cache (default: $MIDIMATCH_CACHE/corpus)")
     p.add_argument("--out", type=Path, help="pairs folder (default: $MIDIMATCH_CACHE/train)")
+    p.add_argument("--works", type=int, metavar="N",
+                   help="only the first N music21 works (`train run` uses 400; default: all)")
     p.add_argument("--generated", type=int, default=250,
                    help="generated songs to use beside the music21 works (default 250)")
     p.add_argument("--max-piece-s", type=float, default=60.0, help="excerpt length cap")
     p.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
+    p.add_argument("--augment", default="train", metavar="PRESET",
+                   help="augmentation preset of model.augment (default train; train_noisy: a "
+                        "room and noise three times in four)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare)
@@ -116,12 +121,13 @@ def _prepare(args: argparse.Namespace) -> int:
     from model.data import prepare, training_files
 
     corpus = args.corpus or _cache("corpus")
-    files = training_files(corpus, generated=args.generated)
+    files = training_files(corpus, works=args.works, generated=args.generated)
     if not files:
         raise SystemExit(f"no MIDI under {corpus}: run `midimatch data corpus` and "
                          "`midimatch data generate` first")
     report = prepare(args.out or _cache("train"), files, renders_per_piece=args.renders,
-                     max_piece_s=args.max_piece_s, workers=args.workers, seed=args.seed)
+                     max_piece_s=args.max_piece_s, workers=args.workers, seed=args.seed,
+                     augment_preset=args.augment)
     print(json.dumps(report, indent=2, default=str))
     return 0
 

@@ -117,8 +117,8 @@ def excerpt(pm: pretty_midi.PrettyMIDI, start_s: float, length_s: float
 
 def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generator, *,
               max_piece_s: float = 120.0, augment: bool = True, min_frames: int = 100,
-              timeout_s: float = 60.0, cache_dir: Path | None = None
-              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+              timeout_s: float = 60.0, cache_dir: Path | None = None,
+              augment_preset: str = "train") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One training pair from a piece: augment, cut, render, augment audio, frame both sides.
 
     Parameters
@@ -139,6 +139,9 @@ def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generato
         Bound on the renderer's process.
     cache_dir : Path, optional
         For :func:`model.render.render` (decoded ``.sf3`` soundfonts).
+    augment_preset : str
+        The :func:`model.augment.preset` both augmentations draw from ("train"; "train_noisy"
+        for more rooms and noise).
 
     Returns
     -------
@@ -151,7 +154,7 @@ def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generato
     """
     midi_aug: dict[str, Any] = {}
     if augment:
-        pm, midi_aug = augment_midi(pm, rng, preset("train"))
+        pm, midi_aug = augment_midi(pm, rng, preset(augment_preset))
     start_s = float(rng.uniform(0.0, max(0.0, pm.get_end_time() - max_piece_s)))
     cut = renderable_midi(excerpt(pm, start_s, max_piece_s), renderer)
     if not any(inst.notes for inst in cut.instruments):
@@ -160,7 +163,7 @@ def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generato
                    cache_dir=cache_dir)
     audio_aug: dict[str, Any] = {}
     if augment:
-        audio, audio_aug = augment_audio(audio, SAMPLE_RATE, rng, preset("train"))
+        audio, audio_aug = augment_audio(audio, SAMPLE_RATE, rng, preset(augment_preset))
     midi = midi_to_frames_fast(cut)
     a = audio_to_frames(audio, SAMPLE_RATE)
     active = np.flatnonzero(midi[: len(a)].any(axis=1))
@@ -211,7 +214,8 @@ def _run_piece(task: dict[str, Any]) -> dict[str, Any]:
                 a, m, info = make_pair(pm, renderer, rng, max_piece_s=task["max_piece_s"],
                                        augment=task["augment"], min_frames=task["min_frames"],
                                        timeout_s=task["render_timeout_s"],
-                                       cache_dir=task["cache_dir"])
+                                       cache_dir=task["cache_dir"],
+                                       augment_preset=task["augment_preset"])
             except Exception as e:  # one bad draw must not stop the piece (a timeout does)
                 out["skipped"].append(_skip(k, renderer, e))
                 continue
@@ -312,7 +316,8 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
             renders_per_piece: int = 2, max_piece_s: float = 120.0, workers: int = 2,
             seed: int = 0, split: Sequence[float] = (0.8, 0.1, 0.1), progress: bool = True,
             pieces_per_shard: int = 100, min_frames: int = 100,
-            piece_timeout_s: float = 300.0, render_timeout_s: float = 60.0) -> dict[str, Any]:
+            piece_timeout_s: float = 300.0, render_timeout_s: float = 60.0,
+            augment_preset: str = "train") -> dict[str, Any]:
     """Build ``<out_dir>/{train,valid,test,test_heldout}/shard-*.npz`` from MIDI files.
 
     Parameters
@@ -349,6 +354,9 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
         Shorter pairs are skipped (``too_short``); training cuts 100-frame chunks.
     piece_timeout_s, render_timeout_s : float
         Bounds on one piece (all its draws) and on one renderer process.
+    augment_preset : str
+        The :func:`model.augment.preset` of train/valid/test ("train"; "train_noisy" draws a
+        room and noise more often). ``test_heldout`` is never augmented.
 
     Returns
     -------
@@ -360,6 +368,7 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
+    preset(augment_preset)  # an unknown name fails here, before any work
     wanted = list(TRAIN_RENDERERS if renderers is None else renderers)
     use = training_renderers(renderers, min_renderers)
     held = HELD_OUT if heldout is None else heldout
@@ -386,7 +395,10 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
     for stream, (name, keys, rends, draws, augment) in enumerate(plan):
         for i in range(0, len(keys), pieces_per_shard):
             chunk, shard = keys[i:i + pieces_per_shard], f"{name}/shard-{i // pieces_per_shard:05d}"
-            sig = _signature([FORMAT, seed, rends, draws, augment, max_piece_s, min_frames, chunk])
+            settings = [FORMAT, seed, rends, draws, augment, max_piece_s, min_frames, chunk]
+            if augment and augment_preset != "train":  # "train" keeps the older signatures
+                settings.append(augment_preset)
+            sig = _signature(settings)
             old = manifest.get(shard, {})
             have = not old.get("pairs") or (out / f"{shard}.npz").exists()
             if old.get("signature") == sig and have:
@@ -396,6 +408,7 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
             tasks += [{"file": str(pieces[k]), "key": k, "id": piece_id(k), "shard": shard,
                        "seed": seed, "stream": stream, "stream_key": f"{shard}:{k}",
                        "renderers": list(rends), "draws": draws, "augment": augment,
+                       "augment_preset": augment_preset,
                        "max_piece_s": max_piece_s, "min_frames": min_frames,
                        "piece_timeout_s": piece_timeout_s, "render_timeout_s": render_timeout_s,
                        "cache_dir": cache_dir} for k in chunk]
@@ -422,7 +435,7 @@ def prepare(out_dir: str | Path, midi_files: Sequence[str | Path], *,
     report.update(shards_written=written, shards_reused=len(shards) - written,
                   seconds=round(time.perf_counter() - t_start, 1), renderers=use,
                   heldout=held if available(held) else None, unavailable=unavailable,
-                  workers=workers, out_dir=str(out))
+                  workers=workers, out_dir=str(out), augment_preset=augment_preset)
     return report
 
 

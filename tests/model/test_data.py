@@ -203,3 +203,57 @@ def test_training_files_take_the_first_generated_songs_in_seed_order(tmp_path):
     songs = generate_songs(tmp_path, 3, workers=1, progress=False, duration_s=20.0)
     assert D.training_files(tmp_path, generated=2) == songs[:2]  # no music21 works converted
     assert D.training_files(tmp_path, works=0, generated=5) == songs
+
+
+def test_the_noisy_preset_adds_rooms_and_noise_to_the_same_draws() -> None:
+    """train_noisy only raises the reverb and noise probabilities: with the same generator, a
+    draw keeps every stage "train" gave it, and gains a room or noise about half the times it
+    had none (gate in [0.5, 0.75))."""
+    from model.augment import preset
+
+    noisy, train = preset("train_noisy"), preset("train")
+    assert (noisy.p_reverb, noisy.p_noise) == (0.75, 0.75)
+    assert noisy.snr_db == train.snr_db and noisy.rt60_s == train.rt60_s
+    pm = make_piece(7, duration_s=12.0)
+    gained = {"room_reverb": 0, "noise": 0}
+    for seed in range(24):
+        got = {name: D.make_pair(pm, "sine", np.random.default_rng(seed), max_piece_s=8.0,
+                                 min_frames=20, augment_preset=name)
+               for name in ("train", "train_noisy")}
+        (a0, m0, i0), (a1, m1, i1) = got["train"], got["train_noisy"]
+        assert i0["midi_aug"] == i1["midi_aug"] and i0["excerpt_start_s"] == i1["excerpt_start_s"]
+        np.testing.assert_array_equal(m0, m1)  # the MIDI side is the same draw
+        assert set(i0["audio_aug"]) <= set(i1["audio_aug"])
+        # each stage draws from its own generator: the same stages give the same audio
+        assert np.array_equal(a0, a1) == (i0["audio_aug"] == i1["audio_aug"])
+        for stage in gained:
+            gained[stage] += stage in i1["audio_aug"] and stage not in i0["audio_aug"]
+    assert gained["room_reverb"] > 0 and gained["noise"] > 0
+
+
+def test_prepare_records_the_preset_and_redoes_shards_made_with_another(tmp_path: Path) -> None:
+    files = _write_collection(tmp_path / "midi", n=2)[:2]
+    kw = dict(renderers=("sine",), heldout="sine", workers=0, split=(1, 0, 0), max_piece_s=6.0,
+              progress=False)
+    first = D.prepare(tmp_path / "out", files, **kw)
+    assert first["augment_preset"] == "train" and first["shards_written"] == 1
+    noisy = D.prepare(tmp_path / "out", files, augment_preset="train_noisy", **kw)
+    assert noisy["augment_preset"] == "train_noisy"
+    assert noisy["shards_written"] == 1 and noisy["shards_reused"] == 0
+    assert D.prepare(tmp_path / "out", files, augment_preset="train_noisy",
+                     **kw)["shards_reused"] == 1
+    with pytest.raises(ValueError, match="unknown preset 'loud'"):
+        D.prepare(tmp_path / "bad", files, augment_preset="loud", **kw)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_train_prepare_cli_passes_the_preset_and_refuses_an_unknown_one(tmp_path, capsys):
+    from server.cli import main
+
+    corpus = tmp_path / "corpus"
+    _write_collection(corpus / "generated", n=1)[0].rename(corpus / "generated" / "song_0.mid")
+    rc = main(["train", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"),
+               "--augment", "loud"])
+    assert rc == 2
+    assert "unknown preset 'loud'" in capsys.readouterr().err
+    assert not (tmp_path / "pairs").exists()
