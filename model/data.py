@@ -3,9 +3,10 @@
 For each piece and each of ``renders_per_piece`` random (renderer, augmentation) draws,
 :func:`make_pair` augments the MIDI (tempo, programs, transposition: on the notes, so both sides
 move together), cuts a random excerpt, renders it (:mod:`model.render`), augments the audio
-(``preset("train")``), and takes CQT frames of the audio and :func:`model.midi.midi_to_frames_fast`
-frames of the *same* notes. :func:`prepare` does this for a collection, in worker processes,
-into ``<out_dir>/<split>/shard-NNNNN.npz`` (:func:`model.pairs.write_shard`).
+(``preset("train")``, or another preset given to :func:`prepare`), and takes CQT frames of the
+audio and :func:`model.midi.midi_to_frames_fast` frames of the *same* notes. :func:`prepare`
+does this for a collection, in worker processes, into ``<out_dir>/<split>/shard-NNNNN.npz``
+(:func:`model.pairs.write_shard`).
 
 Splits are by piece: a file's content hash decides its split (:func:`split_of`), so a piece and
 all its renderings sit in one split, whatever the order of the files or the seed. ``train``,
