@@ -163,7 +163,7 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
     if rec is None:
         v = validate()  # the untrained nets: the baseline every later BC is compared with
         rec = {"batch": 0, "elapsed_s": 0.0, "train_s": 0.0, "patience_end": p.patience,
-               "stop": None, "best_bc": v["bc"], "best_batch": 0, "initial": v, "best_val": v,
+               "stop": None, "best_batch": 0, "initial": v, "best_val": v,
                "history": [_history_entry(0, v, None, 0.0)],
                "best": {"audio": _copy_state(f), "midi": _copy_state(g)}}
     else:
@@ -186,7 +186,7 @@ def _run_stage(kind: str, f: torch.nn.Module, g: torch.nn.Module, data: PairData
             if score < best:
                 if score < p.improve * best:
                     rec["patience_end"] = max(rec["patience_end"], rec["batch"] + p.patience)
-                rec.update(best_bc=v["bc"], best_batch=rec["batch"], best_val=v,
+                rec.update(best_batch=rec["batch"], best_val=v,
                            best={"audio": _copy_state(f), "midi": _copy_state(g)})
         rec.update(elapsed_s=time.monotonic() - t_start, sampler=sampler.state(),
                    nets={"audio": _copy_state(f), "midi": _copy_state(g)},
@@ -396,9 +396,10 @@ def _train(data_dir: str | Path, out_path: Path, config: NetConfig | None, dev: 
 def _stage_summary(rec: dict, p: StageParams) -> dict[str, Any]:
     return {"params": asdict(p), "batches": rec["batch"], "minutes": rec["elapsed_s"] / 60,
             "batches_per_s": rec["batch"] / rec["train_s"] if rec["train_s"] else None,
-            "stop": rec["stop"], "initial_bc": rec["initial"]["bc"], "best_bc": rec["best_bc"],
-            "select": p.select, "best_score": _score(rec["best_val"], p.select),
-            "best_batch": rec["best_batch"], "history": rec["history"],
+            "stop": rec["stop"], "initial_bc": rec["initial"]["bc"],
+            "best_bc": rec["best_val"]["bc"], "select": p.select,
+            "best_score": _score(rec["best_val"], p.select), "best_batch": rec["best_batch"],
+            "history": rec["history"],
             "histograms": {"untrained": rec["initial"], "trained": rec["best_val"]}}
 
 
