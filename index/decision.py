@@ -247,7 +247,7 @@ class StreamDecision:
         self.stable_results = int(stable_results or calibration.stable_results)
         if self.stable_results < 1:
             raise ValueError("stable_results must be >= 1")
-        self._run_ref: int | None = None
+        self._run_ref: int | str | None = None
         self._run = 0
         self._last: tuple[float, float] | None = None  # (audio_s, position_s) of the run's last
 
@@ -279,10 +279,11 @@ class StreamDecision:
             return None
         here = None if audio_s is None else (float(audio_s), float(getattr(top, "position_s",
                                                                             math.nan)))
-        same = int(top.ref) == self._run_ref and (not self.calibration.keep_step
-                                                   or keeps_step(self._last, here))
+        ref = top.ref.item() if isinstance(top.ref, np.generic) else top.ref
+        same = ref == self._run_ref and (not self.calibration.keep_step
+                                         or keeps_step(self._last, here))
         self._run = self._run + 1 if same else 1
-        self._run_ref, self._last = int(top.ref), here
+        self._run_ref, self._last = ref, here
         return top if self._run >= self.stable_results else None
 
 
@@ -307,21 +308,26 @@ def _position(row: tuple) -> tuple[float, float]:
 
 def simulate_stream(trace: StreamTrace, threshold: float, stable_results: int,
                     keep_step: bool = False) -> tuple[float, str] | None:
-    """The first decision :class:`StreamDecision` would make on ``trace``: (audio_s, id), or
-    None when the stream never decides."""
-    run_id, run, last = None, 0, None
+    """The first decision :class:`StreamDecision` makes on ``trace``: (audio_s, id), or None
+    when the stream never decides. The trace is fed to a :class:`StreamDecision` result by
+    result, so the replay is the live rule itself."""
+    dec = StreamDecision(Calibration("replay", threshold=0.0, stream_threshold=threshold,
+                                     stable_results=stable_results, keep_step=keep_step))
     for row in trace:
         audio_s, top, conf = row[0], row[1], row[2]
-        if top is not None and conf >= threshold:
-            here = _position(row)
-            same = top == run_id and (not keep_step or keeps_step(last, here))
-            run = run + 1 if same else 1
-            run_id, last = top, here
-            if run >= stable_results:
-                return float(audio_s), top
-        else:
-            run_id, run, last = None, 0, None
+        matches = [] if top is None else [_TraceTop(top, float(conf), _position(row)[1])]
+        if dec.update(matches, audio_s=float(audio_s)) is not None:
+            return float(audio_s), top
     return None
+
+
+@dataclass(frozen=True)
+class _TraceTop:
+    """A trace row's top-1, shaped as the match :class:`StreamDecision` reads."""
+
+    ref: str
+    confidence: float
+    position_s: float
 
 
 def _stream_peak(trace: StreamTrace, k: int, keep_step: bool = False) -> float:
