@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -42,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--max-pieces", type=int, help="at most N pieces of each kind (in, out)")
     r.add_argument("--top-k", type=int, default=None,
                    help="references kept by the prune (default: the cascade's, 300)")
+    r.add_argument("--prune-parts", type=int, default=None, metavar="N",
+                   help="parts of the query window pruned beside it (default: the cascade's, "
+                   "2; 0: the whole window alone)")
     r.add_argument("--batch", type=int, default=64, help="queries per prune batch")
     r.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     r.add_argument("--baseline", type=int, default=0, metavar="N",
@@ -225,8 +229,10 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     root = _root(args)
     index_dir, query_dir = args.index or root / "index", args.queries or root / "queries"
-    cascade = Cascade.open(index_dir, weights=args.weights,
-                           config=CascadeConfig(top_k=args.top_k))
+    config = CascadeConfig(top_k=args.top_k)
+    if args.prune_parts is not None:
+        config = dataclasses.replace(config, prune_parts=args.prune_parts)
+    cascade = Cascade.open(index_dir, weights=args.weights, config=config)
     queries, frames = load_queries(query_dir)
     keep = _select(queries, args)
     queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]

@@ -6,6 +6,12 @@ squared Euclidean distance between the query and any of its windows (the query i
 piece, so it should be near the window it overlaps most). The K references with the smallest
 distance go on to hash-DTW.
 
+A query may come as several *views* (:meth:`model.encoder.Encoder.embed_views`: its whole window,
+then its parts). Each view is ranked against the windows on its own, and a reference's distance
+is then the whole view's plus the mean of the parts': ``d_0 + mean(d_1 .. d_{V-1})``. A part can
+meet the reference window it overlaps most, where the whole query straddles two windows, and
+the average over views is steadier than any one of them (docs/evaluation.md, "Query views").
+
 How it is fast: all Q queries against all E windows is one matrix product,
 ``|q|² - 2 q·e + |e|²`` with the window norms precomputed, on the encoder's torch device; the
 windows are stored grouped by reference, so the window → reference minimum is one segmented
@@ -91,11 +97,12 @@ class EmbeddingPruner:
                    + self._ref_of_window.nelement() * 8)
 
     def reference_distances(self, queries: np.ndarray) -> np.ndarray:
-        """Squared Euclidean distance from each query to each reference's nearest window.
+        """Squared Euclidean distance from each query to each reference's nearest window (for
+        views: the combination of the module docstring).
 
         Parameters
         ----------
-        queries : np.ndarray, shape (Q, D), float
+        queries : np.ndarray, shape (Q, D) or (Q, V, D), float
 
         Returns
         -------
@@ -104,7 +111,7 @@ class EmbeddingPruner:
         """
         q = self._check(queries)
         out = np.full((q.shape[0], self.n_refs), np.inf, np.float32)
-        for q0, q1 in self._chunks(q.shape[0]):
+        for q0, q1 in self._chunks(q.shape[0], q.shape[1]):
             out[q0:q1] = self._ref_dist(q[q0:q1]).cpu().numpy()
         return out
 
@@ -113,8 +120,8 @@ class EmbeddingPruner:
 
         Parameters
         ----------
-        queries : np.ndarray, shape (Q, D), float
-            Query embeddings.
+        queries : np.ndarray, shape (Q, D) or (Q, V, D), float
+            Query embeddings, or V views of each (the whole window first).
         k : int
             References to keep; clamped to ``n_refs`` (none for an empty collection).
 
@@ -123,7 +130,7 @@ class EmbeddingPruner:
         ids : np.ndarray, shape (Q, min(k, n_refs)), int64
             Reference numbers, by increasing distance (ties by reference number).
         dists : np.ndarray, shape (Q, min(k, n_refs)), float32
-            Their squared Euclidean distances.
+            Their squared Euclidean distances (for views: the combination).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -133,7 +140,7 @@ class EmbeddingPruner:
         dists = np.empty((q.shape[0], k), np.float32)
         if k == 0:  # an empty collection
             return ids, dists
-        for q0, q1 in self._chunks(q.shape[0]):
+        for q0, q1 in self._chunks(q.shape[0], q.shape[1]):
             d = self._ref_dist(q[q0:q1])
             if self._numpy_reduce:
                 ids[q0:q1], dists[q0:q1] = _top_k_numpy(d.numpy(), k)
@@ -146,20 +153,33 @@ class EmbeddingPruner:
 
     # ------------------------------------------------------------------ internals
     def _check(self, queries: np.ndarray) -> torch.Tensor:
+        """(Q, D) or (Q, V, D) → a (Q, V, D) float32 tensor on the device."""
         q = np.asarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must have shape (Q, {self.dim}), got {q.shape}")
+        if q.ndim == 2:
+            q = q[:, None, :]
+        if q.ndim != 3 or q.shape[2] != self.dim or q.shape[1] < 1:
+            raise ValueError(f"queries must have shape (Q, {self.dim}) or (Q, V, {self.dim}), "
+                             f"got {np.shape(queries)}")
         if not np.all(np.isfinite(q)):
             raise ValueError("queries contain NaN or infinity")
         return torch.from_numpy(np.ascontiguousarray(q)).to(self.device)
 
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
-        step = max(1, _BLOCK_ELEMENTS // max(1, self.n_windows))
+    def _chunks(self, n: int, views: int = 1) -> list[tuple[int, int]]:
+        step = max(1, _BLOCK_ELEMENTS // max(1, self.n_windows * views))
         return [(i, min(n, i + step)) for i in range(0, n, step)]
 
     @torch.inference_mode()
     def _ref_dist(self, q: torch.Tensor) -> torch.Tensor:
-        """(Q, D) queries on the device → (Q, n_refs) float32 distances (on the device)."""
+        """(Q, V, D) query views on the device → (Q, n_refs) float32 distances (on the device):
+        view 0's plus the mean of the others' (module docstring)."""
+        n, views = q.shape[0], q.shape[1]
+        d = self._view_dist(q.reshape(n * views, self.dim)).reshape(n, views, -1)
+        if views == 1:
+            return d[:, 0]
+        return d[:, 0] + d[:, 1:].mean(dim=1)
+
+    def _view_dist(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, D) embeddings → (N, n_refs) distance to each reference's nearest window."""
         if self.n_windows == 0:
             return torch.full((q.shape[0], self.n_refs), float("inf"), device=self.device)
         win = torch.addmm(self._norms[None, :], q, self._emb.T, alpha=-2.0)

@@ -8,10 +8,12 @@ One query (CQT frames of the last seconds of audio) is searched in four stages:
    * the last ``query_window_s`` seconds (``query_window_frames`` CQT frames, 20 s by default)
      are hashed as one excerpt with the audio hash network: ``(M,)`` packed hashes, M = frames//4;
    * the last ``index.meta["window"]["length"]`` frames (the index's window, 10 s) — or the whole
-     query when it is shorter — are embedded with the audio embedding network.
+     query when it is shorter — are embedded with the audio embedding network, whole and in
+     ``prune_parts`` parts (:meth:`model.encoder.Encoder.embed_views`).
 
-2. **prune** (:meth:`Cascade.prune`): the ``top_k`` references whose nearest window embedding is
-   nearest (:class:`index.prune.EmbeddingPruner`); all queries of a batch in one matrix product.
+2. **prune** (:meth:`Cascade.prune`): the ``top_k`` references nearest to those views, each
+   reference by its nearest window embedding, the whole view's distance plus the parts' mean
+   (:class:`index.prune.EmbeddingPruner`); all queries of a batch in one matrix product.
 3. **verify** (:meth:`Cascade.verify`): hash-DTW of the query hashes against the candidates'
    whole hash sequences, penalty φ and gully g (:mod:`index.hashdtw`), ranked by score.
 4. **confirm** (:meth:`Cascade.confirm`): the best ``top_n`` are aligned again on their Hamming
@@ -48,6 +50,7 @@ from index.decision import Calibration, decide, load_calibration
 from index.hashdtw import hash_dtw_batch
 from index.prune import EmbeddingPruner
 from index.store import IndexData, load_index
+from model.encoder import QUERY_PARTS
 from model.errors import AudioError, ModelMismatchError
 
 __all__ = [
@@ -89,6 +92,9 @@ class CascadeConfig:
         φ in Hamming units; None = the index's (see the module docstring).
     query_window_s : float
         Seconds of the query's end that are hashed and verified.
+    prune_parts : int
+        Parts of the embedded window pruned beside it (0: the whole window alone). Default
+        :data:`model.encoder.QUERY_PARTS` = 2, the halves.
     min_query_s : float
         Shorter queries are refused (``AudioError("too_short")``).
     """
@@ -99,6 +105,7 @@ class CascadeConfig:
     penalty: int | None = None
     query_window_s: float = 20.0
     min_query_s: float = 2.0
+    prune_parts: int = QUERY_PARTS
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.top_n < 1:
@@ -109,6 +116,8 @@ class CascadeConfig:
             raise ValueError(f"penalty must be a non-negative integer, got {self.penalty}")
         if not 0.0 < self.min_query_s <= self.query_window_s:
             raise ValueError("need 0 < min_query_s <= query_window_s")
+        if self.prune_parts < 0:
+            raise ValueError(f"prune_parts must be >= 0, got {self.prune_parts}")
 
     @property
     def query_window_frames(self) -> int:
@@ -192,7 +201,8 @@ class QueryCode(NamedTuple):
 
     Attributes
     ----------
-    embedding : np.ndarray, shape (D,), float32
+    embedding : np.ndarray, shape (1 + prune_parts, D), float32
+        The query views (:meth:`model.encoder.Encoder.embed_views`), the whole window first.
     hashes : np.ndarray, shape (M,), uint16/uint32
     n_frames : int
         Tq, CQT frames the hashes were computed from (the query view's length).
@@ -311,11 +321,13 @@ class Cascade:
                 f"{self.config.min_query_frames / FRAME_RATE_HZ:.2f} s", reason="too_short")
         view = frames[-self.config.query_window_frames:]
         hashes = self.encoder.hashes(view, "audio")
-        emb = self.encoder.embed(frames[-self.embed_frames:], "audio")
+        emb = self.encoder.embed_views(frames[-self.embed_frames:], "audio",
+                                       self.config.prune_parts)
         return QueryCode(np.asarray(emb, np.float32), hashes, int(view.shape[0]))
 
     def prune(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, D) query embeddings → ids (Q, K) int64 and squared distances (Q, K) float32."""
+        """(Q, V, D) query views (or (Q, D) embeddings) → ids (Q, K) int64 and distances (Q, K)
+        float32."""
         return self.pruner.search(embeddings, self.config.top_k)
 
     def verify(self, query_hashes: np.ndarray, candidates: np.ndarray) -> Verified:

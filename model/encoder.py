@@ -28,6 +28,9 @@ MODALITIES: tuple[Modality, ...] = ("audio", "midi")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "default.pt"
 FORMAT = "midimatch-model/1"
+# A query is pruned with its whole window and its two halves (Encoder.embed_views): chosen on the
+# valid + test pairs of the training renderers (docs/evaluation.md, "Query views").
+QUERY_PARTS = 2
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,33 @@ class Encoder:
         if frames.shape[0] < 2:
             raise ValueError("need at least 2 frames to embed")
         return self.nets[f"embed_{_check(modality)}"](self._prep(frames))[0].cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_views(self, frames: np.ndarray, modality: Modality, parts: int) -> np.ndarray:
+        """The query views of an excerpt: its embedding, then the embeddings of its ``parts``
+        consecutive equal parts (:data:`QUERY_PARTS`), from one trunk pass.
+
+        The prune scores a reference by the full view's distance plus the parts' mean distance
+        (:class:`index.prune.EmbeddingPruner`): each part may meet the reference window it
+        overlaps most. Parts shorter than one trunk step are replaced by the whole excerpt.
+
+        Returns
+        -------
+        np.ndarray, shape (1 + parts, embed_dim), float32
+            Row 0 is :meth:`embed` of ``frames``.
+        """
+        if parts < 0:
+            raise ValueError(f"parts must be >= 0, got {parts}")
+        if frames.shape[0] < 2:
+            raise ValueError("need at least 2 frames to embed")
+        net = self.nets[f"embed_{_check(modality)}"]
+        h, scores = net.trunk(self._prep(frames))  # (1, n, D), (1, n)
+        n = h.shape[1]
+        pooled = [net.pool_head(h, scores)]
+        for i in range(parts):
+            a, b = i * n // parts, (i + 1) * n // parts
+            pooled.append(net.pool_head(h[:, a:b], scores[:, a:b]) if b > a else pooled[0])
+        return torch.cat(pooled).cpu().numpy()
 
     @torch.inference_mode()
     def window_embeddings(

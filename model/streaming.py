@@ -184,6 +184,10 @@ class StreamingHasher:
     ----------
     encoder : Encoder
     modality : {"audio", "midi"}
+    parts : int
+        Parts of the window embedded beside it (:meth:`AttentionWindow.pooled_views`; the
+        cascade's ``prune_parts``). 0: :meth:`embedding` is one (embed_dim,) vector; otherwise
+        (1 + parts, embed_dim), the query views the prune takes.
     """
 
     lookahead_frames = HASH_LOOKAHEAD_FRAMES
@@ -342,8 +346,25 @@ class AttentionWindow:
         """The attention-pooled (D,) float64 vector of the window, or None before any step."""
         if self.end == 0:
             return None
+        return self._pool(self._slots())
+
+    def pooled_views(self, parts: int) -> np.ndarray | None:
+        """(1 + parts, D) float64: the window pooled whole, then each of ``parts`` consecutive
+        groups of its blocks (as equal in blocks as they can be; a group left empty by a window
+        of fewer blocks is the whole window), or None before any step. The streaming form of
+        :meth:`model.encoder.Encoder.embed_views`, at block granularity."""
+        if self.end == 0:
+            return None
+        slots = self._slots()
+        whole = self._pool(slots)
+        groups = np.array_split(slots, parts) if parts else []
+        return np.stack([whole, *(self._pool(g) if g.size else whole for g in groups)])
+
+    def _slots(self) -> np.ndarray:
         bs, cap = self.block_steps, len(self._m)
-        slots = np.arange(self.start // bs, (self.end - 1) // bs + 1) % cap
+        return np.arange(self.start // bs, (self.end - 1) // bs + 1) % cap
+
+    def _pool(self, slots: np.ndarray) -> np.ndarray:
         m = self._m[slots]
         w = np.exp(m - m.max())
         return (w @ self._v[slots]) / (w @ self._s[slots])
@@ -370,18 +391,25 @@ class StreamingEmbedder:
     block_frames : int
         Granularity with which old frames leave the window (default 22 ≈ 1 s); even.
     modality : {"audio", "midi"}
+    parts : int
+        Parts of the window embedded beside it (:meth:`AttentionWindow.pooled_views`; the
+        cascade's ``prune_parts``). 0: :meth:`embedding` is one (embed_dim,) vector; otherwise
+        (1 + parts, embed_dim), the query views the prune takes.
     """
 
     lookahead_frames = EMBED_LOOKAHEAD_FRAMES
     lookahead_ms = EMBED_LOOKAHEAD_MS
 
     def __init__(self, encoder: Encoder, window_frames: int | None = None,
-                 block_frames: int = 22, modality: Modality = "audio") -> None:
+                 block_frames: int = 22, modality: Modality = "audio", parts: int = 0) -> None:
         window_frames = encoder.window.length if window_frames is None else int(window_frames)
         if block_frames < 2 or block_frames % 2 or window_frames < block_frames:
             raise StreamError(f"need an even block_frames >= 2 and window_frames >= block_frames,"
                               f" got {block_frames} and {window_frames}", reason="bad_window")
+        if parts < 0:
+            raise StreamError(f"parts must be >= 0, got {parts}", reason="bad_window")
         self.encoder = encoder
+        self.parts = int(parts)
         self.modality = _check_modality(modality)
         self.window_frames, self.block_frames = window_frames, block_frames
         net = encoder.nets[f"embed_{self.modality}"]
@@ -419,11 +447,15 @@ class StreamingEmbedder:
             self._window.add(*_forward(self.encoder, [self], [span], "embed")[0])
 
     def pooled(self) -> np.ndarray | None:
-        """The attention-pooled trunk features (D,) float64 of the window, or None."""
+        """The attention-pooled trunk features of the window, or None: (D,) float64, or with
+        ``parts`` the (1 + parts, D) views."""
+        if self.parts:
+            return self._window.pooled_views(self.parts)
         return self._window.pooled()
 
     def embedding(self) -> np.ndarray | None:
-        """(embed_dim,) float32 embedding of the window, or None before the first trunk step."""
+        """The window's embedding, (embed_dim,) float32 (with ``parts``: (1 + parts,
+        embed_dim), the views), or None before the first trunk step."""
         out = embeddings(self.encoder, [self])
         return out[0]
 
@@ -442,7 +474,8 @@ def embed_step(encoder: Encoder, embedders: list[StreamingEmbedder],
 def embeddings(encoder: Encoder, embedders: list[StreamingEmbedder]) -> list[np.ndarray | None]:
     """Current embeddings of many streams, one head forward pass per modality.
 
-    Returns, per stream, an (embed_dim,) float32 array, or None before its first trunk step.
+    Returns, per stream, an (embed_dim,) float32 array (with ``parts``: (1 + parts,
+    embed_dim)), or None before its first trunk step.
     """
     if any(e.encoder is not encoder for e in embedders):
         raise StreamError("every embedder must use the given encoder", reason="bad_batch")
@@ -454,9 +487,11 @@ def embeddings(encoder: Encoder, embedders: list[StreamingEmbedder]) -> list[np.
                    if e.modality == modality and pooled[i] is not None]
             if not idx:
                 continue
-            x = torch.as_tensor(np.stack([pooled[i] for i in idx]), dtype=torch.float32,
-                                device=encoder.device)
+            rows = [np.atleast_2d(pooled[i]) for i in idx]  # (V_i, D) each
+            x = torch.as_tensor(np.concatenate(rows), dtype=torch.float32, device=encoder.device)
             emb = encoder.nets[f"embed_{modality}"].head(x).cpu().numpy()
-            for row, i in enumerate(idx):
-                out[i] = emb[row]
+            at = 0
+            for i, r in zip(idx, rows, strict=True):
+                out[i] = emb[at] if pooled[i].ndim == 1 else emb[at:at + len(r)]
+                at += len(r)
     return out

@@ -86,7 +86,8 @@ class Session:
         self.rate = params.sample_rate
         self.cqt = StreamingCQT(params.sample_rate, params.channels, device=enc.device)
         self.hasher = StreamingHasher(enc, "audio")
-        self.embedder = StreamingEmbedder(enc, window_frames=cascade.embed_frames)
+        self.embedder = StreamingEmbedder(enc, window_frames=cascade.embed_frames,
+                                          parts=cascade.config.prune_parts)
         self.dtw = CandidateDTW(cascade.index.hashes, cascade.index.hash_offsets,
                                 penalty=cascade.penalty, gully=cascade.config.gully)
         self.decision = StreamDecision(cascade.calibration)
@@ -343,7 +344,8 @@ class Session:
         self.decision.reset()
         self.change.reset()
         frames = self._recent[:self._n_recent][-4 * n:]
-        self.embedder = StreamingEmbedder(cascade.encoder, window_frames=self._embed_frames)
+        self.embedder = StreamingEmbedder(cascade.encoder, window_frames=self._embed_frames,
+                                          parts=cascade.config.prune_parts)
         self.embedder.push(frames)
 
     def result(self, matches: list[Match] | None) -> dict:

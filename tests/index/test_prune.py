@@ -116,3 +116,51 @@ def test_bad_inputs_are_refused():
         pruner.search(np.full((1, 16), np.nan, np.float32), 2)
     with pytest.raises(ValueError, match="k must"):
         pruner.search(np.zeros((1, 16), np.float32), 0)
+
+
+def test_query_views_score_the_whole_view_plus_the_parts_mean():
+    emb, owner = random_index(11, n_refs=25, shuffle=True)
+    rng = np.random.default_rng(12)
+    views = np.tanh(rng.normal(size=(6, 3, 16))).astype(np.float32)  # whole, half 1, half 2
+    pruner = EmbeddingPruner(emb, owner, 25)
+    per_view = [brute_force(views[:, v], emb, owner, 25, 25) for v in range(3)]
+    # brute_force sorts; put each view's distances back in reference order
+    dist = np.zeros((3, 6, 25))
+    for v, (ids, d) in enumerate(per_view):
+        np.put_along_axis(dist[v], ids, d, axis=1)
+    want = dist[0] + (dist[1] + dist[2]) / 2
+    np.testing.assert_allclose(pruner.reference_distances(views), want, rtol=1e-5, atol=1e-4)
+    ids, d = pruner.search(views, 8)
+    np.testing.assert_array_equal(ids, np.argsort(want, axis=1, kind="stable")[:, :8])
+    np.testing.assert_allclose(d, np.sort(want, axis=1)[:, :8], rtol=1e-5, atol=1e-4)
+    # the combination differs from the whole view alone, and one view is the plain search
+    assert not np.array_equal(ids, pruner.search(views[:, 0], 8)[0])
+    np.testing.assert_array_equal(pruner.search(views[:, :1], 8)[0],
+                                  pruner.search(views[:, 0], 8)[0])
+    torch_path = EmbeddingPruner(emb, owner, 25)
+    torch_path._numpy_reduce = False
+    np.testing.assert_array_equal(torch_path.search(views, 8)[0], ids)
+
+
+def test_query_views_are_chunked_by_whole_queries(monkeypatch):
+    import index.prune as prune
+
+    emb, owner = random_index(13, n_refs=30)
+    views = np.tanh(np.random.default_rng(14).normal(size=(9, 3, 16))).astype(np.float32)
+    pruner = EmbeddingPruner(emb, owner, 30)
+    whole = pruner.search(views, 5)
+    # a block of 2 queries' views: 5 chunks, none splitting a query's views
+    monkeypatch.setattr(prune, "_BLOCK_ELEMENTS", 6 * pruner.n_windows)
+    assert pruner._chunks(9, 3) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
+    chunked = pruner.search(views, 5)
+    np.testing.assert_array_equal(whole[0], chunked[0])
+    np.testing.assert_allclose(whole[1], chunked[1], rtol=1e-6)
+
+
+def test_bad_view_shapes_are_refused():
+    emb, owner = random_index(15, n_refs=4)
+    pruner = EmbeddingPruner(emb, owner, 4)
+    for bad in (np.zeros((1, 0, 16)), np.zeros((1, 2, 15)), np.zeros((2, 2, 2, 16)),
+                np.zeros(16)):
+        with pytest.raises(ValueError, match="shape"):
+            pruner.search(bad.astype(np.float32), 2)

@@ -76,6 +76,26 @@ def test_window_embeddings_cover_the_piece_and_match_direct_embedding():
     np.testing.assert_allclose(emb1[0], enc.embed(short, "midi"), atol=1e-5)
 
 
+def test_embed_views_are_the_whole_excerpt_then_its_parts():
+    enc = Encoder.untrained(0)
+    f = _frames(200)  # 100 trunk steps: halves are steps 0-49 and 50-99, frames 0-99 and 100-199
+    views = enc.embed_views(f, "audio", 2)
+    assert views.shape == (3, 128) and views.dtype == np.float32
+    np.testing.assert_allclose(views[0], enc.embed(f, "audio"), atol=1e-5)
+    # the index's window embeddings pool the same trunk over the same slices
+    enc.window = WindowSpec(length=100, hop=100)
+    halves, starts = enc.window_embeddings(f, "audio")
+    assert starts.tolist() == [0, 100]
+    np.testing.assert_allclose(views[1:], halves, atol=1e-5)
+    assert not np.allclose(views[1], views[2], atol=1e-3)
+    np.testing.assert_allclose(enc.embed_views(f, "audio", 0), views[:1], atol=1e-6)
+    # 3 frames = one trunk step: the empty first half is the whole excerpt
+    tiny = enc.embed_views(f[:3], "audio", 2)
+    np.testing.assert_allclose(tiny, np.repeat(tiny[:1], 3, axis=0), atol=1e-6)
+    with pytest.raises(ValueError, match="parts"):
+        enc.embed_views(f, "audio", -1)
+
+
 def test_input_validation():
     enc = Encoder.untrained(0)
     with pytest.raises(ValueError, match="shape"):

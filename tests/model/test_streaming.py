@@ -274,6 +274,43 @@ def test_embedding_pools_the_whole_trunk_over_its_window_span(untrained, n):
     np.testing.assert_allclose(e.embedding(), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [57, 230, 333])
+def test_views_pool_the_trunk_over_the_window_and_its_block_groups(untrained, n):
+    f = _frames(400, seed=n)
+    e = StreamingEmbedder(untrained, window_frames=100, block_frames=10, parts=2)
+    plain = StreamingEmbedder(untrained, window_frames=100, block_frames=10)
+    for i in range(n):
+        e.push(f[i:i + 1])
+        plain.push(f[i:i + 1])
+    a, b = (x // 2 for x in e.window_span)  # trunk steps, blocks of 5
+    blocks = list(range(a, b, 5))
+    cut = blocks[-(-len(blocks) // 2)]  # np.array_split: the first group takes the odd block
+    net = untrained.nets["embed_audio"]
+    with torch.inference_mode():
+        h, s = net.trunk(untrained._prep(f))
+        want = torch.cat([net.pool_head(h[:, x:y], s[:, x:y])
+                          for x, y in ((a, b), (a, cut), (cut, b))]).numpy()
+    views = e.embedding()
+    assert views.shape == (3, 128) and views.dtype == np.float32
+    np.testing.assert_allclose(views, want, atol=1e-5)
+    np.testing.assert_allclose(views[0], plain.embedding(), atol=1e-6)
+
+
+def test_a_finished_stream_has_the_views_of_encoder_embed_views(shipped):
+    f = _frames(88, seed=4)  # 44 trunk steps = 4 blocks of 11: halves on a block boundary
+    e = StreamingEmbedder(shipped, parts=2)
+    e.push(f)
+    e.finish()
+    np.testing.assert_allclose(e.embedding(), shipped.embed_views(f, "audio", 2), atol=1e-5)
+    one = StreamingEmbedder(shipped, parts=2)  # one block: both halves are the whole window
+    one.push(f[:20])
+    one.finish()
+    v = one.embedding()
+    np.testing.assert_allclose(v, np.repeat(v[:1], 3, axis=0), atol=1e-6)
+    with pytest.raises(StreamError, match="parts"):
+        StreamingEmbedder(shipped, parts=-1)
+
+
 @pytest.mark.parametrize("n", [2, 7, 120, 214])
 def test_a_finished_stream_within_one_window_embeds_like_encoder_embed(shipped, n):
     f = _frames(n, seed=n)
