@@ -1,7 +1,7 @@
 """One query's cascade time per stage at 10,000 references, on one core, against chroma + DTW.
 
     python bench/cascade.py [--refs 10000] [--queries 40] [--baseline-queries 3]
-                            [--baseline-refs 500] [--eval DIR]
+                            [--baseline-refs 500] [--eval DIR] [--compare-parts 0]
 
 Needs ``midimatch eval prepare`` first (its index and queries). The 10,000 references are the
 evaluation index's real MIDI files plus **transposed and tempo-varied variants** of them
@@ -14,15 +14,18 @@ index, so only the variants are encoded (resumable).
 Timed on one core (torch and numba at 1 thread, BLAS at 1): ``Cascade.search_frames`` of
 ``--queries`` 10 s clean in-collection queries (held-out renderer), one at a time, after one
 warm-up search; the cascade's own per-stage timings (encode, prune, verify, confirm). The
-baseline (:class:`index.baseline.ChromaMatcher`, subsequence DTW against every reference) is timed
-on ``--baseline-refs`` references only and **extrapolated** to the full collection by its
-total number of reference frames (its cost is linear in them); the table says so.
+same queries are then searched with ``--compare-parts`` query parts instead of the cascade's
+``prune_parts`` (default 0: the whole window alone, without the halves), as rows marked so.
+The baseline (:class:`index.baseline.ChromaMatcher`, subsequence DTW against every reference)
+is timed on ``--baseline-refs`` references only and **extrapolated** to the full collection by
+its total number of reference frames (its cost is linear in them); the table says so.
 Target: cascade ≤ 50 ms per query at 10,000 references.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -80,6 +83,26 @@ def percentile(x: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(x), q))
 
 
+def time_queries(cascade, frames: list, truth: list) -> tuple[dict, list, int]:
+    """Search each query alone after one warm-up search: (per-stage seconds, ranks of the true
+    references, how many misses answered a variant of the true piece)."""
+    from index.evaluate import rank_in_matches
+
+    cascade.search_frames(frames[0])  # warm-up: numba kernels, torch
+    stages: dict[str, list[float]] = {k: [] for k in ("encode", "prune", "verify", "confirm",
+                                                      "total")}
+    ranks, on_variant = [], 0
+    for f, t in zip(frames, truth, strict=True):
+        res = cascade.search_frames(f)
+        for k in stages:
+            stages[k].append(res.timings_s[k])
+        ranks.append(rank_in_matches(res.matches, t))
+        if ranks[-1] != 1 and res.matches:  # wrong: is it a variant of the true piece?
+            stem = Path(cascade.index.refs[t]["path"]).stem
+            on_variant += f"{stem}__" in Path(cascade.index.refs[res.matches[0].ref]["path"]).stem
+    return stages, ranks, on_variant
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--eval", type=Path, help="eval folder (default $MIDIMATCH_CACHE/eval)")
@@ -91,6 +114,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1000, help="files added per index generation")
     ap.add_argument("--build-only", action="store_true", help="build the bench index and stop")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--compare-parts", type=int, default=0, metavar="N",
+                    help="also time the cascade with N query parts (default 0; -1: do not)")
     args = ap.parse_args()
 
     import numba
@@ -99,7 +124,7 @@ def main() -> None:
     from index.baseline import ChromaMatcher
     from index.build import BuildOptions, build_index
     from index.evalset import load_queries
-    from index.evaluate import rank_in_matches, true_refs
+    from index.evaluate import true_refs
     from index.search import Cascade
 
     ev = args.eval or _cache() / "eval"
@@ -132,18 +157,14 @@ def main() -> None:
             and q["length_s"] == 10.0][: args.queries]
     qs, fs = [queries[i] for i in pick], [frames[i] for i in pick]
     truth = true_refs(cascade.index.refs, qs)
-    cascade.search_frames(fs[0])  # warm-up: numba kernels, torch
-    stages: dict[str, list[float]] = {k: [] for k in ("encode", "prune", "verify", "confirm",
-                                                      "total")}
-    ranks, on_variant = [], 0
-    for f, t in zip(fs, truth, strict=True):
-        res = cascade.search_frames(f)
-        for k in stages:
-            stages[k].append(res.timings_s[k])
-        ranks.append(rank_in_matches(res.matches, t))
-        if ranks[-1] != 1 and res.matches:  # wrong: is it a variant of the true piece?
-            stem = Path(cascade.index.refs[t]["path"]).stem
-            on_variant += f"{stem}__" in Path(cascade.index.refs[res.matches[0].ref]["path"]).stem
+    stages, ranks, on_variant = time_queries(cascade, fs, truth)
+    compare = None
+    if args.compare_parts >= 0 and args.compare_parts != cascade.config.prune_parts:
+        other = Cascade(cascade.index, cascade.encoder, calibration=cascade.calibration,
+                        config=dataclasses.replace(cascade.config,
+                                                   prune_parts=args.compare_parts))
+        compare = time_queries(other, fs, truth)
+        del other
 
     rng = np.random.default_rng(0)
     sub = np.sort(rng.choice(len(cascade.index), size=min(args.baseline_refs,
@@ -159,9 +180,14 @@ def main() -> None:
     all_frames = sum(int(r["n_frames"]) for r in cascade.index.refs)
     scale = all_frames / float(matcher.chroma.shape[0])
     n = len(cascade.index)
-    rows = [{"stage": k, "median ms": 1000 * float(np.median(v)),
+    parts = cascade.config.prune_parts
+    rows = [{"stage": k, "prune_parts": parts, "median ms": 1000 * float(np.median(v)),
              "p90 ms": 1000 * percentile(v, 90), "queries": len(v), "references": n}
             for k, v in stages.items()]
+    if compare is not None:
+        rows += [{"stage": k, "prune_parts": args.compare_parts,
+                  "median ms": 1000 * float(np.median(v)), "p90 ms": 1000 * percentile(v, 90),
+                  "queries": len(v), "references": n} for k, v in compare[0].items()]
     base_med = float(np.median(base_t))
     rows.append({"stage": f"chroma+DTW, measured on {len(sub)} refs",
                  "median ms": 1000 * base_med, "p90 ms": 1000 * percentile(base_t, 90),
@@ -170,6 +196,7 @@ def main() -> None:
                  "median ms": 1000 * base_med * scale, "p90 ms": 1000 * percentile(base_t, 90)
                  * scale, "queries": len(base_t), "references": n})
     top1 = float(np.mean([r == 1 for r in ranks]))
+    top1_compare = None if compare is None else float(np.mean([r == 1 for r in compare[1]]))
     # numba's OpenMP layer resets the thread count torch shares with it: check it held
     threads = f"torch {torch.get_num_threads()} / numba {numba.get_num_threads()} threads"
     print(f"# Cascade vs chroma + DTW, one query on one core ({threads}) — {machine()}")
@@ -177,11 +204,14 @@ def main() -> None:
           f"({len(ranks)} queries; {on_variant} of the misses answered a transposed or "
           f"tempo-varied variant of the true piece); speed-up vs chroma+DTW "
           f"{base_med * scale / np.median(stages['total']):.0f}x (extrapolated)")
+    if compare is not None:
+        print(f"# with prune_parts {args.compare_parts}: top-1 {100 * top1_compare:.1f} %")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "top1": top1, "machine": machine(),
-                                         "misses_on_variant": on_variant, "n_refs": n},
-                                        indent=1))
+                                         "misses_on_variant": on_variant, "n_refs": n,
+                                         "prune_parts": parts, "compare_parts": args.compare_parts,
+                                         "top1_compare": top1_compare}, indent=1))
 
 
 if __name__ == "__main__":
