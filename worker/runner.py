@@ -320,6 +320,7 @@ def build_engine(settings: WorkerSettings, metrics: WorkerMetrics):
                                      result_every_s=settings.result_every_s,
                                      max_sessions=settings.max_sessions,
                                      tick_budget_s=settings.tick_budget_s,
+                                     prune_parts=settings.prune_parts,
                                      max_pending_s=max(30.0, settings.retain_s))
     return Engine(cascade, engine_settings, metrics)
 

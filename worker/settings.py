@@ -67,6 +67,9 @@ class WorkerSettings:
         First part of every Redis key.
     window_s, result_every_s, tick_budget_s : float
         The engine's query window, result period and per-tick time budget, s.
+    prune_parts : int
+        Parts of the query window the prune uses beside it (``EngineSettings.prune_parts``):
+        2, the halves, by default; 0 trades some identification for about half the prune's CPU.
     poll_s : float
         Wait between two looks at the bus when nothing arrived, s (bounds the added latency).
     claim_every_s : float
@@ -90,6 +93,7 @@ class WorkerSettings:
     window_s: float = 10.0
     result_every_s: float = 1.0
     tick_budget_s: float = 0.5
+    prune_parts: int = 2
     poll_s: float = 0.05
     claim_every_s: float = 0.25
 
@@ -102,6 +106,8 @@ class WorkerSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise WorkerSettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.prune_parts < 0:
+            raise WorkerSettingsError(f"prune_parts must be >= 0, got {self.prune_parts!r}")
         if not 0 <= self.metrics_port <= 65535:
             raise WorkerSettingsError(f"metrics_port must be in 0..65535, got "
                                       f"{self.metrics_port!r}")

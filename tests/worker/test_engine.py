@@ -91,6 +91,25 @@ def test_streaming_agrees_with_offline_search(cascade: Cascade, chunk_s: float) 
     assert [m["title"] for m in final["matches"]] == [m.title for m in offline.matches]
 
 
+def test_prune_parts_setting_reaches_sessions_and_matches_the_offline_cascade(
+        cascade: Cascade) -> None:
+    clip = audio_of(3, 5.0, 15.0)
+    whole = copy.copy(cascade)
+    whole.config = dataclasses.replace(cascade.config, prune_parts=0)
+    eng = Engine(cascade, EngineSettings(window_s=15.0, prune_parts=0, **EXACT))
+    assert eng.cascade.config.prune_parts == 0 and cascade.config.prune_parts == 2
+    eng.open("s", StreamParams(SR))
+    assert eng._sessions["s"].embedder.parts == 0
+    final = stream(eng, "s", clip, 0.37)[-1]
+    offline = whole.search_audio(clip, SR)
+    assert [m["title"] for m in final["matches"]] == [m.title for m in offline.matches]
+    default = Engine(cascade, EngineSettings(window_s=15.0, **EXACT))
+    default.open("s", StreamParams(SR))
+    assert default._sessions["s"].embedder.parts == 2
+    with pytest.raises(EngineError, match="prune_parts"):
+        EngineSettings(prune_parts=-1)
+
+
 def test_deferring_audio_changes_nothing_but_when_it_is_processed(cascade: Cascade) -> None:
     clip = audio_of(4, 0.0, 6.0)
     eager = one_stream(cascade, clip, 0.1, defer_audio=False)

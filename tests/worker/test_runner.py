@@ -271,6 +271,21 @@ def test_settings_from_env_with_overrides() -> None:
     assert WorkerSettings().worker_id != WorkerSettings().worker_id
 
 
+def test_prune_parts_reach_the_engine(small_index: tuple[Path, Path]) -> None:
+    from model.encoder import QUERY_PARTS
+    from worker.runner import build_engine
+
+    # the setting's default is the cascade's (settings.py cannot import the model to share it)
+    assert WorkerSettings().prune_parts == QUERY_PARTS
+    s = WorkerSettings.from_env({"MIDIMATCH_PRUNE_PARTS": "0", "MIDIMATCH_INDEX": str(
+        small_index[0])})
+    assert s.prune_parts == 0
+    eng = build_engine(s, WorkerMetrics())
+    assert eng.cascade.config.prune_parts == 0 and eng.settings.prune_parts == 0
+    with pytest.raises(WorkerSettingsError, match="prune_parts"):
+        WorkerSettings.from_env({"MIDIMATCH_PRUNE_PARTS": "-1"})
+
+
 def test_cli_refuses_without_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from server.cli import main
 
