@@ -31,7 +31,7 @@ bench: $(STAMP)
 # Retrain the model from scratch in one command (`midimatch train run`: data, pairs and training
 # within 60 minutes on 2 CPU cores, CUDA when present; docs/model.md). It writes
 # model/weights/default.pt; the shipped one is such a model (model/weights/base.pt) with its
-# embedding fine-tuned twice (`midimatch train fit --init ...`; the commands are in docs/model.md).
+# embedding fine-tuned three times (`midimatch train fit --init ...`; the commands are in docs/model.md).
 # The renderers it trains with come from Debian's packages; missing ones are installed first.
 TRAIN_PACKAGES := fluidsynth fluid-soundfont-gm musescore-general-soundfont-small \
                   timgm6mb-soundfont timidity freepats
