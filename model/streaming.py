@@ -184,10 +184,6 @@ class StreamingHasher:
     ----------
     encoder : Encoder
     modality : {"audio", "midi"}
-    parts : int
-        Parts of the window embedded beside it (:meth:`AttentionWindow.pooled_views`; the
-        cascade's ``prune_parts``). 0: :meth:`embedding` is one (embed_dim,) vector; otherwise
-        (1 + parts, embed_dim), the query views the prune takes.
     """
 
     lookahead_frames = HASH_LOOKAHEAD_FRAMES
