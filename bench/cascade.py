@@ -25,7 +25,6 @@ Target: cascade ≤ 50 ms per query at 10,000 references.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -160,11 +159,7 @@ def main() -> None:
     stages, ranks, on_variant = time_queries(cascade, fs, truth)
     compare = None
     if args.compare_parts >= 0 and args.compare_parts != cascade.config.prune_parts:
-        other = Cascade(cascade.index, cascade.encoder, calibration=cascade.calibration,
-                        config=dataclasses.replace(cascade.config,
-                                                   prune_parts=args.compare_parts))
-        compare = time_queries(other, fs, truth)
-        del other
+        compare = time_queries(cascade.with_config(prune_parts=args.compare_parts), fs, truth)
 
     rng = np.random.default_rng(0)
     sub = np.sort(rng.choice(len(cascade.index), size=min(args.baseline_refs,

@@ -336,7 +336,7 @@ def main() -> None:
     t = time.perf_counter()
     cascade = Cascade.open(args.index or ev / "index")
     if args.min_query_s:
-        cascade.config = dataclasses.replace(cascade.config, min_query_s=args.min_query_s)
+        cascade = cascade.with_config(min_query_s=args.min_query_s)
     if args.stable_results:
         cascade.calibration = dataclasses.replace(cascade.calibration,
                                                   stable_results=args.stable_results)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
@@ -229,10 +228,9 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     root = _root(args)
     index_dir, query_dir = args.index or root / "index", args.queries or root / "queries"
-    config = CascadeConfig(top_k=args.top_k)
-    if args.prune_parts is not None:
-        config = dataclasses.replace(config, prune_parts=args.prune_parts)
-    cascade = Cascade.open(index_dir, weights=args.weights, config=config)
+    parts = {} if args.prune_parts is None else {"prune_parts": args.prune_parts}
+    cascade = Cascade.open(index_dir, weights=args.weights,
+                           config=CascadeConfig(top_k=args.top_k, **parts))
     queries, frames = load_queries(query_dir)
     keep = _select(queries, args)
     queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]

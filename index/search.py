@@ -37,6 +37,8 @@ stream applies :class:`index.decision.StreamDecision` to consecutive results ins
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +299,16 @@ class Cascade:
 
         encoder = Encoder.load(weights, device=device)
         return cls(load_index(index_dir, expected_model_id=encoder.model_id), encoder, **kw)
+
+    def with_config(self, **changes) -> Cascade:
+        """A copy whose config has ``changes`` (``CascadeConfig`` fields); it shares the index,
+        the model, the calibration and the pruner, so nothing is re-encoded or copied."""
+        out = copy.copy(self)
+        out.config = dataclasses.replace(self.config, **changes)
+        if "penalty" in changes:
+            out.penalty = (int(out.config.penalty) if out.config.penalty is not None
+                           else default_penalty(self.index))
+        return out
 
     # ------------------------------------------------------------------ stages
     def encode(self, frames: np.ndarray) -> QueryCode:

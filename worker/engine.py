@@ -48,8 +48,6 @@ that produced it.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import threading
 import time
@@ -191,8 +189,7 @@ class Engine:
         wanted = {"top_k": settings.top_k, "top_n": settings.top_n,
                   "prune_parts": settings.prune_parts}
         if any(getattr(cascade.config, k) != v for k, v in wanted.items()):
-            cascade = copy.copy(cascade)  # shares index, encoder and pruner: only config differs
-            cascade.config = dataclasses.replace(cascade.config, **wanted)
+            cascade = cascade.with_config(**wanted)
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         self.cascade = cascade

@@ -141,6 +141,18 @@ def test_penalty_is_the_median_hamming_of_a_sample_unless_given(collection):
     assert res.n_candidates == 2 and len(res.matches) == 1
 
 
+def test_with_config_shares_the_index_and_pruner_and_keeps_the_penalty_in_step(collection):
+    _, cascade, _, _, renders = collection
+    narrow = cascade.with_config(top_k=2, prune_parts=0)
+    assert (narrow.config.top_k, narrow.config.prune_parts) == (2, 0)
+    assert (cascade.config.top_k, cascade.config.prune_parts) == (300, 2)  # untouched
+    assert narrow.pruner is cascade.pruner and narrow.index is cascade.index
+    assert narrow.search_frames(renders[0][:300]).n_candidates == 2
+    assert narrow.penalty == cascade.penalty
+    assert cascade.with_config(penalty=3).penalty == 3
+    assert cascade.with_config(penalty=3).with_config(penalty=None).penalty == cascade.penalty
+
+
 def test_decision_follows_the_calibration(collection):
     _, cascade, pieces, _, renders = collection
     q = excerpt(renders[0], 10.0, 12.0)

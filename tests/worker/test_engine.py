@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 import threading
 import time
@@ -94,8 +92,7 @@ def test_streaming_agrees_with_offline_search(cascade: Cascade, chunk_s: float) 
 def test_prune_parts_setting_reaches_sessions_and_matches_the_offline_cascade(
         cascade: Cascade) -> None:
     clip = audio_of(3, 5.0, 15.0)
-    whole = copy.copy(cascade)
-    whole.config = dataclasses.replace(cascade.config, prune_parts=0)
+    whole = cascade.with_config(prune_parts=0)
     eng = Engine(cascade, EngineSettings(window_s=15.0, prune_parts=0, **EXACT))
     assert eng.cascade.config.prune_parts == 0 and cascade.config.prune_parts == 2
     eng.open("s", StreamParams(SR))
@@ -375,8 +372,7 @@ def test_audio_faster_than_real_time_is_not_verified_against_stale_candidates(
     # while `midimatch identify` named it at confidence 1.0). top_k 3 of 20 so that stale
     # candidates miss the piece.
     clip = audio_of(seed, 8.0, 20.0)
-    narrow = copy.copy(cascade)
-    narrow.config = dataclasses.replace(cascade.config, top_k=3)
+    narrow = cascade.with_config(top_k=3)
     offline = narrow.search_audio(clip, SR)
     metrics = WorkerMetrics()
     eng = Engine(narrow, EngineSettings(window_s=15.0, top_k=3, tick_budget_s=NO_BUDGET,
