@@ -130,9 +130,7 @@ def run_level(cascade, n: int, pool: list[np.ndarray], seconds: float, chunk_s: 
     from worker.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
-    # the engine's settings override the cascade's config: pass the cascade's parts on
-    eng = Engine(cascade, EngineSettings(max_sessions=max(64, n),
-                                         prune_parts=cascade.config.prune_parts), metrics)
+    eng = Engine(cascade, EngineSettings(max_sessions=max(64, n)), metrics)
     rss0 = rss_bytes()
     chunk = int(chunk_s * rate)
     n_chunks = int(seconds / chunk_s)
@@ -215,8 +213,7 @@ def traced_per_session(cascade, pool: list[np.ndarray], rate: int, n: int = 10,
     from worker.engine import Engine, EngineSettings
     from worker.session import _cqt_nbytes
 
-    eng = Engine(cascade, EngineSettings(tick_budget_s=3600.0,
-                                         prune_parts=cascade.config.prune_parts))
+    eng = Engine(cascade, EngineSettings(tick_budget_s=3600.0))
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for i in range(n):

@@ -58,7 +58,6 @@ import numpy as np
 import torch
 
 from index.search import DEFAULT_TOP_K, Cascade
-from model.encoder import QUERY_PARTS
 from model.features import FRAME_RATE
 from model.streaming import embed_step, embeddings, hash_step
 from worker.bus import StreamParams
@@ -116,11 +115,11 @@ class EngineSettings:
         rebuilding from its retained window), whose whole backlog a tick can process before
         ``prune_wait_s`` has passed: before this setting such a session was verified, to its
         end, against the candidates of its first 2 s.
-    prune_parts : int
-        Parts of the query window pruned beside it (the cascade's ``prune_parts``; default 2,
-        the halves). 0 prunes with the whole window alone: fewer sessions lose the right piece
-        to the prune with 2, but the prune costs about twice the CPU (docs/benchmarks.md,
-        "Streaming worker").
+    prune_parts : int or None
+        Parts of the query window pruned beside it; None (the default) keeps the cascade's
+        ``prune_parts`` (2, the halves). 0 prunes with the whole window alone: the right piece
+        is lost to the prune more often, but the prune costs about half the CPU
+        (docs/benchmarks.md, "Streaming worker").
     max_candidate_frames : int
         A session's candidates are cut, in prune order, where their hash frames reach this
         (the DP keeps 8 bytes per reference frame: 150,000 frames = 1.2 MB, the largest part of
@@ -141,7 +140,7 @@ class EngineSettings:
     prune_wait_s: float = 0.5
     prune_stale_s: float = 3.0
     max_candidate_frames: int = 150_000
-    prune_parts: int = QUERY_PARTS
+    prune_parts: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -158,7 +157,7 @@ class EngineSettings:
             "prune_wait_s": self.prune_wait_s >= 0,
             "prune_stale_s": self.prune_stale_s > 0,
             "max_candidate_frames": self.max_candidate_frames >= 1,
-            "prune_parts": self.prune_parts >= 0,
+            "prune_parts": self.prune_parts is None or self.prune_parts >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -177,8 +176,9 @@ class Engine:
     Parameters
     ----------
     cascade : Cascade
-        The index, model, φ, g and calibration; ``settings.top_k``/``top_n``/``prune_parts``
-        override its config's (on a shallow copy that shares the index and the pruner).
+        The index, model, φ, g and calibration; ``settings.top_k``/``top_n`` and a given
+        ``prune_parts`` override its config's (:meth:`Cascade.with_config`: the index and the
+        pruner are shared).
     settings : EngineSettings
     metrics : WorkerMetrics, optional
         Where the engine's metrics go (a private set when omitted).
@@ -186,8 +186,9 @@ class Engine:
 
     def __init__(self, cascade: Cascade, settings: EngineSettings = EngineSettings(),
                  metrics: WorkerMetrics | None = None) -> None:
-        wanted = {"top_k": settings.top_k, "top_n": settings.top_n,
-                  "prune_parts": settings.prune_parts}
+        wanted = {"top_k": settings.top_k, "top_n": settings.top_n}
+        if settings.prune_parts is not None:
+            wanted["prune_parts"] = settings.prune_parts
         if any(getattr(cascade.config, k) != v for k, v in wanted.items()):
             cascade = cascade.with_config(**wanted)
         if settings.torch_threads is not None:

@@ -40,5 +40,5 @@ def test_a_level_prunes_with_the_cascade_parts(small_index: Path, parts: int,
     cascade = Cascade.open(small_index, config=CascadeConfig(prune_parts=parts))
     rng = np.random.default_rng(0)
     row = run_level(cascade, 1, [rng.normal(0, 0.1, 22050).astype(np.float32)], 0.3, 0.1, 22050)
-    assert seen == [parts]  # before the fix: 2, the engine settings' default
+    assert seen == [parts]  # before 0a265f4: 2, the engine settings' default then
     assert row["sessions"] == 1 and row["dropped"] == 0
