@@ -86,8 +86,7 @@ class Session:
         self.rate = params.sample_rate
         self.cqt = StreamingCQT(params.sample_rate, params.channels, device=enc.device)
         self.hasher = StreamingHasher(enc, "audio")
-        self.embedder = StreamingEmbedder(enc, window_frames=cascade.embed_frames,
-                                          parts=cascade.config.prune_parts)
+        self.embedder = _embedder(cascade)
         self.dtw = CandidateDTW(cascade.index.hashes, cascade.index.hash_offsets,
                                 penalty=cascade.penalty, gully=cascade.config.gully)
         self.decision = StreamDecision(cascade.calibration)
@@ -96,7 +95,6 @@ class Session:
         # the newest CQT frames, to re-seed the embedder when the music changes
         self._recent = np.zeros((4 * config.change_hashes + 8, 48), np.float32)
         self._n_recent = 0
-        self._embed_frames = cascade.embed_frames
         self.n_query = 0
         self.query_start = 0  # stream hash index of query[0]
         self.n_frames = 0  # CQT frames emitted
@@ -344,8 +342,7 @@ class Session:
         self.decision.reset()
         self.change.reset()
         frames = self._recent[:self._n_recent][-4 * n:]
-        self.embedder = StreamingEmbedder(cascade.encoder, window_frames=self._embed_frames,
-                                          parts=cascade.config.prune_parts)
+        self.embedder = _embedder(cascade)
         self.embedder.push(frames)
 
     def result(self, matches: list[Match] | None) -> dict:
@@ -390,3 +387,9 @@ def _cqt_nbytes(cqt: StreamingCQT) -> int:
     if rs is not None:
         total += rs.buf._a.nbytes + rs.kernel.element_size() * rs.kernel.nelement()
     return int(total)
+
+
+def _embedder(cascade: Cascade) -> StreamingEmbedder:
+    """A fresh streaming embedder of the cascade's window and query views."""
+    return StreamingEmbedder(cascade.encoder, window_frames=cascade.embed_frames,
+                             parts=cascade.config.prune_parts)
