@@ -8,9 +8,9 @@ distance go on to hash-DTW.
 
 A query may come as several *views* (:meth:`model.encoder.Encoder.embed_views`: its whole window,
 then its parts). Each view is ranked against the windows on its own, and a reference's distance
-is then the whole view's plus the mean of the parts': ``d_0 + mean(d_1 .. d_{V-1})``. A part can
-meet the reference window it overlaps most, where the whole query straddles two windows, and
-the average over views is steadier than any one of them (docs/evaluation.md, "Query views").
+is then the whole view's plus the mean of the parts': ``d_0 + mean(d_1 .. d_{V-1})``. With the
+halves, more queries keep their piece among the nearest (measured, and why not: docs/evaluation.md,
+"Query views").
 
 How it is fast: all Q queries against all E windows is one matrix product,
 ``|q|² - 2 q·e + |e|²`` with the window norms precomputed, on the encoder's torch device; the

@@ -182,8 +182,8 @@ class Encoder:
         consecutive equal parts (:data:`QUERY_PARTS`), from one trunk pass.
 
         The prune scores a reference by the full view's distance plus the parts' mean distance
-        (:class:`index.prune.EmbeddingPruner`): each part may meet the reference window it
-        overlaps most. Parts shorter than one trunk step are replaced by the whole excerpt.
+        (:class:`index.prune.EmbeddingPruner`). Parts shorter than one trunk step are replaced
+        by the whole excerpt.
 
         Returns
         -------
