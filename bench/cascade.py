@@ -5,7 +5,8 @@
 
 Needs ``midimatch eval prepare`` first (its index and queries). The 10,000 references are the
 evaluation index's real MIDI files plus **transposed and tempo-varied variants** of them
-(:mod:`model.augment_midi`; each file gets the first ``ceil(n / files)`` of ``VARIANTS``: for
+(:mod:`model.training.augment_midi`; each file gets the first ``ceil(n / files)`` of ``VARIANTS``:
+for
 10,000 from 2,055 files that is +1 semitone, tempo ×0.92, −1 semitone, ×1.08), written as
 MIDI files under ``$MIDIMATCH_CACHE/bench/variants`` and indexed like any file: distinct
 references with real musical content, not copies. The bench index starts as a copy of the eval
@@ -16,7 +17,8 @@ Timed on one core (torch and numba at 1 thread, BLAS at 1): ``Cascade.search_fra
 warm-up search; the cascade's own per-stage timings (encode, prune, verify, confirm). The
 same queries are then searched with ``--compare-parts`` query parts instead of the cascade's
 ``prune_parts`` (default 0: the whole window alone, without the halves), as rows marked so.
-The baseline (:class:`index.baseline.ChromaMatcher`, subsequence DTW against every reference)
+The baseline (:class:`index.evaluation.baseline.ChromaMatcher`, subsequence DTW against every
+reference)
 is timed on ``--baseline-refs`` references only and **extrapolated** to the full collection by
 its total number of reference frames (its cost is linear in them); the table says so.
 Target: cascade ≤ 50 ms per query at 10,000 references.
@@ -40,22 +42,23 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine, table  # noqa: E402
+from model.env import cache_dir  # noqa: E402
 
 VARIANTS = (("t", 1), ("x", 0.92), ("t", -1), ("x", 1.08), ("t", 2), ("x", 0.85), ("t", -2),
             ("x", 1.15), ("t", 3), ("t", -3))
 
 
 def _cache() -> Path:
-    return Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
+    return cache_dir()
 
 
 def write_variants(base: list[str], n: int, out: Path) -> list[str]:
     """``n`` variant files of the ``base`` files: the same number of variants of each file
     (the first ``ceil(n / len(base))`` of ``VARIANTS``), existing files reused."""
-    from model.augment_midi import change_tempo, transpose
     from model.errors import MidimatchError
     from model.midi import load_midi
-    from model.songgen import write_midi  # ~10x faster than PrettyMIDI.write for one tempo
+    from model.training.augment_midi import change_tempo, transpose
+    from model.training.songgen import write_midi  # ~10x faster than PrettyMIDI.write for one tempo
 
     out.mkdir(parents=True, exist_ok=True)
     per_file = min(len(VARIANTS), -(-n // max(1, len(base))))
@@ -85,7 +88,7 @@ def percentile(x: list[float], q: float) -> float:
 def time_queries(cascade, frames: list, truth: list) -> tuple[dict, list, int]:
     """Search each query alone after one warm-up search: (per-stage seconds, ranks of the true
     references, how many misses answered a variant of the true piece)."""
-    from index.evaluate import rank_in_matches
+    from index.evaluation.evaluate import rank_in_matches
 
     cascade.search_frames(frames[0])  # warm-up: numba kernels, torch
     stages: dict[str, list[float]] = {k: [] for k in ("encode", "prune", "verify", "confirm",
@@ -120,10 +123,10 @@ def main() -> None:
     import numba
     import torch
 
-    from index.baseline import ChromaMatcher
     from index.build import BuildOptions, build_index
-    from index.evalset import load_queries
-    from index.evaluate import true_refs
+    from index.evaluation.baseline import ChromaMatcher
+    from index.evaluation.evalset import load_queries
+    from index.evaluation.evaluate import true_refs
     from index.search import Cascade
 
     ev = args.eval or _cache() / "eval"

@@ -23,8 +23,8 @@ from bench._common import machine, table  # noqa: E402
 
 
 def collect_files(cache: Path, n: int, corpus_limit: int) -> list[Path]:
-    from model.corpus import convert_music21_corpus, corpus_midi_files
-    from model.songgen import generate_songs
+    from model.training.corpus import convert_music21_corpus, corpus_midi_files
+    from model.training.songgen import generate_songs
 
     corpus = corpus_midi_files(cache)
     if len(corpus) < corpus_limit:
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None)
     args = ap.parse_args()
 
-    from server.cli import cache_dir
+    from model.env import cache_dir
 
     cache = args.cache or cache_dir() / "corpus"
     files = collect_files(cache, args.files, args.corpus)

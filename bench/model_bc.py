@@ -25,9 +25,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from model.encoder import Encoder
-    from model.pairs import PairData
-    from model.train import evaluate_bc
-    from server.cli import cache_dir
+    from model.env import cache_dir
+    from model.training.pairs import PairData
+    from model.training.train import evaluate_bc
 
     data_dir = args.data or cache_dir() / "train"
     trained = Encoder.load(args.weights)

@@ -70,8 +70,8 @@ def main() -> None:
 
     from index.prune import EmbeddingPruner
     from model.encoder import Encoder
-    from model.pairs import PairData
-    from server.cli import cache_dir
+    from model.env import cache_dir
+    from model.training.pairs import PairData
 
     torch.set_num_threads(args.threads)
     parts = [int(x) for x in args.parts.split(",")]

@@ -16,7 +16,6 @@ alternatives measured against it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine, table  # noqa: E402
 from index.confirm import FIELD_SKIP, margin_evidence  # noqa: E402
+from model.env import cache_dir
 
 
 def _field(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +82,7 @@ def separation(scores: np.ndarray, lengths: np.ndarray, inside: np.ndarray, righ
 
 
 def main() -> None:
-    cache = Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
+    cache = cache_dir()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="2,3,4,5,6,8,10")
     ap.add_argument("--index", type=Path, default=cache / "eval" / "index")
@@ -90,8 +90,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from index.evalset import load_queries
-    from index.evaluate import true_refs
+    from index.evaluation.evalset import load_queries
+    from index.evaluation.evaluate import true_refs
     from index.search import Cascade
     from model.features import FRAME_RATE
 

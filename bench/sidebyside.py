@@ -156,7 +156,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.cmd == "prepare":
-        from model.data import corpus_files, prepare
+        from model.training.data import corpus_files, prepare
 
         corpus = CACHE / "corpus"
         works = [f for f in corpus_files(corpus) if "generated" not in f.parts]
@@ -166,7 +166,7 @@ def main() -> None:
         print(json.dumps(report, indent=1, default=str))
     elif args.cmd == "fit":
         from model.nets import NetConfig
-        from model.train import train
+        from model.training.train import train
 
         ckpt = CACHE / "train" / f"{args.out.stem}.ckpt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)  # train() makes only the out folder

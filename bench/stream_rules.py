@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table  # noqa: E402
 from index.decision import keeps_step  # noqa: E402
+from model.env import cache_dir
 
 RULES = ("min", "mean", "sum", "pos")
 
@@ -89,7 +89,7 @@ def measure(ins: list, outs: list, rule: str, k: int, th: float) -> dict:
 
 
 def main() -> None:
-    cache = Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
+    cache = cache_dir()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calib", type=Path, default=cache / "bench" / "tti-calib.json")
     ap.add_argument("--test", type=Path, default=cache / "bench" / "tti-test.json")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,12 +37,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine, table  # noqa: E402
+from model.env import cache_dir
 
 TARGET_P99_S = 0.25
 
 
 def _cache() -> Path:
-    return Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
+    return cache_dir()
 
 
 def rss_bytes() -> int:
@@ -68,7 +68,7 @@ def bench_index(path: Path | None, n_refs: int, workers: int = 2) -> Path:
 
     from index import store
     from index.build import BuildOptions, build_index
-    from model.songgen import generate_songs
+    from model.training.songgen import generate_songs
 
     if path is not None:
         return path
@@ -100,7 +100,7 @@ def excerpts(cascade, n: int, seconds: float, rate: int, seed: int = 0) -> list[
     """``n`` excerpts of indexed pieces, ``seconds`` long, mono float32 at ``rate``."""
     from model.errors import MidimatchError
     from model.midi import load_midi
-    from model.render import available, render
+    from model.training.render import available, render
 
     renderer = "fluid-fluidr3" if available("fluid-fluidr3") else "sine"
     rng = np.random.default_rng(seed)

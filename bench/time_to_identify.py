@@ -21,8 +21,8 @@ start at least 5 s into the piece; the excerpt from one second before it (so hel
 reverb are sounding when the stream starts) is rendered with the held-out renderer
 (TiMidity + freepats, 22,050 Hz mono) and cached under ``$MIDIMATCH_CACHE/bench/tti``; the
 stream is the ``--seconds`` of audio from the start. The room + noise condition is
-:func:`model.augment.augment_audio` with ``preset("room_noise")`` on the clean render (seeded
-per piece), as in :mod:`index.evalset`.
+:func:`model.training.augment.augment_audio` with ``preset("room_noise")`` on the clean render
+(seeded per piece), as in :mod:`index.evaluation.evalset`.
 
 All streams of one condition go through ONE :class:`worker.engine.Engine` (default settings
 except: ``prune_wait_s = 0``, so every result is pruned with its own audio rather than with
@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 import zlib
@@ -64,6 +63,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine, table  # noqa: E402
+from model.env import cache_dir
 
 SAMPLE_RATE = 22050
 MIN_START_S = 5.0
@@ -75,13 +75,13 @@ Row = tuple[float, str | None, str | None, str | None, float, float]
 
 
 def _cache() -> Path:
-    return Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
+    return cache_dir()
 
 
 def in_half(path: str, half: str) -> bool:
-    """Whether a piece belongs to ``half``: "calib" (:func:`index.evaluate.piece_half` 0, the
-    halves ``midimatch eval`` calibrates on), "test" (1) or "all"."""
-    from index.evaluate import piece_half
+    """Whether a piece belongs to ``half``: "calib" (:func:`index.evaluation.evaluate.piece_half`
+    0, the halves ``midimatch eval`` calibrates on), "test" (1) or "all"."""
+    from index.evaluation.evaluate import piece_half
 
     return half == "all" or piece_half(path) == (0 if half == "calib" else 1)
 
@@ -145,10 +145,10 @@ def pick_pieces(collection: dict[str, Any], id_of_path: dict[str, str], n_in: in
 def clean_audio(piece: dict[str, Any], seconds: float, cache_dir: Path) -> np.ndarray | None:
     """The clean stream of one piece, shape (n,), float32 at 22,050 Hz, cached; None if it
     cannot be rendered or comes out short."""
-    from model.data import excerpt
     from model.errors import MidimatchError
     from model.midi import load_midi
-    from model.render import render
+    from model.training.data import excerpt
+    from model.training.render import render
 
     key = hashlib.sha256(f"{piece['path']}|{piece['start_s']}|{seconds}".encode()).hexdigest()
     f = cache_dir / f"{key[:24]}.npy"
@@ -175,9 +175,9 @@ def clean_audio(piece: dict[str, Any], seconds: float, cache_dir: Path) -> np.nd
 
 
 def condition_audio(clean: np.ndarray, condition: str, path: str, seed: int) -> np.ndarray:
-    """``clean`` under ``condition`` ("clean" or an :func:`model.augment.preset` name), the
+    """``clean`` under ``condition`` ("clean" or an :func:`model.training.augment.preset` name), the
     generator seeded by ``seed`` and the piece's path; shape (n,), float32."""
-    from model.augment import augment_audio, preset
+    from model.training.augment import augment_audio, preset
 
     if condition == "clean":
         return clean
@@ -228,8 +228,8 @@ def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
 def duplicate_of(piece: dict[str, Any], res: list[Row], path_of_id: dict[str, str]) -> bool:
     """Whether an out-of-collection stream is a duplicate of an indexed piece: at its most
     confident result, the top reference plays the stream's notes at the found position
-    (:func:`index.repeats.cross_similarity` over the last 10 s)."""
-    from index.repeats import cross_similarity, is_repeat
+    (:func:`index.evaluation.repeats.cross_similarity` over the last 10 s)."""
+    from index.evaluation.repeats import cross_similarity, is_repeat
 
     rows = [r for r in res if r[3] is not None]
     if not rows:

@@ -33,7 +33,9 @@ class BuildOptions:
     """What a build uses; one object so that worker processes get exactly the same settings."""
 
     weights: str | None = None  # None → the shipped default model (or the untrained fallback)
-    method: str = "fast"  # MIDI → frames: "fast" note render or "synth" (synthesise + CQT)
+    # MIDI → frames: "fast" note render, "synth" (synthesise + CQT) or "sine" (pretty_midi's
+    # sine synthesis + CQT: the same frames on every machine)
+    method: str = "fast"
     workers: int = 2
     file_timeout_s: float = 120.0
     rebuild: bool = False  # re-encode everything (needed after changing the model)

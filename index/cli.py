@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("paths", nargs="+", type=Path, help="MIDI files or folders")
     b.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     b.add_argument("--weights", help="model weights file (default: the shipped model)")
-    b.add_argument("--method", choices=("fast", "synth"), default="fast",
-                   help="MIDI → features: fast note render or synthesis + CQT (default fast)")
+    b.add_argument("--method", choices=("fast", "synth", "sine"), default="fast",
+                   help="MIDI → features: fast note render, synthesis + CQT (fluidsynth when "
+                        "installed), or pretty_midi's sine synthesis + CQT (default fast)")
     b.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="give up on one file after S seconds (default 120)")
     b.add_argument("--rebuild", action="store_true",

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from index.align import align_cost_matrix
-from index.bits import hamming_matrix
+from model.bits import hamming_matrix
 
 __all__ = ["ConfirmedMatch", "confirm_candidates", "distinct_ratio", "margin_confidence",
            "margin_evidence"]

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from index.bits import (
+from model.bits import (
     _check_hashes,
     _check_pair,
     _popcount,

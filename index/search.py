@@ -46,12 +46,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from index.bits import median_hamming
 from index.confirm import ConfirmedMatch, confirm_candidates
 from index.decision import Calibration, decide, load_calibration
 from index.hashdtw import hash_dtw_batch
 from index.prune import EmbeddingPruner
 from index.store import IndexData, load_index
+from model.bits import median_hamming
 from model.encoder import QUERY_PARTS
 from model.errors import AudioError, ModelMismatchError
 

@@ -162,7 +162,7 @@ class Encoder:
 
     def hashes(self, frames: np.ndarray, modality: Modality) -> np.ndarray:
         """(T, 48) frames → (T // 4,) packed hash frames, uint16 or uint32 (bit i = unit i > 0)."""
-        from index.bits import pack_bits
+        from model.bits import pack_bits
 
         act = self.hash_activations(frames, modality)
         if act.shape[0] == 0:

@@ -414,18 +414,23 @@ def midi_to_frames_synth(pm: pretty_midi.PrettyMIDI, *, renderer: str = "auto",
 
 def midi_to_frames(piece: pretty_midi.PrettyMIDI | NoteTable, *, method: str = "fast",
                    **kwargs: Any) -> np.ndarray:
-    """Frames of a piece by ``method`` ``"fast"`` (:func:`midi_to_frames_fast`, which also takes
-    a :class:`NoteTable`) or ``"synth"`` (:func:`midi_to_frames_synth`, which takes the keyword
-    arguments and needs a ``PrettyMIDI``)."""
+    """Frames of a piece by ``method``: ``"fast"`` (:func:`midi_to_frames_fast`, which also takes
+    a :class:`NoteTable`), ``"synth"`` (:func:`midi_to_frames_synth` with the best renderer
+    installed; takes its keyword arguments and needs a ``PrettyMIDI``) or ``"sine"`` (the same
+    with pretty_midi's own sine synthesis: no external program, so the same frames on every
+    machine)."""
     if method == "fast":
         if kwargs:
             raise TypeError(f"method='fast' takes no options, got {sorted(kwargs)}")
         return midi_to_frames_fast(piece)
-    if method == "synth":
+    if method in ("synth", "sine"):
         if isinstance(piece, NoteTable):
-            raise TypeError("method='synth' renders a PrettyMIDI (load_midi), not a NoteTable")
+            raise TypeError(f"method={method!r} renders a PrettyMIDI (load_midi), "
+                            "not a NoteTable")
+        if method == "sine":
+            kwargs = {**kwargs, "renderer": "pretty_midi"}
         return midi_to_frames_synth(piece, **kwargs)
-    raise ValueError(f"method must be 'fast' or 'synth', got {method!r}")
+    raise ValueError(f"method must be 'fast', 'synth' or 'sine', got {method!r}")
 
 
 def run_bounded_render(name: str, pm: pretty_midi.PrettyMIDI,

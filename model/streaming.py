@@ -234,7 +234,7 @@ def _empty(encoder: Encoder, packed: bool) -> np.ndarray:
 
 
 def _pack(act: np.ndarray, packed: bool) -> np.ndarray:
-    from index.bits import pack_bits
+    from model.bits import pack_bits
 
     return pack_bits(act) if packed else act
 

@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 from model.errors import MidimatchError
 
 
-def cache_dir() -> Path:
-    """Where rebuilt data lives (converted corpora, rendered audio, demo indexes)."""
-    return Path(os.environ.get("MIDIMATCH_CACHE", Path.home() / ".cache" / "midimatch"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     from index import cli as index_cli
-    from index import eval_cli
-    from model import cli as model_cli
+    from index.evaluation import cli as eval_cli
+    from model.training import cli as model_cli
     from server import serve_cli
     from worker import cli as worker_cli
 

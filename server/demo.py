@@ -1,8 +1,8 @@
 """The demo collection: the pieces of an index, and rendered excerpts for the "play a demo" button.
 
 Only ``refs.jsonl`` of the index is read (titles, durations, MIDI paths), with the standard
-library: the gateway stays free of torch and numba, so this does not use ``model.render`` (which
-imports the torch CQT). An excerpt is cut from the MIDI with pretty_midi and rendered by the
+library: the gateway stays free of torch and numba, so this does not use ``model.training.render``
+(which imports the torch CQT). An excerpt is cut from the MIDI with pretty_midi and rendered by the
 FluidSynth command line when it is installed, else by pretty_midi's sine synthesiser.
 """
 

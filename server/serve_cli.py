@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def demo_index_dir() -> Path:
-    from server.cli import cache_dir
+    from model.env import cache_dir
 
     return cache_dir() / "demo-index"
 
@@ -157,8 +157,8 @@ def _stream(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- demo
 def _demo_prepare(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
-    from model.corpus import convert_music21_corpus, corpus_midi_files
-    from server.cli import cache_dir
+    from model.env import cache_dir
+    from model.training.corpus import convert_music21_corpus, corpus_midi_files
 
     corpus = cache_dir() / "corpus"
     out = args.index or demo_index_dir()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from model.env import settings_from_env
 from model.errors import MidimatchError
-from worker.env import settings_from_env
 
 
 class SettingsError(MidimatchError):

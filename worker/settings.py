@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from model.env import settings_from_env
 from model.errors import MidimatchError
-from worker.env import settings_from_env
 
 DEVICES = ("auto", "cpu", "cuda")
 

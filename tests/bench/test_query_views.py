@@ -8,7 +8,7 @@ import pytest
 from bench.query_views import collection, recall
 from index.prune import EmbeddingPruner
 from model.encoder import Encoder
-from model.pairs import PairData
+from model.training.pairs import PairData
 
 
 def _pairs(lengths, seed=0):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from index.align import align_cost_matrix
-from index.bits import hamming_matrix
 from index.confirm import (
     CENTRE,
     MIN_DISTINCT,
@@ -16,6 +15,7 @@ from index.confirm import (
     margin_confidence,
 )
 from index.hashdtw import hash_dtw
+from model.bits import hamming_matrix
 
 
 def logistic(x: float) -> float:

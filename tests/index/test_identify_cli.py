@@ -10,7 +10,7 @@ import soundfile as sf
 
 from index.build import BuildOptions, build_index
 from model.encoder import Encoder
-from model.render import render
+from model.training.render import render
 from server.cli import main
 from tests.conftest import make_piece
 

@@ -20,7 +20,7 @@ from index.search import (
 from model.encoder import Encoder
 from model.errors import AudioError, ModelMismatchError
 from model.features import SAMPLE_RATE, audio_to_frames
-from model.render import render
+from model.training.render import render
 from tests.conftest import make_piece
 
 N_PIECES = 6

@@ -13,9 +13,9 @@ import pytest
 from model import fastrender as R
 from model import features as F
 from model import midi as M
+from model.env import cache_dir
 from model.errors import MidiError
 from model.fastrender import NoteTable
-from server.cli import cache_dir
 from tests.conftest import make_piece, one_note
 
 # --- the render ----------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 
 from index.build import BuildOptions, build_index
 from index.search import Cascade, CascadeConfig
-from model.render import available, render
-from model.songgen import generate_song
+from model.midi import midi_to_audio
+from model.training.songgen import generate_song
 from worker.bus import StreamParams
 from worker.engine import Engine, EngineError, EngineSettings
 from worker.metrics import WorkerMetrics
@@ -24,10 +24,15 @@ NO_BUDGET = 3600.0
 EXACT = {"tick_budget_s": NO_BUDGET, "prune_wait_s": 0.0}
 SONGS = range(20)  # indexed: generate_song(i, 30 s), titled song<i>
 UNSEEN = 40  # a song of the same kind that is not in the index
-# The shipped model separates these songs confidently when they are rendered by a real synth;
-# pretty_midi's sine tones (the fallback) leave its confidences low, so decisions need one.
-RENDERER = "fluid-fluidr3" if available("fluid-fluidr3") else "sine"
-needs_synth = pytest.mark.skipif(RENDERER == "sine", reason="fluidsynth + FluidR3 not installed")
+# These tests check the engine, not the model: the references are indexed from the very audio
+# the streams play (pretty_midi's sine synthesis, the same on every machine, through the CQT),
+# so the right piece wins by a wide margin whatever synthesisers this machine has. (A real
+# synth on one side and the note render on the other left near-ties that flipped with the
+# installed soundfont: song2 vs song5.) Even so, some of these generated songs stay close to
+# another (2 and 5, 6 and 18, 13 and 0: the audio and MIDI networks differ and sine tones were
+# never trained on), so the tests that assert a ranking play only songs that the shipped model
+# separates on every window of them; test_the_fixture_is_unambiguous checks that they do.
+CLEAR = (0, 3, 7, 10, 11, 12, 17, 19)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +42,27 @@ def cascade(tmp_path_factory: pytest.TempPathFactory) -> Cascade:
     coll.mkdir()
     for i in SONGS:
         generate_song(i, duration_s=30.0).write(str(coll / f"song{i}.mid"))
-    build_index(root / "index", [coll], BuildOptions(workers=1, progress=False))
+    build_index(root / "index", [coll], BuildOptions(workers=1, progress=False, method="sine"))
     return Cascade.open(root / "index", config=CascadeConfig(query_window_s=15.0))
 
 
 @functools.cache
 def _song_audio(seed: int) -> np.ndarray:
-    return render(generate_song(seed, duration_s=30.0), RENDERER, sample_rate=SR)
+    return midi_to_audio(generate_song(seed, duration_s=30.0), sample_rate=SR,
+                         renderer="pretty_midi")
 
 
 def audio_of(seed: int, start_s: float = 0.0, end_s: float = 30.0) -> np.ndarray:
     return _song_audio(seed)[int(start_s * SR):int(end_s * SR)]
+
+
+@pytest.mark.parametrize("seed", CLEAR)
+def test_the_fixture_is_unambiguous(cascade: Cascade, seed: int) -> None:
+    # what the ranking assertions below rely on; if a new model breaks it, choose CLEAR again
+    for start_s, end_s in ((0.0, 6.0), (3.0, 15.0), (8.0, 20.0), (15.0, 30.0)):
+        top = cascade.search_audio(audio_of(seed, start_s, end_s), SR).matches
+        assert top[0].title == f"song{seed}" and top[0].confidence >= 0.75
+        assert top[1].score - top[0].score >= 2.5  # bits per frame ahead of the runner-up
 
 
 def stream(engine: Engine, sid: str, audio: np.ndarray, chunk_s: float, *,
@@ -121,24 +136,22 @@ def test_deferring_audio_changes_nothing_but_when_it_is_processed(cascade: Casca
     assert r["audio_s"] == 1.0 and r["lag_s"] == 0.0 and eng._sessions["s"].pending_samples == 100
 
 
-@needs_synth
 def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> None:
-    clip = audio_of(2, 3.0, 15.0)
+    clip = audio_of(7, 3.0, 15.0)
     results = one_stream(cascade, clip, 0.37)
     times = [r["audio_s"] for r in results]
     assert times[:-1] == pytest.approx(np.arange(1.0, 13.0), abs=1e-3)  # one per 1 s of audio
     assert results[-1]["final"] and not any(r["final"] for r in results[:-1])
     assert results[-1]["audio_s"] == pytest.approx(clip.shape[0] / SR, abs=1e-3)
-    assert all(r["matches"] == [] for r in results[:1])  # under the 2 s minimum: no ranking
-    # the first seconds are ambiguous (the shipped model ranks song18 first up to 6 s of this
-    # clip); from 8 s on, the right piece leads
-    top = [(r["audio_s"], r["matches"][0]) for r in results[7:-1]]
-    assert len(top) == 5
-    assert all(m["title"] == "song2" for _, m in top)
+    assert all(r["matches"] == [] for r in results[:2])  # up to the 2 s minimum: no ranking
+    # from the first ranking (3 s) on, the right piece leads
+    top = [(r["audio_s"], r["matches"][0]) for r in results[2:-1]]
+    assert len(top) == 10
+    assert all(m["title"] == "song7" for _, m in top)
     # the position follows the audio: 3 s into the piece at the start of the clip
     for t, m in top:
         assert m["position_s"] == pytest.approx(3.0 + t, abs=0.5)
-    assert results[-1]["decision"]["title"] == "song2"
+    assert results[-1]["decision"]["title"] == "song7"
 
 
 def test_t0_puts_results_in_stream_time(cascade: Cascade) -> None:
@@ -164,8 +177,10 @@ def _first(decided: dict, title: str, after_s: float) -> float:
     return ok[0] if ok else np.inf
 
 
-@needs_synth
-@pytest.mark.parametrize("a,b", [(3, 5), (1, 3), (8, 4)])
+# Pairs of CLEAR songs where B's confidence crosses the threshold before the window is full of
+# B, so the check on the newest seconds has something to show (on 3→12 or 0→7 it does not: B is
+# decided at 25 s either way, measured with this fixture).
+@pytest.mark.parametrize("a,b", [(10, 3), (7, 10), (12, 17)])
 def test_piece_change_is_followed(cascade: Cascade, a: int, b: int) -> None:
     clip = np.concatenate([audio_of(a, 0.0, 12.0), audio_of(b, 5.0, 25.0)])  # A, B from 12 s
     decided, top = _decisions(cascade, clip, change_s=3.0)
@@ -217,7 +232,7 @@ def test_many_sessions_in_one_tick_equal_each_alone(cascade: Cascade) -> None:
 
 
 def test_feeding_from_another_thread_while_ticking(cascade: Cascade) -> None:
-    clip = audio_of(6, 0.0, 8.0)
+    clip = audio_of(11, 0.0, 8.0)
     alone = one_stream(cascade, clip, 0.1)
     eng = Engine(cascade, EngineSettings(window_s=15.0, **EXACT))
     eng.open("s", StreamParams(SR))
@@ -278,7 +293,7 @@ def prunes(metrics: WorkerMetrics) -> tuple[float, float]:
 def test_background_prune_refreshes_candidates(cascade: Cascade) -> None:
     metrics = WorkerMetrics()
     eng = Engine(cascade, EngineSettings(tick_budget_s=NO_BUDGET, prune_wait_s=1e-6), metrics)
-    clip = audio_of(2, 0.0, 14.0)  # song2 leads from 10 s of it on (song18 before)
+    clip = audio_of(19, 0.0, 14.0)
     eng.open("s", StreamParams(SR))
     results = stream(eng, "s", clip[:6 * SR], 0.5, end=False)
     for _ in range(500):  # let the prune thread finish and a tick collect it
@@ -289,7 +304,7 @@ def test_background_prune_refreshes_candidates(cascade: Cascade) -> None:
     assert prunes(metrics)[0] >= 2  # the first (in the tick) and one from the prune thread
     results += stream(eng, "s", clip[6 * SR:], 0.5)
     assert [r["audio_s"] for r in results] == pytest.approx([*range(1, 15), 14])
-    assert results[-1]["matches"][0]["title"] == "song2"
+    assert results[-1]["matches"][0]["title"] == "song19"
 
 
 def test_falling_behind_is_visible_and_bounded(cascade: Cascade) -> None:
@@ -318,15 +333,14 @@ def test_falling_behind_is_visible_and_bounded(cascade: Cascade) -> None:
         assert s.audio_s + s.pending_s == pytest.approx(12.0)
 
 
-@needs_synth
 def test_memory_per_session_is_bounded(cascade: Cascade) -> None:
     eng = Engine(cascade, EngineSettings(window_s=30.0, **EXACT))
     eng.open("s", StreamParams(48000, channels=2))
-    clip = audio_of(4, 0.0, 30.0)
+    clip = audio_of(10, 0.0, 30.0)
     stereo = np.repeat(np.interp(np.arange(30 * 48000) * SR / 48000, np.arange(clip.shape[0]),
                                  clip).astype(np.float32)[:, None], 2, axis=1)
     results = stream(eng, "s", stereo, 0.1, sample_rate=48000, end=False)
-    assert results[-1]["matches"][0]["title"] == "song4"  # resampled stereo still matches
+    assert results[-1]["matches"][0]["title"] == "song10"  # resampled stereo still matches
     assert 0 < eng.nbytes("s") < 2_000_000
 
 
@@ -363,7 +377,7 @@ def test_session_api_errors(cascade: Cascade) -> None:
         EngineSettings(window_s=0.1)
 
 
-@pytest.mark.parametrize("seed", [3, 7, 11])
+@pytest.mark.parametrize("seed", [3, 7, 12])
 def test_audio_faster_than_real_time_is_not_verified_against_stale_candidates(
         cascade: Cascade, seed: int) -> None:
     # A file streamed at full speed (or a takeover's retained window) arrives in one tick, well

@@ -1,0 +1,304 @@
+"""``midimatch eval prepare`` (index + query set) and ``midimatch eval`` (run and report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+CONDITIONS = ("clean", "room_noise", "tempo0.9", "tempo1.1")
+BASELINE_CELLS = "clean/5,clean/10,room_noise/10"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="identification accuracy on a held-out-renderer query set",
+        description="`midimatch eval prepare` builds the evaluation index and renders the "
+        "queries into the cache; `midimatch eval [run]` searches them and prints the figures.")
+    p.add_argument("action", nargs="?", choices=("run", "prepare"), default="run")
+    p.add_argument("--out", type=Path, help="eval folder (default: $MIDIMATCH_CACHE/eval)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("prepare")
+    g.add_argument("--corpus", type=Path, help="MIDI cache (default: $MIDIMATCH_CACHE/corpus)")
+    g.add_argument("--n-in", type=int, default=250, help="in-collection query pieces")
+    g.add_argument("--n-out", type=int, default=250, help="out-of-collection query pieces")
+    g.add_argument("--n-generated-index", type=int, default=1000,
+                   help="generated seeds below this are indexed, later ones are not")
+    g.add_argument("--untrained", action="store_true",
+                   help="also write the untrained model and build its own index")
+    g.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--index", type=Path, help="index folder (default: OUT/index)")
+    r.add_argument("--queries", type=Path, help="query set (default: OUT/queries)")
+    r.add_argument("--weights", help="model weights (default: the shipped model); "
+                   "OUT/untrained.pt with an index built from it for the untrained model")
+    r.add_argument("--lengths", default="", help="only these clip lengths, e.g. 5,10")
+    r.add_argument("--conditions", default="", help=f"only these, from {','.join(CONDITIONS)}")
+    r.add_argument("--max-pieces", type=int, help="at most N pieces of each kind (in, out)")
+    r.add_argument("--top-k", type=int, default=None,
+                   help="references kept by the prune (default: the cascade's, 300)")
+    r.add_argument("--prune-parts", type=int, default=None, metavar="N",
+                   help="parts of the query window pruned beside it (default: the cascade's, "
+                   "2; 0: the whole window alone)")
+    r.add_argument("--batch", type=int, default=64, help="queries per prune batch")
+    r.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    r.add_argument("--baseline", type=int, default=0, metavar="N",
+                   help="also run the chroma + DTW baseline on N queries per baseline cell")
+    r.add_argument("--baseline-cells", default=BASELINE_CELLS,
+                   help=f"condition/length cells for the baseline (default {BASELINE_CELLS})")
+    r.add_argument("--json", type=Path, dest="json_out", help="write the report here")
+    r.add_argument("--outcomes", type=Path, help="write every query's outcome here (JSON)")
+    r.add_argument("--rescore", action="store_true",
+                   help="search nothing: recompute the figures of the --json report from its "
+                   "--outcomes file (after a change to how figures are computed)")
+    r.add_argument("--save-calibration", type=Path, metavar="PATH",
+                   help="store a calibration fitted on ALL queries of this run in PATH")
+    p.set_defaults(func=_eval)
+
+
+def _root(args: argparse.Namespace) -> Path:
+    from model.env import cache_dir
+
+    return args.out or cache_dir() / "eval"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.top_k is None:
+        from index.search import DEFAULT_TOP_K
+
+        args.top_k = DEFAULT_TOP_K
+    return _prepare(args) if args.action == "prepare" else _run(args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from index.build import BuildOptions, build_index
+    from index.evaluation.evalset import QuerySetConfig, make_queries, plan_collection
+    from model.env import cache_dir
+
+    root = _root(args)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = plan_collection(args.corpus or cache_dir() / "corpus",
+                           n_generated_index=args.n_generated_index, n_in=args.n_in,
+                           n_out=args.n_out, seed=args.seed)
+    (root / "collection.json").write_text(json.dumps(plan.__dict__, indent=1))
+    print(f"plan: {len(plan.index_files)} files to index, {len(plan.in_pieces)} in-collection "
+          f"and {len(plan.out_pieces)} out-of-collection query pieces; {plan.notes}")
+    indexes = [(root / "index", None)]
+    if args.untrained:
+        from model.encoder import Encoder
+
+        enc = Encoder.untrained()
+        weights = root / "untrained.pt"
+        enc.save(weights, model_id=enc.model_id)
+        indexes.append((root / "index-untrained", str(weights)))
+    for out, weights in indexes:
+        rep = build_index(out, plan.index_files,
+                          BuildOptions(weights=weights, workers=args.workers,
+                                       progress=not args.no_progress))
+        print(f"index {out}: {rep['n_refs']} references ({rep['encoded']} encoded, "
+              f"{len(rep['skipped'])} skipped) in {rep['seconds']:.0f} s")
+    manifest = make_queries(plan, root / "queries", QuerySetConfig(seed=args.seed),
+                            workers=args.workers, progress=not args.no_progress)
+    print(f"queries {root / 'queries'}: {len(manifest['queries'])} clips, "
+          f"{len(manifest['skipped'])} pieces skipped")
+    return 0
+
+
+def _select(queries: list[dict], args: argparse.Namespace) -> list[int]:
+    lengths = {float(x) for x in args.lengths.split(",") if x}
+    conds = {x for x in args.conditions.split(",") if x}
+    keep = [i for i, q in enumerate(queries)
+            if (not lengths or q["length_s"] in lengths) and (not conds or q["condition"] in conds)]
+    if args.max_pieces:
+        allowed: dict[str, set[str]] = {"in": set(), "out": set()}
+        for i in keep:
+            bucket = allowed[queries[i]["kind"]]
+            if len(bucket) < args.max_pieces:
+                bucket.add(queries[i]["piece"])
+        keep = [i for i in keep if queries[i]["piece"] in allowed[queries[i]["kind"]]]
+    return keep
+
+
+def _calibrations(report: dict, outcomes: list[dict]) -> None:
+    from index.evaluation.evaluate import calibrate_halves
+    from model.errors import MidimatchError
+
+    for key, by_length in (("calibration_halves", False), ("calibration_halves_by_length", True)):
+        try:
+            report[key] = calibrate_halves(outcomes, report["model_id"], by_length=by_length)
+        except MidimatchError as e:  # too few pieces for two halves: say so, keep the rest
+            report[key + "_skipped"] = e.message
+            print(f"{key} skipped: {e.message}", file=sys.stderr)
+
+
+def _print_calibration(report: dict) -> None:
+    for name, r in report.get("calibration_halves", {}).items():
+        t = r["test"]["all"]
+        print(f"one threshold, {name}: {r['threshold']:.3f} → on the other half "
+              f"recall {_p(t['recall'])} %, false-confident {_p(t['false_confident'])} %, "
+              f"confident-wrong {_p(t['confident_wrong'])} %")
+    for length, halves in report.get("calibration_halves_by_length", {}).items():
+        for name, r in halves.items():
+            t = r["test"]["all"]
+            print(f"{length} threshold, {name}: {r['threshold']:.3f} → other half recall "
+                  f"{_p(t['recall'])} %, false-confident {_p(t['false_confident'])} %")
+
+
+def _baseline(args: argparse.Namespace, report: dict, refs: list[dict], queries: list[dict],
+              frames: list, refs_of: list, outcomes: list[dict]) -> dict | None:
+    """Run the chroma baseline on ``--baseline`` queries per cell; add it to ``report``."""
+    if args.baseline <= 0:
+        return None
+    from index.evaluation.baseline import ChromaMatcher
+    from index.evaluation.evaluate import baseline_subset, run_baseline, summarize
+
+    matcher = ChromaMatcher.build([r["path"] for r in refs], _root(args) / "chroma_cache.npz")
+    cells = [(c.split("/")[0], float(c.split("/")[1])) for c in args.baseline_cells.split(",")]
+    chosen = baseline_subset(queries, cells, args.baseline)
+    base_out = run_baseline(matcher, queries, frames, refs_of, chosen,
+                            progress=not args.no_progress)
+    base = summarize(base_out)
+    # the cascade on exactly the baseline's queries, for a like-for-like comparison
+    report["baseline"] = {"summary": base, "cascade_same_queries":
+                          summarize([outcomes[i] for i in chosen], top_k=args.top_k),
+                          "outcomes": base_out}
+    return base
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    from index.evaluation.evaluate import format_table, query_time, summarize
+
+    if not (args.json_out and args.outcomes):
+        raise SystemExit("midimatch eval --rescore needs --json REPORT and --outcomes FILE")
+    report = json.loads(args.json_out.read_text())
+    outcomes = json.loads(args.outcomes.read_text())
+    for o in outcomes:
+        if "stage_s" in o:
+            o["time_s"] = query_time(o["stage_s"], o.get("batch_n", args.batch))
+        for k in ("rank", "prune_rank"):
+            if isinstance(o.get(k), str):
+                o[k] = float(o[k])
+    top_k = report.get("config", {}).get("top_k", args.top_k)
+    report["summary"] = summarize(outcomes, top_k=top_k)
+    report["rescored_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _calibrations(report, outcomes)
+    if args.baseline > 0:  # the baseline on the same queries the saved outcomes came from
+        from index.evaluation.evalset import load_queries
+        from index.evaluation.evaluate import true_refs
+        from index.store import load_index
+
+        queries, frames = load_queries(args.queries or _root(args) / "queries")
+        keep = _select(queries, args)
+        queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]
+        if len(queries) != len(outcomes) or any(
+                q["piece"] != o["piece"] or q["length_s"] != o["length_s"]
+                for q, o in zip(queries, outcomes, strict=True)):
+            raise SystemExit("midimatch eval --rescore: the outcomes are not of these queries "
+                             "(give the same --lengths/--conditions/--max-pieces as their run)")
+        refs = load_index(report["index"]).refs
+        _baseline(args, report, refs, queries, frames, true_refs(refs, queries), outcomes)
+        _write(args, report, outcomes)
+    base = report.get("baseline", {}).get("summary")
+    print(format_table(report["summary"], base, top_k=top_k))
+    _print_calibration(report)
+    _write(args, report, outcomes)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.rescore:
+        return _rescore(args)
+    import torch
+
+    from index.evaluation.evalset import load_queries
+    from index.evaluation.evaluate import format_table, run_cascade, summarize, true_refs
+    from index.search import Cascade, CascadeConfig
+
+    if args.threads:
+        import numba
+
+        # numba's OpenMP layer shares torch's thread pool and resets its size at its first
+        # parallel kernel: both must be told, or torch runs on numba's count
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(args.threads)
+    root = _root(args)
+    index_dir, query_dir = args.index or root / "index", args.queries or root / "queries"
+    parts = {} if args.prune_parts is None else {"prune_parts": args.prune_parts}
+    cascade = Cascade.open(index_dir, weights=args.weights,
+                           config=CascadeConfig(top_k=args.top_k, **parts))
+    queries, frames = load_queries(query_dir)
+    keep = _select(queries, args)
+    queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]
+    if not queries:
+        raise SystemExit("midimatch eval: no query left after --lengths/--conditions")
+    refs_of = true_refs(cascade.index.refs, queries)
+    t0 = time.perf_counter()
+    outcomes = run_cascade(cascade, queries, frames, refs_of, batch_size=args.batch,
+                           progress=not args.no_progress)
+    wall = time.perf_counter() - t0
+    summary = summarize(outcomes, top_k=args.top_k)
+    report = {
+        "command": " ".join(["midimatch", *sys.argv[1:]]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "cpus": _cpus(), "torch_threads_at_end": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "index": str(index_dir), "n_refs": len(cascade.index), "model_id": cascade.encoder.model_id,
+        "calibration": cascade.calibration.to_dict(),
+        "config": {k: getattr(cascade.config, k) for k in cascade.config.__dataclass_fields__},
+        "n_queries": len(queries), "wall_s": wall,
+        "summary": summary,
+        "summary_by_source": summarize(outcomes, top_k=args.top_k, by_source=True),
+    }
+    _calibrations(report, outcomes)
+    _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline
+    base = _baseline(args, report, cascade.index.refs, queries, frames, refs_of, outcomes)
+    print(format_table(summary, base, top_k=args.top_k))
+    _print_calibration(report)
+    if args.save_calibration:
+        from index.decision import calibrate, save_calibration
+
+        cal = calibrate([o["top1_confidence"] for o in outcomes if o["kind"] == "in"],
+                        [o["top1_confidence"] for o in outcomes if o["kind"] == "out"],
+                        model_id=cascade.encoder.model_id,
+                        in_correct=[o["top1_ref"] == o["true_ref"] for o in outcomes
+                                    if o["kind"] == "in"],
+                        source=f"midimatch eval: {len(queries)} queries of {query_dir}")
+        print(f"calibration saved to {save_calibration(cal, args.save_calibration)}: "
+              f"threshold {cal.threshold:.3f}")
+    _write(args, report, outcomes)
+    return 0
+
+
+def _write(args: argparse.Namespace, report: dict, outcomes: list[dict]) -> None:
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(_jsonable(report), indent=1))
+    if args.outcomes:
+        args.outcomes.write_text(json.dumps(_jsonable(outcomes)))
+
+
+def _p(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _jsonable(x):
+    """inf/NaN → strings (JSON has neither)."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x

@@ -1,0 +1,170 @@
+"""``midimatch data corpus|generate`` and ``midimatch train prepare|fit``.
+
+The data commands rebuild the MIDI collections kept outside git; the train commands turn them into
+aligned training pairs and train the shipped model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="build the MIDI data kept in the cache (not in git)")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    c = dsub.add_parser("corpus", help="convert the music21 corpus to MIDI (cached, resumable)")
+    c.add_argument("--out", type=Path, help="cache folder (default: $MIDIMATCH_CACHE/corpus)")
+    c.add_argument("--limit", type=int, help="convert at most N works")
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per work")
+    c.set_defaults(func=_corpus)
+
+    g = dsub.add_parser("generate", help="write procedurally generated pop-like songs")
+    g.add_argument("-n", type=int, default=1000, help="number of songs (default 1000)")
+    g.add_argument("--out", type=Path, help="cache folder (default: $MIDIMATCH_CACHE/corpus)")
+    g.add_argument("--start-seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=2)
+    g.set_defaults(func=_generate)
+
+    t = sub.add_parser("train", help="prepare training pairs and train the model")
+    tsub = t.add_subparsers(dest="train_command", metavar="ACTION", required=True)
+    p = tsub.add_parser("prepare", help="render + augment the cached corpus into aligned pairs")
+    p.add_argument("--corpus", type=Path, help="MIDI cache (default: $MIDIMATCH_CACHE/corpus)")
+    p.add_argument("--out", type=Path, help="pairs folder (default: $MIDIMATCH_CACHE/train)")
+    p.add_argument("--works", type=int, metavar="N",
+                   help="only the first N music21 works (`train run` uses 400; default: all)")
+    p.add_argument("--generated", type=int, default=250,
+                   help="generated songs to use beside the music21 works (default 250)")
+    p.add_argument("--max-piece-s", type=float, default=60.0, help="excerpt length cap")
+    p.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
+    p.add_argument("--augment", default="train", metavar="PRESET",
+                   help="augmentation preset of model.training.augment (default train; "
+                        "train_noisy: a room and noise three times in four)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_prepare)
+    f = tsub.add_parser("fit", help="train hash and embedding nets; write the weights file")
+    f.add_argument("--data", type=Path, help="pairs folder (default: $MIDIMATCH_CACHE/train)")
+    f.add_argument("--out", type=Path, default=Path("model/weights/default.pt"),
+                   help="weights file (default model/weights/default.pt, the shipped model)")
+    f.add_argument("--bits", type=int, choices=(16, 32), default=32)
+    f.add_argument("--hash-minutes", type=float, default=25.0)
+    f.add_argument("--embed-minutes", type=float, default=25.0)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    f.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    f.add_argument("--init", type=Path, metavar="WEIGHTS",
+                   help="start from this model; with --hash-minutes 0 only the embedding trains")
+    f.add_argument("--embed-batch", type=int, metavar="N", help="embedding batch size (default 20)")
+    f.add_argument("--embed-nce", type=float, default=0.0, metavar="W",
+                   help="weight of the in-batch InfoNCE term in the embedding loss (default 0)")
+    f.add_argument("--embed-tau", type=float, default=1.0, metavar="T",
+                   help="its temperature (default 1)")
+    f.add_argument("--embed-select", default="bc", metavar="FIGURE",
+                   help="keep the embedding with the best validation bc (default) or "
+                        "recall@1/3/5/10 (pieces ranked as the prune ranks them)")
+    f.set_defaults(func=_fit)
+    r = tsub.add_parser("run", help="the shipped model in one command: data, pairs and training "
+                        "within --minutes (each step cached; a rerun resumes)")
+    r.add_argument("--minutes", type=float, default=60.0,
+                   help="wall-clock budget of the whole run, data steps included (default 60)")
+    r.add_argument("--works", type=int, default=400,
+                   help="music21 works, the first of the fixed list (default 400)")
+    r.add_argument("--generated", type=int, default=250, help="generated songs (default 250)")
+    r.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
+    r.add_argument("--max-piece-s", type=float, default=60.0, help="excerpt length cap")
+    r.add_argument("--hash-share", type=float, default=0.45,
+                   help="the hash stage's share of the training time (default 0.45)")
+    r.add_argument("--out", type=Path, default=Path("model/weights/default.pt"),
+                   help="weights file (default model/weights/default.pt, the shipped model)")
+    r.add_argument("--bits", type=int, choices=(16, 32), default=32)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    r.add_argument("--workers", type=int, default=2)
+    r.set_defaults(func=_run)
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    from model.env import cache_dir
+
+    return args.out or cache_dir() / "corpus"
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from model.training.corpus import convert_music21_corpus
+
+    report = convert_music21_corpus(_default_out(args), limit=args.limit, workers=args.workers,
+                                    timeout_s=args.timeout)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from model.training.songgen import generate_songs
+
+    paths = generate_songs(_default_out(args), args.n, start_seed=args.start_seed,
+                           workers=args.workers)
+    print(f"{len(paths)} songs under {_default_out(args) / 'generated'}")
+    return 0
+
+
+def _cache(sub: str) -> Path:
+    from model.env import cache_dir
+
+    return cache_dir() / sub
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from model.training.data import prepare, training_files
+
+    corpus = args.corpus or _cache("corpus")
+    files = training_files(corpus, works=args.works, generated=args.generated)
+    if not files:
+        raise SystemExit(f"no MIDI under {corpus}: run `midimatch data corpus` and "
+                         "`midimatch data generate` first")
+    report = prepare(args.out or _cache("train"), files, renders_per_piece=args.renders,
+                     max_piece_s=args.max_piece_s, workers=args.workers, seed=args.seed,
+                     augment_preset=args.augment)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from model.training.train_run import train_run
+
+    ckpt = _cache("train") / f"{args.out.stem}.ckpt"
+    train_run(_cache("corpus"), _cache("train"), args.out, ckpt, minutes=args.minutes,
+              works=args.works, generated=args.generated,
+              renders=args.renders, max_piece_s=args.max_piece_s, hash_share=args.hash_share,
+              bits=args.bits, seed=args.seed, device=args.device, workers=args.workers)
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from model.nets import NetConfig
+    from model.training.train import embed_params, train
+
+    ep = replace(embed_params(), nce=args.embed_nce, tau=args.embed_tau,
+                 select=args.embed_select)
+    if args.embed_batch is not None:
+        ep = replace(ep, batch_size=args.embed_batch)
+    # a fine-tune keeps the init's network sizes (train takes them from it; --bits is for a
+    # model trained from scratch)
+    config = None if args.init else NetConfig(n_bits=args.bits)
+    report = train(args.data or _cache("train"), args.out, config=config,
+                   hash_minutes=args.hash_minutes, embed_minutes=args.embed_minutes,
+                   seed=args.seed, device=args.device, embed_stage=ep, init=args.init,
+                   num_threads=args.threads,
+                   # the resumable checkpoint is big and is not shipped: keep it in the cache;
+                   # a fine-tune has its own, so that it never meets `train run`'s checkpoint of
+                   # the same weights file (a different setup, which refuses to resume)
+                   checkpoint_path=_cache("train") / (f"{args.out.stem}.finetune.ckpt"
+                                                      if args.init else f"{args.out.stem}.ckpt"))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("hash", "embed")}, indent=2,
+                     default=str))
+    return 0

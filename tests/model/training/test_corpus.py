@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import time
+from pathlib import Path
+
+import mido
+import pretty_midi
+import pytest
+
+from model.errors import MidimatchError
+from model.training.corpus import (
+    SUBDIR,
+    _finish_midi,
+    _locked,
+    convert_music21_corpus,
+    corpus_midi_files,
+    list_corpus_works,
+    music21_to_midi_file,
+    read_manifest,
+)
+
+TUNE = "X:1\nT:{title}\nM:4/4\nL:1/4\nK:G\nGABc|d2B2|cABG|G4|]\n"
+
+
+def _corpus(rel: str) -> Path:
+    from music21 import common
+
+    return Path(common.getCorpusFilePath()) / rel
+
+
+def _scripted(source: Path, number: int | None, out_path: Path) -> dict:
+    """A converter whose behaviour the source's name picks (module level: workers import it)."""
+    stem = source.stem
+    if stem.startswith("sleep"):
+        out_path.write_bytes(b"MThd")  # a half-written file the kill must not leave behind
+        time.sleep(60)
+    if stem.startswith("crash"):
+        os._exit(3)
+    if stem.startswith("boom"):
+        raise RuntimeError("boom")
+    if stem.startswith("bad"):
+        raise MidimatchError("cannot parse", reason="parse_failed") from ValueError("bad token")
+    return music21_to_midi_file(source, number, out_path)
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_listing_is_deterministic_balanced_and_split_into_tunes() -> None:
+    works = list_corpus_works()
+    assert len(works) > 10_000  # ABC books split into their tunes (~15,000 works)
+    assert works == list_corpus_works()
+    assert [w.key for w in works[:50]] != [w.key for w in list_corpus_works(seed=1)[:50]]
+    keys, names = [w.key for w in works], [w.name for w in works]
+    assert len(set(keys)) == len(keys) and len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    assert not any(w.path.suffix == ".rntxt" for w in works)
+    han1 = [w for w in works if w.key.startswith("essenFolksong/han1.abc#")]
+    assert len(han1) > 100 and all(w.number is not None for w in han1)
+    # Round robin: the first works come from as many collections as there are.
+    collections = {w.collection for w in works}
+    assert len({w.collection for w in works[: len(collections)]}) == len(collections)
+
+
+def test_converts_real_works_resumes_and_extends(tmp_path: Path) -> None:
+    sources = [
+        _corpus("bach/bwv66.6.mxl"),
+        _corpus("ryansMammoth/WindUpReel.abc"),
+        _corpus("essenFolksong/han1.abc"),
+    ]
+    first = convert_music21_corpus(tmp_path, sources=sources, limit=4, progress=False)
+    assert (first["selected"], first["converted"], first["failed"]) == (4, 4, 0)
+    assert first["rescaled"] == 4  # music21 writes 10,080 ticks per quarter
+    files = corpus_midi_files(tmp_path, unique=False)
+    assert len(files) == 4 and sum(".abc__x" in f.name for f in files) == 2
+    for f in files:
+        pm = pretty_midi.PrettyMIDI(str(f))
+        assert pm.resolution == 960 and sum(len(i.notes) for i in pm.instruments) > 10
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+
+    manifest = tmp_path / SUBDIR / "manifest.jsonl"
+    with open(manifest, "a") as f:
+        f.write('{"key": "torn by a cra')  # a run killed mid-write
+    second = convert_music21_corpus(tmp_path, sources=sources, limit=4, progress=False)
+    assert (second["converted"], second["failed"], second["skipped_done"]) == (0, 0, 4)
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+
+    third = convert_music21_corpus(tmp_path, sources=sources, limit=5, progress=False)
+    assert (third["converted"], third["skipped_done"]) == (1, 4)  # a longer prefix, same order
+    records = read_manifest(tmp_path)
+    assert len(records) == 5 and all(r["status"] == "done" for r in records.values())
+    assert len(corpus_midi_files(tmp_path, unique=False)) == 5
+
+    files[0].unlink()  # a cache cleaned by hand: the manifest alone must not count it as done
+    fourth = convert_music21_corpus(tmp_path, sources=sources, limit=5, progress=False)
+    assert (fourth["converted"], fourth["skipped_done"]) == (1, 4) and files[0].exists()
+
+
+def test_bad_sources_are_recorded_not_raised(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    sources = [
+        _write(src, "ok.abc", TUNE.format(title="one")),
+        _write(src, "same.abc", TUNE.format(title="the same notes")),
+        _write(src, "broken.xml", "<score-partwise><part id='P1'><measure><note>"),
+        _write(src, "empty.abc", "X:1\nT:no notes\nM:4/4\nK:C\n"),
+        _write(src, "bad.abc", TUNE.format(title="x")),
+        _write(src, "boom.abc", TUNE.format(title="x")),
+    ]
+    out = tmp_path / "out"
+    report = convert_music21_corpus(
+        out, sources=sources, workers=1, progress=False, convert_fn=_scripted
+    )
+    assert (report["converted"], report["failed"]) == (2, 4)
+    assert report["failed_by_reason"] == {"parse_failed": 2, "no_notes": 1, "convert_failed": 1}
+    by_name = {Path(r["source"]).name: r for r in read_manifest(out).values()}
+    assert by_name["broken.xml"]["error_type"] == "ParseError"
+    assert by_name["bad.abc"]["error_type"] == "ValueError"  # the cause, not the wrapper
+    assert by_name["boom.abc"]["error"] == "boom"
+    # Two names, one piece: an identification benchmark must not hold both.
+    assert len(corpus_midi_files(out, unique=False)) == 2
+    assert len(corpus_midi_files(out)) == 1
+    assert corpus_midi_files(out, max_duration_s=5.0) == []  # the tune lasts 8 s
+
+    again = convert_music21_corpus(out, sources=sources, workers=1, progress=False)
+    assert (again["converted"], again["failed"], again["skipped_failed"]) == (0, 0, 4)
+    retry = convert_music21_corpus(
+        out, sources=sources, workers=1, progress=False, retry_failed=True, convert_fn=_scripted
+    )
+    assert (retry["failed"], retry["skipped_done"]) == (4, 2)
+
+
+def test_hung_and_crashed_workers_are_killed_recorded_and_replaced(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    sources = [
+        _write(src, "sleep.abc", TUNE.format(title="a")),
+        _write(src, "crash.abc", TUNE.format(title="b")),
+        _write(src, "fine.abc", TUNE.format(title="c")),
+    ]
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    report = convert_music21_corpus(
+        out, sources=sources, workers=2, timeout_s=3.0, progress=False, convert_fn=_scripted
+    )
+    assert time.monotonic() - t0 < 30  # the sleeper was killed, not waited for (60 s)
+    assert report["failed_by_reason"] == {"timeout": 1, "worker_died": 1}
+    assert report["converted"] == 1  # the pool went on with fresh workers
+    by_name = {Path(r["source"]).name: r for r in read_manifest(out).values()}
+    assert by_name["sleep.abc"]["reason"] == "timeout"
+    assert by_name["crash.abc"]["reason"] == "worker_died"
+    assert by_name["fine.abc"]["status"] == "done"
+    assert not mp.active_children()
+    assert not list((out / SUBDIR).glob(".*.tmp"))
+    assert [p.name for p in corpus_midi_files(out)] == [by_name["fine.abc"]["midi"]]
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / SUBDIR
+    folder.mkdir()
+    with _locked(folder), pytest.raises(MidimatchError) as err:
+        convert_music21_corpus(tmp_path, sources=[], progress=False)
+    assert err.value.reason == "busy"
+
+
+def _midi_with_ticks(path: Path, ticks_per_beat: int, last_tick: int) -> None:
+    mid = mido.MidiFile(ticks_per_beat=ticks_per_beat)
+    track = mido.MidiTrack()
+    track.append(mido.MetaMessage("set_tempo", tempo=500_000, time=0))  # 120 BPM
+    track.append(mido.Message("note_on", note=60, velocity=90, time=0))
+    track.append(mido.Message("note_off", note=60, velocity=0, time=ticks_per_beat))
+    track.append(mido.Message("note_on", note=64, velocity=90, time=last_tick - ticks_per_beat))
+    track.append(mido.Message("note_off", note=64, velocity=0, time=ticks_per_beat // 3))
+    mid.tracks.append(track)
+    mid.save(str(path))
+
+
+def test_huge_ticks_are_rescaled_keeping_times(tmp_path: Path) -> None:
+    path = tmp_path / "long.mid"
+    _midi_with_ticks(path, 10_080, 50_000_000)  # ~41 min at 120 BPM: past pretty_midi's guard
+    with pytest.raises(ValueError):
+        pretty_midi.PrettyMIDI(str(path))
+    info = _finish_midi(path)
+    assert info["rescaled"] and info["source_ticks_per_beat"] == 10_080
+    assert info["ticks_per_beat"] < 960  # this long a piece needs fewer than the usual 960
+    notes = pretty_midi.PrettyMIDI(str(path)).instruments[0].notes
+    last_s = 50_000_000 / 10_080 * 0.5
+    expected = [(0.0, 0.5), (last_s, last_s + 0.5 / 3)]
+    assert mido.MidiFile(str(path)).length == pytest.approx(last_s + 0.5 / 3, abs=1e-2)
+    for note, (start, end) in zip(notes, expected, strict=True):
+        assert note.start == pytest.approx(start, abs=1e-3)
+        assert note.end == pytest.approx(end, abs=1e-3)
+
+
+def test_short_files_get_960_ticks_and_coarse_ones_are_kept(tmp_path: Path) -> None:
+    fine, coarse = tmp_path / "fine.mid", tmp_path / "coarse.mid"
+    _midi_with_ticks(fine, 10_080, 10_080 * 8)
+    _midi_with_ticks(coarse, 480, 480 * 8)
+    assert _finish_midi(fine)["ticks_per_beat"] == 960
+    info = _finish_midi(coarse)
+    assert not info["rescaled"] and info["ticks_per_beat"] == 480
+    assert info["duration_s"] == pytest.approx(4.0 + 0.5 / 3, abs=1e-3)
