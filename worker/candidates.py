@@ -27,9 +27,10 @@ import numpy as np
 from numba import njit, prange
 
 # The row sweep and end selection of the offline hash-DTW, reused so that the live scores are
-# the offline ones exactly (index.hashdtw keeps them private; IncrementalHashDTW itself cannot
+# the offline ones exactly (index.hashdtw_kernels keeps them private; IncrementalHashDTW cannot
 # be used here: it owns a copy of its references and can only restart all of them at once).
-from index.hashdtw import HashDTWBatch, _penalty_keys, _select_end, _sweep
+from index.hashdtw import HashDTWBatch
+from index.hashdtw_kernels import _penalty_keys, _select_end, _sweep
 
 __all__ = ["CandidateDTW"]
 
