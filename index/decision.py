@@ -23,12 +23,14 @@ it tries, the smallest threshold at which at most ``max_false_rate`` of the out-
 in-collection streams. Calibrations are stored as JSON keyed by ``model_id`` (a threshold means
 nothing for another model); :func:`load_calibration` reads
 ``model/weights/default.calibration.json`` unless told otherwise and falls back to Raffel's
-c >= 0.5 for a model it has no entry for.
+c >= 0.5 for a model it has no entry for, with a warning (:func:`uncalibrated_warning`) that the
+worker also shows in ``/readyz``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -40,6 +42,8 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from model.errors import MidimatchError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_CALIBRATION_PATH",
@@ -53,6 +57,7 @@ __all__ = [
     "simulate_stream",
     "load_calibration",
     "save_calibration",
+    "uncalibrated_warning",
 ]
 
 DEFAULT_CALIBRATION_PATH = (
@@ -128,6 +133,11 @@ class Calibration:
                 raise ValueError(f"{name} must lie in [0, 1] (or be inf), got {t}")
         if self.stable_results < 1:
             raise ValueError(f"stable_results must be >= 1, got {self.stable_results}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the threshold was fitted on this model's outsiders (not the 0.5 default)."""
+        return self.n_out > 0
 
     def is_confident(self, confidence: float) -> bool:
         """True when ``confidence`` reaches the (single-query) threshold."""
@@ -422,8 +432,22 @@ def calibrate_stream(
                    stream=figures)
 
 
+CALIBRATE_HINT = ("calibrate it: `midimatch eval prepare`, then `midimatch eval --lengths 10 "
+                  "--save-calibration model/weights/default.calibration.json` (docs/evaluation.md)")
+
+
+def uncalibrated_warning(calibration: Calibration) -> str | None:
+    """What to tell an operator when ``calibration`` is the uncalibrated default; else None."""
+    if calibration.calibrated:
+        return None
+    return (f"model {calibration.model_id} is not calibrated: decisions use the default "
+            f"threshold {calibration.threshold} (Raffel's, set on 30 s clips, not on this model), "
+            f"so 'identified' is not bounded at 1 % false decisions; {CALIBRATE_HINT}")
+
+
 def load_calibration(model_id: str, path: str | Path | None = None) -> Calibration:
-    """The stored calibration of ``model_id``, or the uncalibrated default.
+    """The stored calibration of ``model_id``, or the uncalibrated default (logged as a warning,
+    see :func:`uncalibrated_warning`).
 
     Parameters
     ----------
@@ -443,18 +467,24 @@ def load_calibration(model_id: str, path: str | Path | None = None) -> Calibrati
     if not p.is_file():
         if explicit:
             raise MidimatchError(f"no calibration file {p}", reason="bad_calibration")
-        return Calibration(model_id=model_id)
+        return _uncalibrated(model_id, f"{p} does not exist")
     models = _read(p)
     if model_id not in models:
         if explicit:
             raise MidimatchError(f"{p} holds no calibration for model {model_id!r} "
                                  f"(it has {sorted(models)})", reason="bad_calibration")
-        return Calibration(model_id=model_id)
+        return _uncalibrated(model_id, f"{p} has no entry for it")
     try:
         return Calibration.from_dict(dict(models[model_id], model_id=model_id))
     except (TypeError, ValueError) as e:
         raise MidimatchError(f"{p}: bad calibration for {model_id!r}: {e}",
                              reason="bad_calibration") from e
+
+
+def _uncalibrated(model_id: str, why: str) -> Calibration:
+    cal = Calibration(model_id=model_id)
+    logger.warning("%s (%s)", uncalibrated_warning(cal), why)
+    return cal
 
 
 def save_calibration(calibration: Calibration, path: str | Path | None = None) -> Path:

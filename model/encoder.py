@@ -4,8 +4,9 @@ This is the interface the index builder and the worker use; they never touch the
 directly. A model has a stable ``model_id`` (a digest of its configuration and weights) that an
 index records, so that an index is never searched with a model that did not build it.
 
-Until trained weights exist in ``model/weights/`` the default model is a deterministically seeded,
-untrained one (``untrained-seed0``); everything downstream works the same with it.
+The default model is ``model/weights/default.pt``. A missing weights file is an error naming the
+file, never a silent fallback: an untrained model (:meth:`Encoder.untrained`, for tests and the
+start of training) only comes when asked for by name.
 """
 
 from __future__ import annotations
@@ -96,12 +97,21 @@ class Encoder:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **kw) -> Encoder:
-        """Load a saved model; with no path, the shipped default (or the untrained fallback)."""
-        if path is None:
-            if not DEFAULT_WEIGHTS.exists():
-                return cls.untrained(**kw)
-            path = DEFAULT_WEIGHTS
-        path = Path(path)
+        """Load a saved model; with no path, the shipped default (``model/weights/default.pt``).
+
+        Raises
+        ------
+        MidimatchError
+            ``no_model`` when the file does not exist (the message names it and says how to get
+            one), ``bad_model`` when it is not a model file.
+        """
+        path = Path(DEFAULT_WEIGHTS if path is None else path)
+        if not path.is_file():
+            hint = ("the shipped model is missing from this checkout (model/weights/ is in git: "
+                    "restore it with `git checkout model/weights`, or train one with `make train`)"
+                    if path == DEFAULT_WEIGHTS else "give the path of a .pt file written by "
+                    "`midimatch train`")
+            raise MidimatchError(f"model weights {path} do not exist: {hint}", reason="no_model")
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:

@@ -61,6 +61,20 @@ def test_bad_weights_file_is_a_clear_error(tmp_path):
         Encoder.load(tmp_path / "other.pt")
 
 
+def test_missing_weights_are_an_error_naming_the_file_not_an_untrained_model(tmp_path,
+                                                                           monkeypatch):
+    import model.encoder as E
+
+    with pytest.raises(MidimatchError) as e:
+        Encoder.load(tmp_path / "nope.pt")
+    assert e.value.reason == "no_model" and "nope.pt" in str(e.value)
+    monkeypatch.setattr(E, "DEFAULT_WEIGHTS", tmp_path / "default.pt")  # a checkout without it
+    with pytest.raises(MidimatchError) as e:
+        Encoder.load()
+    assert e.value.reason == "no_model" and "default.pt" in str(e.value)
+    assert "make train" in str(e.value)
+
+
 def test_window_embeddings_cover_the_piece_and_match_direct_embedding():
     enc = Encoder.untrained(0)
     spec = WindowSpec()
