@@ -65,8 +65,9 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     all_registries = [metrics.registry, *registries]
 
     async def readyz(request: web.Request) -> web.Response:
-        ok, why = await _readiness(bus, local_ready)
-        return web.json_response({"ready": ok, "detail": why}, status=200 if ok else 503)
+        ok, why, warnings = await _readiness(bus, local_ready)
+        return web.json_response({"ready": ok, "detail": why, "warnings": list(warnings)},
+                                 status=200 if ok else 503)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -125,20 +126,25 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     return app
 
 
-async def _readiness(bus: Bus, local_ready: Callable[[], bool] | None) -> tuple[bool, str]:
-    """Ready when the bus answers, a worker is alive, and the local condition (if any) holds."""
+async def _readiness(bus: Bus, local_ready: Callable[[], bool] | None
+                     ) -> tuple[bool, str, tuple[str, ...]]:
+    """Ready when the bus answers, a worker is alive, and the local condition (if any) holds;
+    with the alive workers' warnings (an uncalibrated model), which do not make it unready."""
     if local_ready is not None and not local_ready():
-        return False, "the embedded worker is still loading its index and model"
+        return False, "the embedded worker is still loading its index and model", ()
     try:
         ping = getattr(bus, "ping", None)
         if ping is not None and not await asyncio.wait_for(ping(), 2.0):
-            return False, "redis does not answer"
+            return False, "redis does not answer", ()
         cap = await asyncio.wait_for(bus.capacity(), 2.0)
     except Exception as e:  # readiness must answer, whatever failed
-        return False, f"the bus failed: {type(e).__name__}: {e}"
+        return False, f"the bus failed: {type(e).__name__}: {e}", ()
     if cap.workers == 0:
-        return False, "no worker is alive"
-    return True, f"{cap.workers} workers, {cap.sessions_active}/{cap.sessions_max} sessions"
+        return False, "no worker is alive", ()
+    detail = f"{cap.workers} workers, {cap.sessions_active}/{cap.sessions_max} sessions"
+    if cap.notes:
+        detail += "; WARNING: " + "; ".join(cap.notes)
+    return True, detail, cap.notes
 
 
 def _header_safe(text: str) -> str:

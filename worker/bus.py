@@ -159,6 +159,7 @@ class Capacity:
     workers: int  # workers alive (heartbeat within the lease)
     sessions_active: int  # sessions created and not finished
     sessions_max: int  # sum of the alive workers' advertised capacity
+    notes: tuple[str, ...] = ()  # what alive workers want an operator to know (uncalibrated...)
 
     @property
     def saturated(self) -> bool:
@@ -218,8 +219,10 @@ class Bus(ABC):
 
     # ------------------------------------------------------------------ worker side
     @abstractmethod
-    async def heartbeat(self, worker_id: str, max_sessions: int) -> None:
-        """Say this worker is alive and how many sessions it can hold."""
+    async def heartbeat(self, worker_id: str, max_sessions: int,
+                        notes: tuple[str, ...] = ()) -> None:
+        """Say this worker is alive, how many sessions it can hold, and any ``notes`` for the
+        operator (shown by the gateway's ``/readyz`` while the worker is alive)."""
 
     @abstractmethod
     async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:

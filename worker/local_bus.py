@@ -65,7 +65,8 @@ class InProcessBus(Bus):
         self.retain_s = retain_s
         self.session_ttl_s, self.result_ttl_s = session_ttl_s, result_ttl_s
         self._sessions: dict[str, _Session] = {}
-        self._workers: dict[str, tuple[float, int]] = {}  # id → (last heartbeat, capacity)
+        # id → (last heartbeat, capacity, notes)
+        self._workers: dict[str, tuple[float, int, tuple[str, ...]]] = {}
         # Waiters are plain futures resolved on every change; no lock, and no asyncio.wait_for,
         # which on CPython 3.11 can swallow a cancellation that arrives as the wait completes
         # (a cancelled reader then kept waiting); an asyncio.Condition under wait_for also left
@@ -175,13 +176,16 @@ class InProcessBus(Bus):
     async def capacity(self) -> Capacity:
         self._expire()
         now = time.monotonic()
-        alive = [cap for t, cap in self._workers.values() if now - t <= self.lease_s]
+        alive = [(cap, notes) for t, cap, notes in self._workers.values()
+                 if now - t <= self.lease_s]
         active = sum(1 for s in self._sessions.values() if not s.finished)
-        return Capacity(len(alive), active, sum(alive))
+        notes = tuple(dict.fromkeys(n for _, ns in alive for n in ns))
+        return Capacity(len(alive), active, sum(c for c, _ in alive), notes)
 
     # ------------------------------------------------------------------ worker side
-    async def heartbeat(self, worker_id: str, max_sessions: int) -> None:
-        self._workers[worker_id] = (time.monotonic(), int(max_sessions))
+    async def heartbeat(self, worker_id: str, max_sessions: int,
+                        notes: tuple[str, ...] = ()) -> None:
+        self._workers[worker_id] = (time.monotonic(), int(max_sessions), tuple(notes))
 
     async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
         def claimable() -> list[tuple[str, _Session]]:

@@ -168,6 +168,9 @@ class RedisBus(Bus):
     def worker_key(self, worker_id: str) -> str:
         return f"{self.prefix}:w:{worker_id}"
 
+    def notes_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:w:{worker_id}:notes"
+
     def meta_key(self, sid: str) -> str:
         return f"{self.prefix}:s:{sid}:meta"
 
@@ -261,6 +264,7 @@ class RedisBus(Bus):
         with _redis_errors():
             workers = [w.decode() for w in await self.r.smembers(self.workers_key)]
             caps = await self.r.mget([self.worker_key(w) for w in workers]) if workers else []
+            said = await self.r.mget([self.notes_key(w) for w in workers]) if workers else []
             dead = [w for w, c in zip(workers, caps, strict=True) if c is None]
             active = [s.decode() for s in await self.r.smembers(self.active_key)]
             async with self.r.pipeline(transaction=False) as p:
@@ -275,13 +279,18 @@ class RedisBus(Bus):
                     p.srem(self.active_key, *gone)
                 await p.execute()
         live = [int(c) for c in caps if c is not None]
-        return Capacity(len(live), len(active) - len(gone), sum(live))
+        notes = tuple(dict.fromkeys(n for c, raw in zip(caps, said, strict=True)
+                                    if c is not None and raw for n in json.loads(raw)))
+        return Capacity(len(live), len(active) - len(gone), sum(live), notes)
 
     # ------------------------------------------------------------------ worker side
-    async def heartbeat(self, worker_id: str, max_sessions: int) -> None:
+    async def heartbeat(self, worker_id: str, max_sessions: int,
+                        notes: tuple[str, ...] = ()) -> None:
         with _redis_errors():
             async with self.r.pipeline(transaction=False) as p:
                 p.set(self.worker_key(worker_id), int(max_sessions), px=self.lease_ms)
+                if notes:
+                    p.set(self.notes_key(worker_id), json.dumps(list(notes)), px=self.lease_ms)
                 p.sadd(self.workers_key, worker_id)
                 await p.execute()
 

@@ -101,6 +101,15 @@ class Worker:
         engine_max = getattr(getattr(self.engine, "settings", None), "max_sessions", None)
         return min(self.settings.max_sessions, engine_max or self.settings.max_sessions)
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the operator should know about this worker's engine (an uncalibrated model)."""
+        from index.decision import uncalibrated_warning
+
+        cal = getattr(getattr(self.engine, "cascade", None), "calibration", None)
+        warning = uncalibrated_warning(cal) if cal is not None else None
+        return (warning,) if warning else ()
+
     def stop(self) -> None:
         """Ask for a graceful shutdown (safe from a signal handler)."""
         self._stopping.set()
@@ -113,7 +122,7 @@ class Worker:
             self.engine = await loop.run_in_executor(self._executor, self._engine_or_factory)
             if getattr(self.engine, "metrics", None) is not None:
                 self.metrics = self.engine.metrics
-        await self._bus_call(self.bus.heartbeat(self.worker_id, self.capacity))
+        await self._bus_call(self.bus.heartbeat(self.worker_id, self.capacity, self.notes))
         self.ready.set()
         leases = asyncio.create_task(self._lease_loop(), name=f"leases-{self.worker_id}")
         try:
@@ -267,7 +276,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.renew_s)
             try:
-                await self.bus.heartbeat(self.worker_id, self.capacity)
+                await self.bus.heartbeat(self.worker_id, self.capacity, self.notes)
                 held = list(self.owned)
                 if held:
                     self._lost.update(await self.bus.renew(self.worker_id, held))

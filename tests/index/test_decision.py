@@ -19,6 +19,7 @@ from index.decision import (
     load_calibration,
     save_calibration,
     simulate_stream,
+    uncalibrated_warning,
 )
 from model.errors import MidimatchError
 
@@ -94,6 +95,7 @@ def test_save_and_load_round_trip_keyed_by_model(tmp_path):
     save_calibration(a, path)
     save_calibration(Calibration("b", threshold=0.8), path)
     assert load_calibration("a", path) == a
+    assert uncalibrated_warning(load_calibration("a", path)) is None
     assert load_calibration("b", path).threshold == 0.8
     blob = json.loads(path.read_text())
     assert blob["format"] == "midimatch-calibration/1" and set(blob["models"]) == {"a", "b"}
@@ -110,9 +112,14 @@ def test_save_and_load_round_trip_keyed_by_model(tmp_path):
     assert e.value.reason == "bad_calibration"
 
 
-def test_default_file_falls_back_for_unknown_models():
-    cal = load_calibration("a-model-nobody-calibrated")
-    assert cal.threshold == 0.5 and cal.false_rate is None
+def test_default_file_falls_back_for_unknown_models_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="index.decision"):
+        cal = load_calibration("a-model-nobody-calibrated")
+    assert cal.threshold == 0.5 and cal.false_rate is None and not cal.calibrated
+    warning = uncalibrated_warning(cal)
+    assert "a-model-nobody-calibrated is not calibrated" in warning
+    assert "--save-calibration" in warning  # how to calibrate
+    assert warning in caplog.text and "has no entry for it" in caplog.text
     with pytest.raises(ValueError):
         Calibration("m", threshold=1.5)
 

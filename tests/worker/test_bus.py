@@ -303,6 +303,16 @@ async def test_capacity_counts_live_workers(bus: Bus) -> None:
     assert (cap.workers, cap.sessions_max) == (1, 4)
 
 
+async def test_worker_notes_reach_the_gateway_while_it_is_alive(bus: Bus) -> None:
+    await bus.heartbeat("a", 8, ("model m is not calibrated",))
+    await bus.heartbeat("b", 8, ("model m is not calibrated",))
+    await bus.heartbeat("c", 8)
+    assert (await bus.capacity()).notes == ("model m is not calibrated",)  # said once
+    await asyncio.sleep(LEASE_S * 1.5)
+    await bus.heartbeat("c", 8)
+    assert (await bus.capacity()).notes == ()  # gone with the workers that said it
+
+
 # ---------------------------------------------------------------------- Redis only
 async def test_redis_restart_loses_sessions_and_recovers(redis_server) -> None:
     bus = RedisBus(redis_server.url, lease_ms=300)

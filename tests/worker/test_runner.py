@@ -333,3 +333,24 @@ async def test_embedded_worker_with_the_real_engine(small_index: tuple[Path, Pat
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+@pytest.mark.asyncio
+async def test_an_uncalibrated_model_is_announced_in_the_heartbeat() -> None:
+    from types import SimpleNamespace
+
+    from index.decision import Calibration
+
+    bus = InProcessBus(lease_s=0.6)
+    uncalibrated = RecordingEngine()
+    uncalibrated.cascade = SimpleNamespace(calibration=Calibration("m-new"))
+    run = Running(Worker(bus, uncalibrated, settings()))
+    try:
+        await asyncio.wait_for(run.worker.ready.wait(), 10)
+        notes = (await bus.capacity()).notes
+        assert len(notes) == 1 and "m-new is not calibrated" in notes[0]
+    finally:
+        await run.stop()
+    calibrated = RecordingEngine()
+    calibrated.cascade = SimpleNamespace(calibration=Calibration("m", n_out=500, n_in=100))
+    assert Worker(bus, calibrated, settings()).notes == ()
