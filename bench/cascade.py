@@ -58,7 +58,7 @@ def write_variants(base: list[str], n: int, out: Path) -> list[str]:
     from model.errors import MidimatchError
     from model.midi import load_midi
     from model.training.augment_midi import change_tempo, transpose
-    from model.training.songgen import write_midi  # ~10x faster than PrettyMIDI.write for one tempo
+    from model.training.midi_writer import write_midi  # ~10x faster than PrettyMIDI.write
 
     out.mkdir(parents=True, exist_ok=True)
     per_file = min(len(VARIANTS), -(-n // max(1, len(base))))

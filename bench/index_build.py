@@ -24,7 +24,7 @@ from bench._common import machine, table  # noqa: E402
 
 def collect_files(cache: Path, n: int, corpus_limit: int) -> list[Path]:
     from model.training.corpus import convert_music21_corpus, corpus_midi_files
-    from model.training.songgen import generate_songs
+    from model.training.songgen_files import generate_songs
 
     corpus = corpus_midi_files(cache)
     if len(corpus) < corpus_limit:

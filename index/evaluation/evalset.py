@@ -109,7 +109,7 @@ def plan_collection(corpus: str | Path, *, n_generated_index: int = 1000, n_in: 
     """
     from model.training.corpus import corpus_midi_files, read_manifest
     from model.training.data import piece_key, split_of
-    from model.training.songgen import generated_midi_files
+    from model.training.songgen_files import generated_midi_files
 
     corpus = Path(corpus)
     durations = {r["midi"]: float(r.get("duration_s", 0.0))

@@ -103,7 +103,7 @@ def _corpus(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from model.training.songgen import generate_songs
+    from model.training.songgen_files import generate_songs
 
     paths = generate_songs(_default_out(args), args.n, start_seed=args.start_seed,
                            workers=args.workers)

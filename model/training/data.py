@@ -511,7 +511,7 @@ def training_files(corpus_dir: str | Path, *, works: int | None = None,
     ``works`` of :func:`model.training.corpus.list_corpus_works`' fixed order), then the first
     ``generated`` generated songs (seed order)."""
     from model.training.corpus import corpus_midi_files, list_corpus_works
-    from model.training.songgen import generated_midi_files
+    from model.training.songgen_files import generated_midi_files
 
     root = Path(corpus_dir)
     keys = None if works is None else {w.key for w in list_corpus_works()[:works]}

@@ -4,7 +4,8 @@ Four steps, each cached and resumable, so a second run skips what the first fini
 
 1. convert the first ``works`` music21 works to MIDI
 (:func:`model.training.corpus.convert_music21_corpus`);
-2. write the first ``generated`` procedural songs (:func:`model.training.songgen.generate_songs`);
+2. write the first ``generated`` procedural songs
+(:func:`model.training.songgen_files.generate_songs`);
 3. render and augment them into aligned pairs (:func:`model.training.data.prepare`);
 4. train both stages (:func:`model.training.train.train`) with whatever time is left before the
 deadline,
@@ -97,7 +98,7 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
     from model.nets import NetConfig
     from model.training.corpus import convert_music21_corpus
     from model.training.data import prepare, training_files, training_renderers
-    from model.training.songgen import generate_songs
+    from model.training.songgen_files import generate_songs
     from model.training.train import train
 
     training_renderers()  # before the first minute is spent: a missing soundfont fails here

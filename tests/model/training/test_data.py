@@ -198,7 +198,7 @@ def test_one_installed_soundfont_is_refused_with_the_packages_to_install(tmp_pat
 
 
 def test_training_files_take_the_first_generated_songs_in_seed_order(tmp_path):
-    from model.training.songgen import generate_songs
+    from model.training.songgen_files import generate_songs
 
     songs = generate_songs(tmp_path, 3, workers=1, progress=False, duration_s=20.0)
     assert D.training_files(tmp_path, generated=2) == songs[:2]  # no music21 works converted

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pretty_midi
@@ -10,14 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.errors import MidimatchError
-from model.training.songgen import (
-    TEMPO_RANGE_BPM,
-    _swing,
-    generate_song,
-    generate_songs,
-    generated_midi_files,
-    write_midi,
-)
+from model.training.songgen import TEMPO_RANGE_BPM, _swing, generate_song
 
 SHORT = (20.0, 40.0)  # keeps the tests fast; the structure is the same at any length
 
@@ -166,65 +158,3 @@ def test_swing_delays_the_off_beat_only() -> None:
     beats = np.array([0.0, 0.5, 1.0, 1.25, 2.75])
     np.testing.assert_allclose(_swing(beats, 0.6), [0.0, 0.6, 1.0, 1.3, 2.8])
     np.testing.assert_array_equal(_swing(beats, 0.5), beats)
-
-
-def test_write_midi_matches_a_hand_built_file(tmp_path) -> None:
-    pm = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
-    pm.time_signature_changes.append(pretty_midi.TimeSignature(3, 4, 0.0))
-    pm.key_signature_changes.append(pretty_midi.KeySignature(21, 0.0))  # A minor
-    pm.text_events.append(pretty_midi.Text("section:verse", 1.5))
-    piano = pretty_midi.Instrument(0, name="piano")
-    piano.notes = [pretty_midi.Note(100, 60, 0.0, 0.5), pretty_midi.Note(90, 60, 0.5, 2.0)]
-    kit = pretty_midi.Instrument(0, is_drum=True, name="drums")
-    kit.notes = [pretty_midi.Note(110, 36, 0.25, 0.3)]
-    pm.instruments = [piano, kit]
-    write_midi(pm, tmp_path / "x.mid")
-    back = pretty_midi.PrettyMIDI(str(tmp_path / "x.mid"))
-    assert back.get_tempo_changes()[1].tolist() == pytest.approx([120.0])
-    assert (back.time_signature_changes[0].numerator, back.key_signature_changes[0].key_number) == (
-        3,
-        21,
-    )
-    assert [(e.text, e.time) for e in back.text_events] == [("section:verse", 1.5)]
-    assert [(i.name, i.program, i.is_drum) for i in back.instruments] == [
-        ("piano", 0, False),
-        ("drums", 0, True),
-    ]
-    # Same pitch back to back: the note-off at 0.5 s must not end the note that starts there.
-    assert [(n.pitch, n.velocity, n.start, n.end) for n in back.instruments[0].notes] == [
-        (60, 100, 0.0, 0.5),
-        (60, 90, 0.5, 2.0),
-    ]
-    assert [(n.pitch, n.start, n.end) for n in back.instruments[1].notes] == [(36, 0.25, 0.3)]
-
-
-def test_generate_songs_writes_loadable_files_and_skips_existing(tmp_path) -> None:
-    paths = generate_songs(tmp_path, 3, start_seed=5, workers=1, progress=False, duration_s=SHORT)
-    assert [p.name for p in paths] == ["song_00005.mid", "song_00006.mid", "song_00007.mid"]
-    for seed, path in zip(range(5, 8), paths, strict=True):
-        loaded, made = pretty_midi.PrettyMIDI(str(path)), generate_song(seed, duration_s=SHORT)
-        a = sorted((p, v, s, e) for *_, p, v, s, e in _notes(loaded))
-        b = sorted((p, v, s, e) for *_, p, v, s, e in _notes(made))
-        assert len(a) == len(b)
-        assert np.abs(np.array(a) - np.array(b)).max() < 2e-3  # one tick at 480 tpq
-        assert loaded.get_end_time() == pytest.approx(made.get_end_time(), abs=2e-3)
-    stamps = [os.stat(p).st_mtime_ns for p in paths]
-    again = generate_songs(tmp_path, 4, start_seed=5, workers=1, progress=False, duration_s=SHORT)
-    assert [os.stat(p).st_mtime_ns for p in again[:3]] == stamps
-    assert again[3].exists()
-    assert generated_midi_files(tmp_path) == again
-    assert not list((tmp_path / "generated").glob("*.tmp"))
-
-
-def test_generate_songs_in_parallel(tmp_path) -> None:
-    paths = generate_songs(tmp_path, 40, workers=2, progress=False, duration_s=SHORT)
-    assert len(paths) == 40 and all(p.exists() for p in paths)
-    one = pretty_midi.PrettyMIDI(str(paths[-1]))
-    assert any(i.is_drum for i in one.instruments)
-
-
-def test_generate_songs_refuses_a_folder_made_with_other_settings(tmp_path) -> None:
-    generate_songs(tmp_path, 1, workers=1, progress=False, duration_s=SHORT)
-    with pytest.raises(MidimatchError) as err:
-        generate_songs(tmp_path, 1, workers=1, progress=False, duration_s=(60.0, 240.0))
-    assert err.value.reason == "stale_cache"
