@@ -387,7 +387,8 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
               args: argparse.Namespace, half: str) -> None:
     """Fit the stream decision on every stream of every condition and print what each rule
     gives; store it with ``--save-calibration``."""
-    from index.decision import calibrate_stream, save_calibration
+    from index.calibration import save_calibration
+    from index.decision import calibrate_stream
 
     ins, ids, outs, dups = [], [], [], 0
     for outcomes in detail.values():

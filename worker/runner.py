@@ -104,7 +104,7 @@ class Worker:
     @property
     def notes(self) -> tuple[str, ...]:
         """What the operator should know about this worker's engine (an uncalibrated model)."""
-        from index.decision import uncalibrated_warning
+        from index.calibration import uncalibrated_warning
 
         cal = getattr(getattr(self.engine, "cascade", None), "calibration", None)
         warning = uncalibrated_warning(cal) if cal is not None else None

@@ -24,7 +24,7 @@ batch) and records one outcome per query; :func:`summarize` turns outcomes into 
   query's share of its batch's prune (:func:`query_time`), seconds.
 
 :func:`calibrate_halves` checks the decision rule honestly: it splits the query *pieces* in two
-by a hash of their path, calibrates the threshold on one half (:func:`index.decision.calibrate`,
+by a hash of their path, calibrates the threshold on one half (:func:`index.calibration.calibrate`,
 at most 1 % false-confident) and reports recall and false-confident rate on the other half.
 """
 
@@ -315,7 +315,7 @@ def calibrate_halves(outcomes: Sequence[dict], model_id: str, *,
         return {f"{x:g}s": calibrate_halves([o for o in outcomes if o["length_s"] == x],
                                             model_id, max_false_rate=max_false_rate)
                 for x in lengths}
-    from index.decision import calibrate
+    from index.calibration import calibrate
 
     out: dict[str, Any] = {}
     for fit in (0, 1):

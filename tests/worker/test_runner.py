@@ -339,7 +339,7 @@ async def test_embedded_worker_with_the_real_engine(small_index: tuple[Path, Pat
 async def test_an_uncalibrated_model_is_announced_in_the_heartbeat() -> None:
     from types import SimpleNamespace
 
-    from index.decision import Calibration
+    from index.calibration import Calibration
 
     bus = InProcessBus(lease_s=0.6)
     uncalibrated = RecordingEngine()

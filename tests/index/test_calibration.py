@@ -1,0 +1,95 @@
+"""Calibration on synthetic confidence distributions: the threshold, its file, the fallback."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from index.calibration import (
+    Calibration,
+    calibrate,
+    load_calibration,
+    save_calibration,
+    uncalibrated_warning,
+)
+from model.errors import MidimatchError
+
+
+def test_calibrate_keeps_at_most_one_percent_of_out_of_collection_confident():
+    rng = np.random.default_rng(0)
+    out = rng.beta(2, 5, 1000)  # mostly low
+    inn = rng.beta(8, 2, 500)  # mostly high
+    cal = calibrate(inn, out, model_id="m")
+    assert cal.false_rate <= 0.01
+    assert np.mean(out >= cal.threshold) == cal.false_rate
+    # the smallest such threshold: the 11th largest out value is the first one excluded
+    eleventh = np.sort(out)[::-1][10]
+    assert eleventh < cal.threshold <= np.nextafter(eleventh, 1.0)
+    assert np.mean(out >= eleventh) > 0.01
+    assert cal.recall == pytest.approx(np.mean(inn >= cal.threshold))
+    assert 0.5 < cal.recall < 1.0
+    assert cal.n_in == 500 and cal.n_out == 1000
+
+
+def test_recall_counts_only_right_answers():
+    inn = np.array([0.9, 0.95, 0.99, 0.2])
+    out = np.linspace(0.0, 0.5, 100)
+    right = calibrate(inn, out, model_id="m")
+    assert right.recall == pytest.approx(0.75)
+    wrong = calibrate(inn, out, model_id="m", in_correct=[True, False, True, True])
+    assert wrong.recall == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="in_correct"):
+        calibrate(inn, out, model_id="m", in_correct=[True])
+
+
+def test_separable_distributions_give_full_recall_and_ties_are_excluded():
+    out = np.array([0.1] * 50 + [0.4] * 50)  # many ties at the top
+    inn = np.array([0.6, 0.8])
+    cal = calibrate(inn, out, model_id="m")
+    assert cal.threshold > 0.4 and cal.false_rate == 0.0 and cal.recall == 1.0
+
+
+def test_out_of_collection_at_full_confidence_means_never_confident():
+    cal = calibrate([1.0, 1.0], [1.0] * 10, model_id="m")
+    assert cal.threshold == math.inf and cal.recall == 0.0 and cal.false_rate == 0.0
+    assert not cal.is_confident(1.0)
+    with pytest.raises(ValueError, match="out-of-collection"):
+        calibrate([0.5], [], model_id="m")
+
+
+def test_save_and_load_round_trip_keyed_by_model(tmp_path):
+    path = tmp_path / "cal.json"
+    a = calibrate([0.9], np.linspace(0, 0.6, 200), model_id="a", source="synthetic")
+    save_calibration(a, path)
+    save_calibration(Calibration("b", threshold=0.8), path)
+    assert load_calibration("a", path) == a
+    assert uncalibrated_warning(load_calibration("a", path)) is None
+    assert load_calibration("b", path).threshold == 0.8
+    blob = json.loads(path.read_text())
+    assert blob["format"] == "midimatch-calibration/1" and set(blob["models"]) == {"a", "b"}
+    never = calibrate([1.0], [1.0], model_id="c")
+    save_calibration(never, path)
+    assert load_calibration("c", path).threshold == math.inf
+    with pytest.raises(MidimatchError, match="no calibration for model"):
+        load_calibration("zzz", path)
+    with pytest.raises(MidimatchError, match="no calibration file"):
+        load_calibration("a", tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MidimatchError) as e:
+        load_calibration("a", tmp_path / "bad.json")
+    assert e.value.reason == "bad_calibration"
+
+
+def test_default_file_falls_back_for_unknown_models_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="index.calibration"):
+        cal = load_calibration("a-model-nobody-calibrated")
+    assert cal.threshold == 0.5 and cal.false_rate is None and not cal.calibrated
+    warning = uncalibrated_warning(cal)
+    assert "a-model-nobody-calibrated is not calibrated" in warning
+    assert "--save-calibration" in warning  # how to calibrate
+    assert warning in caplog.text and "has no entry for it" in caplog.text
+    with pytest.raises(ValueError):
+        Calibration("m", threshold=1.5)
