@@ -29,16 +29,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import best_time  # noqa: E402
+from model import fastrender as R  # noqa: E402
 from model import features as F  # noqa: E402
 from model import midi as M  # noqa: E402
+from model import synth as S  # noqa: E402
 
 DEFAULT_CORPUS = ("bach/bwv66.6", "mozart/k80/movement1")
 
 
 def _pieces(corpus: list[str]) -> list[tuple[str, pretty_midi.PrettyMIDI]]:
-    out = [("demo seed 0 (piano/bass/strings/flute/drums)", M.demo_piece(60.0, seed=0)),
+    out = [("demo seed 0 (piano/bass/strings/flute/drums)", R.demo_piece(60.0, seed=0)),
            ("demo seed 1 (e-piano/bass/choir/sax/drums)",
-            M.demo_piece(60.0, seed=1, programs=(4, 32, 52, 65)))]
+            R.demo_piece(60.0, seed=1, programs=(4, 32, 52, 65)))]
     if not corpus:
         return out
     try:
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name}: {pm.get_end_time():.1f} s, {len(pm.instruments)} instruments, "
               f"{notes} notes")
 
-    M.midi_to_frames_fast(pieces[0][1])  # numba compile / cache load outside the timings
-    renderers = M.available_renderers()
+    R.midi_to_frames_fast(pieces[0][1])  # numba compile / cache load outside the timings
+    renderers = S.available_renderers()
     rows: dict[str, float] = {}  # label -> seconds per minute of music
 
     def per_minute(label: str, fn: Callable[[pretty_midi.PrettyMIDI], object]) -> None:
@@ -102,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
 
     audio: dict[str, list[np.ndarray]] = {}
     for r in renderers:
-        audio[r] = [M.midi_to_audio(pm, renderer=r) for _, pm in pieces]
+        audio[r] = [S.midi_to_audio(pm, renderer=r) for _, pm in pieces]
         per_minute(f"synth path, {r}: render + CQT",
-                   lambda pm, r=r: M.midi_to_frames_synth(pm, renderer=r))
-        per_minute(f"  of which {r} render", lambda pm, r=r: M.midi_to_audio(pm, renderer=r))
-    per_minute("fast note render (numba)", M.midi_to_frames_fast)
+                   lambda pm, r=r: S.midi_to_frames_synth(pm, renderer=r))
+        per_minute(f"  of which {r} render", lambda pm, r=r: S.midi_to_audio(pm, renderer=r))
+    per_minute("fast note render (numba)", R.midi_to_frames_fast)
 
     # CQT alone, on the two procedural pieces' renders (2 min is plenty for a rate); other
     # input rates include the streaming resampler.

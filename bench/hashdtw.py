@@ -46,8 +46,8 @@ def to_hashes(frames: np.ndarray, projection: np.ndarray) -> np.ndarray:
 
 
 def make_data(n_refs: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    from model.fastrender import demo_piece, midi_to_frames_fast
     from model.features import FRAME_RATE
-    from model.midi import demo_piece, midi_to_frames_fast
 
     refs = [midi_to_frames_fast(demo_piece(REF_S, seed=k))[: int(REF_S * FRAME_RATE)]
             for k in range(n_refs)]

@@ -121,7 +121,9 @@ def encode_file(path: Path, encoder, method: str = "fast") -> tuple[dict, np.nda
     Returns ``(ref_metadata, hashes (H,), window_embeddings (W, D) float16, starts (W,))``.
     Raises :class:`MidimatchError` subclasses for unusable files.
     """
-    from model.midi import load_midi, load_notes, midi_to_frames, midi_to_frames_fast
+    from model.fastrender import midi_to_frames_fast
+    from model.midi import load_midi, load_notes
+    from model.synth import midi_to_frames
 
     if method == "fast":  # straight to note arrays, no PrettyMIDI: ~3x quicker to frames
         notes = load_notes(path)

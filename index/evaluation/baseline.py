@@ -139,7 +139,8 @@ class ChromaMatcher:
         MidimatchError
             A file that cannot be read (``reason`` from :mod:`model.midi`).
         """
-        from model.midi import load_notes, midi_to_frames_fast
+        from model.fastrender import midi_to_frames_fast
+        from model.midi import load_notes
 
         keys = [f"{CHROMA_VERSION}-{hashlib.sha256(Path(p).read_bytes()).hexdigest()}"
                 for p in paths]

@@ -43,7 +43,7 @@ import pretty_midi
 
 from model.errors import RenderError
 from model.features import HOP, SAMPLE_RATE
-from model.midi import midi_to_audio, run_bounded_render
+from model.synth import midi_to_audio, run_bounded_render
 
 PEAK = 0.5  # every render is scaled to this peak (-6 dBFS): loudness is augmentation's job
 TAIL_S = 0.5  # audio kept after the last note ends (release, reverb)

@@ -17,8 +17,8 @@ from index.align import (
     subsequence_dtw,
 )
 from index.hashdtw import hamming_matrix, hash_dtw
+from model.fastrender import midi_to_frames_fast
 from model.features import FRAME_RATE
-from model.midi import midi_to_frames_fast
 
 
 def reference_align(cost: np.ndarray, penalty: float, g: float) -> tuple:

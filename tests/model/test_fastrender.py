@@ -122,8 +122,8 @@ def _sorted(t: NoteTable) -> list[np.ndarray]:
 def _assert_same_reading(source: Path | bytes, *, exact: bool = True) -> NoteTable:
     pm = M.load_midi(source)
     fast = M.load_notes(source)
-    want = M.midi_to_frames_fast(pm)
-    got = M.midi_to_frames_fast(fast)
+    want = R.midi_to_frames_fast(pm)
+    got = R.midi_to_frames_fast(fast)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     if exact:  # same notes to the last bit, and the same end
@@ -186,7 +186,7 @@ def test_load_notes_reads_as_load_midi(name: str, tmp_path) -> None:
         pm = one_note(38, 0.3, 0.35, drum=True)
         data = _pm_bytes(pm)
     else:
-        pm = M.demo_piece(20.0, seed=3) if name == "demo" else make_piece(5, duration_s=15.0)
+        pm = R.demo_piece(20.0, seed=3) if name == "demo" else make_piece(5, duration_s=15.0)
         data = _pm_bytes(pm)
     path = tmp_path / "piece.mid"
     path.write_bytes(data)

@@ -189,7 +189,8 @@ def test_push_after_finish_is_an_error() -> None:
 
 def test_frames_correlate_with_librosa_cqt(capsys: pytest.CaptureFixture[str]) -> None:
     librosa = pytest.importorskip("librosa")
-    from model.midi import demo_piece, midi_to_audio
+    from model.fastrender import demo_piece
+    from model.synth import midi_to_audio
 
     y = midi_to_audio(demo_piece(20.0, seed=4), sample_rate=22050)  # fluidsynth if installed
     ours = F.audio_to_frames(y, 22050)

@@ -1,30 +1,23 @@
-"""Tests of model.midi: bad files (through both loaders), renderers, the two MIDI → frames paths.
+"""Tests of model.midi: bad files through both loaders (load_midi, load_notes), limits, fuzzing.
 
-The fast render itself, and load_notes reading what load_midi reads, are in test_fastrender.py.
+The fast render itself, and load_notes reading what load_midi reads, are in test_fastrender.py;
+rendering (model.synth) is in test_synth.py.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import struct
-import sys
 import time
 
-import numpy as np
 import pretty_midi
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model import features as F
 from model import midi as M
-from model.errors import MidiError, RenderError
-from model.fastrender import NoteTable
-from tests.conftest import one_note
-
-HAS_FLUIDSYNTH = "fluidsynth" in M.available_renderers()
-
+from model.errors import MidiError
+from model.fastrender import NoteTable, demo_piece
 
 # --- building files in code --------------------------------------------------------------------
 
@@ -83,7 +76,7 @@ def test_valid_file_from_bytes_and_path(tmp_path) -> None:
     table = M.load_notes(VALID)
     assert (table.pitch.tolist(), table.onset_s.tolist(), table.offset_s.tolist(),
             table.end_s) == ([60], [0.0], [0.5], 0.5)
-    demo = M.demo_piece(8.0)
+    demo = demo_piece(8.0)
     path = tmp_path / "demo.mid"
     demo.write(str(path))
     for load in LOADERS.values():
@@ -166,7 +159,7 @@ def test_limits_are_parameters_and_paths_are_checked(tmp_path, loader: str) -> N
         load(VALID, max_bytes=10)
     assert e.value.reason == "too_large"
     with pytest.raises(MidiError) as e:
-        load(_pm_bytes(M.demo_piece(30.0)), max_duration_s=20.0)
+        load(_pm_bytes(demo_piece(30.0)), max_duration_s=20.0)
     assert e.value.reason == "too_long"
     with pytest.raises(MidiError) as e:
         load(_smf([_note(2000) + EOT]), max_ticks=1000)
@@ -212,7 +205,7 @@ def _load_or_fail_typed(load, data: bytes) -> None:
     assert time.perf_counter() - t0 < 3.0
 
 
-FUZZ_SEED = _pm_bytes(M.demo_piece(4.0))  # a conductor track and five instruments
+FUZZ_SEED = _pm_bytes(demo_piece(4.0))  # a conductor track and five instruments
 
 
 def _tracks(smf: bytes) -> list[bytes]:
@@ -246,128 +239,3 @@ def test_files_mutated_inside_a_track_load_or_fail_typed(loader: str, track: int
     body = _mutate(FUZZ_TRACKS[track], edits)
     tracks = [body if k == track else t for k, t in enumerate(FUZZ_TRACKS)]
     _load_or_fail_typed(LOADERS[loader], _smf(tracks, division=FUZZ_SEED[12] << 8 | FUZZ_SEED[13]))
-
-
-
-# --- rendering ---------------------------------------------------------------------------------
-
-def test_available_renderers_and_soundfont() -> None:
-    assert M.available_renderers()[-1] == "pretty_midi"
-    sf2 = M.default_soundfont()
-    assert sf2 is None or sf2.is_file()
-
-
-@pytest.mark.parametrize("renderer", ["pretty_midi", "fluidsynth"])
-def test_render_length_and_sound(renderer: str) -> None:
-    if renderer == "fluidsynth" and not HAS_FLUIDSYNTH:
-        pytest.skip("fluidsynth or a soundfont is not installed")
-    pm = M.demo_piece(3.0)
-    audio = M.midi_to_audio(pm, sample_rate=22050, renderer=renderer, tail_s=0.25)
-    assert audio.dtype == np.float32
-    assert audio.shape == (int((pm.get_end_time() + 0.25) * 22050),)
-    assert not F.is_silent(audio[:22050], threshold_db=-40)
-    assert np.isfinite(audio).all()
-
-
-def test_pretty_midi_render_of_drums_only_is_silence_not_nan() -> None:
-    audio = M.midi_to_audio(one_note(38, 0.0, 0.5, drum=True), renderer="pretty_midi")
-    assert np.isfinite(audio).all() and not audio.any()
-
-
-def test_render_failures_are_typed(tmp_path) -> None:
-    pm = M.demo_piece(2.0)
-    long = one_note(60, 0.0, 4000.0)
-    cases: list[tuple[dict, str, pretty_midi.PrettyMIDI]] = [
-        ({"renderer": "timidity"}, "unavailable", pm),
-        ({"renderer": "pretty_midi"}, "too_long", long),
-    ]
-    if HAS_FLUIDSYNTH:
-        junk = tmp_path / "junk.sf2"
-        junk.write_bytes(b"not a soundfont")
-        cases += [({"renderer": "fluidsynth", "soundfont": junk}, "unavailable", pm),
-                  ({"renderer": "fluidsynth", "timeout_s": 1e-3}, "timeout", pm)]
-    for kwargs, reason, piece in cases:
-        with pytest.raises(RenderError) as e:
-            M.midi_to_audio(piece, **kwargs)
-        assert e.value.reason == reason, kwargs
-
-
-FAKE_FLUIDSYNTH = """#!{python}
-import struct, sys, time
-out = sys.argv[sys.argv.index("-F") + 1]
-if "{mode}" == "endless":  # the corpus file that rendered gigabytes
-    chunk = struct.pack("<f", 0.25) * 8192
-    with open(out, "wb") as f:
-        while True:
-            f.write(chunk)
-            f.flush()
-elif "{mode}" == "hang":
-    time.sleep(60)
-else:
-    sys.stderr.write("boom\\n")
-    sys.exit(3)
-"""
-
-
-@pytest.mark.parametrize("mode,reason", [("endless", None), ("hang", "timeout"),
-                                         ("crash", "failed")])
-def test_fluidsynth_process_is_bounded(tmp_path, monkeypatch, mode: str,
-                                       reason: str | None) -> None:
-    fake = tmp_path / "fluidsynth"
-    fake.write_text(FAKE_FLUIDSYNTH.format(python=sys.executable, mode=mode))
-    fake.chmod(0o755)
-    sf2 = tmp_path / "fake.sf2"
-    sf2.write_bytes(b"RIFF\x04\x00\x00\x00sfbk")
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    pm = one_note(60, 0.0, 2.0)
-    t0 = time.perf_counter()
-    if reason is None:  # cut at the piece's length plus tail, not left to run
-        audio = M.midi_to_audio(pm, renderer="fluidsynth", soundfont=sf2, tail_s=0.5,
-                                timeout_s=20)
-        assert audio.shape == (int(2.5 * 22050),) and np.allclose(audio, 0.25)
-    else:
-        with pytest.raises(RenderError) as e:
-            M.midi_to_audio(pm, renderer="fluidsynth", soundfont=sf2, timeout_s=1.0)
-        assert e.value.reason == reason
-        assert reason != "failed" or "boom" in str(e.value)
-    assert time.perf_counter() - t0 < 10.0
-
-
-# --- the two paths together --------------------------------------------------------------------
-
-def _mean_frame_corr(a: np.ndarray, b: np.ndarray) -> float:
-    live = (np.abs(a).sum(1) > 0) & (np.abs(b).sum(1) > 0)
-    return float(np.mean([np.corrcoef(x, y)[0, 1] for x, y in zip(a[live], b[live],
-                                                                  strict=True)]))
-
-
-def test_fast_and_synth_frames_agree(capsys: pytest.CaptureFixture[str]) -> None:
-    pm = M.demo_piece(20.0, seed=5)
-    synth = M.midi_to_frames(pm, method="synth")
-    fast = M.midi_to_frames(pm, method="fast")
-    assert synth.shape == fast.shape == (M.n_frames(pm), 48)
-    matched = _mean_frame_corr(synth, fast)
-    bar = int(round(2.0 * F.FRAME_RATE))  # one bar later: another chord
-    shifted = _mean_frame_corr(synth[bar:], fast[:-bar])
-    with capsys.disabled():
-        print(f"\n[fast vs synth ({M.available_renderers()[0]})] mean per-frame correlation "
-              f"{matched:.3f}; one bar off {shifted:.3f}")
-    # Measured 0.587 (fluidsynth) and 0.451 (pretty_midi's sines); one bar off -0.21 / 0.12.
-    assert matched >= (0.45 if HAS_FLUIDSYNTH else 0.3)
-    assert matched >= shifted + 0.25
-
-
-def test_midi_to_frames_dispatch() -> None:
-    pm = one_note(60, 0.0, 1.0)
-    with pytest.raises(ValueError):
-        M.midi_to_frames(pm, method="piano_roll")
-    with pytest.raises(TypeError):
-        M.midi_to_frames(pm, method="fast", renderer="fluidsynth")
-    frames = M.midi_to_frames(pm, method="synth", renderer="pretty_midi")
-    assert frames.shape == (M.n_frames(pm), 48) and frames.dtype == np.float32
-    assert frames[5].argmax() == 60 - F.MIDI_LO
-    table = M.load_notes(_pm_bytes(pm))
-    np.testing.assert_array_equal(M.midi_to_frames(table, method="fast"),
-                                  M.midi_to_frames(pm, method="fast"))
-    with pytest.raises(TypeError):
-        M.midi_to_frames(table, method="synth")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from index.evaluation.baseline import ChromaMatcher, frames_to_chroma, frames_to_magnitude, rank_of
+from model.fastrender import midi_to_frames_fast
 from model.features import FRAME_RATE
-from model.midi import load_notes, midi_to_frames_fast
+from model.midi import load_notes
 from tests.conftest import make_piece
 
 
@@ -70,7 +71,7 @@ def test_cache_is_reused_and_extended(pieces, tmp_path, monkeypatch):
     def fail(*_a, **_k):
         raise AssertionError("rendered a cached reference again")
 
-    monkeypatch.setattr("model.midi.midi_to_frames_fast", fail)
+    monkeypatch.setattr("model.fastrender.midi_to_frames_fast", fail)
     again = ChromaMatcher.build(pieces[:3], cache)
     np.testing.assert_array_equal(again.chroma, first.chroma)
     np.testing.assert_array_equal(again.offsets, first.offsets)

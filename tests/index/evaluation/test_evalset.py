@@ -15,8 +15,9 @@ from index.evaluation.evalset import (
     plan_collection,
 )
 from model.errors import MidimatchError
+from model.fastrender import midi_to_frames_fast
 from model.features import FRAME_RATE
-from model.midi import load_notes, midi_to_frames_fast
+from model.midi import load_notes
 from tests.conftest import make_piece
 
 

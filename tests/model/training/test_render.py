@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from model.errors import RenderError
-from model.midi import midi_to_audio
+from model.synth import midi_to_audio
 from model.training import render as R
 
 NEEDS = {name: pytest.mark.skipif(not R.available(name), reason=f"{name} is not installed")
