@@ -508,9 +508,10 @@ def _median(values: list[float]) -> float | None:
 def training_files(corpus_dir: str | Path, *, works: int | None = None,
                    generated: int = 250) -> list[Path]:
     """The MIDI files training uses: converted music21 works (all of them, or only the first
-    ``works`` of :func:`model.training.corpus.list_corpus_works`' fixed order), then the first
-    ``generated`` generated songs (seed order)."""
-    from model.training.corpus import corpus_midi_files, list_corpus_works
+    ``works`` of :func:`model.training.corpus_works.list_corpus_works`' fixed order), then the
+    first ``generated`` generated songs (seed order)."""
+    from model.training.corpus import corpus_midi_files
+    from model.training.corpus_works import list_corpus_works
     from model.training.songgen_files import generated_midi_files
 
     root = Path(corpus_dir)

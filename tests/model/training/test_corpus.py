@@ -1,26 +1,21 @@
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import re
 import time
 from pathlib import Path
 
-import mido
 import pretty_midi
 import pytest
 
 from model.errors import MidimatchError
 from model.training.corpus import (
     SUBDIR,
-    _finish_midi,
     _locked,
     convert_music21_corpus,
     corpus_midi_files,
-    list_corpus_works,
-    music21_to_midi_file,
     read_manifest,
 )
+from model.training.corpus_convert import music21_to_midi_file
 
 TUNE = "X:1\nT:{title}\nM:4/4\nL:1/4\nK:G\nGABc|d2B2|cABG|G4|]\n"
 
@@ -50,22 +45,6 @@ def _write(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(text)
     return path
-
-
-def test_listing_is_deterministic_balanced_and_split_into_tunes() -> None:
-    works = list_corpus_works()
-    assert len(works) > 10_000  # ABC books split into their tunes (~15,000 works)
-    assert works == list_corpus_works()
-    assert [w.key for w in works[:50]] != [w.key for w in list_corpus_works(seed=1)[:50]]
-    keys, names = [w.key for w in works], [w.name for w in works]
-    assert len(set(keys)) == len(keys) and len(set(names)) == len(names)
-    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
-    assert not any(w.path.suffix == ".rntxt" for w in works)
-    han1 = [w for w in works if w.key.startswith("essenFolksong/han1.abc#")]
-    assert len(han1) > 100 and all(w.number is not None for w in han1)
-    # Round robin: the first works come from as many collections as there are.
-    collections = {w.collection for w in works}
-    assert len({w.collection for w in works[: len(collections)]}) == len(collections)
 
 
 def test_converts_real_works_resumes_and_extends(tmp_path: Path) -> None:
@@ -136,73 +115,9 @@ def test_bad_sources_are_recorded_not_raised(tmp_path: Path) -> None:
     assert (retry["failed"], retry["skipped_done"]) == (4, 2)
 
 
-def test_hung_and_crashed_workers_are_killed_recorded_and_replaced(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    sources = [
-        _write(src, "sleep.abc", TUNE.format(title="a")),
-        _write(src, "crash.abc", TUNE.format(title="b")),
-        _write(src, "fine.abc", TUNE.format(title="c")),
-    ]
-    out = tmp_path / "out"
-    t0 = time.monotonic()
-    report = convert_music21_corpus(
-        out, sources=sources, workers=2, timeout_s=3.0, progress=False, convert_fn=_scripted
-    )
-    assert time.monotonic() - t0 < 30  # the sleeper was killed, not waited for (60 s)
-    assert report["failed_by_reason"] == {"timeout": 1, "worker_died": 1}
-    assert report["converted"] == 1  # the pool went on with fresh workers
-    by_name = {Path(r["source"]).name: r for r in read_manifest(out).values()}
-    assert by_name["sleep.abc"]["reason"] == "timeout"
-    assert by_name["crash.abc"]["reason"] == "worker_died"
-    assert by_name["fine.abc"]["status"] == "done"
-    assert not mp.active_children()
-    assert not list((out / SUBDIR).glob(".*.tmp"))
-    assert [p.name for p in corpus_midi_files(out)] == [by_name["fine.abc"]["midi"]]
-
-
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / SUBDIR
     folder.mkdir()
     with _locked(folder), pytest.raises(MidimatchError) as err:
         convert_music21_corpus(tmp_path, sources=[], progress=False)
     assert err.value.reason == "busy"
-
-
-def _midi_with_ticks(path: Path, ticks_per_beat: int, last_tick: int) -> None:
-    mid = mido.MidiFile(ticks_per_beat=ticks_per_beat)
-    track = mido.MidiTrack()
-    track.append(mido.MetaMessage("set_tempo", tempo=500_000, time=0))  # 120 BPM
-    track.append(mido.Message("note_on", note=60, velocity=90, time=0))
-    track.append(mido.Message("note_off", note=60, velocity=0, time=ticks_per_beat))
-    track.append(mido.Message("note_on", note=64, velocity=90, time=last_tick - ticks_per_beat))
-    track.append(mido.Message("note_off", note=64, velocity=0, time=ticks_per_beat // 3))
-    mid.tracks.append(track)
-    mid.save(str(path))
-
-
-def test_huge_ticks_are_rescaled_keeping_times(tmp_path: Path) -> None:
-    path = tmp_path / "long.mid"
-    _midi_with_ticks(path, 10_080, 50_000_000)  # ~41 min at 120 BPM: past pretty_midi's guard
-    with pytest.raises(ValueError):
-        pretty_midi.PrettyMIDI(str(path))
-    info = _finish_midi(path)
-    assert info["rescaled"] and info["source_ticks_per_beat"] == 10_080
-    assert info["ticks_per_beat"] < 960  # this long a piece needs fewer than the usual 960
-    notes = pretty_midi.PrettyMIDI(str(path)).instruments[0].notes
-    last_s = 50_000_000 / 10_080 * 0.5
-    expected = [(0.0, 0.5), (last_s, last_s + 0.5 / 3)]
-    assert mido.MidiFile(str(path)).length == pytest.approx(last_s + 0.5 / 3, abs=1e-2)
-    for note, (start, end) in zip(notes, expected, strict=True):
-        assert note.start == pytest.approx(start, abs=1e-3)
-        assert note.end == pytest.approx(end, abs=1e-3)
-
-
-def test_short_files_get_960_ticks_and_coarse_ones_are_kept(tmp_path: Path) -> None:
-    fine, coarse = tmp_path / "fine.mid", tmp_path / "coarse.mid"
-    _midi_with_ticks(fine, 10_080, 10_080 * 8)
-    _midi_with_ticks(coarse, 480, 480 * 8)
-    assert _finish_midi(fine)["ticks_per_beat"] == 960
-    info = _finish_midi(coarse)
-    assert not info["rescaled"] and info["ticks_per_beat"] == 480
-    assert info["duration_s"] == pytest.approx(4.0 + 0.5 / 3, abs=1e-3)
