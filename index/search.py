@@ -33,6 +33,9 @@ query is a whole number of hash frames and the path ends on its last one.
 
 The decision (identified or not in the collection) is :mod:`index.decision`'s offline rule; a
 stream applies :class:`index.decision.StreamDecision` to consecutive results instead.
+
+The settings (:class:`~index.cascade_types.CascadeConfig`) and the types the stages hand over
+and return are in :mod:`index.cascade_types`.
 """
 
 from __future__ import annotations
@@ -40,201 +43,35 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
+from index.cascade_types import (
+    FRAME_RATE_HZ,
+    CascadeConfig,
+    Match,
+    QueryCode,
+    SearchResult,
+    Verified,
+    hash_frame_end_s,
+)
 from index.confirm import ConfirmedMatch, confirm_candidates
 from index.decision import Calibration, decide, load_calibration
 from index.hashdtw import hash_dtw_batch
 from index.prune import EmbeddingPruner
 from index.store import IndexData, load_index
 from model.bits import median_hamming
-from model.encoder import QUERY_PARTS
 from model.errors import AudioError, ModelMismatchError
 
 __all__ = [
     "Cascade",
-    "CascadeConfig",
-    "Match",
     "ModelMismatchError",
-    "QueryCode",
-    "SearchResult",
-    "Verified",
     "default_penalty",
-    "hash_frame_end_s",
 ]
 
-FRAME_RATE_HZ = 22050 / 1024
 _PENALTY_SAMPLE = 2048
-
-
-DEFAULT_TOP_K = 300
-
-
-@dataclass(frozen=True)
-class CascadeConfig:
-    """Settings of the cascade.
-
-    Attributes
-    ----------
-    top_k : int
-        References kept by the embedding prune (Raffel's TOP_EMBEDDINGS, scaled down).
-        ``DEFAULT_TOP_K`` = 300: on the held-out renderer (2,055 references, `midimatch eval
-        --top-k 100|200|300`, docs/evaluation.md) 10 s top-1 rose from 93.1 / 80.6 % (clean /
-        room + noise) at 100 to 98.0 / 91.9 % at 200 and 98.4 / 96.0 % at 300; the prune is
-        where the right piece was lost, and verifying 300 costs a few ms more per query.
-    top_n : int
-        Verified references confirmed and returned as matches.
-    gully : float
-        Hash-DTW and confirm gully g (see the streaming caveat in :mod:`index.hashdtw`).
-    penalty : int or None
-        φ in Hamming units; None = the index's (see the module docstring).
-    query_window_s : float
-        Seconds of the query's end that are hashed and verified.
-    prune_parts : int
-        Parts of the embedded window pruned beside it (0: the whole window alone). Default
-        :data:`model.encoder.QUERY_PARTS` = 2, the halves.
-    min_query_s : float
-        Shorter queries are refused (``AudioError("too_short")``).
-    """
-
-    top_k: int = DEFAULT_TOP_K
-    top_n: int = 5
-    gully: float = 0.9
-    penalty: int | None = None
-    query_window_s: float = 20.0
-    min_query_s: float = 2.0
-    prune_parts: int = QUERY_PARTS
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1 or self.top_n < 1:
-            raise ValueError("top_k and top_n must be >= 1")
-        if not 0.0 <= self.gully <= 1.0:
-            raise ValueError(f"gully must lie in [0, 1], got {self.gully}")
-        if self.penalty is not None and (self.penalty < 0 or int(self.penalty) != self.penalty):
-            raise ValueError(f"penalty must be a non-negative integer, got {self.penalty}")
-        if not 0.0 < self.min_query_s <= self.query_window_s:
-            raise ValueError("need 0 < min_query_s <= query_window_s")
-        if self.prune_parts < 0:
-            raise ValueError(f"prune_parts must be >= 0, got {self.prune_parts}")
-
-    @property
-    def query_window_frames(self) -> int:
-        """CQT frames hashed and verified."""
-        return int(round(self.query_window_s * FRAME_RATE_HZ))
-
-    @property
-    def min_query_frames(self) -> int:
-        """Fewest CQT frames searched (at least two hash frames)."""
-        return max(8, int(round(self.min_query_s * FRAME_RATE_HZ)))
-
-
-@dataclass(frozen=True)
-class Match:
-    """One ranked reference.
-
-    Attributes
-    ----------
-    ref : int
-        Reference number in the index.
-    id : str
-        Stable identifier: the first 16 hex digits of the MIDI file's SHA-256.
-    title : str
-    confidence : float
-        In [0, 1]; compare with the calibrated threshold (:mod:`index.decision`).
-    score : float
-        Hash-DTW score (mean Hamming cost per path cell, penalties included); lower is better.
-    start_s, end_s : float
-        Matched span in the reference, seconds.
-    position_s : float
-        Where in the reference the query's last frame is: the live position.
-    """
-
-    ref: int
-    id: str
-    title: str
-    confidence: float
-    score: float
-    start_s: float
-    end_s: float
-    position_s: float
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """The answer to one query.
-
-    Attributes
-    ----------
-    matches : list of Match
-        Best first, at most ``top_n``.
-    identified : Match or None
-        ``matches[0]`` when confident (offline rule), else None: not in the collection.
-    timings_s : dict
-        Seconds per stage: ``encode``, ``prune``, ``verify``, ``confirm``, ``total`` (and
-        ``features`` for :meth:`Cascade.search_audio`). In a batch, ``prune`` is the shared
-        matrix product's time, counted in every result.
-    n_candidates : int
-        References verified (after pruning).
-    """
-
-    matches: list[Match]
-    identified: Match | None
-    timings_s: dict = field(default_factory=dict)
-    n_candidates: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            "matches": [m.to_dict() for m in self.matches],
-            "identified": self.identified.to_dict() if self.identified else None,
-            "timings_s": dict(self.timings_s),
-            "n_candidates": self.n_candidates,
-        }
-
-
-class QueryCode(NamedTuple):
-    """A query, encoded (:meth:`Cascade.encode`).
-
-    Attributes
-    ----------
-    embedding : np.ndarray, shape (1 + prune_parts, D), float32
-        The query views (:meth:`model.encoder.Encoder.embed_views`), the whole window first.
-    hashes : np.ndarray, shape (M,), uint16/uint32
-    n_frames : int
-        Tq, CQT frames the hashes were computed from (the query view's length).
-    """
-
-    embedding: np.ndarray
-    hashes: np.ndarray
-    n_frames: int
-
-
-class Verified(NamedTuple):
-    """Hash-DTW of one query against its candidates, sorted best first; all shape (K,).
-
-    ``refs`` are reference numbers; ``scores``, ``end_j``, ``end_i``, ``path_length`` as
-    :class:`index.hashdtw.HashDTWBatch`. Ties keep the prune order.
-    """
-
-    refs: np.ndarray
-    scores: np.ndarray
-    end_j: np.ndarray
-    end_i: np.ndarray
-    path_length: np.ndarray
-
-
-def hash_frame_end_s(j: np.ndarray | int) -> np.ndarray | float:
-    """Reference time of the end of hash frame ``j`` (e.g. :class:`Verified` ``end_j``), seconds.
-
-    The centre of its last CQT frame, ``(4 j + 3) / 21.53``; ``Match.end_s`` uses it too.
-    """
-    return (4 * np.asarray(j) + 3) / FRAME_RATE_HZ
+_DEFAULT_CONFIG = CascadeConfig()  # frozen: one shared default
 
 
 def default_penalty(index: IndexData) -> int:
@@ -271,7 +108,7 @@ class Cascade:
         ``index.model_id != encoder.model_id``.
     """
 
-    def __init__(self, index: IndexData, encoder, config: CascadeConfig = CascadeConfig(),
+    def __init__(self, index: IndexData, encoder, config: CascadeConfig = _DEFAULT_CONFIG,
                  calibration: Calibration | None = None) -> None:
         index.check_model(encoder.model_id)
         self.index = index

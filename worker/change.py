@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from index.cascade_types import Match, Verified
 from index.confirm import FIELD_SKIP, MIN_FIELD, margin_confidence
 from index.hashdtw import hash_dtw
-from index.search import Cascade, Match, Verified
+from index.search import Cascade
 from worker.candidates import CandidateDTW
 
 __all__ = ["ChangeDetector"]

@@ -57,7 +57,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from index.search import DEFAULT_TOP_K, Cascade
+from index.cascade_types import DEFAULT_TOP_K
+from index.search import Cascade
 from model.features import FRAME_RATE
 from model.streaming import embed_step, embeddings, hash_step
 from worker.bus import StreamParams

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from index.cascade_types import Match, Verified
 from index.decision import StreamDecision
-from index.search import Cascade, Match, Verified
+from index.search import Cascade
 from model.errors import MidimatchError
 from model.features import FRAME_RATE, StreamingCQT
 from model.streaming import StreamingEmbedder, StreamingHasher

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from index.build import BuildOptions, build_index
-from index.search import Cascade, CascadeConfig
+from index.cascade_types import CascadeConfig
+from index.search import Cascade
 
 
 @pytest.fixture(scope="module")
