@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index.calibration import Calibration, load_calibration
 from index.cascade_types import (
     FRAME_RATE_HZ,
     CascadeConfig,
@@ -57,7 +58,7 @@ from index.cascade_types import (
     hash_frame_end_s,
 )
 from index.confirm import ConfirmedMatch, confirm_candidates
-from index.decision import Calibration, decide, load_calibration
+from index.decision import decide
 from index.hashdtw import hash_dtw_batch
 from index.prune import EmbeddingPruner
 from index.store import IndexData, load_index
@@ -100,7 +101,7 @@ class Cascade:
         Must be the model that built the index.
     config : CascadeConfig
     calibration : Calibration, optional
-        Default: :func:`index.decision.load_calibration` for the encoder's model.
+        Default: :func:`index.calibration.load_calibration` for the encoder's model.
 
     Raises
     ------

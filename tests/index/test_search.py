@@ -7,13 +7,13 @@ import pytest
 
 from index import store
 from index.build import BuildOptions, build_index
+from index.calibration import Calibration
 from index.cascade_types import (
     FRAME_RATE_HZ,
     CascadeConfig,
     SearchResult,
     hash_frame_end_s,
 )
-from index.decision import Calibration
 from index.hashdtw import hash_dtw, median_hamming
 from index.search import Cascade, default_penalty
 from model.encoder import Encoder

@@ -12,7 +12,7 @@ import pytest
 from index.build import BuildOptions, build_index
 from index.cascade_types import CascadeConfig
 from index.search import Cascade
-from model.midi import midi_to_audio
+from model.synth import midi_to_audio
 from model.training.songgen import generate_song
 from worker.bus import StreamParams
 from worker.engine import Engine, EngineError, EngineSettings
