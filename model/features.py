@@ -1,5 +1,10 @@
 """Audio → log-magnitude constant-Q frames, streamable.
 
+One job: the transform, on its frame grid (the constants below), computed incrementally
+(:class:`StreamingCQT`) or on a whole signal (:func:`audio_to_frames`, the same frames).
+The input is checked by :mod:`model.audio` and brought to 22,050 Hz by :mod:`model.resample`;
+:func:`is_silent` is the level gate a query passes before its frames are searched.
+
 The representation of the seed (Raffel's ``feature_extraction.py``): 48 semitone bins from MIDI
 note 36 (65.41 Hz) to 83 (987.8 Hz), audio at 22,050 Hz, hop 1,024 samples (46.4 ms, 21.53 frames
 per second), log magnitude, each frame L2-normalised, float32, shape ``(T, 48)``.
@@ -29,15 +34,13 @@ block, see :func:`lookahead_ms`): 0.3 ms at 44.1 kHz, 7.0 ms at 48 kHz, 3.5 ms a
 from __future__ import annotations
 
 import functools
-import math
-from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio.functional.functional as _taf
 
+from model.audio import check_rate, pcm_to_samples
 from model.errors import AudioError
+from model.resample import SampleBuffer, StreamingResampler
 
 SAMPLE_RATE = 22050
 HOP = 1024
@@ -45,7 +48,6 @@ N_BINS = 48
 MIDI_LO = 36
 BINS_PER_OCTAVE = 12
 FRAME_RATE = SAMPLE_RATE / HOP
-MIN_RATE, MAX_RATE = 8000, 96000
 
 #: Centre frequency of each bin, Hz, shape (48,).
 FREQS = 440.0 * 2.0 ** ((MIDI_LO + np.arange(N_BINS) - 69) / BINS_PER_OCTAVE)
@@ -72,9 +74,6 @@ LOOKAHEAD_MS = 1000.0 * HALF_WINDOW / SAMPLE_RATE
 LOG_FLOOR = 1e-3
 LOG_RANGE_DB = 80.0
 
-# A polyphase resampling kernel has new/gcd × (orig/gcd + 2·width) taps: common rates need
-# < 0.3 M, a rate coprime with 22,050 would need ~10^9 (torchaudio itself would not cope).
-_MAX_RESAMPLE_TAPS = 1 << 22
 _FRAMES_PER_CALL = 256  # bounds the (frames × N_FFT) STFT buffer to ~17 MB
 # Samples and spectra are float64 inside, float32 out. The log keeps bins 80 dB under a frame's
 # peak, and a frame next to a loud passage (a fade, an edit to digital silence) has its peak
@@ -159,133 +158,6 @@ def cqt_magnitude(windows: torch.Tensor) -> torch.Tensor:
     return torch.abs(spec @ kern)
 
 
-def _check_rate(sample_rate: float) -> int:
-    if not (isinstance(sample_rate, (int, float, np.integer, np.floating))
-            and float(sample_rate).is_integer() and MIN_RATE <= sample_rate <= MAX_RATE):
-        raise AudioError(
-            f"sample rate {sample_rate!r} Hz is not supported: use an integer rate in "
-            f"{MIN_RATE}..{MAX_RATE} Hz", reason="unsupported_rate")
-    return int(sample_rate)
-
-
-class _Buffer:
-    """A float64 FIFO with amortised O(1) append and drop (1-sample pushes stay cheap)."""
-
-    def __init__(self, zeros: int) -> None:
-        self._a = np.zeros(max(4096, 2 * zeros), dtype=np.float64)
-        self._lo, self._hi = 0, zeros
-
-    def __len__(self) -> int:
-        return self._hi - self._lo
-
-    def append(self, x: np.ndarray) -> None:
-        if self._hi + x.size > self._a.size:
-            live = self._a[self._lo:self._hi]
-            if live.size + x.size > self._a.size // 2:
-                self._a = np.concatenate(
-                    [live, np.zeros(max(live.size + x.size, self._a.size), np.float64)])
-            else:
-                self._a[: live.size] = live
-            self._lo, self._hi = 0, live.size
-        self._a[self._hi:self._hi + x.size] = x
-        self._hi += x.size
-
-    def view(self) -> np.ndarray:
-        return self._a[self._lo:self._hi]
-
-    def drop(self, k: int) -> None:
-        self._lo += k
-
-
-class _StreamingResampler:
-    """torchaudio's sinc resampler (``functional.resample`` defaults), one block at a time.
-
-    ``resample`` zero-pads ``width`` samples in front, ``width + orig`` behind, and runs a conv1d
-    of stride ``orig`` (gcd-reduced): block b reads padded samples ``[b·orig, b·orig + taps)``
-    and writes ``new`` output samples. A block is computed once its input is all there, so
-    the concatenated output equals the whole-signal call (to float rounding).
-    """
-
-    def __init__(self, orig: int, new: int, device: torch.device) -> None:
-        gcd = math.gcd(orig, new)
-        self.orig, self.new = orig // gcd, new // gcd
-        # Size the kernel as torchaudio will (width for lowpass_filter_width=6, rolloff=0.99)
-        # before building it: a rate coprime with 22,050 would allocate gigabytes.
-        width = math.ceil(6 * self.orig / (min(self.orig, self.new) * 0.99))
-        if self.new * (2 * width + self.orig) > _MAX_RESAMPLE_TAPS:
-            raise AudioError(
-                f"sample rate {orig} Hz needs a {self.new * (2 * width + self.orig)}-tap "
-                f"resampling kernel to reach {new} Hz; use a common rate (8000, 16000, 22050, "
-                "32000, 44100, 48000, 96000)", reason="unsupported_rate")
-        # Private torchaudio API, pinned by pyproject (torchaudio==2.11.0). The taps are made in
-        # float32 as resample() makes them; the convolution runs in float64 (see _DTYPE).
-        kernel, self.width = _taf._get_sinc_resample_kernel(
-            orig, new, gcd, device=device, dtype=torch.float32)
-        # As a (taps, new) matrix: unfold + matmul is resample()'s strided conv1d, without
-        # conv1d's per-call overhead (~ms on CPU), which dominated small pushes.
-        self.kernel, self.device = kernel[:, 0, :].T.contiguous().to(_DTYPE), device
-        self.taps = kernel.shape[-1]
-        self.rate = orig
-        self.buf = _Buffer(self.width)
-        self.n_in = self.n_out = 0
-
-    @property
-    def lookahead_s(self) -> float:
-        """Worst-case wait for an output sample: the filter half-width plus one block."""
-        return (self.width + self.orig) / self.rate
-
-    def push(self, x: np.ndarray) -> np.ndarray:
-        self.n_in += x.size
-        self.buf.append(x)
-        return self._blocks()
-
-    def finish(self) -> np.ndarray:
-        done = self.n_out
-        self.buf.append(np.zeros(self.width + self.orig))
-        out = self._blocks()
-        # resample() keeps ceil(new·L/orig) samples, computed in float32 as here.
-        total = int(torch.ceil(torch.as_tensor(self.new * self.n_in / self.orig)))
-        return out[: max(0, total - done)]
-
-    def _blocks(self) -> np.ndarray:
-        avail = len(self.buf)
-        if avail < self.taps:
-            return np.zeros(0)
-        n_blocks = (avail - self.taps) // self.orig + 1
-        per_call = max(1, (1 << 20) // self.taps)  # unfolded input ≤ 1 M samples (8 MB)
-        src = torch.from_numpy(self.buf.view()[: (n_blocks - 1) * self.orig + self.taps])
-        src = src.to(self.device)
-        parts = []
-        for b0 in range(0, n_blocks, per_call):
-            b1 = min(n_blocks, b0 + per_call)
-            seg = src[b0 * self.orig:(b1 - 1) * self.orig + self.taps]
-            parts.append((seg.unfold(0, self.taps, self.orig) @ self.kernel).reshape(-1))
-        self.buf.drop(n_blocks * self.orig)
-        out = torch.cat(parts).cpu().numpy()
-        self.n_out += out.size
-        return out
-
-
-def _as_samples(pcm: np.ndarray, channels: int) -> np.ndarray:
-    """Validate one block of PCM and downmix it to mono float64, shape (n,)."""
-    a = np.asarray(pcm)
-    if a.dtype == np.int16:
-        a = a.astype(np.float64) / 32768.0
-    elif a.dtype.kind == "f":
-        a = a.astype(np.float64, copy=False)
-    else:
-        raise AudioError(f"PCM must be float or int16, got {a.dtype}", reason="bad_dtype")
-    if a.ndim == 1 and channels == 1:
-        a = a[:, None]
-    if a.ndim != 2 or a.shape[1] != channels:
-        raise AudioError(
-            f"PCM of shape {a.shape} does not match {channels} channel(s): expected (n,"
-            f" {channels})" + (" or (n,)" if channels == 1 else ""), reason="bad_layout")
-    if not np.isfinite(a).all():
-        raise AudioError("PCM contains NaN or infinite samples", reason="not_finite")
-    return a[:, 0].copy() if channels == 1 else a.mean(axis=1)
-
-
 class StreamingCQT:
     """Incremental audio → CQT frames; any chunking gives the frames of the whole signal.
 
@@ -308,17 +180,17 @@ class StreamingCQT:
 
     def __init__(self, sample_rate: int, channels: int = 1,
                  device: torch.device | str | None = None, *, log: bool = True) -> None:
-        self.sample_rate = _check_rate(sample_rate)
+        self.sample_rate = check_rate(sample_rate)
         if not isinstance(channels, (int, np.integer)) or not 1 <= channels <= 64:
             raise AudioError(f"channels must be 1..64, got {channels!r}", reason="bad_layout")
         self.channels = int(channels)
         self.device = torch.device(device if device is not None else "cpu")
         self.log = log
         self._rs = (None if self.sample_rate == SAMPLE_RATE
-                    else _StreamingResampler(self.sample_rate, SAMPLE_RATE, self.device))
+                    else StreamingResampler(self.sample_rate, SAMPLE_RATE, self.device))
         # Invariant: the buffer starts at sample t_next·HOP − HALF_WINDOW of the 22.05 kHz signal
         # (negative indices are the zero padding before the start).
-        self._buf = _Buffer(HALF_WINDOW)
+        self._buf = SampleBuffer(HALF_WINDOW)
         self._n = 0  # 22.05 kHz samples received
         self._t_next = 0
         self._closed = False
@@ -345,7 +217,7 @@ class StreamingCQT:
         """
         if self._closed:
             raise RuntimeError("push() after finish(): start a new StreamingCQT")
-        x = _as_samples(pcm, self.channels)
+        x = pcm_to_samples(pcm, self.channels)
         if x.size == 0:
             return np.zeros((0, N_BINS), np.float32)
         if self._rs is not None:
@@ -413,37 +285,11 @@ def audio_to_frames(audio: np.ndarray, sample_rate: int, *,
 
 def lookahead_ms(sample_rate: int = SAMPLE_RATE) -> float:
     """Audio after a frame's centre that the frame needs, ms, including the resampler's tail."""
-    rate = _check_rate(sample_rate)
+    rate = check_rate(sample_rate)
     if rate == SAMPLE_RATE:
         return LOOKAHEAD_MS
-    rs = _StreamingResampler(rate, SAMPLE_RATE, torch.device("cpu"))
+    rs = StreamingResampler(rate, SAMPLE_RATE, torch.device("cpu"))
     return LOOKAHEAD_MS + 1000.0 * rs.lookahead_s
-
-
-def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read an audio file (wav, flac, ogg... whatever libsndfile reads).
-
-    Returns
-    -------
-    audio : np.ndarray, shape (n, channels), float32 in [-1, 1]
-    sample_rate : int, Hz
-
-    Raises
-    ------
-    AudioError
-        ``unreadable`` (missing, not audio), ``empty`` (no samples), ``unsupported_rate``
-        (outside 8..96 kHz), ``not_finite`` (NaN or inf in a float file).
-    """
-    try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
-        raise AudioError(f"cannot read audio {path}: {e}", reason="unreadable") from e
-    if audio.size == 0:
-        raise AudioError(f"{path} holds no samples", reason="empty")
-    _check_rate(rate)
-    if not np.isfinite(audio).all():
-        raise AudioError(f"{path} contains NaN or infinite samples", reason="not_finite")
-    return audio, int(rate)
 
 
 def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:

@@ -1,12 +1,13 @@
-"""Tests of model.features: pitch, frame grid, streaming, librosa parity, bad input."""
+"""Tests of model.features: pitch, frame grid, streaming, librosa parity, bad input.
+
+The resampler alone is tested in test_resample.py, audio files in test_audio.py.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-import torchaudio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -134,22 +135,6 @@ def test_one_sample_chunks() -> None:
     np.testing.assert_allclose(got, F.audio_to_frames(x, 44100), atol=1e-4)
 
 
-@pytest.mark.parametrize("rate", [8000, 11025, 16000, 32000, 44100, 48000, 96000])
-def test_streaming_resampler_equals_torchaudio(rate: int) -> None:
-    rng = np.random.default_rng(rate)
-    x = rng.standard_normal(rate + 123).astype(np.float32)
-    ref = torchaudio.functional.resample(torch.from_numpy(x), rate, 22050).numpy()
-    rs = F._StreamingResampler(rate, 22050, torch.device("cpu"))
-    parts, i = [], 0
-    while i < x.size:
-        n = int(rng.choice([0, 1, rng.integers(1, 4000)]))
-        parts.append(rs.push(x[i:i + n].astype(np.float64)))
-        i += n
-    got = np.concatenate(parts + [rs.finish()])
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, atol=1e-5)
-
-
 def test_push_keeps_only_the_needed_tail() -> None:
     s = F.StreamingCQT(48000)
     chunk = np.zeros(4800, np.float32)
@@ -270,22 +255,3 @@ def test_empty_and_silent_audio_give_zero_frames() -> None:
     assert F.is_silent(1e-4 * rng.standard_normal(1000))  # -80 dBFS
     assert not F.is_silent(0.1 * rng.standard_normal(1000))  # -20 dBFS
     assert not F.is_silent((0.1 * 32767 * rng.standard_normal(1000)).astype(np.int16))
-
-
-def test_load_audio(tmp_path) -> None:
-    x = np.stack([_tone(60, 0.5, 44100), _tone(64, 0.5, 44100)], axis=1)
-    sf.write(tmp_path / "ok.flac", x, 44100)
-    audio, rate = F.load_audio(tmp_path / "ok.flac")
-    assert rate == 44100 and audio.shape == x.shape and audio.dtype == np.float32
-    np.testing.assert_allclose(audio, x, atol=1e-4)
-
-    cases = {"missing.wav": "unreadable", "junk.wav": "unreadable", "empty.wav": "empty",
-             "slow.wav": "unsupported_rate", "nan.wav": "not_finite"}
-    (tmp_path / "junk.wav").write_bytes(b"RIFF not really a wave file")
-    sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), 22050)
-    sf.write(tmp_path / "slow.wav", x[:100], 4000)
-    sf.write(tmp_path / "nan.wav", np.full((100, 1), np.nan, np.float32), 22050, subtype="FLOAT")
-    for name, reason in cases.items():
-        with pytest.raises(AudioError) as e:
-            F.load_audio(tmp_path / name)
-        assert e.value.reason == reason, name
