@@ -12,7 +12,8 @@ chunking), then
    with the requests of the last ``prune_wait_s``: the product reads every window embedding of
    the index (10,000 references: 240k × 128 float32, 120 MB), so one query costs about what
    fifty do; that product runs on the engine's prune thread (the second core) while ticks go
-   on, and a due session verifies against its previous candidates meanwhile;
+   on, and a due session verifies against its previous candidates meanwhile
+   (:class:`worker.prune_batcher.PruneBatcher`);
 4. **verify**: each due session's candidate hash-DTW is extended by its new hash frames
    (newcomers swept over the retained window; a numba kernel parallel over candidates);
 5. **confirm**: the cascade's confirm ranks and scores the best, and the session's
@@ -51,124 +52,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from index.cascade_types import DEFAULT_TOP_K
 from index.search import Cascade
 from model.features import FRAME_RATE
-from model.streaming import embed_step, embeddings, hash_step
+from model.streaming import embed_step, hash_step
 from worker.bus import StreamParams
+from worker.engine_settings import EngineSettings
 from worker.metrics import WorkerMetrics
+from worker.prune_batcher import PruneBatcher
 from worker.session import EngineError, Session, SessionConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineError", "EngineSettings"]
+__all__ = ["Engine", "EngineError"]
 
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How an engine runs its sessions.
-
-    Attributes
-    ----------
-    window_s : float
-        The query window: hash frames of the last ``window_s`` seconds are matched (10–30 s).
-    result_every_s : float
-        Audio between two results of a session, s.
-    top_k, top_n : int
-        References kept by the prune, and confirmed and returned per result.
-    max_sessions : int
-        Sessions one engine holds; ``open`` refuses more.
-    tick_budget_s : float
-        Past this much time in one tick, verification is postponed and no new round starts.
-    slack_s : float
-        The query may grow this far past ``window_s`` before the window slides and every
-        candidate's DP restarts from the last ``window_s`` (amortises the restart).
-    max_pending_s : float
-        Audio queued per session beyond which the oldest is dropped (counted), s.
-    change_s : float
-        The newest ``change_s`` seconds are checked against the top match each result; when
-        they no longer match it, the query restarts from them (0 disables the check; see
-        :mod:`worker.change`).
-    torch_threads : int or None
-        torch's intra-op threads, set **process-wide** when the engine is made (None: leave
-        them). One, because a tick is many small operations: on this 2-core machine a 100 ms
-        CQT push took 0.27 ms of CPU with one thread and 3.3 ms with two (OpenMP threads
-        spinning at every operation, worse when the cores are shared). Hash-DTW still runs on
-        numba's threads.
-    defer_audio : bool
-        Process a session's audio only once it completes a result period (module docstring);
-        False: every tick processes everything queued.
-    prune_wait_s : float
-        A session's candidate refresh may wait this long (wall time) to share one prune with
-        other sessions' (module docstring); meanwhile its results use the candidates of its
-        previous prune. 0: every due session is pruned in the tick it falls due.
-    prune_stale_s : float
-        A due session whose candidates come from an embedding this much *audio* older than its
-        stream is pruned in the tick instead of waiting for the shared prune. In real time the
-        shared prune refreshes every ``prune_wait_s`` of wall time, far more often; this bounds
-        audio that comes faster than real time (a file streamed at full speed, a takeover
-        rebuilding from its retained window), whose whole backlog a tick can process before
-        ``prune_wait_s`` has passed: before this setting such a session was verified, to its
-        end, against the candidates of its first 2 s.
-    prune_parts : int or None
-        Parts of the query window pruned beside it; None (the default) keeps the cascade's
-        ``prune_parts`` (2, the halves). 0 prunes with the whole window alone: the right piece
-        is lost to the prune more often, but the prune costs about half the CPU
-        (docs/benchmarks.md, "Streaming worker").
-    max_candidate_frames : int
-        A session's candidates are cut, in prune order, where their hash frames reach this
-        (the DP keeps 8 bytes per reference frame: 150,000 frames = 1.2 MB, the largest part of
-        the ≤ 2 MB a session may use; 100 typical candidates hold ~70,000).
-    """
-
-    window_s: float = 10.0
-    result_every_s: float = 1.0
-    top_k: int = DEFAULT_TOP_K
-    top_n: int = 5
-    max_sessions: int = 64
-    tick_budget_s: float = 0.5
-    slack_s: float = 5.0
-    max_pending_s: float = 30.0
-    change_s: float = 3.0
-    torch_threads: int | None = 1
-    defer_audio: bool = True
-    prune_wait_s: float = 0.5
-    prune_stale_s: float = 3.0
-    max_candidate_frames: int = 150_000
-    prune_parts: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = {
-            "window_s": 1.0 <= self.window_s <= 120.0,
-            "result_every_s": 0.05 <= self.result_every_s <= 10.0,
-            "top_k": self.top_k >= 1,
-            "top_n": 1 <= self.top_n,
-            "max_sessions": self.max_sessions >= 1,
-            "tick_budget_s": self.tick_budget_s > 0,
-            "slack_s": self.slack_s >= 0,
-            "max_pending_s": self.max_pending_s >= self.result_every_s,
-            "change_s": 0 <= self.change_s <= self.window_s / 2,
-            "torch_threads": self.torch_threads is None or self.torch_threads >= 1,
-            "prune_wait_s": self.prune_wait_s >= 0,
-            "prune_stale_s": self.prune_stale_s > 0,
-            "max_candidate_frames": self.max_candidate_frames >= 1,
-            "prune_parts": self.prune_parts is None or self.prune_parts >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
-            raise EngineError(f"bad engine settings: {shown}", reason="bad_settings")
-
-    @property
-    def window_hashes(self) -> int:
-        """Hash frames of the query window (4 CQT frames each)."""
-        return max(2, int(round(self.window_s * FRAME_RATE)) // 4)
+_DEFAULT_SETTINGS = EngineSettings()  # frozen: one shared default
 
 
 class Engine:
@@ -181,11 +82,12 @@ class Engine:
         ``prune_parts`` override its config's (:meth:`Cascade.with_config`: the index and the
         pruner are shared).
     settings : EngineSettings
+        :mod:`worker.engine_settings`.
     metrics : WorkerMetrics, optional
         Where the engine's metrics go (a private set when omitted).
     """
 
-    def __init__(self, cascade: Cascade, settings: EngineSettings = EngineSettings(),
+    def __init__(self, cascade: Cascade, settings: EngineSettings = _DEFAULT_SETTINGS,
                  metrics: WorkerMetrics | None = None) -> None:
         wanted = {"top_k": settings.top_k, "top_n": settings.top_n}
         if settings.prune_parts is not None:
@@ -206,9 +108,8 @@ class Engine:
             max_candidate_frames=settings.max_candidate_frames)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None  # the prune thread, made when needed
-        # a prune running there: its sessions, their audio_s when it was asked, the future
-        self._background: tuple[list[Session], list[float], Future] | None = None
+        self._prunes = PruneBatcher(cascade, settings.prune_wait_s, settings.prune_stale_s,
+                                    self.metrics, self._sessions, self._lock)
         self._ticks = 0
         self._verified_in_tick = False
 
@@ -363,7 +264,7 @@ class Engine:
         if not search:
             return degraded
         t = time.perf_counter()
-        self._prune(search)
+        self._prunes.refresh(search)
         times["prune"] += time.perf_counter() - t
         for s in search:
             if (not s.flushed and self._verified_in_tick
@@ -391,82 +292,6 @@ class Engine:
                 logger.debug("session %s: the music changed at %.1f s", s.id, s.audio_s)
                 s.restart_recent(self.cascade)
         return degraded
-
-    def _prune(self, due: list[Session]) -> None:
-        """Refresh candidate sets (module docstring, stage 3): the due sessions ask.
-
-        ``prune_wait_s == 0``: every asking session is pruned now, in this thread. Otherwise a
-        session without candidates is pruned now (its first search cannot wait), and the
-        others' requests go, once the oldest is ``prune_wait_s`` old, into one product on the
-        engine's prune thread (the second core), applied by the first tick after it finished;
-        meanwhile results use the previous candidates.
-        """
-        now = time.monotonic()
-        for s in due:
-            if s.prune_asked is None:
-                s.prune_asked = now
-        self._collect_prune()
-        if self.settings.prune_wait_s <= 0:
-            with self._lock:
-                asking = [s for s in self._sessions.values() if s.prune_asked is not None]
-            self._refresh(*self._prune_now(asking))
-            return
-        stale = self.settings.prune_stale_s
-        first = [s for s in due
-                 if s.candidates.size == 0 or s.audio_s - s.pruned_audio_s >= stale]
-        if first:
-            self._refresh(*self._prune_now(first))
-        if self._background is not None:
-            return
-        with self._lock:
-            asking = [s for s in self._sessions.values() if s.prune_asked is not None]
-        if asking and now - min(s.prune_asked for s in asking) >= self.settings.prune_wait_s:
-            sessions, emb = self._embed(asking)
-            if sessions:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="prune")
-                self._background = (sessions, [s.audio_s for s in sessions],
-                                    self._executor.submit(self._timed_prune, emb))
-
-    def _embed(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray]:
-        embs = embeddings(self.encoder, [s.embedder for s in sessions])
-        ready = [(s, e) for s, e in zip(sessions, embs, strict=True) if e is not None]
-        return [s for s, _ in ready], np.stack([e for _, e in ready]) if ready else np.zeros(0)
-
-    def _prune_now(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray]:
-        sessions, emb = self._embed(sessions)
-        return sessions, (self.cascade.prune(emb)[0] if sessions else np.zeros((0, 0)))
-
-    def _timed_prune(self, emb: np.ndarray) -> tuple[np.ndarray, float]:
-        t = time.perf_counter()
-        ids, _ = self.cascade.prune(emb)
-        return ids, time.perf_counter() - t
-
-    def _collect_prune(self) -> None:
-        """Apply the background prune's candidates if it has finished (to sessions still held)."""
-        if self._background is None or not self._background[2].done():
-            return
-        sessions, asked_at, future = self._background
-        self._background = None
-        try:
-            ids, seconds = future.result()
-        except Exception:
-            logger.exception("background prune failed")
-            self.metrics.errors_total.labels("internal").inc()
-            return
-        self.metrics.stage_seconds.labels("prune").observe(seconds)
-        with self._lock:
-            # not to sessions gone, finished, or pruned since on fresher audio (stale rule)
-            alive = [(s, row) for s, t, row in zip(sessions, asked_at, ids, strict=True)
-                     if self._sessions.get(s.id) is s and not s.finalised
-                     and s.pruned_audio_s <= t]
-        self._refresh([s for s, _ in alive], np.array([row for _, row in alive]))
-
-    def _refresh(self, sessions: list[Session], ids: np.ndarray) -> None:
-        for s, row in zip(sessions, ids, strict=True):
-            s.refresh(row)
-        if sessions:
-            self.metrics.prune_batch.observe(len(sessions))
 
     def _fail(self, s: Session, out: list[tuple[Session, dict]]) -> None:
         """A bug hit one session: log it, count it, end that session with an empty final

@@ -318,7 +318,8 @@ def build_engine(settings: WorkerSettings, metrics: WorkerMetrics):
         No index given. Loading errors (``IndexError_``, ``ModelMismatchError``...) pass through.
     """
     from index.search import Cascade
-    from worker.engine import Engine, EngineSettings
+    from worker.engine import Engine
+    from worker.engine_settings import EngineSettings
     from worker.settings import WorkerSettingsError
 
     if settings.index is None:
