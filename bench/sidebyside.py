@@ -156,7 +156,8 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.cmd == "prepare":
-        from model.training.data import corpus_files, prepare
+        from model.training.data import prepare
+        from model.training.data_pieces import corpus_files
 
         corpus = CACHE / "corpus"
         works = [f for f in corpus_files(corpus) if "generated" not in f.parts]

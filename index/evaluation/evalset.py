@@ -3,7 +3,7 @@
 :func:`plan_collection` splits the cached MIDI (``midimatch data corpus|generate``) into
 
 * the **index**: music21 works of the ``train`` and ``test`` splits
-(:func:`model.training.data.split_of`)
+(:func:`model.training.data_pieces.split_of`)
   and generated songs with seeds below ``n_generated_index``;
 * **in-collection query pieces**, all indexed and none trained on: music21 works of the
   ``test`` split and generated songs with seeds in ``[250, n_generated_index)`` (the shipped
@@ -108,7 +108,7 @@ def plan_collection(corpus: str | Path, *, n_generated_index: int = 1000, n_in: 
     Plan
     """
     from model.training.corpus import corpus_midi_files, read_manifest
-    from model.training.data import piece_key, split_of
+    from model.training.data_pieces import piece_key, split_of
     from model.training.songgen_files import generated_midi_files
 
     corpus = Path(corpus)
@@ -196,7 +196,7 @@ def clips_of_piece(piece: dict[str, Any], conditions: Sequence[str], cfg: QueryS
     from model.midi import load_midi
     from model.training.augment import augment_audio, preset
     from model.training.augment_midi import change_tempo
-    from model.training.data import excerpt
+    from model.training.data_pair import excerpt
     from model.training.render import render
 
     pm = load_midi(piece["path"])

@@ -118,7 +118,8 @@ def _cache(sub: str) -> Path:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from model.training.data import prepare, training_files
+    from model.training.data import prepare
+    from model.training.data_pieces import training_files
 
     corpus = args.corpus or _cache("corpus")
     files = training_files(corpus, works=args.works, generated=args.generated)

@@ -169,7 +169,7 @@ def _kill(slot: _Slot, *, graceful: bool = False) -> None:
     slot.conn.close()
 
 
-# --- small helpers --------------------------------------------------------------------------------
+# --- small helpers ------------------------------------------------------------------------------
 
 
 def _record(task: dict[str, Any], status: str, reason: str | None = None) -> dict[str, Any]:

@@ -97,7 +97,8 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
     """
     from model.nets import NetConfig
     from model.training.corpus import convert_music21_corpus
-    from model.training.data import prepare, training_files, training_renderers
+    from model.training.data import prepare, training_renderers
+    from model.training.data_pieces import training_files
     from model.training.songgen_files import generate_songs
     from model.training.train import train
 

@@ -1,18 +1,17 @@
-"""Tests of model.training.data: split by piece, excerpts, aligned pairs, shards, resumption."""
+"""Tests of model.training.data: prepare's shards, aligned pairs, splits by piece, resumption."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import pretty_midi
 import pytest
 
 from model.training import data as D
+from model.training.data_pieces import SPLITS, piece_id, piece_key, split_of
 from model.training.pairs import PairData
 from model.training.render import HELD_OUT, available
 from tests.conftest import make_piece
@@ -55,44 +54,12 @@ def _corr(a: np.ndarray, m: np.ndarray, shift: int = 0) -> float:
     return float(np.mean(np.sum(a * m, axis=1)))
 
 
-def test_split_is_by_content_and_follows_the_fractions(tmp_path: Path) -> None:
-    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
-    counts = {s: sum(D.split_of(k) == s for k in keys) / len(keys) for s in D.SPLITS}
-    assert counts["train"] == pytest.approx(0.8, abs=0.03)
-    assert counts["valid"] == pytest.approx(0.1, abs=0.02)
-    assert {D.split_of(k, (1, 0, 0)) for k in keys} == {"train"}
-    assert {D.split_of(k, (0, 0, 1)) for k in keys} == {"test"}
-    assert [D.split_of(k) for k in keys] == [D.split_of(k) for k in keys]
-    a, b = tmp_path / "a.mid", tmp_path / "b.mid"
-    make_piece(1).write(str(a))
-    shutil.copy(a, b)
-    assert D.piece_key(a) == D.piece_key(b)  # a copy is the same piece, hence the same split
-    assert 0 <= D.piece_id(D.piece_key(a)) < 2**63
-
-
-def test_excerpt_keeps_the_notes_inside_and_starts_at_zero() -> None:
-    pm = pretty_midi.PrettyMIDI()
-    inst = pretty_midi.Instrument(0)
-    inst.notes = [pretty_midi.Note(90, 60 + k, float(k), k + 1.5) for k in range(10)]
-    inst.control_changes = [pretty_midi.ControlChange(64, 127, 1.0),
-                            pretty_midi.ControlChange(64, 0, 4.5)]
-    pm.instruments.append(inst)
-    cut = D.excerpt(pm, 2.5, 3.0)  # onsets 3, 4, 5 are inside [2.5, 5.5)
-    notes = cut.instruments[0].notes
-    assert [n.pitch for n in notes] == [63, 64, 65]
-    assert [n.start for n in notes] == pytest.approx([0.0, 1.0, 2.0])
-    assert notes[-1].end == pytest.approx(2.5)  # clipped to the window's end
-    ccs = [(c.value, round(c.time, 3)) for c in cut.instruments[0].control_changes]
-    assert ccs == [(127, 0.0), (0, 1.5)]  # the pedal pressed before the cut still holds
-    assert len(pm.instruments[0].notes) == 10  # not modified
-
-
 def test_prepare_writes_aligned_pairs_split_by_piece(prepared: tuple[Path, list, dict]) -> None:
     out, files, report = prepared
-    keys = {D.piece_key(f): f for f in files[:4]}
+    keys = {piece_key(f): f for f in files[:4]}
     manifest = json.loads((out / D.MANIFEST).read_text())["shards"]
     owners: dict[int, set[str]] = {}
-    for split in D.SPLITS:
+    for split in SPLITS:
         if not report["splits"][split]["pairs"]:
             continue
         data = PairData.load(out, split)
@@ -105,7 +72,7 @@ def test_prepare_writes_aligned_pairs_split_by_piece(prepared: tuple[Path, list,
             assert a.shape == m.shape and len(a) >= 100
             assert _corr(a, m) > _corr(a, m, 8) + 0.05 and _corr(a, m) > _corr(a, m, -8) + 0.05
     assert all(len(s) == 1 for s in owners.values())  # no piece in two splits
-    assert owners == {D.piece_id(k): {D.split_of(k, SPLIT)} for k in keys}  # all 4, by content
+    assert owners == {piece_id(k): {split_of(k, SPLIT)} for k in keys}  # all 4, by content
     # The same pair against another piece's MIDI correlates less than with its own.
     train = PairData.load(out, "train") if report["splits"]["train"]["pairs"] else None
     if train is not None and len(np.unique(train.piece)) > 1:
@@ -117,7 +84,7 @@ def test_prepare_writes_aligned_pairs_split_by_piece(prepared: tuple[Path, list,
             other.append(_corr(a, train.midi[train.offsets[q]:train.offsets[q + 1]]))
         assert min(own) > max(other)
     # Four pieces (the copy is the same piece); the broken file is skipped with its reason.
-    assert sum(report["splits"][s]["pieces"] for s in D.SPLITS) == 5
+    assert sum(report["splits"][s]["pieces"] for s in SPLITS) == 5
     assert set(report["skipped"]) == {"not_midi"}  # once per split it was planned for
     assert {Path(s["file"]).name for s in report["skipped_pieces"]} == {"broken.mid"}
     assert all(p["renderer"] == "sine" for s in manifest.values() for p in s["pairs"])
@@ -138,7 +105,7 @@ def test_prepare_reruns_do_no_work_and_follow_the_content(prepared: tuple[Path, 
     # Another seed redraws renders, but every piece stays in its split.
     D.prepare(tmp_path / "other", files[:4], renderers=("sine",), heldout="sine",
                       workers=0, seed=7, split=SPLIT, max_piece_s=10.0, progress=False)
-    for split in D.SPLITS:
+    for split in SPLITS:
         if again["splits"][split]["pairs"]:
             assert (set(PairData.load(out, split).piece)
                     == set(PairData.load(tmp_path / "other", split).piece))
@@ -170,17 +137,6 @@ def test_heldout_split_uses_only_the_held_out_renderer_without_augmentation(
     assert set(data.piece) == set(PairData.load(tmp_path / "out", "test").piece)
 
 
-def test_worker_processes_and_the_piece_timeout(tmp_path: Path) -> None:
-    files = _write_collection(tmp_path / "midi", n=2)[:2]
-    report = D.prepare(tmp_path / "pool", files, renderers=("sine",), heldout="sine",
-                       workers=2, split=(1, 0, 0), max_piece_s=8.0, progress=False)
-    assert report["splits"]["train"]["pairs"] == 4 and report["skipped"] == {}
-    slow = D.prepare(tmp_path / "slow", files, renderers=("sine",), heldout="sine", workers=0,
-                     split=(1, 0, 0), progress=False, piece_timeout_s=1e-3)
-    assert slow["skipped"] == {"timeout": 2} and slow["splits"]["train"]["pairs"] == 0
-    assert not list((tmp_path / "slow").rglob("*.npz"))
-
-
 def test_one_installed_soundfont_is_refused_with_the_packages_to_install(tmp_path, monkeypatch):
     # this machine lacking MuseScore General and TimGM6mb: only FluidR3 "installed"
     monkeypatch.setattr(D, "available", lambda name: name in ("fluid-fluidr3", "sine"))
@@ -195,40 +151,6 @@ def test_one_installed_soundfont_is_refused_with_the_packages_to_install(tmp_pat
     # an explicit list is the caller's choice (tests, experiments)
     D.prepare(tmp_path / "out1", files, renderers=("fluid-fluidr3",), heldout="sine",
               workers=0, progress=False, min_renderers=1, max_piece_s=5)
-
-
-def test_training_files_take_the_first_generated_songs_in_seed_order(tmp_path):
-    from model.training.songgen_files import generate_songs
-
-    songs = generate_songs(tmp_path, 3, workers=1, progress=False, duration_s=20.0)
-    assert D.training_files(tmp_path, generated=2) == songs[:2]  # no music21 works converted
-    assert D.training_files(tmp_path, works=0, generated=5) == songs
-
-
-def test_the_noisy_preset_adds_rooms_and_noise_to_the_same_draws() -> None:
-    """train_noisy only raises the reverb and noise probabilities: with the same generator, a
-    draw keeps every stage "train" gave it, and gains a room or noise about half the times it
-    had none (gate in [0.5, 0.75))."""
-    from model.training.augment import preset
-
-    noisy, train = preset("train_noisy"), preset("train")
-    assert (noisy.p_reverb, noisy.p_noise) == (0.75, 0.75)
-    assert noisy.snr_db == train.snr_db and noisy.rt60_s == train.rt60_s
-    pm = make_piece(7, duration_s=12.0)
-    gained = {"room_reverb": 0, "noise": 0}
-    for seed in range(24):
-        got = {name: D.make_pair(pm, "sine", np.random.default_rng(seed), max_piece_s=8.0,
-                                 min_frames=20, augment_preset=name)
-               for name in ("train", "train_noisy")}
-        (a0, m0, i0), (a1, m1, i1) = got["train"], got["train_noisy"]
-        assert i0["midi_aug"] == i1["midi_aug"] and i0["excerpt_start_s"] == i1["excerpt_start_s"]
-        np.testing.assert_array_equal(m0, m1)  # the MIDI side is the same draw
-        assert set(i0["audio_aug"]) <= set(i1["audio_aug"])
-        # each stage draws from its own generator: the same stages give the same audio
-        assert np.array_equal(a0, a1) == (i0["audio_aug"] == i1["audio_aug"])
-        for stage in gained:
-            gained[stage] += stage in i1["audio_aug"] and stage not in i0["audio_aug"]
-    assert gained["room_reverb"] > 0 and gained["noise"] > 0
 
 
 def test_prepare_records_the_preset_and_redoes_shards_made_with_another(tmp_path: Path) -> None:

@@ -1,0 +1,57 @@
+"""Which MIDI files training uses, what a piece is, and which split each piece belongs to.
+
+A piece is its file's bytes (copies under other names are one piece), and its split follows from
+its content hash alone, so a piece and all its renderings stay in one split whatever the order
+of the files, the seed or the machine. Evaluation relies on that to keep training pieces out of
+its queries (``index.evaluation.evalset``); the file lists here fix which works and generated
+songs a training run sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+
+
+def piece_key(path: str | Path) -> str:
+    """SHA-256 of the file's bytes: the identity of a piece (copies of a file are one piece)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def piece_id(key: str) -> int:
+    """The int64 piece id stored in shards: the first 60 bits of the key."""
+    return int(key[:15], 16)
+
+
+def split_of(key: str, split: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
+    """``train``, ``valid`` or ``test`` for a piece key, by where its hash falls in ``split``."""
+    u = int(key[-16:], 16) / 2.0**64  # other bits than piece_id's: independent of it
+    bounds = np.cumsum(split) / float(np.sum(split))
+    return SPLITS[min(int(np.searchsorted(bounds, u, side="right")), len(SPLITS) - 1)]
+
+
+def training_files(corpus_dir: str | Path, *, works: int | None = None,
+                   generated: int = 250) -> list[Path]:
+    """The MIDI files training uses: converted music21 works (all of them, or only the first
+    ``works`` of :func:`model.training.corpus_works.list_corpus_works`' fixed order), then the
+    first ``generated`` generated songs (seed order)."""
+    from model.training.corpus import corpus_midi_files
+    from model.training.corpus_works import list_corpus_works
+    from model.training.songgen_files import generated_midi_files
+
+    root = Path(corpus_dir)
+    keys = None if works is None else {w.key for w in list_corpus_works()[:works]}
+    return corpus_midi_files(root, keys=keys) + generated_midi_files(root)[:generated]
+
+
+def corpus_files(corpus_dir: str | Path) -> list[Path]:
+    """The cached collection: converted music21 works (deduplicated) and generated songs."""
+    from model.training.corpus import corpus_midi_files
+
+    root = Path(corpus_dir)
+    return corpus_midi_files(root) + sorted((root / "generated").glob("*.mid"))

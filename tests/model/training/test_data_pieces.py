@@ -1,0 +1,35 @@
+"""Pieces, splits by content, and the files training uses."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from model.training.data_pieces import SPLITS, piece_id, piece_key, split_of, training_files
+from tests.conftest import make_piece
+
+
+def test_split_is_by_content_and_follows_the_fractions(tmp_path: Path) -> None:
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    counts = {s: sum(split_of(k) == s for k in keys) / len(keys) for s in SPLITS}
+    assert counts["train"] == pytest.approx(0.8, abs=0.03)
+    assert counts["valid"] == pytest.approx(0.1, abs=0.02)
+    assert {split_of(k, (1, 0, 0)) for k in keys} == {"train"}
+    assert {split_of(k, (0, 0, 1)) for k in keys} == {"test"}
+    assert [split_of(k) for k in keys] == [split_of(k) for k in keys]
+    a, b = tmp_path / "a.mid", tmp_path / "b.mid"
+    make_piece(1).write(str(a))
+    shutil.copy(a, b)
+    assert piece_key(a) == piece_key(b)  # a copy is the same piece, hence the same split
+    assert 0 <= piece_id(piece_key(a)) < 2**63
+
+
+def test_training_files_take_the_first_generated_songs_in_seed_order(tmp_path):
+    from model.training.songgen_files import generate_songs
+
+    songs = generate_songs(tmp_path, 3, workers=1, progress=False, duration_s=20.0)
+    assert training_files(tmp_path, generated=2) == songs[:2]  # no music21 works converted
+    assert training_files(tmp_path, works=0, generated=5) == songs
