@@ -68,7 +68,7 @@ def bench_index(path: Path | None, n_refs: int, workers: int = 2) -> Path:
 
     from index import store
     from index.build import BuildOptions, build_index
-    from model.training.songgen import generate_songs
+    from model.training.songgen_files import generate_songs
 
     if path is not None:
         return path
@@ -126,7 +126,8 @@ def run_level(cascade, n: int, pool: list[np.ndarray], seconds: float, chunk_s: 
               rate: int) -> dict:
     """Run ``n`` real-time sessions for ``seconds`` of audio; the row of the table."""
     from worker.bus import StreamParams
-    from worker.engine import Engine, EngineSettings
+    from worker.engine import Engine
+    from worker.engine_settings import EngineSettings
     from worker.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
@@ -210,7 +211,8 @@ def traced_per_session(cascade, pool: list[np.ndarray], rate: int, n: int = 10,
     import tracemalloc
 
     from worker.bus import StreamParams
-    from worker.engine import Engine, EngineSettings
+    from worker.engine import Engine
+    from worker.engine_settings import EngineSettings
     from worker.session import _cqt_nbytes
 
     eng = Engine(cascade, EngineSettings(tick_budget_s=3600.0))
@@ -249,7 +251,8 @@ def main() -> None:
                     help="query parts pruned beside the window (default: the cascade's, 2)")
     args = ap.parse_args()
 
-    from index.search import Cascade, CascadeConfig
+    from index.cascade_types import CascadeConfig
+    from index.search import Cascade
 
     index_dir = bench_index(args.index, args.refs)
     if args.prepare:

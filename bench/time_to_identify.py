@@ -147,7 +147,7 @@ def clean_audio(piece: dict[str, Any], seconds: float, cache_dir: Path) -> np.nd
     cannot be rendered or comes out short."""
     from model.errors import MidimatchError
     from model.midi import load_midi
-    from model.training.data import excerpt
+    from model.training.data_pair import excerpt
     from model.training.render import render
 
     key = hashlib.sha256(f"{piece['path']}|{piece['start_s']}|{seconds}".encode()).hexdigest()
@@ -190,7 +190,8 @@ def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
     """Stream every clip through one engine, ``batch`` sessions at a time, as fast as it takes
     them; per clip, each result's :data:`Row` in order."""
     from worker.bus import StreamParams
-    from worker.engine import Engine, EngineSettings
+    from worker.engine import Engine
+    from worker.engine_settings import EngineSettings
 
     eng = Engine(cascade, EngineSettings(max_sessions=max(64, batch), prune_wait_s=0.0,
                                          tick_budget_s=3600.0, result_every_s=result_every_s))

@@ -116,10 +116,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _identify(args: argparse.Namespace) -> int:
-    from index.decision import load_calibration
-    from index.search import Cascade, CascadeConfig
+    from index.calibration import load_calibration
+    from index.cascade_types import CascadeConfig
+    from index.search import Cascade
+    from model.audio import load_audio
     from model.errors import AudioError, MidimatchError
-    from model.features import load_audio
 
     if args.top < 1:
         raise MidimatchError("--top must be >= 1", reason="bad_argument")

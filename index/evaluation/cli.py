@@ -69,7 +69,7 @@ def _root(args: argparse.Namespace) -> Path:
 
 def _eval(args: argparse.Namespace) -> int:
     if args.top_k is None:
-        from index.search import DEFAULT_TOP_K
+        from index.cascade_types import DEFAULT_TOP_K
 
         args.top_k = DEFAULT_TOP_K
     return _prepare(args) if args.action == "prepare" else _run(args)
@@ -215,9 +215,10 @@ def _run(args: argparse.Namespace) -> int:
         return _rescore(args)
     import torch
 
+    from index.cascade_types import CascadeConfig
     from index.evaluation.evalset import load_queries
     from index.evaluation.evaluate import format_table, run_cascade, summarize, true_refs
-    from index.search import Cascade, CascadeConfig
+    from index.search import Cascade
 
     if args.threads:
         import numba
@@ -261,7 +262,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(summary, base, top_k=args.top_k))
     _print_calibration(report)
     if args.save_calibration:
-        from index.decision import calibrate, save_calibration
+        from index.calibration import calibrate, save_calibration
 
         cal = calibrate([o["top1_confidence"] for o in outcomes if o["kind"] == "in"],
                         [o["top1_confidence"] for o in outcomes if o["kind"] == "out"],
