@@ -26,16 +26,10 @@ import numpy as np
 import pretty_midi
 
 from model.errors import MidiError
+from model.fastrender import NoteTable
 
-# midi_to_frames_fast lives in model.fastrender; it is named here only because
-# model/training/data.py (being split elsewhere) still imports it from model.midi. Drop it from
-# this import and from __all__ once that import line reads model.fastrender.
-from model.fastrender import NoteTable, midi_to_frames_fast
-
-__all__ = [
-    "BPM_RANGE", "MAX_BYTES", "MAX_DURATION_S", "MAX_TICKS", "MAX_TRACKS", "load_midi",
-    "load_notes", "midi_to_frames_fast",
-]
+__all__ = ["BPM_RANGE", "MAX_BYTES", "MAX_DURATION_S", "MAX_TICKS", "MAX_TRACKS", "load_midi",
+           "load_notes"]
 
 # mido parses ~0.5 MB of dense events a second here and holds ~300 bytes per event, so the
 # byte limit is what bounds time and memory (2 MiB: ~4 s, ~250 MB worst case; a pop song is
