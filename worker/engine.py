@@ -286,7 +286,9 @@ class Engine:
             times["confirm"] += t4 - t3
             s.verified_at = self._ticks
             self._verified_in_tick = True
-            changed = not s.flushed and s.music_changed(self.cascade, matches, ver)
+            # a pause is not a change of music: quiet periods leave the decision alone
+            changed = (not s.flushed and not s.period_quiet
+                       and s.music_changed(self.cascade, matches, ver))
             out.append((s, s.result(matches)))
             if changed:
                 logger.debug("session %s: the music changed at %.1f s", s.id, s.audio_s)
@@ -300,6 +302,7 @@ class Engine:
         self.metrics.errors_total.labels("internal").inc()
         s.flushed = True
         s.decision.reset()
+        s.held = None
         out.append((s, s.result(None)))
 
     def _observe(self, times: dict[str, float], out: list[tuple[Session, dict]],

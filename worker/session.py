@@ -43,6 +43,10 @@ from worker.candidates import CandidateDTW
 from worker.change import ChangeDetector
 
 SILENCE_DBFS = -60.0  # as the offline search's is_silent: a silent window is not searched
+# A result period this far below the loudest of the recent ones (or under SILENCE_DBFS) is quiet:
+# a pause, a fade, the end of a take. Quiet periods neither count for nor against the decision.
+QUIET_BELOW_LOUDEST_DB = 30.0
+HOLD_QUIET_S = 30.0  # a decision is held through at most this much quiet audio in a row
 _EMPTY = np.zeros((0, 48), np.float32)
 
 
@@ -91,6 +95,9 @@ class Session:
         self.dtw = CandidateDTW(cascade.index.hashes, cascade.index.hash_offsets,
                                 penalty=cascade.penalty, gully=cascade.config.gully)
         self.decision = StreamDecision(cascade.calibration)
+        self.held = None  # the decided match, held through quiet periods (see result())
+        self.quiet_s = 0.0  # quiet audio since the last period with music, s
+        self._last_quiet = False  # whether the previous result's period was quiet
         cap = config.window_hashes + config.slack_hashes
         self.query = np.zeros(cap, enc.hash_dtype)  # query[:n_query] is the DTW's query
         # the newest CQT frames, to re-seed the embedder when the music changes
@@ -292,6 +299,20 @@ class Session:
         sq = sum(e[1] for e in self._energy) + self._energy_now[1]
         return n > 0 and math.sqrt(sq / n) > 10.0 ** (SILENCE_DBFS / 20.0)
 
+    @property
+    def period_quiet(self) -> bool:
+        """Whether the audio since the last result is quiet: under ``SILENCE_DBFS``, or
+        ``QUIET_BELOW_LOUDEST_DB`` below the loudest period of the retained window (a fade or a
+        reverb tail). A period without new samples (the final flush of an ended stream) is as
+        the period before it."""
+        n, sq = self._energy_now
+        if n == 0:
+            return self._last_quiet
+        rms = math.sqrt(sq / n)
+        loudest = max((math.sqrt(s / k) for k, s in self._energy if k), default=0.0)
+        return rms <= max(10.0 ** (SILENCE_DBFS / 20.0),
+                          loudest * 10.0 ** (-QUIET_BELOW_LOUDEST_DB / 20.0))
+
     def refresh(self, candidates: np.ndarray) -> None:
         """A new candidate set from the prune, (K,) reference numbers nearest first (kept ones
         keep their DP state; newcomers are swept over the window at the next :meth:`verify`).
@@ -341,6 +362,7 @@ class Session:
         self.n_query = n
         self.dtw.restart()
         self.decision.reset()
+        self.held = None
         self.change.reset()
         frames = self._recent[:self._n_recent][-4 * n:]
         self.embedder = _embedder(cascade)
@@ -348,9 +370,22 @@ class Session:
 
     def result(self, matches: list[Match] | None) -> dict:
         """The result message body (see :mod:`worker.bus`) for the ranking ``matches`` (None:
-        not searchable, an empty ranking); updates the stream decision."""
+        not searchable, an empty ranking); updates the stream decision.
+
+        A quiet period (:attr:`period_quiet`) does not feed the decision: what was decided stays
+        decided (for up to ``HOLD_QUIET_S`` of quiet in a row), and nothing is decided on it.
+        """
         matches = matches or []
-        top = self.decision.update(matches, self.audio_s)
+        self._last_quiet = quiet = self.period_quiet
+        if quiet:
+            self.quiet_s += self._energy_now[0] / self.params.channels / self.rate
+            if self.quiet_s > HOLD_QUIET_S:
+                self.held = None
+                self.decision.reset()
+        else:
+            self.quiet_s = 0.0
+            self.held = self.decision.update(matches, self.audio_s)
+        top = self.held
         self._energy.append((self._energy_now[0], self._energy_now[1]))
         self._energy_now = [0, 0.0]
         self.overdue_since = None
