@@ -32,9 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--untrained", action="store_true",
                    help="also write the untrained model and build its own index")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--renderers", default="",
+                   help="render the queries with each of these renderers (comma-separated "
+                   "names of `midimatch data renderers`; default: the held-out "
+                   "timidity-freepats), one query set per renderer: OUT/queries for "
+                   "timidity-freepats, OUT/queries-NAME for the others")
     r = p.add_argument_group("run")
     r.add_argument("--index", type=Path, help="index folder (default: OUT/index)")
-    r.add_argument("--queries", type=Path, help="query set (default: OUT/queries)")
+    r.add_argument("--queries", type=Path, help="query set (default: OUT/queries, or the "
+                   "--renderer's)")
+    r.add_argument("--renderer", help="the query set rendered by this renderer (prepared with "
+                   "`eval prepare --renderers`)")
     r.add_argument("--weights", help="model weights (default: the shipped model); "
                    "OUT/untrained.pt with an index built from it for the untrained model")
     r.add_argument("--lengths", default="", help="only these clip lengths, e.g. 5,10")
@@ -67,6 +75,15 @@ def _root(args: argparse.Namespace) -> Path:
     return args.out or cache_dir() / "eval"
 
 
+def queries_dir(root: Path, renderer: str | None) -> Path:
+    """Where the query set rendered by ``renderer`` lives (None: the held-out default's)."""
+    from index.evaluation.evalset import QuerySetConfig
+
+    if renderer is None or renderer == QuerySetConfig.renderer:
+        return root / "queries"
+    return root / f"queries-{renderer}"
+
+
 def _eval(args: argparse.Namespace) -> int:
     if args.top_k is None:
         from index.cascade_types import DEFAULT_TOP_K
@@ -79,7 +96,17 @@ def _prepare(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
     from index.evaluation.evalset import QuerySetConfig, make_queries, plan_collection
     from model.env import cache_dir
+    from model.training.render import RENDERERS, available, install_hint
 
+    renderers = [x for x in args.renderers.split(",") if x] or [QuerySetConfig.renderer]
+    unknown = [x for x in renderers if x not in RENDERERS]
+    if unknown:
+        raise SystemExit(f"midimatch eval prepare: unknown renderers {unknown}; known: "
+                         f"{', '.join(RENDERERS)}")
+    missing = [x for x in renderers if not available(x)]
+    if missing:
+        raise SystemExit(f"midimatch eval prepare: {missing} not installed "
+                         f"({install_hint(missing)})")
     root = _root(args)
     root.mkdir(parents=True, exist_ok=True)
     plan = plan_collection(args.corpus or cache_dir() / "corpus",
@@ -102,10 +129,12 @@ def _prepare(args: argparse.Namespace) -> int:
                                        progress=not args.no_progress))
         print(f"index {out}: {rep['n_refs']} references ({rep['encoded']} encoded, "
               f"{len(rep['skipped'])} skipped) in {rep['seconds']:.0f} s")
-    manifest = make_queries(plan, root / "queries", QuerySetConfig(seed=args.seed),
-                            workers=args.workers, progress=not args.no_progress)
-    print(f"queries {root / 'queries'}: {len(manifest['queries'])} clips, "
-          f"{len(manifest['skipped'])} pieces skipped")
+    for name in renderers:
+        out = queries_dir(root, name)
+        manifest = make_queries(plan, out, QuerySetConfig(seed=args.seed, renderer=name),
+                                workers=args.workers, progress=not args.no_progress)
+        print(f"queries {out} ({name}): {len(manifest['queries'])} clips, "
+              f"{len(manifest['skipped'])} pieces skipped")
     return 0
 
 
@@ -228,7 +257,8 @@ def _run(args: argparse.Namespace) -> int:
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
         torch.set_num_threads(args.threads)
     root = _root(args)
-    index_dir, query_dir = args.index or root / "index", args.queries or root / "queries"
+    index_dir = args.index or root / "index"
+    query_dir = args.queries or queries_dir(root, args.renderer)
     parts = {} if args.prune_parts is None else {"prune_parts": args.prune_parts}
     cascade = Cascade.open(index_dir, weights=args.weights,
                            config=CascadeConfig(top_k=args.top_k, **parts))

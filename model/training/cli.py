@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int, default=2)
     g.set_defaults(func=_generate)
 
+    r = dsub.add_parser("renderers", help="the ways of making sound from MIDI: which are "
+                        "installed, their family, their role (training / held out)")
+    r.add_argument("--json", action="store_true", help="one JSON object per renderer")
+    r.set_defaults(func=_renderers)
+
     t = sub.add_parser("train", help="prepare training pairs and train the model")
     tsub = t.add_subparsers(dest="train_command", metavar="ACTION", required=True)
     p = tsub.add_parser("prepare", help="render + augment the cached corpus into aligned pairs")
@@ -91,6 +96,26 @@ def _default_out(args: argparse.Namespace) -> Path:
     from model.env import cache_dir
 
     return args.out or cache_dir() / "corpus"
+
+
+def _renderers(args: argparse.Namespace) -> int:
+    import json
+
+    from model.training.render import HELD_OUT, RENDERERS, TRAIN_RENDERERS, available
+
+    for name, r in RENDERERS.items():
+        role = "train" if name in TRAIN_RENDERERS else "held-out" if name == HELD_OUT else "-"
+        row = {"name": name, "installed": available(name), "role": role,
+               "family": getattr(r, "family", ""), "engine": r.engine,
+               "packages": r.package, "description": r.description}
+        if args.json:
+            print(json.dumps(row))
+        else:
+            mark = "yes" if row["installed"] else "no "
+            print(f"{name:22} {mark} {role:8} {row['family']:12} {r.description}"
+                  + ("" if row["installed"] or not r.package
+                     else f"  (apt-get install {r.package})"))
+    return 0
 
 
 def _corpus(args: argparse.Namespace) -> int:
