@@ -78,6 +78,32 @@ class AugmentConfig:
     p_codec: float = 0.3
     codecs: tuple[str, ...] = CODECS
     codec_level: tuple[float, float] = (0.3, 0.9)
+    # Timbre randomised on purpose (model.training.timbre), all off unless a preset turns them
+    # on; when all are off nothing is drawn for them, so the other presets' pairs are unchanged.
+    p_velocity: float = 0.0  # notes: velocity curve 127 (v/127) ** gamma
+    velocity_gamma: tuple[float, float] = (0.5, 2.0)
+    p_balance: float = 0.0  # notes: each instrument at its own level
+    balance_db: tuple[float, float] = (-12.0, 0.0)
+    p_drop_drums: float = 0.0  # notes: the drum tracks left out
+    p_mix: float = 0.0  # render: each instrument by its own renderer of the training pool
+    p_tilt: float = 0.0  # audio: spectral slope
+    tilt_db_per_octave: tuple[float, float] = (-4.0, 4.0)
+    p_resonance: float = 0.0  # audio: random peaks and notches
+    p_compress: float = 0.0  # audio: dynamics compression
+    compress_ratio: tuple[float, float] = (2.0, 8.0)
+    compress_threshold_db: tuple[float, float] = (-30.0, -10.0)
+    p_vibrato: float = 0.0  # audio: pitch vibrato
+    vibrato_cents: tuple[float, float] = (5.0, 30.0)
+    p_chorus: float = 0.0  # audio: chorus
+
+    @property
+    def timbre_notes(self) -> bool:
+        return max(self.p_velocity, self.p_balance, self.p_drop_drums) > 0.0
+
+    @property
+    def timbre_audio(self) -> bool:
+        return max(self.p_tilt, self.p_resonance, self.p_compress, self.p_vibrato,
+                   self.p_chorus) > 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -93,6 +119,12 @@ class AugmentConfig:
         _range("snr_db", self.snr_db, -20.0, 60.0)
         _range("gain_db", self.gain_db, -60.0, 40.0)
         _range("codec_level", self.codec_level, 0.0, 1.0)
+        _range("velocity_gamma", self.velocity_gamma, 0.25, 4.0)
+        _range("balance_db", self.balance_db, -40.0, 0.0)
+        _range("tilt_db_per_octave", self.tilt_db_per_octave, -12.0, 12.0)
+        _range("compress_ratio", self.compress_ratio, 1.0, 20.0)
+        _range("compress_threshold_db", self.compress_threshold_db, -60.0, 0.0)
+        _range("vibrato_cents", self.vibrato_cents, 0.0, 100.0)
         for name, chosen, known in (("noise_kinds", self.noise_kinds, NOISE_KINDS),
                                     ("codecs", self.codecs, CODECS)):
             if not isinstance(chosen, tuple) or not chosen or not set(chosen) <= set(known):
@@ -107,6 +139,11 @@ _PRESETS = {
     # Training pairs for robustness: the "train" ranges with a room and noise three times in
     # four (both together in 56 % of the draws instead of 25 %, neither in 6 %).
     "train_noisy": replace(AugmentConfig(), p_reverb=0.75, p_noise=0.75),
+    # Sound sets the model must not learn: train_noisy plus every timbre randomisation
+    # (model.training.timbre), each instrument by its own renderer half the time.
+    "timbre": replace(AugmentConfig(), p_reverb=0.75, p_noise=0.75, p_velocity=0.5,
+                      p_balance=0.5, p_drop_drums=0.2, p_mix=0.5, p_tilt=0.5, p_resonance=0.4,
+                      p_compress=0.3, p_vibrato=0.2, p_chorus=0.2),
     "clean": _OFF,
     # Evaluation "room + noise": always a moderate room and always 10 dB of room-like noise.
     "room_noise": replace(_OFF, p_reverb=1.0, rt60_s=(0.3, 0.8), reverb_wet=(0.3, 0.5),
@@ -146,6 +183,35 @@ def preset(name: str) -> AugmentConfig:
     return _PRESETS[name]
 
 
+def _timbre_audio(x: np.ndarray, sr: int, rng: np.random.Generator, cfg: AugmentConfig,
+                  applied: dict[str, Any]) -> np.ndarray:
+    """The instrument's own sound, before the room: tilt, resonances, compression, vibrato,
+    chorus (:mod:`model.training.timbre`), each with its probability."""
+    from model.training import timbre
+
+    gates, rngs = _stage_rngs(rng, 5)
+    if gates[0] < cfg.p_tilt:
+        slope = _uniform(rngs[0], cfg.tilt_db_per_octave)
+        x = timbre.tilt(x, sr, slope)
+        applied["tilt"] = {"db_per_octave": slope}
+    if gates[1] < cfg.p_resonance:
+        x, drawn = timbre.resonances(x, sr, rngs[1], n=int(rngs[1].integers(1, 4)))
+        applied["resonances"] = drawn
+    if gates[2] < cfg.p_compress:
+        ratio = _uniform(rngs[2], cfg.compress_ratio)
+        threshold = _uniform(rngs[2], cfg.compress_threshold_db)
+        x = timbre.compress(x, sr, ratio, threshold)
+        applied["compress"] = {"ratio": ratio, "threshold_db": threshold}
+    if gates[3] < cfg.p_vibrato:
+        rate, cents = float(rngs[3].uniform(4.0, 7.0)), _uniform(rngs[3], cfg.vibrato_cents)
+        x = timbre.vibrato(x, sr, rate, cents)
+        applied["vibrato"] = {"rate_hz": rate, "depth_cents": cents}
+    if gates[4] < cfg.p_chorus:
+        x, drawn = timbre.chorus(x, sr, rngs[4])
+        applied["chorus"] = drawn
+    return x
+
+
 def augment_audio(audio: np.ndarray, sr: int, rng: np.random.Generator,
                   cfg: AugmentConfig | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Apply a random subset of detune → EQ → reverb → noise → gain → codec.
@@ -181,6 +247,8 @@ def augment_audio(audio: np.ndarray, sr: int, rng: np.random.Generator,
         cents = _uniform(rngs[0], cfg.detune_cents)
         x = detune(x, sr, cents)
         applied["detune"] = {"cents": cents}
+    if cfg.timbre_audio:  # drawn after the stages above, so theirs do not change
+        x = _timbre_audio(x, sr, rng, cfg, applied)
     if gates[1] < cfg.p_eq:
         params = _draw_phone_eq(sr, rngs[1])
         x = _apply_phone_eq(x, sr, params)

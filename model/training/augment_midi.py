@@ -175,5 +175,27 @@ def augment_midi(pm: pretty_midi.PrettyMIDI, rng: np.random.Generator,
         factor = float(np.exp(rngs[2].uniform(math.log(lo), math.log(hi)))) if lo < hi else lo
         out = change_tempo(out, factor)
         applied["tempo"] = {"factor": factor}
+    if cfg.timbre_notes:  # drawn after the stages above, so theirs do not change
+        out = _timbre_notes(out, rng, cfg, applied)
     return (copy.deepcopy(pm) if out is pm else out), applied
+
+
+def _timbre_notes(pm: pretty_midi.PrettyMIDI, rng: np.random.Generator, cfg: AugmentConfig,
+                  applied: dict[str, Any]) -> pretty_midi.PrettyMIDI:
+    """Velocity curve, track balance, drums left out (:mod:`model.training.timbre`)."""
+    from model.training import timbre
+
+    gates, rngs = _stage_rngs(rng, 3)
+    if gates[0] < cfg.p_velocity:
+        lo, hi = cfg.velocity_gamma
+        gamma = float(np.exp(rngs[0].uniform(math.log(lo), math.log(hi)))) if lo < hi else lo
+        pm = timbre.velocity_curve(pm, gamma)
+        applied["velocity_curve"] = {"gamma": gamma}
+    if gates[1] < cfg.p_balance:
+        pm = timbre.balance_tracks(pm, rngs[1], cfg.balance_db)
+        applied["balance"] = True
+    if gates[2] < cfg.p_drop_drums and any(i.is_drum for i in pm.instruments):
+        pm = timbre.without_drums(pm)
+        applied["without_drums"] = True
+    return pm
 

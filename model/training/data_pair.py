@@ -9,6 +9,8 @@ that was rendered. Anything random draws from the caller's generator, so a seed 
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ from model.fastrender import midi_to_frames_fast
 from model.features import FRAME_RATE, SAMPLE_RATE, audio_to_frames
 from model.training.augment import augment_audio, preset
 from model.training.augment_midi import augment_midi
-from model.training.render import render, renderable_midi
+from model.training.render import PEAK, render, renderable_midi
+from model.training.timbre import render_mixed
 
 
 def excerpt(pm: pretty_midi.PrettyMIDI, start_s: float, length_s: float
@@ -62,7 +65,8 @@ def excerpt(pm: pretty_midi.PrettyMIDI, start_s: float, length_s: float
 def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generator, *,
               max_piece_s: float = 120.0, augment: bool = True, min_frames: int = 100,
               timeout_s: float = 60.0, cache_dir: Path | None = None,
-              augment_preset: str = "train") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+              augment_preset: str = "train", mix_pool: Sequence[str] = ()
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One training pair from a piece: augment, cut, render, augment audio, frame both sides.
 
     Parameters
@@ -85,7 +89,10 @@ def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generato
         For :func:`model.training.render.render` (decoded ``.sf3`` soundfonts).
     augment_preset : str
         The :func:`model.training.augment.preset` both augmentations draw from ("train";
-        "train_noisy" for more rooms and noise).
+        "train_noisy" for more rooms and noise; "timbre" for timbre randomised on purpose).
+    mix_pool : sequence of str
+        Renderers an instrument may be given instead of ``renderer`` when the preset's
+        ``p_mix`` draws a mixed render (:func:`model.training.timbre.render_mixed`).
 
     Returns
     -------
@@ -97,14 +104,42 @@ def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generato
         ``audio_aug`` (names of the stages applied).
     """
     midi_aug: dict[str, Any] = {}
+    cfg = preset(augment_preset)
     if augment:
-        pm, midi_aug = augment_midi(pm, rng, preset(augment_preset))
+        pm, midi_aug = augment_midi(pm, rng, cfg)
     start_s = float(rng.uniform(0.0, max(0.0, pm.get_end_time() - max_piece_s)))
-    cut = renderable_midi(excerpt(pm, start_s, max_piece_s), renderer)
-    if not any(inst.notes for inst in cut.instruments):
-        raise MidimatchError("no playable note in the excerpt", reason="no_notes")
-    audio = render(cut, renderer, timeout_s=timeout_s, max_duration_s=max_piece_s + 1.0,
-                   cache_dir=cache_dir)
+    piece = excerpt(pm, start_s, max_piece_s)
+    pool = sorted({renderer, *mix_pool})
+    # drawn only when the preset mixes, so the other presets' draws stay as they were
+    mixed = augment and cfg.p_mix > 0.0 and len(pool) > 1 and rng.random() < cfg.p_mix
+
+    def render_one(sub: pretty_midi.PrettyMIDI, name: str) -> np.ndarray:
+        return render(sub, name, timeout_s=timeout_s, max_duration_s=max_piece_s + 1.0,
+                      cache_dir=cache_dir)
+
+    if mixed:
+        others = [r for r in pool if r != renderer]
+        chosen = [renderer, *rng.choice(others, size=min(len(others), int(rng.integers(1, 3))),
+                                        replace=False).tolist()]
+        played: list[pretty_midi.Instrument] = []
+
+        def render_played(sub: pretty_midi.PrettyMIDI, name: str) -> np.ndarray:
+            sub = renderable_midi(sub, name)  # what this renderer really plays of its part
+            played.extend(sub.instruments)
+            return render_one(sub, name)
+
+        if not any(inst.notes for inst in piece.instruments):
+            raise MidimatchError("no playable note in the excerpt", reason="no_notes")
+        audio, assignment = render_mixed(piece, chosen, rng, render_played)
+        audio *= np.float32(PEAK / (float(np.max(np.abs(audio))) or 1.0))
+        cut = copy.copy(piece)
+        cut.instruments = played
+        midi_aug["mixed_render"] = assignment
+    else:
+        cut = renderable_midi(piece, renderer)
+        if not any(inst.notes for inst in cut.instruments):
+            raise MidimatchError("no playable note in the excerpt", reason="no_notes")
+        audio = render_one(cut, renderer)
     audio_aug: dict[str, Any] = {}
     if augment:
         audio, audio_aug = augment_audio(audio, SAMPLE_RATE, rng, preset(augment_preset))

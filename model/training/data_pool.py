@@ -63,7 +63,8 @@ def _run_piece(task: dict[str, Any]) -> dict[str, Any]:
                                        augment=task["augment"], min_frames=task["min_frames"],
                                        timeout_s=task["render_timeout_s"],
                                        cache_dir=task["cache_dir"],
-                                       augment_preset=task["augment_preset"])
+                                       augment_preset=task["augment_preset"],
+                                       mix_pool=task["renderers"])
             except Exception as e:  # one bad draw must not stop the piece (a timeout does)
                 out["skipped"].append(_skip(k, renderer, e))
                 continue
