@@ -48,7 +48,7 @@ def engine_row(name: str, summary: dict) -> dict:
     from model.training import render
 
     r = render.RENDERERS.get(name)
-    held_out = (render.HELD_OUT, *getattr(render, "HELD_OUT_RENDERERS", ()))
+    held_out = (render.HELD_OUT, *render.HELD_OUT_RENDERERS)
     role = ("train" if name in render.TRAIN_RENDERERS else
             "held-out" if name in held_out else "other")
 

@@ -101,10 +101,17 @@ def _default_out(args: argparse.Namespace) -> Path:
 def _renderers(args: argparse.Namespace) -> int:
     import json
 
-    from model.training.render import HELD_OUT, RENDERERS, TRAIN_RENDERERS, available
+    from model.training.render import (
+        HELD_OUT,
+        HELD_OUT_RENDERERS,
+        RENDERERS,
+        TRAIN_RENDERERS,
+        available,
+    )
 
     for name, r in RENDERERS.items():
-        role = "train" if name in TRAIN_RENDERERS else "held-out" if name == HELD_OUT else "-"
+        role = ("train" if name in TRAIN_RENDERERS else
+                "held-out" if name in (HELD_OUT, *HELD_OUT_RENDERERS) else "-")
         row = {"name": name, "installed": available(name), "role": role,
                "family": getattr(r, "family", ""), "engine": r.engine,
                "packages": r.package, "description": r.description}

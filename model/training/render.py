@@ -44,6 +44,12 @@ import pretty_midi
 from model.errors import RenderError
 from model.features import HOP, SAMPLE_RATE
 from model.synth import midi_to_audio, run_bounded_render
+from model.training.render_engines import (
+    CSOUND_INSTRUMENTS,
+    csound_midi,
+    render_adplay,
+    render_csound,
+)
 
 PEAK = 0.5  # every render is scaled to this peak (-6 dBFS): loudness is augmentation's job
 TAIL_S = 0.5  # audio kept after the last note ends (release, reverb)
@@ -55,27 +61,50 @@ class Renderer:
     """A renderer: an engine and the candidate files of its sample set, first found is used."""
 
     name: str
-    engine: str  # "fluidsynth", "timidity" or "sine"
-    resources: tuple[Path, ...] = ()
+    engine: str  # "fluidsynth", "timidity", "adplay", "csound" or "sine"
+    resources: tuple[Path, ...] = ()  # sample sets; empty for engines that synthesise
     description: str = ""
     package: str = ""  # the Debian package(s) that install it
+    # how it makes sound: "sampled-gm" (GM soundfonts), "fm-samples" (a soundfont of recorded FM
+    # tones), "gus" (GUS patches), "fm" (an FM chip emulation), "synthesis" (no samples at all)
+    family: str = ""
+    variant: int = 0  # the engine's instrument, where it has several (Csound)
 
 
 RENDERERS: dict[str, Renderer] = {r.name: r for r in (
     Renderer("fluid-fluidr3", "fluidsynth", (_SF2 / "FluidR3_GM.sf2",), "FluidSynth + FluidR3 GM",
-             "fluidsynth fluid-soundfont-gm"),
+             "fluidsynth fluid-soundfont-gm", "sampled-gm"),
     Renderer("fluid-musescore", "fluidsynth",
              (_SF3 / "MuseScore_General.sf3", _SF3 / "MuseScore_General_Lite.sf3",
               _SF2 / "MuseScore_General.sf2"), "FluidSynth + MuseScore General",
-             "fluidsynth musescore-general-soundfont-small"),
+             "fluidsynth musescore-general-soundfont-small", "sampled-gm"),
     Renderer("fluid-timgm", "fluidsynth", (_SF2 / "TimGM6mb.sf2",), "FluidSynth + TimGM6mb",
-             "fluidsynth timgm6mb-soundfont"),
+             "fluidsynth timgm6mb-soundfont", "sampled-gm"),
+    Renderer("fluid-fluidr3mono", "fluidsynth", (_SF3 / "FluidR3Mono_GM.sf3",),
+             "FluidSynth + FluidR3Mono GM", "fluidsynth fluidr3mono-gm-soundfont", "sampled-gm"),
+    Renderer("fluid-gmbank", "fluidsynth", (_SF2 / "sf_GMbank.sf2",),
+             "FluidSynth + Csound's sf_GMbank", "fluidsynth csound-soundfont", "sampled-gm"),
+    Renderer("fluid-opl3", "fluidsynth", (_SF2 / "OPL-3_FM_128M.sf2",),
+             "FluidSynth + a soundfont of recorded OPL3 FM tones", "fluidsynth opl3-soundfont",
+             "fm-samples"),
     Renderer("timidity-freepats", "timidity", (Path("/etc/timidity/freepats.cfg"),),
-             "TiMidity++ + freepats", "timidity freepats"),
-    Renderer("sine", "sine", (), "pretty_midi's sine synthesis (no drums)"),
+             "TiMidity++ + freepats", "timidity freepats", "gus"),
+    Renderer("adplay-opl3", "adplay", (), "adplay + libadplug's Nuked OPL3 emulator (real FM)",
+             "adplay", "fm"),
+    *(Renderer(f"csound-{label.split()[0].lower()}", "csound", (),
+               f"Csound synthesis: {label} (model/training/csound/synths.csd)", "csound",
+               "synthesis", variant)
+      for variant, label in CSOUND_INSTRUMENTS.items()),
+    Renderer("sine", "sine", (), "pretty_midi's sine synthesis (no drums)", "", "synthesis"),
 )}
 HELD_OUT = "timidity-freepats"
 TRAIN_RENDERERS: tuple[str, ...] = ("fluid-fluidr3", "fluid-musescore", "fluid-timgm")
+# Kept out of training and model selection, by family: GUS patches, a real FM chip, and
+# synthesis without samples. Each is reported on its own row (bench/engines.py); the worst row
+# is the figure that counts.
+HELD_OUT_RENDERERS: tuple[str, ...] = ("timidity-freepats", "adplay-opl3", "csound-fm",
+                                       "csound-plucked", "csound-subtractive",
+                                       "csound-additive")
 
 
 def _get(name: str) -> Renderer:
@@ -96,7 +125,9 @@ def available(name: str) -> bool:
     r = _get(name)
     if r.engine == "sine":
         return True
-    return shutil.which(r.engine) is not None and resource(name) is not None
+    if shutil.which(r.engine) is None:
+        return False
+    return not r.resources or resource(name) is not None
 
 
 def install_hint(names: Sequence[str]) -> str:
@@ -156,6 +187,10 @@ def render(pm: pretty_midi.PrettyMIDI, name: str, *, sample_rate: int = SAMPLE_R
     if r.engine == "timidity":
         audio = _render_timidity(renderable_midi(pm, name), resource(name), sample_rate,
                                  timeout_s, n)
+    elif r.engine == "adplay":
+        audio = render_adplay(pm, sample_rate, timeout_s, n)
+    elif r.engine == "csound":
+        audio = render_csound(pm, r.variant, sample_rate, timeout_s, n)
     else:
         sf = resource(name)
         if sf is not None and sf.suffix == ".sf3" and cache_dir is not None:
@@ -207,10 +242,8 @@ def renderable_midi(pm: pretty_midi.PrettyMIDI, name: str) -> pretty_midi.Pretty
     Compute the MIDI-side features of a pair from this, so both sides hold the same notes.
     """
     engine = _get(name).engine
-    if engine == "sine":
-        out = copy.copy(pm)
-        out.instruments = [inst for inst in pm.instruments if not inst.is_drum]
-        return out
+    if engine in ("sine", "csound"):  # pitched synths: the drum tracks are not played
+        return csound_midi(pm)
     if engine != "timidity" or resource(name) is None:
         return pm
     programs, keys = _freepats_map(resource(name))
