@@ -47,7 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
     p.add_argument("--augment", default="train", metavar="PRESET",
                    help="augmentation preset of model.training.augment (default train; "
-                        "train_noisy: a room and noise three times in four)")
+                        "train_noisy: a room and noise three times in four; timbre: that and "
+                        "timbre randomised on purpose, model/training/timbre.py)")
+    p.add_argument("--renderers", default="", metavar="A,B",
+                   help="training renderers (default: the registry's TRAIN_RENDERERS; see "
+                        "`midimatch data renderers`); a held-out one is refused")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare)
@@ -152,7 +156,13 @@ def _cache(sub: str) -> Path:
 def _prepare(args: argparse.Namespace) -> int:
     from model.training.data import prepare
     from model.training.data_pieces import training_files
+    from model.training.render import HELD_OUT, HELD_OUT_RENDERERS
 
+    renderers = [x for x in args.renderers.split(",") if x] or None
+    held = sorted(set(renderers or ()) & {HELD_OUT, *HELD_OUT_RENDERERS})
+    if held:  # the held-out families are what the model is judged on: never in training
+        raise SystemExit(f"midimatch train prepare: {held} are held out of training "
+                         "(model/training/render.py HELD_OUT_RENDERERS)")
     corpus = args.corpus or _cache("corpus")
     files = training_files(corpus, works=args.works, generated=args.generated)
     if not files:
@@ -160,7 +170,7 @@ def _prepare(args: argparse.Namespace) -> int:
                          "`midimatch data generate` first")
     report = prepare(args.out or _cache("train"), files, renders_per_piece=args.renders,
                      max_piece_s=args.max_piece_s, workers=args.workers, seed=args.seed,
-                     augment_preset=args.augment)
+                     augment_preset=args.augment, renderers=renderers)
     print(json.dumps(report, indent=2, default=str))
     return 0
 

@@ -31,3 +31,10 @@ def test_data_renderers_lists_every_renderer_with_its_role(capsys):
     assert set(rows) == set(RENDERERS)
     assert rows[HELD_OUT]["role"] == "held-out" and rows["sine"]["installed"] is True
     assert all(rows[n]["role"] == "train" for n in TRAIN_RENDERERS)
+
+
+def test_train_prepare_refuses_a_held_out_renderer(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "prepare", "--corpus", str(tmp_path), "--out", str(tmp_path / "p"),
+              "--renderers", "fluid-fluidr3,adplay-opl3"])
+    assert "['adplay-opl3'] are held out of training" in str(e.value)
