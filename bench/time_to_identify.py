@@ -18,8 +18,9 @@ Query pieces come from the evaluation collection (``midimatch eval prepare``:
 ``$MIDIMATCH_CACHE/eval/collection.json``): ``--n-in`` in-collection pieces (indexed, never
 trained on) and ``--n-out`` out-of-collection pieces, drawn with ``--seed``. Each gets a random
 start at least 5 s into the piece; the excerpt from one second before it (so held notes and
-reverb are sounding when the stream starts) is rendered with the held-out renderer
-(TiMidity + freepats, 22,050 Hz mono) and cached under ``$MIDIMATCH_CACHE/bench/tti``; the
+reverb are sounding when the stream starts) is rendered with ``--renderer`` (default the held-out
+TiMidity + freepats; any of ``HELD_OUT_RENDERERS`` for a row per held-out family), 22,050 Hz
+mono, and cached under ``$MIDIMATCH_CACHE/bench/tti``; the
 stream is the ``--seconds`` of audio from the start. The room + noise condition is
 :func:`model.training.augment.augment_audio` with ``preset("room_noise")`` on the clean render
 (seeded per piece), as in :mod:`index.evaluation.evalset`.
@@ -142,15 +143,19 @@ def pick_pieces(collection: dict[str, Any], id_of_path: dict[str, str], n_in: in
     return out
 
 
-def clean_audio(piece: dict[str, Any], seconds: float, cache_dir: Path) -> np.ndarray | None:
-    """The clean stream of one piece, shape (n,), float32 at 22,050 Hz, cached; None if it
-    cannot be rendered or comes out short."""
+def clean_audio(piece: dict[str, Any], seconds: float, cache_dir: Path,
+                renderer: str = "timidity-freepats") -> np.ndarray | None:
+    """The clean stream of one piece rendered by ``renderer``, shape (n,), float32 at
+    22,050 Hz, cached; None if it cannot be rendered or comes out short."""
     from model.errors import MidimatchError
     from model.midi import load_midi
     from model.training.data_pair import excerpt
     from model.training.render import render
 
-    key = hashlib.sha256(f"{piece['path']}|{piece['start_s']}|{seconds}".encode()).hexdigest()
+    # TiMidity's streams keep their old cache keys
+    tag = "" if renderer == "timidity-freepats" else f"|{renderer}"
+    key = hashlib.sha256(f"{piece['path']}|{piece['start_s']}|{seconds}{tag}".encode()
+                         ).hexdigest()
     f = cache_dir / f"{key[:24]}.npy"
     if f.is_file():
         return np.load(f)
@@ -161,7 +166,7 @@ def clean_audio(piece: dict[str, Any], seconds: float, cache_dir: Path) -> np.nd
         return None
     first = min(notes)  # excerpt() shifts this note to 0
     try:
-        audio = render(excerpt(pm, cut_from, LEAD_S + seconds + 1.0), "timidity-freepats",
+        audio = render(excerpt(pm, cut_from, LEAD_S + seconds + 1.0), renderer,
                        sample_rate=SAMPLE_RATE)
     except (MidimatchError, OSError):
         return None
@@ -306,6 +311,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=25, help="sessions open at once")
     ap.add_argument("--index", type=Path, help="default: $MIDIMATCH_CACHE/eval/index")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--renderer", default="timidity-freepats",
+                    help="render the streams with this renderer (`midimatch data renderers`; "
+                    "default the held-out timidity-freepats)")
     ap.add_argument("--render-threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the rows and every stream's outcome")
     ap.add_argument("--half", choices=("test", "calib", "all"), default=None,
@@ -350,7 +358,8 @@ def main() -> None:
                          half=half, starts=args.starts)
     cache_dir = _cache() / "bench" / "tti"
     with ThreadPoolExecutor(max(1, args.render_threads)) as pool:
-        clips = list(pool.map(lambda p: clean_audio(p, args.seconds, cache_dir), pieces))
+        clips = list(pool.map(lambda p: clean_audio(p, args.seconds, cache_dir, args.renderer),
+                              pieces))
     kept = [(p, c) for p, c in zip(pieces, clips, strict=True) if c is not None]
     pieces, clean = [p for p, _ in kept], [c for _, c in kept]
     prep_s = time.perf_counter() - t
@@ -370,8 +379,8 @@ def main() -> None:
         load = f.read().split()[:3]
     print(f"# Time to identify — {machine()}; load average at the end {' '.join(load)}")
     print(f"# index {args.index or ev / 'index'} ({len(cascade.index)} refs); "
-          f"{args.seconds:g} s streams from >= {MIN_START_S:g} s into the piece, TiMidity + "
-          f"freepats, {SAMPLE_RATE} Hz mono, {args.chunk_s * 1000:.0f} ms chunks, "
+          f"{args.seconds:g} s streams from >= {MIN_START_S:g} s into the piece, rendered by "
+          f"{args.renderer}, {SAMPLE_RATE} Hz mono, {args.chunk_s * 1000:.0f} ms chunks, "
           f"{args.batch} sessions at once; a result per {args.result_every_s:g} s, decided after "
           f"{cascade.calibration.stable_results} confident (stream threshold "
           f"{cascade.calibration.stream_cut:.3f}); {half} half, "
@@ -405,7 +414,7 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
     source = (f"bench/time_to_identify.py --calibrate --half {half} --starts {args.starts} "
               f"--seconds {args.seconds:g} --conditions {conds}: {len(ins)} in-collection and "
               f"{len(outs)} out-of-collection streams ({dups} duplicates of indexed pieces left "
-              f"out), TiMidity + freepats, "
+              f"out), rendered by {args.renderer}, "
               f"{len(cascade.index)}-reference eval index")
     cal = calibrate_stream(cascade.calibration, ins, ids, outs, source=source,
                            step_choices=(False, True) if args.keep_step else (False,))
