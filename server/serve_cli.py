@@ -55,7 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the demo collection for `make serve`")
     dsub = d.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
     dp = dsub.add_parser("prepare", help="convert part of the music21 corpus and index it "
-                         "(cached: a second run only checks)")
+                         "(cached: a second run only checks)",
+                         description="Convert part of the music21 corpus to MIDI and index "
+                         "every converted work, leaving out music21's test fixtures (its "
+                         "corpus's demos folder). Cached: a second run only checks.")
     dp.add_argument("--limit", type=int, default=DEMO_WORKS,
                     help=f"music21 works to convert (default {DEMO_WORKS})")
     dp.add_argument("--index", type=Path, help="index folder (default: the cache's demo-index)")
@@ -159,17 +162,33 @@ def _demo_prepare(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
     from model.env import cache_dir
     from model.training.corpus import convert_music21_corpus, corpus_midi_files
+    from server.demo import FIXTURE_FOLDERS, is_fixture, read_pieces, without_fixtures
 
     corpus = cache_dir() / "corpus"
     out = args.index or demo_index_dir()
     print(f"demo: converting up to {args.limit} music21 works to MIDI (cached in {corpus})",
           file=sys.stderr)
     convert_music21_corpus(corpus, limit=args.limit, workers=args.workers)
-    files = corpus_midi_files(corpus, unique=True, max_duration_s=600.0)
+    files, fixtures = without_fixtures(corpus_midi_files(corpus, unique=True,
+                                                         max_duration_s=600.0))
+    if fixtures:
+        names = ", ".join(f.name.removesuffix(".mid") for f in fixtures[:3])
+        print(f"demo: leaving out {len(fixtures)} music21 test fixtures (the corpus's "
+              f"{'/'.join(sorted(FIXTURE_FOLDERS))} folder: {names}"
+              f"{', ...' if len(fixtures) > 3 else ''}): they are not music", file=sys.stderr)
     if not files:
         raise SystemExit(f"demo: no MIDI under {corpus / 'music21'}; see the messages above")
+    rebuild = False
+    if (out / "CURRENT").is_file():
+        stale = [p for p in read_pieces(out) if is_fixture(p.path)]
+        if stale:  # a build keeps the references it already has: only a rebuild drops them
+            rebuild = True
+            print(f"demo: {out} holds {len(stale)} test fixtures from an earlier prepare; "
+                  "rebuilding it without them (every piece is encoded again)", file=sys.stderr)
     print(f"demo: indexing {len(files)} pieces into {out}", file=sys.stderr)
-    report = build_index(out, files, BuildOptions(workers=args.workers, progress=True))
+    report = build_index(out, files, BuildOptions(workers=args.workers, progress=True,
+                                                  rebuild=rebuild))
     print(f"demo: {report['n_refs']} pieces in {out} ({report['encoded']} encoded now, "
-          f"{report['reused']} unchanged). Next: midimatch serve --index {out}")
+          f"{report['reused']} unchanged; {len(fixtures)} test fixtures left out). "
+          f"Next: midimatch serve --index {out}")
     return 0
