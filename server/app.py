@@ -105,6 +105,12 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     async def index_view(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
 
+    async def favicon_view(request: web.Request) -> web.Response:
+        # browsers ask for /favicon.ico whatever the page links: the page's SVG icon
+        return web.Response(body=(STATIC / "favicon.svg").read_bytes(),
+                            content_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400"})
+
     async def on_shutdown(app: web.Application) -> None:
         await handler.close_all()
         await table.close()
@@ -114,6 +120,7 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
             await bus.close()
 
     app.router.add_get("/", index_view)
+    app.router.add_get("/favicon.ico", favicon_view)
     app.router.add_get("/v1/stream", handler.handle)
     app.router.add_get("/v1/demo", demo_view)
     app.router.add_get("/v1/pieces/{id}", piece_view)
