@@ -1,12 +1,34 @@
 """The gateway's Prometheus metrics: every name in one place (prefix ``midimatch_gateway_``).
 
 No per-session or per-address labels (DESIGN): label values are a fixed set (error codes,
-message kinds), so the number of series never grows with traffic.
+message kinds), so the number of series never grows with traffic. Counters and histograms do not
+export ``_created`` series (a timestamp per series that doubles the output and that no alert
+uses): importing this module turns them off for the process (prometheus_client's switch is
+process-wide; the worker's metrics module does the same).
+
+``midimatch_gateway_result_lag_seconds`` is the latency the *service* adds to a result: from
+the moment this gateway received the audio message that completed the result (the one that
+brought the stream to the result's ``audio_s``; for the final result, the ``stop``), or from
+when the previous result of the connection was sent if that is later, to the moment the result
+was sent to the client. It does not depend on how fast the client sends: a file uploaded faster
+than real time queues its results behind each other, and that backlog is the client's, not a
+delay of the service. Results whose audio this connection did not receive (replayed after a
+resume) and error results are not observed.
+The result message's ``lag_s`` field is a different quantity (audio the worker has but has not
+yet reflected; docs/protocol.md).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+disable_created_metrics()
 
 ERROR_CODES = ("bad_request", "unauthorized", "too_large", "busy", "timeout", "internal")
 _LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -41,7 +63,10 @@ class GatewayMetrics:
             "midimatch_gateway_results_total", "Result messages sent to clients", registry=r)
         self.result_lag_seconds = Histogram(
             "midimatch_gateway_result_lag_seconds",
-            "Audio received but not yet reflected in a result, as reported by the worker",
+            "Latency the service adds to a result, s: from the gateway receiving the audio "
+            "message that completed the result (for the final result: the stop message), or "
+            "from the previous result's sending if later, to the result being sent; a client "
+            "sending faster than real time does not count its own backlog",
             buckets=_LAG_BUCKETS, registry=r)
         self.decision_audio_seconds = Histogram(
             "midimatch_gateway_decision_audio_seconds",

@@ -13,9 +13,11 @@ import contextlib
 import hmac
 import json
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 from typing import Any
 
+import numpy as np
 from aiohttp import WSMsgType, web
 
 from model.errors import MidimatchError
@@ -38,6 +40,7 @@ CLOSE_CODES = {
 CLOSE_NORMAL = 1000  # the final result was sent
 CLOSE_REPLACED = 4409  # the session was resumed on another connection
 CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
+MAX_ARRIVALS = 65536  # audio messages remembered per connection for the result lag metric
 
 
 class ProtocolError(MidimatchError):
@@ -112,6 +115,14 @@ class _Connection:
         self.send_lock = asyncio.Lock()
         self.pump: asyncio.Task | None = None
         self.closing = False
+        # For the result lag metric: (stream time at the start and at the end of a message,
+        # when it arrived: time.monotonic()) of the audio this connection pushed that no
+        # result covers yet (bounded: past the cap the oldest go, and results they completed
+        # are not observed); when this connection's stop arrived and its last result was sent.
+        self.arrivals: deque[tuple[float, float, float]] = deque(maxlen=MAX_ARRIVALS)
+        self.stop_at: float | None = None
+        self.sent_at = 0.0
+        self.ended_by_error = False  # the session ended on an error: nothing to resume
 
     async def run(self, auth_ok: bool) -> None:
         h = self.h
@@ -190,6 +201,7 @@ class _Connection:
             if self.state is None:
                 raise ProtocolError("bad_request", "stop before start", reason="stop_before_start")
             self.stopped = True
+            self.stop_at = time.monotonic()
             await asyncio.shield(self.h.table.end(self.state))
         else:
             raise ProtocolError("bad_request", f"unknown message type {kind!r} (expected "
@@ -215,6 +227,10 @@ class _Connection:
                                 reason="session_too_long")
         if not pcm:
             return
+        if st.params.encoding == "pcm_f32le" and not np.isfinite(np.frombuffer(pcm, "<f4")).all():
+            raise ProtocolError("bad_request", "the audio contains NaN or infinite samples "
+                                "(pcm_f32le must be finite, -1..1)", reason="bad_audio")
+        arrived, begin_s = time.monotonic(), st.audio_s
         chunk = AudioChunk(st.next_seq, st.audio_s, bytes(pcm))
         try:
             # Shielded: aiohttp cancels the handler when the client's TCP goes, and a bus call
@@ -231,6 +247,7 @@ class _Connection:
             raise
         st.next_seq += 1
         st.audio_bytes += len(pcm)
+        self.arrivals.append((begin_s, st.audio_s, arrived))
         self.h.metrics.audio_bytes_total.inc(len(pcm))
         self.h.metrics.audio_seconds_total.inc(st.params.seconds(len(pcm)))
 
@@ -320,8 +337,9 @@ class _Connection:
                                       "session": st.session_id, "result_id": rid, **result})
                     st.last_result = rid
                     h.metrics.results_total.inc()
-                    if "lag_s" in result:
-                        h.metrics.result_lag_seconds.observe(max(0.0, float(result["lag_s"])))
+                    lag, self.sent_at = self._service_lag(result), time.monotonic()
+                    if lag is not None:
+                        h.metrics.result_lag_seconds.observe(lag)
                     if result.get("decision") and not st.decided:
                         st.decided = True
                         h.metrics.decision_audio_seconds.observe(float(result.get("audio_s", 0)))
@@ -342,10 +360,36 @@ class _Connection:
             log.exception("result delivery failed for session %s", st.session_id)
             await self._fail(ProtocolError("internal", f"result delivery failed: {e}"))
 
+    def _service_lag(self, result: dict) -> float | None:
+        """Seconds from when ``result`` could be made to now, when it has just been sent: from
+        the arrival of the audio message that completed it (for the final result: the
+        ``stop``), or from when the previous result went out if that was later (a stream sent
+        faster than real time waits for its own earlier results: its backlog, not the
+        service's delay). None when this connection did not receive that audio (a result
+        replayed after a resume) or the result reports an error. See :mod:`server.metrics`."""
+        if result.get("error"):
+            return None
+        now = time.monotonic()
+        if result.get("final"):
+            return None if self.stop_at is None else max(0.0, now - max(self.stop_at,
+                                                                        self.sent_at))
+        try:
+            audio_s = float(result.get("audio_s", 0.0))
+        except (TypeError, ValueError):
+            return None
+        arrivals = self.arrivals
+        while arrivals and arrivals[0][1] < audio_s - 1e-3:  # results' audio_s is rounded
+            arrivals.popleft()  # results come in stream order: older messages are covered
+        if not arrivals or arrivals[0][0] >= audio_s - 1e-3:
+            return None  # completed by audio this connection did not receive (or forgot)
+        return max(0.0, now - max(arrivals[0][2], self.sent_at))
+
     async def _fail(self, e: ProtocolError) -> None:
         self.h.metrics.errors_total.labels(e.code).inc()
         if self.state is not None and e.code != "internal":
-            # The client broke the protocol (or timed out): its stream is over.
+            # The client broke the protocol (or timed out): its stream is over, and the session
+            # is released when the connection goes (not kept for a resume).
+            self.ended_by_error = True
             with contextlib.suppress(Exception):
                 await self.h.table.end(self.state)
         if self.ws.closed:
@@ -364,7 +408,10 @@ class _Connection:
         # within ``result_poll_s``.
         self.closing = True
         if self.state is not None:
-            self.h.table.detach(self.state, self.ws)
+            if self.ended_by_error and self.state.conn is self.ws:
+                self.h.table.forget(self.state.session_id)
+            else:
+                self.h.table.detach(self.state, self.ws)
         if not self.ws.closed:
             with contextlib.suppress(Exception):
                 await self.ws.close()

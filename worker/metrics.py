@@ -1,12 +1,23 @@
 """The worker's Prometheus metrics: every name in one place (prefix ``midimatch_``, base units).
 
 No per-session labels (DESIGN): a label value per stream would grow without bound. Stages are a
-fixed set, errors a fixed set of kinds.
+fixed set, errors a fixed set of kinds. Counters and histograms export no ``_created`` series:
+importing this module turns them off for the process (prometheus_client's switch is
+process-wide, so it covers the embedded worker's registry and ``midimatch worker``'s own
+``/metrics`` alike).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+disable_created_metrics()
 
 # Per-tick stage times, s. From a fraction of a millisecond (prune) to seconds (overload).
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 
-from server.app import create_app
+from server.app import METRICS_KEY, TABLE_KEY, create_app
 from server.settings import Settings
 from server.ws import CLOSE_CODES
 from tests.server.conftest import (
@@ -293,3 +294,130 @@ async def test_not_ready_until_the_embedded_worker_loaded(aiohttp_client, bus):
         assert r.status == 503 and "loading" in (await r.json())["detail"]
         loaded["ok"] = True
         assert (await client.get("/readyz")).status == 200
+
+
+def f32_start() -> str:
+    return start_msg(encoding="pcm_f32le")
+
+
+def pcm_f32(seconds: float, rate: int = 16000) -> np.ndarray:
+    return (0.2 * np.sin(np.arange(int(seconds * rate)) * 0.1)).astype("<f4")
+
+
+async def settled(app, **gauges: float) -> None:
+    """Wait (up to 5 s) until the gateway's gauges read ``gauges`` (the server finishes a
+    connection's cleanup a moment after the client sees the close)."""
+    reg = app[METRICS_KEY].registry
+    for _ in range(500):
+        if all(reg.get_sample_value(f"midimatch_gateway_{k}") == v for k, v in gauges.items()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError({k: reg.get_sample_value(f"midimatch_gateway_{k}") for k in gauges})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+async def test_non_finite_float_audio_is_an_error_and_releases_the_session(aiohttp_client, bus,
+                                                                           bad):
+    app = create_app(Settings(), bus, close_bus=False)
+    client = await aiohttp_client(app)
+    async with FakeWorker(bus) as worker:
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(f32_start())
+        sid = (await receive_json(ws))["session"]
+        good = pcm_f32(0.6)
+        await ws.send_bytes(good.tobytes())
+        bad_chunk = good.copy()
+        bad_chunk[100] = bad
+        await ws.send_bytes(bad_chunk.tobytes())
+        err = await expect_error(ws, "bad_request", "bad_audio")
+        assert "NaN" in err["message"]
+        await settled(app, connections_active=0, sessions_detached=0)
+    assert worker.seqs[sid] == [0]  # the bad message never reached the bus
+    assert bus._sessions[sid].ended
+    assert app[TABLE_KEY].get(sid) is None  # released, not kept for a resume
+    reg = app[METRICS_KEY].registry
+    assert reg.get_sample_value("midimatch_gateway_errors_total", {"code": "bad_request"}) == 1
+
+
+class RejectingWorker(FakeWorker):
+    """Gives every session up after its first chunk, as the worker does with audio it cannot
+    use: a final result carrying ``error`` (worker/runner.py ``error_result``)."""
+
+    async def step(self) -> None:
+        for sid in [s for s in self.params if self.seqs[s]]:
+            await self.bus.publish_result(sid, {
+                "audio_s": 0.0, "lag_s": 0.0, "final": True, "matches": [], "decision": None,
+                "error": {"code": "bad_audio", "message": "PCM contains NaN samples"}})
+            await self.bus.finish(self.worker_id, sid)
+            del self.params[sid]
+        await super().step()
+
+
+async def test_audio_the_worker_rejects_is_an_error_and_releases_the_session(aiohttp_client,
+                                                                             bus):
+    app = create_app(Settings(), bus, close_bus=False)
+    client = await aiohttp_client(app)
+    async with RejectingWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        sid = (await receive_json(ws))["session"]
+        feed = asyncio.create_task(send_audio(ws, 5.0, chunk_s=0.05))  # still sending
+        msgs, close = await drain(ws)
+        await asyncio.gather(feed, return_exceptions=True)
+        await settled(app, connections_active=0, sessions_detached=0)
+    assert close == CLOSE_CODES["bad_request"]
+    assert [m["type"] for m in msgs[-2:]] == ["result", "error"]
+    assert msgs[-2]["final"] and msgs[-2]["error"]["code"] == "bad_audio"
+    assert sum(m["type"] == "error" for m in msgs) == 1
+    assert msgs[-1]["reason"] == "bad_audio" and "NaN" in msgs[-1]["message"]
+    assert app[TABLE_KEY].get(sid) is None
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+async def test_result_lag_is_the_service_delay_not_the_client_backlog(aiohttp_client, bus,
+                                                                      monkeypatch, realtime):
+    """Every result takes the worker 0.3 s to publish. Sent all at once (faster than real
+    time), 3 s of audio queue six results behind each other, and the worker's ``lag_s`` says
+    seconds of backlog; the metric must still see 0.3 s per result, as for a real-time
+    client."""
+    app = create_app(Settings(), bus, close_bus=False)
+    client = await aiohttp_client(app)
+    publish = bus.publish_result
+
+    async def slow_publish(sid, result):
+        await asyncio.sleep(0.3)
+        await publish(sid, {**result, "lag_s": 3.0 - result["audio_s"]})
+
+    monkeypatch.setattr(bus, "publish_result", slow_publish)
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        await receive_json(ws)
+        data = pcm_s16(3.0)
+        step = 1600 * 2  # 0.1 s
+        for i in range(0, len(data), step):
+            await ws.send_bytes(data[i:i + step])
+            if realtime:
+                await asyncio.sleep(0.1)
+        await ws.send_str(json.dumps({"type": "stop", "v": 1}))
+        msgs, close = await drain(ws)
+    assert close == 1000 and len(msgs) == 7  # 6 results and the final one
+    reg = app[METRICS_KEY].registry
+    name = "midimatch_gateway_result_lag_seconds"
+    assert reg.get_sample_value(f"{name}_count") == 7
+    assert reg.get_sample_value(f"{name}_bucket", {"le": "0.25"}) == 0  # ≥ the 0.3 s delay
+    assert reg.get_sample_value(f"{name}_bucket", {"le": "0.75"}) == 7  # not the backlog
+
+
+async def test_metrics_have_no_created_series(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        await receive_json(ws)
+        await send_audio(ws, 1.0)
+        await ws.send_str(json.dumps({"type": "stop", "v": 1}))
+        await drain(ws)
+    text = await (await client.get("/metrics")).text()
+    assert "midimatch_gateway_results_total 3.0" in text  # counters are there...
+    assert "_created" not in text  # ...without a timestamp series each
