@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing as mp
+import re
 import signal
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -138,11 +140,146 @@ def encode_file(path: Path, encoder, method: str = "fast") -> tuple[dict, np.nda
     emb, starts = encoder.window_embeddings(frames, "midi")
     ref = {
         "path": str(path),
-        "title": path.stem,
+        "title": piece_title(path),
         "duration_s": round(float(duration_s), 3),
         "n_frames": int(frames.shape[0]),
     }
     return ref, hashes, emb.astype(np.float16), starts.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- titles
+# Names that tools write into the first track when nobody gave the piece one.
+_GENERIC_NAME = re.compile(
+    r"(untitled|no ?name|title|new song|song|sequence|seq|track|tempo|tempo track|conductor"
+    r"|conductor track|control track|midi|piano|acoustic grand piano|melody|part|staff"
+    r"|instrument|voice|music21|(track|seq|sequence|part|staff|song|untitled)[ _-]*\d+)",
+    re.IGNORECASE)
+# A text meta event that says what the piece is called ("Title: ...", "T: ...").
+_TITLE_TEXT = re.compile(r"\s*(?:title|t)\s*[:=]\s*(\S.*)", re.IGNORECASE | re.DOTALL)
+# The sources the music21 corpus converter names its files after (model/training/corpus_works.py)
+# and MIDI's own suffixes, left inside stems like ``bach__bwv379.mxl`` or ``x.mid.mid``.
+_SOURCE_SUFFIX = re.compile(
+    r"\.(mid|midi|kar|smf|xml|mxl|musicxml|krn|abc|mei|md|rntxt|capx|nwc|mus|json)$",
+    re.IGNORECASE)
+_MAX_TITLE = 200
+
+
+def piece_title(path: Path) -> str:
+    """A reference's title: the file's own (:func:`midi_title`) when it has one, else its
+    file name tidied (:func:`tidy_stem`). Never fails: a file that cannot be read for its
+    title gets the tidied name."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)  # the first track's first events are near the start
+    except OSError:
+        data = b""
+    return midi_title(data) or tidy_stem(path.stem)
+
+
+def midi_title(data: bytes) -> str | None:
+    """The title a Standard MIDI File gives itself, or None.
+
+    Read from the first track's events at tick 0 (where tools put it): its track-name meta
+    event (by the standard, the sequence's name in a format 0 file or the first track of a
+    format 1 file), else a text meta event of the form ``Title: ...`` / ``T: ...``. Names that
+    tools write when nobody named the piece (``Untitled``, ``Track 1``, ``Tempo Track``,
+    ``Piano``...) and other text events (lyrics, markers, copyright, tool notes) are not
+    titles. Malformed data gives None.
+    """
+    names, texts = _first_track_texts(data)
+    for name in names:
+        t = _clean_text(name)
+        if t and not _GENERIC_NAME.fullmatch(t):
+            return t
+    for text in texts:
+        m = _TITLE_TEXT.fullmatch(_clean_text(text) or "")
+        if m and not _GENERIC_NAME.fullmatch(m.group(1).strip()):
+            return m.group(1).strip()
+    return None
+
+
+def tidy_stem(stem: str) -> str:
+    """A readable name from a file stem: ``trecento__PMFC_06_Piero_1-All_onbra_d_un_perlato.xml``
+    → ``PMFC 06 Piero 1-All onbra d un perlato``, ``airdsAirs__book1.abc__x176`` →
+    ``book1 #176``, ``song_00042`` → ``song 00042``.
+
+    The corpus prefix before the first ``__`` (the music21 collection a converted work comes
+    from) goes, source suffixes (``.xml``, ``.mxl``, ``.krn``, ``.abc``, ``.mid``...) go, an
+    ABC tune number ``__xN`` becomes ``#N``, underscores become spaces.
+    """
+    parts = [p for p in stem.split("__") if p]
+    if len(parts) > 1:
+        parts = parts[1:]
+    tidy = []
+    for part in parts:
+        while _SOURCE_SUFFIX.search(part):
+            part = _SOURCE_SUFFIX.sub("", part)
+        if re.fullmatch(r"x\d+", part) and tidy:
+            part = "#" + part[1:]
+        tidy.append(part)
+    title = " ".join(" ".join(tidy).replace("_", " ").split())
+    return title[:_MAX_TITLE] or stem
+
+
+def _clean_text(raw: bytes) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text[:_MAX_TITLE] or None
+
+
+def _first_track_texts(data: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The track-name (FF 03) and text (FF 01) meta events at tick 0 of the first track."""
+    names: list[bytes] = []
+    texts: list[bytes] = []
+    if len(data) < 14 or data[:4] != b"MThd":
+        return names, texts
+    pos = 8 + struct.unpack(">I", data[4:8])[0]
+    if data[pos:pos + 4] != b"MTrk" or pos + 8 > len(data):
+        return names, texts
+    end = min(len(data), pos + 8 + struct.unpack(">I", data[pos + 4:pos + 8])[0])
+    pos += 8
+    status = 0
+    try:
+        while pos < end:
+            delta, pos = _varlen(data, pos)
+            if delta:
+                break  # past tick 0
+            if data[pos] & 0x80:
+                status, pos = data[pos], pos + 1
+            if status == 0xFF:
+                kind = data[pos]
+                length, pos = _varlen(data, pos + 1)
+                if kind == 0x03:
+                    names.append(data[pos:pos + length])
+                elif kind == 0x01:
+                    texts.append(data[pos:pos + length])
+                elif kind == 0x2F:
+                    break  # end of track
+                pos += length
+            elif status in (0xF0, 0xF7):
+                length, pos = _varlen(data, pos)
+                pos += length
+            elif 0x80 <= status < 0xF0:
+                pos += 1 if 0xC0 <= status < 0xE0 else 2
+            else:
+                break  # no running status to go on with: malformed
+    except IndexError:
+        pass
+    return names, texts
+
+
+def _varlen(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for _ in range(4):
+        b = data[pos]
+        pos += 1
+        value = (value << 7) | (b & 0x7F)
+        if not b & 0x80:
+            break
+    return value, pos
 
 
 def _encode_task(task: tuple[str, str, int, float]):

@@ -3,11 +3,20 @@ from __future__ import annotations
 import json
 import shutil
 
+import mido
 import numpy as np
 import pytest
 
 from index import store
-from index.build import BuildOptions, build_index, encode_file, find_midi_files
+from index.build import (
+    BuildOptions,
+    build_index,
+    encode_file,
+    find_midi_files,
+    midi_title,
+    piece_title,
+    tidy_stem,
+)
 from model.encoder import Encoder
 from model.errors import ModelMismatchError
 from server.cli import main
@@ -118,3 +127,81 @@ def test_cli_build_and_info(midi_folder, tmp_path, capsys):
     shutil.rmtree(out)
     assert main(["index", "info", str(out)]) == 2
     assert "no CURRENT" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ titles
+def _with_first_track_meta(src, dst, *metas: mido.MetaMessage, fmt: int | None = None):
+    """``src`` (a pretty_midi file) with ``metas`` at tick 0 of its first track; ``fmt=0``
+    merges every track into one, as a format 0 file has."""
+    mid = mido.MidiFile(str(src))
+    if fmt == 0:
+        merged = mido.merge_tracks(mid.tracks)
+        mid = mido.MidiFile(type=0, ticks_per_beat=mid.ticks_per_beat)
+        mid.tracks.append(merged)
+    for m in reversed(metas):
+        mid.tracks[0].insert(0, m)
+    mid.save(str(dst))
+    return dst
+
+
+def test_title_from_the_first_track_name_else_the_tidied_file_name(tmp_path):
+    plain = tmp_path / "trecento__PMFC_06_Piero_1-All_onbra_d_un_perlato.xml.mid"
+    make_piece(1, duration_s=12).write(str(plain))  # instruments named "lead", "bass"...
+    # pretty_midi names the instruments' tracks, not the first one: no title of its own
+    assert midi_title(plain.read_bytes()) is None
+    assert piece_title(plain) == "PMFC 06 Piero 1-All onbra d un perlato"
+
+    named = _with_first_track_meta(plain, tmp_path / "bach__bwv379.mxl.mid",
+                                   mido.MetaMessage("track_name", name="Greensleeves"))
+    assert piece_title(named) == "Greensleeves"
+    fmt0 = _with_first_track_meta(plain, tmp_path / "f0.mid",
+                                  mido.MetaMessage("track_name", name="  Air  on a G string "),
+                                  fmt=0)
+    assert mido.MidiFile(str(fmt0)).type == 0
+    assert piece_title(fmt0) == "Air on a G string"
+    generic = _with_first_track_meta(plain, tmp_path / "song_00042.mid",
+                                     mido.MetaMessage("track_name", name="Track 1"),
+                                     mido.MetaMessage("text", text="song:pop:major:seed=1"))
+    assert piece_title(generic) == "song 00042"  # neither is a title
+    texted = _with_first_track_meta(plain, tmp_path / "t.mid",
+                                    mido.MetaMessage("track_name", name="Untitled"),
+                                    mido.MetaMessage("text", text="Title: The Parting Glass"))
+    assert piece_title(texted) == "The Parting Glass"
+    latin = _with_first_track_meta(plain, tmp_path / "l.mid",
+                                   mido.MetaMessage("track_name", name="Für Elise"))
+    assert piece_title(latin) == "Für Elise"  # mido writes latin-1
+
+
+def test_title_of_malformed_data_is_none():
+    assert midi_title(b"") is None
+    assert midi_title(b"not midi at all") is None
+    head = b"MThd" + (6).to_bytes(4, "big") + bytes([0, 1, 0, 1, 1, 224])
+    assert midi_title(head + b"MTrk" + (100).to_bytes(4, "big") + b"\x00\xff\x03\x7f") is None
+    assert midi_title(head + b"MTrk" + (7).to_bytes(4, "big") + b"\x00\xff\x03\x03Ave") == "Ave"
+
+
+@pytest.mark.parametrize("stem, title", [
+    ("trecento__PMFC_06_Piero_1-All_onbra_d_un_perlato.xml",
+     "PMFC 06 Piero 1-All onbra d un perlato"),
+    ("airdsAirs__book1.abc__x176", "book1 #176"),
+    ("beethoven__opus59no1__movement4.mxl", "opus59no1 movement4"),
+    ("monteverdi__madrigal.4.4.mxl", "madrigal.4.4"),
+    ("song_00042", "song 00042"),
+    ("tune1", "tune1"),
+    ("my_song.mid", "my song"),
+    ("__", "__"),
+])
+def test_tidy_stem(stem, title):
+    assert tidy_stem(stem) == title
+
+
+def test_the_index_stores_the_title(tmp_path):
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    make_piece(3, duration_s=12).write(str(songs / "bach__bwv379.mxl.mid"))
+    _with_first_track_meta(songs / "bach__bwv379.mxl.mid", songs / "named.mid",
+                           mido.MetaMessage("track_name", name="Jesu, meine Freude"))
+    build_index(tmp_path / "idx", [songs], OPTS)
+    refs = store.load_index(tmp_path / "idx").refs
+    assert {r["path"].rsplit("/", 1)[-1]: r["title"] for r in refs} == {
+        "bach__bwv379.mxl.mid": "bwv379", "named.mid": "Jesu, meine Freude"}
