@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -43,7 +45,9 @@ def test_json_output(setup, capsys):
     code, out, _ = run(capsys, "--index", setup / "idx", setup / "query.flac", "--json",
                        "--top", "2")
     assert code == 0
+    assert len(out.splitlines()) == 1  # one object per line
     res = json.loads(out)
+    assert res["status"] == "ok" and res["audio"] == str(setup / "query.flac")
     assert res["decision"] in ("identified", "not_in_collection")
     assert (res["identified"] is None) == (res["decision"] == "not_in_collection")
     assert len(res["matches"]) == 2
@@ -51,46 +55,124 @@ def test_json_output(setup, capsys):
     assert top["title"] == "tune1"
     assert set(top) == {"ref", "id", "title", "confidence", "score", "start_s", "end_s",
                         "position_s"}
-    assert abs(top["position_s"] - 20.0) < 0.5
+    assert abs(top["position_s"] - 20.0) < 0.5  # seconds stay seconds in JSON
     assert res["query_s"] == pytest.approx(12.0, abs=0.01)
     assert res["model_id"] == Encoder.load().model_id and res["n_candidates"] == 3
 
 
-def test_table_output_and_excerpt_options(setup, capsys):
+def test_one_line_per_file_ranking_and_excerpt_options(setup, capsys):
     code, out, _ = run(capsys, "--index", setup / "idx", setup / "query.flac",
-                       "--start", "2", "--duration", "8")
+                       "--start", "2", "--duration", "8", "--ranking", "--top", "3")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["rank", "confidence", "score", "position", "title"]
-    assert lines[1].split()[0] == "1" and lines[1].split()[-1] == "tune1"
-    assert lines[1].split()[3].startswith("0:18.")  # 8 s + 2 s + 8 s into the piece
-    assert lines[-1].startswith(("identified: tune1", "not in the collection"))
+    assert lines[0].startswith((f"{setup / 'query.flac'}: identified: tune1 at 0:18 ",
+                                f"{setup / 'query.flac'}: not in the collection (best: tune1,"))
+    assert lines[1].split() == ["rank", "confidence", "score", "position", "title"]
+    assert lines[2].split()[0] == "1" and lines[2].split()[-1] == "tune1"
+    assert lines[2].split()[3] == "0:18"  # 8 s + 2 s + 8 s into the piece, m:ss
+    assert len(lines) == 2 + 3
 
 
-def test_errors_exit_2_with_a_message(setup, capsys, tmp_path):
+def test_many_files_one_model_load_and_the_exit_status(setup, capsys, tmp_path, monkeypatch):
+    from index.search import Cascade
+
+    opened = []
+    real_open = Cascade.open.__func__
+    monkeypatch.setattr(Cascade, "open", classmethod(
+        lambda cls, *a, **k: opened.append(a) or real_open(cls, *a, **k)))
+    folder = tmp_path / "takes"
+    folder.mkdir()
+    x, rate = sf.read(setup / "query.flac", dtype="float32")
+    sf.write(folder / "a.wav", x, rate)
+    sf.write(folder / "b.ogg", x[: rate * 10], rate)
+    (folder / "notes.txt").write_text("not audio: skipped by suffix")
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(RATE * 5, np.float32), RATE)
+    missing = tmp_path / "missing.wav"
+    argv = ["--index", setup / "idx", setup / "query.flac", folder, silent, missing]
+
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and len(opened) == 1  # one failure; the model and index loaded once
+    lines = out.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [
+        str(missing), str(setup / "query.flac"), str(folder / "a.wav"), str(folder / "b.ogg"),
+        str(silent)]  # problems with the arguments first (found before loading the model)
+    assert lines[0] == f"{missing}: error: {missing} does not exist"
+    assert all("tune1" in line for line in lines[1:4])
+    assert lines[4] == f"{silent}: silent: nothing to identify"
+    assert "5 files:" in err and "1 silent, 1 failed" in err
+
+    code, out, _ = run(capsys, *argv, "--json")
+    assert code == 1
+    objs = [json.loads(line) for line in out.splitlines()]
+    assert [o["status"] for o in objs] == ["error", "ok", "ok", "ok", "ok"]
+    assert objs[0]["error"]["reason"] == "missing"
+    assert [o["decision"] for o in objs[1:]][-1] == "silent"
+    assert objs[-1]["matches"] == [] and objs[-1]["identified"] is None
+
+    code, out, _ = run(capsys, "--index", setup / "idx", setup / "query.flac", silent)
+    assert code == 0  # silence is an answer, not a failure
+
+
+def test_progress_bar_on_stderr_for_many_files(setup, capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    query = setup / "query.flac"
+    code = main(["identify", "--index", str(setup / "idx"), str(query), str(query)])
+    out = capsys.readouterr().out
+    assert code == 0 and len(out.splitlines()) == 2
+    assert "identify" in term.getvalue() and "2/2" in term.getvalue()
+    term.seek(0)
+    term.truncate()
+    main(["identify", "--index", str(setup / "idx"), str(query), str(query), "--no-progress"])
+    assert "2/2" not in term.getvalue()
+
+
+def test_help_says_the_defaults_the_answers_and_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["identify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for said in ("--top N matches per file in --json and --ranking (default 5)",
+                 "--device DEVICE torch device (default cpu)",
+                 "--start S ignore the audio before S seconds (default 0.0)",
+                 "(default: to the end)", "(default: the shipped model)",
+                 "silent: nothing to identify", "exit status: 0 when every file",
+                 "1 when at least one file failed", "2 when nothing could run"):
+        assert said in text, said
+
+
+def test_errors(setup, capsys, tmp_path):
     idx, query = setup / "idx", setup / "query.flac"
-    sf.write(tmp_path / "silent.wav", np.zeros(RATE * 5, np.float32), RATE)
     sf.write(tmp_path / "short.wav", 0.3 * np.sin(np.arange(RATE // 2) * 0.05), RATE)
     (tmp_path / "text.wav").write_text("not audio")
+    (tmp_path / "empty").mkdir()
     other = tmp_path / "other.pt"
     Encoder.untrained(seed=3).save(other)
-    cases = [
-        (("--index", tmp_path / "nothing", query), "not a midimatch index"),
-        (("--index", idx, tmp_path / "missing.wav"), "no such audio file"),
+    per_file = [  # the file's line says why; exit 1
+        (("--index", idx, tmp_path / "missing.wav"), "missing.wav does not exist"),
         (("--index", idx, tmp_path / "text.wav"), "cannot read audio"),
-        (("--index", idx, tmp_path / "silent.wav"), "silent"),
         (("--index", idx, tmp_path / "short.wav"), "too short"),
         (("--index", idx, query, "--start", "100"), "past the end"),
+        (("--index", idx, tmp_path / "empty"), "no audio files"),
+    ]
+    for argv, message in per_file:
+        code, out, err = run(capsys, *argv)
+        assert code == 1, argv
+        assert ": error: " in out and message in out, (argv, out)
+    nothing_runs = [  # exit 2, the message on stderr
+        (("--index", tmp_path / "nothing", query), "not a midimatch index"),
         (("--index", idx, query, "--weights", other), "was built with model"),
         (("--index", idx, query, "--top", "0"), "--top"),
     ]
-    for argv, message in cases:
+    for argv, message in nothing_runs:
         code, out, err = run(capsys, *argv)
         assert code == 2, argv
         assert message in err, (argv, err)
         assert out == ""
-
-
 @pytest.mark.parametrize("suffix", [".ogg", ".mp3"])
 def test_compressed_mono_audio_at_another_rate(setup, capsys, tmp_path, suffix):
     mono, rate = sf.read(setup / "query.flac", dtype="float32")
