@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from index import cli as index_cli
     from index.evaluation import cli as eval_cli
     from model.training import cli as model_cli
-    from server import serve_cli
+    from server import client, serve_cli
     from worker import cli as worker_cli
 
     parser = argparse.ArgumentParser(
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.register(sub)
     worker_cli.register(sub)
     serve_cli.register(sub)
+    client.describe_stream_command(sub.choices["stream"])  # its markers and defaults
     eval_cli.register(sub)
     return parser
 

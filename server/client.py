@@ -4,22 +4,44 @@ Used by ``midimatch stream FILE``. Audio is read with soundfile (WAV, FLAC, Ogg,
 libsndfile ≥ 1.1), mixed to mono when it has more than two channels, and sent as ``pcm_f32le``
 at its own sample rate. A dropped connection is resumed (``start`` with the session id and the
 last result id seen), and sending continues from the byte the gateway says it has.
+
+Human output (:func:`format_message`): one line per result, stream time and positions as m:ss,
+a marker saying how sure the service is (:data:`LEGEND`, also the first line printed). Silent
+audio gets the words ``midimatch identify`` uses (:data:`index.cli.SILENT`).
+
+aiohttp, numpy and the bus are imported where they are used: ``server/cli.py`` imports this
+module to describe ``midimatch stream`` in its help, and ``midimatch --help`` stays instant.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiohttp
-import numpy as np
-
+from index.cli import SILENT, DefaultsHelpFormatter, clock
 from model.errors import AudioError, MidimatchError
-from worker.bus import MAX_RATE, MIN_RATE, PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    import aiohttp
+    import numpy as np
+
+MARKERS = {
+    "…": "no ranking yet (less audio than a search needs)",
+    "?": "best guess so far, not confident: not a decision",
+    "=": "identified: confident and stable (the decision)",
+}
+LEGEND = ("markers: " + "   ".join(f"{k} {v}" for k, v in MARKERS.items())
+          + ";  times m:ss (stream time, then position in the piece)")
+# identify's silence rule (index/search.py, model/features.is_silent): RMS under -60 dBFS over
+# the part a query searches, its last query_window_s (20 s) and a second for the CQT's edge
+SILENT_DBFS = -60.0
+SILENT_TAIL_S = 21.0
 
 
 class StreamError(MidimatchError):
@@ -36,8 +58,13 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     AudioError
         Unreadable file, or a sample rate the protocol does not take (8–96 kHz).
     """
+    import numpy as np
     import soundfile as sf
 
+    from worker.bus import MAX_RATE, MIN_RATE
+
+    if not Path(path).exists():
+        raise AudioError(f"{path} does not exist", reason="missing")
     try:
         x, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises RuntimeError/LibsndfileError on bad input
@@ -48,6 +75,16 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     if x.shape[1] > 2:
         x = x.mean(axis=1, keepdims=True)
     return np.ascontiguousarray(x, dtype="<f4"), int(rate)
+
+
+def is_silent(x: np.ndarray, rate: int) -> bool:
+    """Whether ``midimatch identify`` would call this audio silent (see :data:`SILENT_TAIL_S`)."""
+    import numpy as np
+
+    tail = np.asarray(x, dtype=np.float64)[-int(SILENT_TAIL_S * rate):]
+    if tail.size == 0:
+        return True
+    return float(np.sqrt(np.mean(np.square(tail)))) <= 10.0 ** (SILENT_DBFS / 20.0)
 
 
 class StreamClient:
@@ -81,11 +118,21 @@ class StreamClient:
         """Stream float samples of shape (n, channels) at ``rate`` Hz; returns the final
         result.
 
+        ``on_message`` gets every server message; a final result without a decision of audio
+        that is silent (:func:`is_silent`) carries ``"_silent": True``, the client's own note
+        (:func:`print_message` leaves ``_`` keys out of its JSON).
+
         Raises
         ------
         StreamError
             The service sent an ``error`` message, or every reconnection failed.
         """
+        import aiohttp
+        import numpy as np
+
+        from worker.bus import PROTOCOL_VERSION
+
+        silent = is_silent(x, rate)
         pcm = np.ascontiguousarray(x, dtype="<f4").tobytes()
         channels = int(x.shape[1]) if x.ndim == 2 else 1
         frame = 4 * channels
@@ -111,6 +158,10 @@ class StreamClient:
                                 if m.type != aiohttp.WSMsgType.TEXT:
                                     break
                                 data = json.loads(m.data)
+                                if (silent and data.get("type") == "result"
+                                        and data.get("final") and not data.get("decision")
+                                        and not data.get("error")):
+                                    data["_silent"] = True
                                 on_message(data)
                                 if data.get("type") == "error":
                                     raise StreamError(f"{data['code']}: {data['message']}",
@@ -134,6 +185,8 @@ class StreamClient:
 
     async def _expect_ready(self, ws: aiohttp.ClientWebSocketResponse,
                             on_message: Callable[[dict], None]) -> dict:
+        import aiohttp
+
         m = await ws.receive(timeout=30.0)
         if m.type != aiohttp.WSMsgType.TEXT:
             raise aiohttp.ClientError(f"connection closed before ready ({ws.close_code})")
@@ -145,6 +198,8 @@ class StreamClient:
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse, pcm: bytes, offset: int,
                     step: int, bytes_per_s: int) -> None:
+        from worker.bus import PROTOCOL_VERSION
+
         t0 = time.monotonic() - offset / bytes_per_s
         for i in range(offset, len(pcm), step):
             if self.realtime:
@@ -156,32 +211,62 @@ class StreamClient:
 
 
 def format_message(m: dict) -> str | None:
-    """One human line for a server message (None for messages not worth a line)."""
+    """One human line for a server message (None for messages not worth a line); the first
+    ``ready`` of a stream is preceded by the :data:`LEGEND` line."""
     kind = m.get("type")
     if kind == "ready":
-        return f"session {m['session']}" + (" (resumed)" if m.get("resumed") else "")
+        if m.get("resumed"):
+            return f"session {m['session']} (resumed)"
+        return f"{LEGEND}\nsession {m['session']}"
     if kind == "error":
         return f"error {m['code']}: {m['message']}"
     if kind != "result":
         return None
-    head = f"{m['audio_s']:7.1f} s  "
+    head = f"{clock(float(m['audio_s'])):>7}  "
     d = m.get("decision")
     if d:
-        head += f"= {d['title']}  ({d['confidence']:.0%}, at {d['position_s']:.1f} s)"
+        head += f"= {d['title']}  ({d['confidence']:.0%}, at {clock(float(d['position_s']))})"
     elif m.get("matches"):
         best = m["matches"][0]
-        head += f"? {best['title']}  ({best['confidence']:.0%})"
+        head += (f"? {best['title']}  ({best['confidence']:.0%}, at "
+                 f"{clock(float(best['position_s']))})")
     else:
         head += "…"
     if m.get("final"):
-        head += "   [final]" + ("" if d else "  no confident match in the collection")
+        err = m.get("error")
+        if isinstance(err, dict):
+            head += f"   [final]  error: {err.get('message', err.get('code', ''))}"
+        elif m.get("_silent"):
+            head += f"   [final]  {SILENT}"
+        elif not d:
+            head += "   [final]  no confident match in the collection"
+        else:
+            head += "   [final]"
     return head
 
 
 def print_message(m: dict, as_json: bool) -> None:
+    """``--json``: the server's message as one line (without the client's ``_`` notes);
+    else :func:`format_message`'s line."""
     if as_json:
-        print(json.dumps(m), flush=True)
+        print(json.dumps({k: v for k, v in m.items() if not k.startswith("_")}), flush=True)
         return
     line = format_message(m)
     if line is not None:
         print(line, file=sys.stderr if m.get("type") == "error" else sys.stdout, flush=True)
+
+
+def describe_stream_command(p: argparse.ArgumentParser) -> None:
+    """The help of ``midimatch stream`` (registered in ``server/serve_cli.py``): what the
+    output's markers mean, the silence wording, and every option's default."""
+    p.formatter_class = DefaultsHelpFormatter
+    p.description = (
+        (p.description or "") + " One line per result: the stream time (m:ss), a marker, the "
+        "piece, the confidence and the position in the piece (m:ss); --json prints the server's "
+        "messages instead, times in seconds. The first line of output repeats the markers. "
+        f"Silent audio ends with '{SILENT}', as `midimatch identify` says.")
+    p.epilog = ("markers: " + "; ".join(f"'{k}' {v}" for k, v in MARKERS.items())
+                + ". Exit status 0 after the final result, 2 on an error.")
+    for action in p._actions:
+        if action.dest == "file" and not action.help:
+            action.help = "audio file (WAV, FLAC, Ogg, MP3: anything libsndfile reads)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,15 @@ import soundfile as sf
 
 from model.errors import AudioError
 from server.app import create_app
-from server.client import StreamClient, StreamError, format_message, read_audio_file
+from server.cli import main
+from server.client import (
+    LEGEND,
+    StreamClient,
+    StreamError,
+    format_message,
+    print_message,
+    read_audio_file,
+)
 from server.settings import Settings
 from tests.server.conftest import FakeWorker
 from worker.bus import InProcessBus
@@ -27,16 +36,54 @@ def test_read_audio_file(tmp_path):
     (tmp_path / "junk.wav").write_bytes(b"RIFF nonsense")
     with pytest.raises(AudioError):
         read_audio_file(tmp_path / "junk.wav")
+    with pytest.raises(AudioError, match=r"^/nonexistent\.wav does not exist$"):
+        read_audio_file("/nonexistent.wav")
 
 
 def test_format_message():
-    d = {"id": "x", "title": "Minuet", "confidence": 0.9, "position_s": 12.0}
-    line = format_message({"type": "result", "audio_s": 5.0, "matches": [d], "decision": d,
-                           "final": True})
-    assert "Minuet" in line and "90%" in line and "final" in line
-    assert "no confident match" in format_message({"type": "result", "audio_s": 5.0,
-                                                   "matches": [], "decision": None,
-                                                   "final": True})
+    d = {"id": "x", "title": "Minuet", "confidence": 0.9, "position_s": 72.4}
+    guess = {**d, "confidence": 0.41, "position_s": 3.0}
+
+    def result(**kw):
+        return format_message({"type": "result", "audio_s": 65.0, "matches": [d],
+                               "decision": None, "final": False, **kw})
+
+    assert result(decision=d, final=True) == "   1:05  = Minuet  (90%, at 1:12)   [final]"
+    assert result(matches=[guess]) == "   1:05  ? Minuet  (41%, at 0:03)"
+    assert result(matches=[]) == "   1:05  …"
+    assert result(matches=[], final=True).endswith(
+        "…   [final]  no confident match in the collection")
+    assert result(matches=[], final=True, _silent=True).endswith(
+        "…   [final]  silent: nothing to identify")
+    assert result(matches=[], final=True, error={"code": "bad_audio", "message": "NaN"}
+                  ).endswith("[final]  error: NaN")
+    first = format_message({"type": "ready", "session": "abc", "resumed": False})
+    assert first.splitlines() == [LEGEND, "session abc"]
+    for marker in ("… no ranking yet", "? best guess", "= identified", "m:ss"):
+        assert marker in LEGEND
+    assert format_message({"type": "ready", "session": "abc", "resumed": True}) == \
+        "session abc (resumed)"
+
+
+def test_print_message_json_is_the_server_message(capsys):
+    m = {"type": "result", "audio_s": 65.0, "final": True, "decision": None, "_silent": True}
+    print_message(m, as_json=True)
+    assert json.loads(capsys.readouterr().out) == {"type": "result", "audio_s": 65.0,
+                                                   "final": True, "decision": None}
+
+
+def test_stream_help_explains_the_markers_and_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["stream", "--help"])
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    for said in ("'…' no ranking yet", "'?' best guess", "'=' identified",
+                 "silent: nothing to identify", "m:ss"):
+        assert said in flat, said
+    options = flat[flat.index("options:"):flat.index("markers:")].split(" --")[2:]  # not -h
+    assert [o.split()[0] for o in options] == ["url", "speed", "json", "token", "chunk-s"]
+    for o in options:
+        assert "default" in o, o
 
 
 @pytest.mark.asyncio
@@ -87,3 +134,23 @@ async def test_the_client_resumes_after_the_gateway_drops_it(aiohttp_client):
     assert worker.seqs[sid] == list(range(len(worker.seqs[sid])))  # contiguous, no repeats
     results = [m["result_id"] for m in seen if m["type"] == "result"]
     assert len(results) == len(set(results))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("silent", [True, False])
+async def test_a_silent_file_says_so_like_identify(aiohttp_client, tmp_path, capsys, silent):
+    bus = InProcessBus()
+    client = await aiohttp_client(create_app(Settings(), bus, close_bus=False))
+    x = np.zeros(11025, np.float32) if silent else \
+        0.1 * np.sin(np.arange(11025) * 0.05).astype(np.float32)  # 0.5 s: no decision
+    sf.write(tmp_path / "q.wav", x, 22050)
+    async with FakeWorker(bus):
+        final = await StreamClient(str(client.make_url("/v1/stream")), realtime=False
+                                   ).stream_file(tmp_path / "q.wav",
+                                                 lambda m: print_message(m, False))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == LEGEND and lines[1].startswith("session ")
+    assert lines[-1].startswith("   0:00  ") and "[final]" in lines[-1]
+    assert lines[-1].endswith("silent: nothing to identify" if silent
+                              else "no confident match in the collection")
+    assert final.get("_silent", False) is silent
