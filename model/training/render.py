@@ -50,6 +50,7 @@ from model.training.render_engines import (
     render_adplay,
     render_csound,
 )
+from model.training.render_libs import library_available, render_sonivox, render_wildmidi
 
 PEAK = 0.5  # every render is scaled to this peak (-6 dBFS): loudness is augmentation's job
 TAIL_S = 0.5  # audio kept after the last note ends (release, reverb)
@@ -61,12 +62,13 @@ class Renderer:
     """A renderer: an engine and the candidate files of its sample set, first found is used."""
 
     name: str
-    engine: str  # "fluidsynth", "timidity", "adplay", "csound" or "sine"
+    engine: str  # "fluidsynth", "timidity", "wildmidi", "sonivox", "adplay", "csound", "sine"
     resources: tuple[Path, ...] = ()  # sample sets; empty for engines that synthesise
     description: str = ""
     package: str = ""  # the Debian package(s) that install it
     # how it makes sound: "sampled-gm" (GM soundfonts), "fm-samples" (a soundfont of recorded FM
-    # tones), "gus" (GUS patches), "fm" (an FM chip emulation), "synthesis" (no samples at all)
+    # tones), "gus" (GUS patches), "fm" (an FM chip emulation), "synthesis" (no samples at all),
+    # "android-gm" (Android's small wavetable GM set)
     family: str = ""
     variant: int = 0  # the engine's instrument, where it has several (Csound)
 
@@ -89,6 +91,11 @@ RENDERERS: dict[str, Renderer] = {r.name: r for r in (
              "fm-samples"),
     Renderer("timidity-freepats", "timidity", (Path("/etc/timidity/freepats.cfg"),),
              "TiMidity++ + freepats", "timidity freepats", "gus"),
+    Renderer("wildmidi-freepats", "wildmidi", (Path("/etc/timidity/freepats.cfg"),),
+             "libWildMidi + freepats (TiMidity's patches, another engine)",
+             "libwildmidi2 freepats", "gus"),
+    Renderer("sonivox-eas", "sonivox", (), "libsonivox: Android's EAS wavetable GM synth",
+             "libsonivox3", "android-gm"),
     Renderer("adplay-opl3", "adplay", (), "adplay + libadplug's Nuked OPL3 emulator (real FM)",
              "adplay", "fm"),
     *(Renderer(f"csound-{label.split()[0].lower()}", "csound", (),
@@ -99,12 +106,13 @@ RENDERERS: dict[str, Renderer] = {r.name: r for r in (
 )}
 HELD_OUT = "timidity-freepats"
 TRAIN_RENDERERS: tuple[str, ...] = ("fluid-fluidr3", "fluid-musescore", "fluid-timgm")
-# Kept out of training and model selection, by family: GUS patches, a real FM chip, and
-# synthesis without samples. Each is reported on its own row (bench/engines.py); the worst row
-# is the figure that counts.
-HELD_OUT_RENDERERS: tuple[str, ...] = ("timidity-freepats", "adplay-opl3", "csound-fm",
-                                       "csound-plucked", "csound-subtractive",
-                                       "csound-additive")
+# Kept out of training and model selection, by family: GUS patches (two engines, freepats),
+# a real FM chip, synthesis without samples, and Android's GM set. Each is reported on its own
+# row (bench/engines.py); the worst row is the figure that counts. WildMIDI plays the samples
+# of HELD_OUT, so it can never train.
+HELD_OUT_RENDERERS: tuple[str, ...] = ("timidity-freepats", "wildmidi-freepats", "adplay-opl3",
+                                       "csound-fm", "csound-plucked", "csound-subtractive",
+                                       "csound-additive", "sonivox-eas")
 
 
 def _get(name: str) -> Renderer:
@@ -125,7 +133,10 @@ def available(name: str) -> bool:
     r = _get(name)
     if r.engine == "sine":
         return True
-    if shutil.which(r.engine) is None:
+    if r.engine in ("wildmidi", "sonivox"):  # libraries, called through ctypes
+        if not library_available(r.engine):
+            return False
+    elif shutil.which(r.engine) is None:
         return False
     return not r.resources or resource(name) is not None
 
@@ -149,7 +160,7 @@ def render(pm: pretty_midi.PrettyMIDI, name: str, *, sample_rate: int = SAMPLE_R
     Parameters
     ----------
     pm : pretty_midi.PrettyMIDI
-        Not modified. TiMidity plays :func:`renderable_midi` of it.
+        Not modified. TiMidity and WildMIDI play :func:`renderable_midi` of it.
     name : str
         A key of ``RENDERERS``.
     sample_rate : int
@@ -187,6 +198,11 @@ def render(pm: pretty_midi.PrettyMIDI, name: str, *, sample_rate: int = SAMPLE_R
     if r.engine == "timidity":
         audio = _render_timidity(renderable_midi(pm, name), resource(name), sample_rate,
                                  timeout_s, n)
+    elif r.engine == "wildmidi":
+        audio = render_wildmidi(renderable_midi(pm, name), resource(name), sample_rate,
+                                timeout_s, n)
+    elif r.engine == "sonivox":
+        audio = render_sonivox(pm, sample_rate, timeout_s, n)
     elif r.engine == "adplay":
         audio = render_adplay(pm, sample_rate, timeout_s, n)
     elif r.engine == "csound":
@@ -236,15 +252,16 @@ def renderable_midi(pm: pretty_midi.PrettyMIDI, name: str) -> pretty_midi.Pretty
     """What renderer ``name`` really plays of ``pm`` (the same object unless it must change).
 
     For ``sine``: the pitched instruments only (pretty_midi's synth skips drums).
-    For TiMidity + freepats: programs freepats lacks become the nearest one it has (same GM
-    family first), drum kits become kit 0, drum keys it lacks are dropped, and bank selects
-    (CC 0/32) are removed, so that no sound falls back to another installed sample set.
+    For TiMidity or WildMIDI + freepats: programs freepats lacks become the nearest one it has
+    (same GM family first), drum kits become kit 0, drum keys it lacks are dropped, and bank
+    selects (CC 0/32) are removed, so that no sound falls back to another installed sample set
+    (TiMidity) or goes silent (WildMIDI).
     Compute the MIDI-side features of a pair from this, so both sides hold the same notes.
     """
     engine = _get(name).engine
     if engine in ("sine", "csound"):  # pitched synths: the drum tracks are not played
         return csound_midi(pm)
-    if engine != "timidity" or resource(name) is None:
+    if engine not in ("timidity", "wildmidi") or resource(name) is None:
         return pm
     programs, keys = _freepats_map(resource(name))
     out = copy.deepcopy(pm)
