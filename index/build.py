@@ -200,16 +200,19 @@ def midi_title(data: bytes) -> str | None:
 
 def tidy_stem(stem: str) -> str:
     """A readable name from a file stem: ``trecento__PMFC_06_Piero_1-All_onbra_d_un_perlato.xml``
-    → ``PMFC 06 Piero 1-All onbra d un perlato``, ``airdsAirs__book1.abc__x176`` →
-    ``book1 #176``, ``song_00042`` → ``song 00042``.
+    → ``PMFC 06 Piero 1-All onbra d un perlato (trecento)``, ``bach__bwv379.mxl`` →
+    ``bwv379 (bach)``, ``airdsAirs__book1.abc__x176`` → ``book1 #176 (airdsAirs)``,
+    ``song_00042`` → ``song 00042``.
 
     The corpus prefix before the first ``__`` (the music21 collection a converted work comes
-    from) goes, source suffixes (``.xml``, ``.mxl``, ``.krn``, ``.abc``, ``.mid``...) go, an
-    ABC tune number ``__xN`` becomes ``#N``, underscores become spaces.
+    from: often its composer, which the rest of the name lacks) moves to the end in brackets,
+    source suffixes (``.xml``, ``.mxl``, ``.krn``, ``.abc``, ``.mid``...) go, an ABC tune number
+    ``__xN`` becomes ``#N``, underscores become spaces.
     """
     parts = [p for p in stem.split("__") if p]
+    collection = ""
     if len(parts) > 1:
-        parts = parts[1:]
+        collection, parts = parts[0], parts[1:]
     tidy = []
     for part in parts:
         while _SOURCE_SUFFIX.search(part):
@@ -218,6 +221,8 @@ def tidy_stem(stem: str) -> str:
             part = "#" + part[1:]
         tidy.append(part)
     title = " ".join(" ".join(tidy).replace("_", " ").split())
+    if title and collection:
+        title = f"{title} ({collection})"
     return title[:_MAX_TITLE] or stem
 
 

@@ -149,7 +149,7 @@ def test_title_from_the_first_track_name_else_the_tidied_file_name(tmp_path):
     make_piece(1, duration_s=12).write(str(plain))  # instruments named "lead", "bass"...
     # pretty_midi names the instruments' tracks, not the first one: no title of its own
     assert midi_title(plain.read_bytes()) is None
-    assert piece_title(plain) == "PMFC 06 Piero 1-All onbra d un perlato"
+    assert piece_title(plain) == "PMFC 06 Piero 1-All onbra d un perlato (trecento)"
 
     named = _with_first_track_meta(plain, tmp_path / "bach__bwv379.mxl.mid",
                                    mido.MetaMessage("track_name", name="Greensleeves"))
@@ -182,10 +182,11 @@ def test_title_of_malformed_data_is_none():
 
 @pytest.mark.parametrize("stem, title", [
     ("trecento__PMFC_06_Piero_1-All_onbra_d_un_perlato.xml",
-     "PMFC 06 Piero 1-All onbra d un perlato"),
-    ("airdsAirs__book1.abc__x176", "book1 #176"),
-    ("beethoven__opus59no1__movement4.mxl", "opus59no1 movement4"),
-    ("monteverdi__madrigal.4.4.mxl", "madrigal.4.4"),
+     "PMFC 06 Piero 1-All onbra d un perlato (trecento)"),
+    ("airdsAirs__book1.abc__x176", "book1 #176 (airdsAirs)"),
+    ("beethoven__opus59no1__movement4.mxl", "opus59no1 movement4 (beethoven)"),
+    ("bach__bwv379.mxl", "bwv379 (bach)"),
+    ("monteverdi__madrigal.4.4.mxl", "madrigal.4.4 (monteverdi)"),
     ("song_00042", "song 00042"),
     ("tune1", "tune1"),
     ("my_song.mid", "my song"),
@@ -204,4 +205,4 @@ def test_the_index_stores_the_title(tmp_path):
     build_index(tmp_path / "idx", [songs], OPTS)
     refs = store.load_index(tmp_path / "idx").refs
     assert {r["path"].rsplit("/", 1)[-1]: r["title"] for r in refs} == {
-        "bach__bwv379.mxl.mid": "bwv379", "named.mid": "Jesu, meine Freude"}
+        "bach__bwv379.mxl.mid": "bwv379 (bach)", "named.mid": "Jesu, meine Freude"}
