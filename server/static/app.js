@@ -34,6 +34,7 @@ function fmtTime(s) {
 }
 
 const secs = (s) => `${(s || 0).toFixed(1)} s`;
+const titleOf = (x) => x.title || x.id; // whatever the index says, else the id
 const pct = (c) => Math.round(100 * Math.max(0, Math.min(1, c)));
 
 class UserError extends Error {} // a message for the listener, shown as it is
@@ -66,7 +67,7 @@ function onResult(r, m) {
   if (d) {
     if (!r.decision || r.decision.id !== d.id) {
       if (r.decision) { // the music changed without a gap: another piece, decided at once
-        r.before = { id: r.decision.id, title: r.decision.title, from_s: r.since.audio_s,
+        r.before = { id: r.decision.id, title: titleOf(r.decision), from_s: r.since.audio_s,
                      to_s: m.audio_s, replaced: true };
       }
       r.since = { audio_s: m.audio_s, wall_s: (performance.now() - r.t0) / 1000 };
@@ -74,7 +75,7 @@ function onResult(r, m) {
     r.decision = d;
     r.named = d;
   } else if (r.decision) { // the decision lapsed: lost, or the music changed
-    r.before = { id: r.decision.id, title: r.decision.title, from_s: r.since.audio_s,
+    r.before = { id: r.decision.id, title: titleOf(r.decision), from_s: r.since.audio_s,
                  to_s: m.audio_s, replaced: false };
     r.decision = null;
     r.since = null;
@@ -92,6 +93,7 @@ function onResult(r, m) {
 function stateOf(r) {
   if (!r) return "idle";
   if (r.error) return "error";
+  if (!r.stream) return "starting";
   if (r.decision) return "identified";
   const m = r.result;
   if (r.before) return "lost";
@@ -102,6 +104,7 @@ function stateOf(r) {
 
 const LABELS = {
   idle: "Waiting",
+  starting: "Starting",
   listening: "Listening",
   leading: "Leading candidate — not sure yet",
   identified: "Identified",
@@ -124,18 +127,21 @@ function render() {
   if (st === "idle") {
     head = "nothing yet";
     detail = "Choose a source above.";
+  } else if (st === "starting") {
+    head = { mic: "Waiting for the microphone…", file: "Decoding the file…",
+             demo: r.demo ? "Decoding the demo excerpt…" : "Rendering a demo excerpt…" }[r.kind];
   } else if (st === "listening") {
     head = m ? `Listening… ${secs(audio)} of audio so far` : "Listening…";
     detail = `The service needs a few seconds of music to name a piece (${NEED}).`;
   } else if (st === "leading") {
-    head = `Maybe “${top.title}”`;
+    head = `Maybe “${titleOf(top)}”`;
     detail = `Leading with ${pct(top.confidence)} % after ${secs(audio)} of audio, not sure ` +
       `yet: the service names a piece once it is (${NEED}).`;
   } else if (st === "identified") {
     const d = r.decision;
     const info = pieceInfoNow(d.id);
     const total = info ? info.duration_s : null;
-    head = d.title;
+    head = titleOf(d);
     detail = `confidence ${pct(d.confidence)} % · position ${fmtTime(d.position_s)}` +
       (total ? ` of ${fmtTime(total)}` : "");
     if (total) progress = Math.min(100, (100 * d.position_s) / total);
@@ -157,7 +163,7 @@ function render() {
       detail = `“${b.title}” was identified from ${secs(b.from_s)} to ${secs(b.to_s)} of ` +
         `audio; then the service stopped being sure.`;
       if (r.done) detail += ` The stream ended at ${secs(audio)}.`;
-      else if (top) detail += ` Leading now: “${top.title}” (${pct(top.confidence)} %).`;
+      else if (top) detail += ` Leading now: “${titleOf(top)}” (${pct(top.confidence)} %).`;
     }
   } else if (st === "absent") {
     head = "Not in the collection";
@@ -206,7 +212,7 @@ function renderRanking(m, decidedId) {
     if (x.id === decidedId) li.className = "decided";
     const p = pct(x.confidence);
     li.innerHTML = `<span class="title"></span><span class="bar"><div style="width:${p}%"></div></span><span class="conf">${p} %</span>`;
-    li.querySelector(".title").textContent = x.title;
+    li.querySelector(".title").textContent = titleOf(x);
     li.title = `score ${x.score.toFixed(2)}, at ${fmtTime(x.position_s)}`;
     return li;
   });
@@ -234,7 +240,7 @@ function renderDemo(r) {
     el.textContent = `✓ Right: the demo is ${what}.`;
   } else if (r.named) {
     el.className = "wrong";
-    el.textContent = `✗ Wrong: the demo is ${what}; the service named “${r.named.title}”.`;
+    el.textContent = `✗ Wrong: the demo is ${what}; the service named “${titleOf(r.named)}”.`;
   } else {
     el.textContent = `The demo is ${what}; the service named no piece.`;
   }

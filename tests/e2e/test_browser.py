@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
 # The colour of the answer's headline in each state (server/static/style.css): green is
 # "identified" and nothing else.
 COLOURS = {
+    "starting": "rgb(91, 101, 112)",
     "listening": "rgb(91, 101, 112)",
     "short": "rgb(91, 101, 112)",
     "leading": "rgb(47, 111, 219)",
@@ -220,7 +221,15 @@ def test_microphone_identifies_the_piece(server, collection):
 def test_demo_hides_the_answer_until_the_service_gives_one(server, collection):
     _, wav = collection
     with opened_page(server, wav) as page:
+        held = []  # the excerpt is held back until the page has shown that it is rendering
+        page.route("**/v1/demo*", lambda route: held.append(route))
         page.click("#demo")
+        s = expect_state(page, "starting", "e2e-demo-0-rendering",
+                         title="Rendering a demo excerpt…", status="Rendering a demo excerpt…")
+        assert s["demo"] is None and s["ranking"] is None
+        page.wait_for_timeout(200)
+        assert len(held) == 1
+        held[0].continue_()
         page.wait_for_selector("#demo-info:not([hidden])", timeout=60_000)
         s = expect_state(page, "listening", "e2e-demo-1-before-the-answer")
         assert "Can the service tell" in s["demo"]
@@ -320,6 +329,41 @@ def test_not_in_the_collection_and_too_short(server, collection, pieces):
         s = expect_state(page, "error", "e2e-state-10-error", title="No answer",
                          status="the audio could not be used")
         assert s["status_error"] and "error above" in s["detail"]
+
+
+def test_demo_verdicts(server, collection, pieces):
+    """The demo's note once the service answered: right, wrong, or no piece named."""
+    _, wav = collection
+    demos: list[dict] = []
+
+    def record(route) -> None:  # the real excerpt, its headers kept to know the truth
+        resp = route.fetch()
+        demos.append(resp.headers)
+        route.fulfill(response=resp)
+
+    with opened_page(server, wav, scripted=True) as page:
+        page.route("**/v1/demo*", record)
+        page.click("#demo")
+        (ws,) = wait_sockets(page, 1)
+        truth = next(p for p in pieces.values() if p["id"] == demos[0]["x-demo-id"])
+        other = next(p for p in pieces.values() if p["id"] != truth["id"])
+        s = expect_state(page, "listening", demo="Can the service tell which?")
+        assert truth["title"] not in s["demo"]
+        ws.result(6.0, [(other, 0.9)], (other, 0.9, 4.0))
+        s = expect_state(page, "identified", "e2e-demo-3-wrong", demo="✗ Wrong")
+        assert (f"the demo is “{truth['title']}” from " in s["demo"]
+                and f"the service named “{other['title']}”" in s["demo"])
+        assert page.eval_on_selector("#demo-info", "e => getComputedStyle(e).color") \
+            == COLOURS["error"]
+
+        page.click("#demo")  # a demo the service never names: the truth at the end
+        ws = wait_sockets(page, 2)[1]
+        truth = next(p for p in pieces.values() if p["id"] == demos[1]["x-demo-id"])
+        s = expect_state(page, "listening", demo="Can the service tell which?")
+        ws.result(8.0, [(truth, 0.5)], None, final=True)
+        s = expect_state(page, "absent", "e2e-demo-4-not-named",
+                         demo=f"The demo is “{truth['title']}” from ")
+        assert "the service named no piece" in s["demo"]
 
 
 def test_a_file_that_is_not_audio_shows_its_error(server, collection, tmp_path):
