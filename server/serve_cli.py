@@ -161,7 +161,7 @@ def _stream(args: argparse.Namespace) -> int:
 def _demo_prepare(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
     from model.env import cache_dir
-    from model.training.corpus import convert_music21_corpus, corpus_midi_files
+    from model.training.corpus import convert_music21_corpus, corpus_midi_files, read_manifest
     from server.demo import FIXTURE_FOLDERS, is_fixture, read_pieces, without_fixtures
 
     corpus = cache_dir() / "corpus"
@@ -169,6 +169,12 @@ def _demo_prepare(args: argparse.Namespace) -> int:
     print(f"demo: converting up to {args.limit} music21 works to MIDI (cached in {corpus})",
           file=sys.stderr)
     convert_music21_corpus(corpus, limit=args.limit, workers=args.workers)
+    manifest = read_manifest(corpus)
+    failed = sorted((k, f"{r.get('reason', '?')}: {r.get('error', '')}".rstrip(": "))
+                    for k, r in manifest.items() if r.get("status") == "failed")
+    print(f"demo: {len(manifest) - len(failed)} of {len(manifest)} music21 works converted"
+          + (f"; {len(failed)} failed: " + ", ".join(f"{k} ({why})" for k, why in failed)
+             if failed else ""), file=sys.stderr)
     files, fixtures = without_fixtures(corpus_midi_files(corpus, unique=True,
                                                          max_duration_s=600.0))
     if fixtures:

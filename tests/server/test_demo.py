@@ -247,3 +247,28 @@ async def test_favicon(aiohttp_client):
     r = await client.get("/favicon.ico")
     assert r.status == 200 and r.content_type == "image/svg+xml"
     assert (await r.text()).startswith("<svg")
+
+
+def test_demo_prepare_says_how_many_works_converted_and_which_failed_why(tmp_path, monkeypatch,
+                                                                         capsys):
+    import json
+
+    import index.build
+    import model.training.corpus as corpus
+    from server.cli import main
+
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path))
+    folder = tmp_path / "corpus" / "music21"
+    folder.mkdir(parents=True)
+    records = [{"key": "bach/bwv1.mxl", "status": "done", "file": "bach__bwv1.mxl.mid"},
+               {"key": "beethoven/opus74.mxl", "status": "failed", "reason": "timeout",
+                "error": "killed after 60 s"}]
+    (folder / corpus.MANIFEST_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(corpus, "convert_music21_corpus", lambda *a, **k: {})
+    monkeypatch.setattr(corpus, "corpus_midi_files", lambda *a, **k: [folder / "a.mid"])
+    monkeypatch.setattr(index.build, "build_index", lambda out, files, opts: {
+        "n_refs": len(files), "encoded": len(files), "reused": 0})
+    assert main(["demo", "prepare", "--index", str(tmp_path / "demo-index")]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 music21 works converted; 1 failed: beethoven/opus74.mxl (timeout: killed " \
+           "after 60 s)" in err
