@@ -251,7 +251,7 @@ def _nearest(program: int, have: frozenset[int]) -> int:
 def renderable_midi(pm: pretty_midi.PrettyMIDI, name: str) -> pretty_midi.PrettyMIDI:
     """What renderer ``name`` really plays of ``pm`` (the same object unless it must change).
 
-    For ``sine``: the pitched instruments only (pretty_midi's synth skips drums).
+    For ``sine``, Csound and adplay: the pitched instruments only (they have no percussion).
     For TiMidity or WildMIDI + freepats: programs freepats lacks become the nearest one it has
     (same GM family first), drum kits become kit 0, drum keys it lacks are dropped, and bank
     selects (CC 0/32) are removed, so that no sound falls back to another installed sample set
@@ -259,7 +259,7 @@ def renderable_midi(pm: pretty_midi.PrettyMIDI, name: str) -> pretty_midi.Pretty
     Compute the MIDI-side features of a pair from this, so both sides hold the same notes.
     """
     engine = _get(name).engine
-    if engine in ("sine", "csound"):  # pitched synths: the drum tracks are not played
+    if engine in ("sine", "csound", "adplay"):  # no percussion: the drum tracks are not played
         return csound_midi(pm)
     if engine not in ("timidity", "wildmidi") or resource(name) is None:
         return pm

@@ -6,7 +6,7 @@ read 83 % top-1 on a synthesiser it never heard. These two make sound another wa
 families can be held out of training and reported on their own:
 
 * ``adplay`` + libadplug's Nuked OPL3 emulator (FM synthesis, its own GM mapping, limited
-  polyphony), for MIDI files of type 0 only;
+  polyphony, no percussion), for MIDI files of type 0 only, an octave up (:func:`adplay_midi`);
 * ``csound`` with the instruments of ``csound/synths.csd`` (FM, plucked string, subtractive,
   additive), one instrument for every channel and program.
 
@@ -75,8 +75,20 @@ def _adplay_file(path: Path) -> None:
 
 
 def adplay_midi(pm: pretty_midi.PrettyMIDI) -> pretty_midi.PrettyMIDI:
-    """``pm`` with the inaudible padding notes adplay needs after its end (a copy)."""
-    out = copy.deepcopy(pm)
+    """What adplay is given for ``pm`` (a copy): its pitched instruments an octave up, and the
+    inaudible padding notes adplay needs after the end.
+
+    libadplug's MIDI player sounds every note an octave low (its bank and note shift; measured
+    on 12 programs across the range: the fundamental at half the note's frequency) and has no
+    percussion: channel 10 plays its keys as pitched notes of a melodic patch. So pitches are
+    raised by 12 (those above 115 stay: they would leave the MIDI range) and drum tracks are left
+    out, as for the Csound synths (:func:`csound_midi`).
+    """
+    out = csound_midi(pm)
+    out.instruments = copy.deepcopy(out.instruments)
+    for inst in out.instruments:
+        for note in inst.notes:
+            note.pitch += 12 if note.pitch + 12 <= 127 else 0
     end = pm.get_end_time()
     pad = pretty_midi.Instrument(0, name="adplay end padding")
     pad.notes = [pretty_midi.Note(1, 1, end + 0.5 * k, end + 0.5 * k + 0.1)
