@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--limit", type=int, help="convert at most N works")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per work")
+    c.add_argument("--retry-failed", action="store_true",
+                   help="attempt the works the cache records as failed again (e.g. with a "
+                   "larger --timeout on a busy machine)")
     c.set_defaults(func=_corpus)
 
     g = dsub.add_parser("generate", help="write procedurally generated pop-like songs")
@@ -133,7 +136,7 @@ def _corpus(args: argparse.Namespace) -> int:
     from model.training.corpus import convert_music21_corpus
 
     report = convert_music21_corpus(_default_out(args), limit=args.limit, workers=args.workers,
-                                    timeout_s=args.timeout)
+                                    timeout_s=args.timeout, retry_failed=args.retry_failed)
     print(json.dumps(report, indent=2, default=str))
     return 0
 
