@@ -218,6 +218,7 @@ def test_demo_prepare_leaves_fixtures_out(tmp_path, monkeypatch, capsys, fake_in
     music = [tmp_path / n for n in ("bach__bwv1.mxl.mid", "demos__layoutTest.xml.mid",
                                     "demos__two-voices.xml.mid", "ryansMammoth__x1.abc.mid")]
     built = []
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))  # never the real cache
     monkeypatch.setattr(corpus, "convert_music21_corpus", lambda *a, **k: None)
     monkeypatch.setattr(corpus, "corpus_midi_files", lambda *a, **k: list(music))
     monkeypatch.setattr(index.build, "build_index", lambda out, files, opts: built.append(
