@@ -8,19 +8,7 @@ import torch
 
 from model.attention import AttentionWindow
 from model.frametail import StreamError
-
-
-def _chunks(n: int, pattern: str, seed: int = 0) -> list[int]:
-    if pattern == "ones":
-        return [1] * n
-    if pattern == "all":
-        return [n]
-    rng = np.random.default_rng(seed)
-    sizes: list[int] = [0]
-    while sum(sizes) < n:
-        sizes.append(int(rng.integers(0, 13)))  # zero-sized pushes included
-    sizes[-1] -= sum(sizes) - n
-    return sizes
+from tests.model.test_streaming import _chunks
 
 
 def _direct_pool64(h: np.ndarray, s: np.ndarray) -> np.ndarray:
