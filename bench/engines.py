@@ -48,15 +48,13 @@ def engine_row(name: str, summary: dict) -> dict:
     from model.training import render
 
     r = render.RENDERERS.get(name)
-    held_out = (render.HELD_OUT, *render.HELD_OUT_RENDERERS)
-    role = ("train" if name in render.TRAIN_RENDERERS else
-            "held-out" if name in held_out else "other")
+    role = render.role(name) if r else "?"
 
     def cell(cond: str, length: float, key: str) -> float | str:
         v = summary.get(f"{cond}/{length:g}", {}).get(key)
         return "-" if v is None else round(100.0 * v, 1)
 
-    row = {"renderer": name, "family": getattr(r, "family", "") if r else "?", "role": role,
+    row = {"renderer": name, "family": r.family if r else "?", "role": role,
            "n_in": summary.get("clean/10", {}).get("n_in", 0),
            "n_out": summary.get("clean/10", {}).get("n_out", 0)}
     for cond, length in CELLS:
@@ -83,7 +81,7 @@ def main() -> None:
     import numba
     import torch
 
-    from index.evaluation.evalset import load_queries
+    from index.evaluation.evalset import load_queries, select_queries
     from index.evaluation.evaluate import run_cascade, summarize, true_refs
     from index.search import Cascade
 
@@ -103,15 +101,8 @@ def main() -> None:
                         "n_refs": len(cascade.index), "renderers": {}}
     for name in wanted:
         queries, frames = load_queries(sets[name])
-        keep = [i for i, q in enumerate(queries)
-                if q["length_s"] in lengths and q["condition"] in conds]
-        if args.max_pieces:
-            chosen: dict[str, list[str]] = {"in": [], "out": []}
-            for i in keep:
-                bucket = chosen[queries[i]["kind"]]
-                if queries[i]["piece"] not in bucket and len(bucket) < args.max_pieces:
-                    bucket.append(queries[i]["piece"])
-            keep = [i for i in keep if queries[i]["piece"] in chosen[queries[i]["kind"]]]
+        keep = select_queries(queries, lengths=lengths, conditions=conds,
+                              max_pieces=args.max_pieces)
         queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]
         t0 = time.perf_counter()
         outcomes = run_cascade(cascade, queries, frames, true_refs(cascade.index.refs, queries),

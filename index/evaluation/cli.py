@@ -139,18 +139,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _select(queries: list[dict], args: argparse.Namespace) -> list[int]:
-    lengths = {float(x) for x in args.lengths.split(",") if x}
-    conds = {x for x in args.conditions.split(",") if x}
-    keep = [i for i, q in enumerate(queries)
-            if (not lengths or q["length_s"] in lengths) and (not conds or q["condition"] in conds)]
-    if args.max_pieces:
-        allowed: dict[str, set[str]] = {"in": set(), "out": set()}
-        for i in keep:
-            bucket = allowed[queries[i]["kind"]]
-            if len(bucket) < args.max_pieces:
-                bucket.add(queries[i]["piece"])
-        keep = [i for i in keep if queries[i]["piece"] in allowed[queries[i]["kind"]]]
-    return keep
+    from index.evaluation.evalset import select_queries
+
+    return select_queries(queries, lengths={float(x) for x in args.lengths.split(",") if x},
+                          conditions={x for x in args.conditions.split(",") if x},
+                          max_pieces=args.max_pieces or 0)
 
 
 def _calibrations(report: dict, outcomes: list[dict]) -> None:

@@ -325,6 +325,24 @@ def make_queries(plan: Plan, out_dir: str | Path, cfg: QuerySetConfig | None = N
     return manifest
 
 
+def select_queries(queries: Sequence[dict[str, Any]], *, lengths: set[float] | None = None,
+                   conditions: set[str] | None = None, max_pieces: int = 0) -> list[int]:
+    """Indices of ``queries`` of these clip ``lengths`` and ``conditions`` (None or empty: all),
+    from at most ``max_pieces`` pieces of each kind (0: all), the first ones in the set's order
+    (so the same pieces in every renderer's set of one plan)."""
+    keep = [i for i, q in enumerate(queries)
+            if (not lengths or q["length_s"] in lengths)
+            and (not conditions or q["condition"] in conditions)]
+    if max_pieces:
+        allowed: dict[str, set[str]] = {"in": set(), "out": set()}
+        for i in keep:
+            bucket = allowed[queries[i]["kind"]]
+            if len(bucket) < max_pieces:
+                bucket.add(queries[i]["piece"])
+        keep = [i for i in keep if queries[i]["piece"] in allowed[queries[i]["kind"]]]
+    return keep
+
+
 def load_queries(out_dir: str | Path) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """The records of ``queries.json`` and each clip's frames, (T, 48) float32, in order."""
     out_dir = Path(out_dir)

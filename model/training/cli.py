@@ -108,25 +108,17 @@ def _default_out(args: argparse.Namespace) -> Path:
 def _renderers(args: argparse.Namespace) -> int:
     import json
 
-    from model.training.render import (
-        HELD_OUT,
-        HELD_OUT_RENDERERS,
-        RENDERERS,
-        TRAIN_RENDERERS,
-        available,
-    )
+    from model.training.render import RENDERERS, available, role
 
     for name, r in RENDERERS.items():
-        role = ("train" if name in TRAIN_RENDERERS else
-                "held-out" if name in (HELD_OUT, *HELD_OUT_RENDERERS) else "-")
-        row = {"name": name, "installed": available(name), "role": role,
-               "family": getattr(r, "family", ""), "engine": r.engine,
+        row = {"name": name, "installed": available(name), "role": role(name),
+               "family": r.family, "engine": r.engine,
                "packages": r.package, "description": r.description}
         if args.json:
             print(json.dumps(row))
         else:
             mark = "yes" if row["installed"] else "no "
-            print(f"{name:22} {mark} {role:8} {row['family']:12} {r.description}"
+            print(f"{name:22} {mark} {row['role']:8} {row['family']:12} {r.description}"
                   + ("" if row["installed"] or not r.package
                      else f"  (apt-get install {r.package})"))
     return 0
@@ -159,10 +151,10 @@ def _cache(sub: str) -> Path:
 def _prepare(args: argparse.Namespace) -> int:
     from model.training.data import prepare
     from model.training.data_pieces import training_files
-    from model.training.render import HELD_OUT, HELD_OUT_RENDERERS
+    from model.training.render import role
 
     renderers = [x for x in args.renderers.split(",") if x] or None
-    held = sorted(set(renderers or ()) & {HELD_OUT, *HELD_OUT_RENDERERS})
+    held = sorted(r for r in set(renderers or ()) if role(r) == "held-out")
     if held:  # the held-out families are what the model is judged on: never in training
         raise SystemExit(f"midimatch train prepare: {held} are held out of training "
                          "(model/training/render.py HELD_OUT_RENDERERS)")

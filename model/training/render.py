@@ -115,6 +115,15 @@ HELD_OUT_RENDERERS: tuple[str, ...] = ("timidity-freepats", "wildmidi-freepats",
                                        "csound-additive", "sonivox-eas")
 
 
+def role(name: str) -> str:
+    """``train`` (in the default training set), ``held-out`` (never in training or model
+    selection) or ``other`` (usable for training, not in the default set)."""
+    _get(name)
+    if name in TRAIN_RENDERERS:
+        return "train"
+    return "held-out" if name in (HELD_OUT, *HELD_OUT_RENDERERS) else "other"
+
+
 def _get(name: str) -> Renderer:
     if name not in RENDERERS:
         raise RenderError(f"unknown renderer {name!r}; known: {', '.join(RENDERERS)}",

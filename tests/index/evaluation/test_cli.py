@@ -38,3 +38,10 @@ def test_train_prepare_refuses_a_held_out_renderer(tmp_path):
         main(["train", "prepare", "--corpus", str(tmp_path), "--out", str(tmp_path / "p"),
               "--renderers", "fluid-fluidr3,adplay-opl3"])
     assert "['adplay-opl3'] are held out of training" in str(e.value)
+
+
+def test_data_renderers_text_names_role_and_family(capsys):
+    assert main(["data", "renderers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    sine = next(line for line in lines if line.startswith("sine "))
+    assert sine.split()[1:4] == ["yes", "other", "synthesis"]
