@@ -251,8 +251,10 @@ class _Output:
         if n_files > 1 and not args.no_progress:
             from tqdm import tqdm
 
+            # mininterval 0: a file takes tens of ms or more, so every one may redraw the bar
+            # (tqdm's default 0.1 s throttle skipped the last "2/2" of a quick run)
             self.bar = tqdm(total=n_files, unit="file", desc="identify", file=sys.stderr,
-                            leave=False, disable=None)
+                            leave=False, disable=None, mininterval=0)
 
     def _emit(self, text: str) -> None:
         if self.bar is not None and not self.bar.disable:
