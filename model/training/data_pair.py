@@ -22,7 +22,7 @@ from model.fastrender import midi_to_frames_fast
 from model.features import FRAME_RATE, SAMPLE_RATE, audio_to_frames
 from model.training.augment import augment_audio, preset
 from model.training.augment_midi import augment_midi
-from model.training.render import PEAK, render, renderable_midi
+from model.training.render import PEAK, RENDERERS, render, renderable_midi
 from model.training.timbre import render_mixed
 
 
@@ -114,8 +114,10 @@ def make_pair(pm: pretty_midi.PrettyMIDI, renderer: str, rng: np.random.Generato
     mixed = augment and cfg.p_mix > 0.0 and len(pool) > 1 and rng.random() < cfg.p_mix
 
     def render_one(sub: pretty_midi.PrettyMIDI, name: str) -> np.ndarray:
+        # drawn only for the engine that uses it, so the other renderers' draws stay as they were
+        seed = int(rng.integers(2**31)) if RENDERERS[name].engine == "randsynth" else 0
         return render(sub, name, timeout_s=timeout_s, max_duration_s=max_piece_s + 1.0,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, seed=seed)
 
     if mixed:
         others = [r for r in pool if r != renderer]

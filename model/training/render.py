@@ -44,6 +44,7 @@ import pretty_midi
 from model.errors import RenderError
 from model.features import HOP, SAMPLE_RATE
 from model.synth import midi_to_audio, run_bounded_render
+from model.training.randsynth import render_randsynth
 from model.training.render_engines import (
     CSOUND_INSTRUMENTS,
     csound_midi,
@@ -62,7 +63,8 @@ class Renderer:
     """A renderer: an engine and the candidate files of its sample set, first found is used."""
 
     name: str
-    engine: str  # "fluidsynth", "timidity", "wildmidi", "sonivox", "adplay", "csound", "sine"
+    engine: str  # "fluidsynth", "timidity", "wildmidi", "sonivox", "adplay", "csound", "sine",
+    #               "randsynth"
     resources: tuple[Path, ...] = ()  # sample sets; empty for engines that synthesise
     description: str = ""
     package: str = ""  # the Debian package(s) that install it
@@ -103,6 +105,9 @@ RENDERERS: dict[str, Renderer] = {r.name: r for r in (
                "synthesis", variant)
       for variant, label in CSOUND_INSTRUMENTS.items()),
     Renderer("sine", "sine", (), "pretty_midi's sine synthesis (no drums)", "", "synthesis"),
+    Renderer("randsynth", "randsynth", (),
+             "additive synthesis with a random timbre per track (model/training/randsynth.py)",
+             "", "random-additive"),
 )}
 HELD_OUT = "timidity-freepats"
 TRAIN_RENDERERS: tuple[str, ...] = ("fluid-fluidr3", "fluid-musescore", "fluid-timgm")
@@ -140,7 +145,7 @@ def resource(name: str) -> Path | None:
 def available(name: str) -> bool:
     """Whether renderer ``name`` can run here (its program and its sample set are installed)."""
     r = _get(name)
-    if r.engine == "sine":
+    if r.engine in ("sine", "randsynth"):
         return True
     if r.engine in ("wildmidi", "sonivox"):  # libraries, called through ctypes
         if not library_available(r.engine):
@@ -163,7 +168,7 @@ def available_renderers() -> list[str]:
 
 def render(pm: pretty_midi.PrettyMIDI, name: str, *, sample_rate: int = SAMPLE_RATE,
            timeout_s: float = 60.0, max_duration_s: float = 600.0, tail_s: float = TAIL_S,
-           cache_dir: Path | None = None) -> np.ndarray:
+           cache_dir: Path | None = None, seed: int = 0) -> np.ndarray:
     """Render ``pm`` with renderer ``name``.
 
     Parameters
@@ -183,6 +188,8 @@ def render(pm: pretty_midi.PrettyMIDI, name: str, *, sample_rate: int = SAMPLE_R
     cache_dir : Path, optional
         Where a decoded copy of an ``.sf3`` soundfont is kept (see :func:`sf3_to_sf2`); without
         it FluidSynth decodes the ``.sf3`` at every render (slow, same sound).
+    seed : int
+        The timbres of ``randsynth`` (other renderers sound the same whatever it is).
 
     Returns
     -------
@@ -216,6 +223,8 @@ def render(pm: pretty_midi.PrettyMIDI, name: str, *, sample_rate: int = SAMPLE_R
         audio = render_adplay(pm, sample_rate, timeout_s, n)
     elif r.engine == "csound":
         audio = render_csound(pm, r.variant, sample_rate, timeout_s, n)
+    elif r.engine == "randsynth":
+        audio = render_randsynth(pm, seed, sample_rate, n)
     else:
         sf = resource(name)
         if sf is not None and sf.suffix == ".sf3" and cache_dir is not None:

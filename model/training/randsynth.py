@@ -1,0 +1,140 @@
+"""A procedural synthesiser whose timbre is drawn at random: training-only domain randomisation.
+
+The sample-based renderers share one idea of what an instrument sounds like (a GM soundfont's
+recorded notes). A model that heard only them keys on those spectra and reads 57 % top-1 at
+10 s on a synthesiser it never met. This engine plays the same notes with timbres drawn
+from a wide space, so the network has to key on pitch and rhythm:
+
+* each track gets its own timbre: a harmonic spectrum (a random slope, a random level per
+  partial, sometimes a weak fundamental), a little inharmonicity (stiff strings), partials
+  that decay faster the higher they are (plucks) or not (organs, pads), an envelope drawn
+  between percussive and sustained, and a slight detune;
+* drums, when the piece has them, are noise bursts and pitch-swept thumps at their keys.
+
+It is **additive synthesis only** (no frequency modulation, no filters of a sawtooth, no
+Karplus-Strong), written here in numpy: none of the held-out engines (Csound, adplay's OPL3,
+TiMidity, WildMIDI, Sonivox) is used, and its draws are not tuned to any of them.
+
+Everything random comes from ``seed``: one seed, one sound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pretty_midi
+
+MAX_PARTIALS = 24
+MAX_NOTE_S = 8.0  # a note's sound is cut this long after its onset (plus its release)
+NYQUIST_MARGIN = 0.45  # partials above this fraction of the sample rate are dropped
+
+
+@dataclass(frozen=True)
+class Timbre:
+    """One track's sound."""
+
+    amps: np.ndarray  # (MAX_PARTIALS,) level of partial k+1, the loudest 1
+    inharmonicity: float  # B of f_k = k f0 sqrt(1 + B k^2)
+    partial_decay: float  # partial k decays at rate decay_s^-1 * k^partial_decay (0: all alike)
+    attack_s: float
+    decay_s: float  # time constant of the fall from the attack peak to the sustain level
+    sustain: float  # 0 = percussive (the note dies away whatever its length)
+    release_s: float
+    detune_cents: float  # a second voice this far off (0: one voice)
+
+
+def draw_timbre(rng: np.random.Generator) -> Timbre:
+    """A random timbre (see the module's docstring for the space it covers)."""
+    k = np.arange(1, MAX_PARTIALS + 1, dtype=np.float64)
+    amps = k ** -rng.uniform(0.3, 2.5)
+    amps *= np.exp(rng.normal(0.0, rng.uniform(0.2, 1.0), MAX_PARTIALS))  # ±2–9 dB per partial
+    amps[rng.integers(4, MAX_PARTIALS + 1):] = 0.0  # a random number of partials
+    if rng.random() < 0.3:
+        amps[0] *= rng.uniform(0.1, 0.6)  # a weak fundamental
+    amps /= amps.max()
+    percussive = rng.random() < 0.4
+    return Timbre(
+        amps=amps,
+        inharmonicity=float(rng.choice([0.0, 10 ** rng.uniform(-5, -3.3)])),
+        partial_decay=float(rng.uniform(0.3, 1.5) if percussive or rng.random() < 0.3 else 0.0),
+        attack_s=float(10 ** rng.uniform(-2.7, -0.9 if not percussive else -2.0)),
+        decay_s=float(10 ** rng.uniform(-1.3, 0.3)),
+        sustain=0.0 if percussive else float(rng.uniform(0.3, 1.0)),
+        release_s=float(10 ** rng.uniform(-1.5, -0.5)),
+        detune_cents=float(rng.uniform(3.0, 12.0) if rng.random() < 0.3 else 0.0),
+    )
+
+
+def _envelope(t: np.ndarray, dur: float, tb: Timbre) -> np.ndarray:
+    rise = np.clip(t / tb.attack_s, 0.0, 1.0)
+    level = tb.sustain + (1.0 - tb.sustain) * np.exp(-np.maximum(t - tb.attack_s, 0.0)
+                                                      / tb.decay_s)
+    env = rise * level
+    after = t > dur
+    if after.any():  # release from the level reached at note-off
+        at_off = float(env[np.searchsorted(t, dur) - 1]) if np.searchsorted(t, dur) else 0.0
+        env[after] = at_off * np.exp(-(t[after] - dur) / tb.release_s)
+    return env
+
+
+def _note(pitch: int, velocity: int, dur: float, tb: Timbre, sr: int) -> np.ndarray:
+    f0 = 440.0 * 2.0 ** ((pitch - 69) / 12.0)
+    dur = min(dur, MAX_NOTE_S)
+    n = int((dur + 4.0 * tb.release_s) * sr)
+    t = np.arange(n) / sr
+    k = np.arange(1, MAX_PARTIALS + 1)
+    freqs = k * f0 * np.sqrt(1.0 + tb.inharmonicity * k ** 2)
+    keep = (tb.amps > 0) & (freqs < NYQUIST_MARGIN * sr)
+    out = np.zeros(n)
+    voices = [0.0] if tb.detune_cents == 0 else [-tb.detune_cents / 2, tb.detune_cents / 2]
+    for cents in voices:
+        ratio = 2.0 ** (cents / 1200.0)
+        for kk, f, a in zip(k[keep], freqs[keep], tb.amps[keep], strict=True):
+            part = a * np.sin(2 * np.pi * f * ratio * t + kk)  # fixed phases: no random peaks
+            if tb.partial_decay:
+                part *= np.exp(-t * kk ** tb.partial_decay / (4.0 * tb.decay_s))
+            out += part
+    out *= _envelope(t, dur, tb) * (velocity / 127.0) ** 1.5 / len(voices)
+    return out
+
+
+def _drum(key: int, velocity: int, sr: int, rng: np.random.Generator) -> np.ndarray:
+    if key in (35, 36):  # kick: a sine swept down
+        n = int(0.35 * sr)
+        t = np.arange(n) / sr
+        f = 50.0 + 90.0 * np.exp(-t / 0.03)
+        x = np.sin(2 * np.pi * np.cumsum(f) / sr) * np.exp(-t / 0.12)
+    else:  # everything else: a noise burst, brighter and shorter the higher the key
+        length = 0.08 if key >= 42 else 0.2
+        n = int(length * 3 * sr)
+        t = np.arange(n) / sr
+        noise = rng.standard_normal(n)
+        if key >= 42:  # hats and cymbals: high-passed by a first difference
+            noise = np.diff(noise, prepend=0.0)
+        x = noise * np.exp(-t / length) * 0.4
+    return x * (velocity / 127.0)
+
+
+def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int,
+                     n: int) -> np.ndarray:
+    """``pm`` played with a random timbre per track (drawn from ``seed``), ``n`` samples.
+
+    Sample ``i`` is time ``i / sample_rate`` of the MIDI: notes start at their onsets.
+    Not normalised (the caller scales the peak).
+    """
+    rng = np.random.default_rng(seed)
+    out = np.zeros(n)
+    for inst in pm.instruments:
+        timbre = None if inst.is_drum else draw_timbre(rng)
+        for note in inst.notes:
+            start = int(round(note.start * sample_rate))
+            if start >= n:
+                continue
+            if timbre is None:
+                x = _drum(note.pitch, note.velocity, sample_rate, rng)
+            else:
+                x = _note(note.pitch, note.velocity, note.end - note.start, timbre, sample_rate)
+            stop = min(n, start + x.size)
+            out[start:stop] += x[: stop - start]
+    return out.astype(np.float32)

@@ -1,0 +1,75 @@
+"""Tests of model.training.randsynth: random timbres that keep the notes' pitch and timing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pretty_midi
+import pytest
+
+from model.training import render as R
+from model.training.randsynth import MAX_PARTIALS, draw_timbre, render_randsynth
+
+SR = 22050
+
+
+def _piece(pitch: int = 69, start: float = 1.0, dur: float = 0.8, drum: bool = False
+           ) -> pretty_midi.PrettyMIDI:
+    pm = pretty_midi.PrettyMIDI()
+    inst = pretty_midi.Instrument(0, is_drum=drum)
+    inst.notes = [pretty_midi.Note(100, pitch, start, start + dur)]
+    pm.instruments.append(inst)
+    return pm
+
+
+def test_one_seed_one_sound_and_other_seeds_other_sounds() -> None:
+    pm = _piece()
+    a = render_randsynth(pm, 3, SR, 3 * SR)
+    assert np.array_equal(a, render_randsynth(pm, 3, SR, 3 * SR))
+
+    def partials(seed: int) -> np.ndarray:  # levels of partials 1-8 of the 440 Hz note
+        spec = np.abs(np.fft.rfft(render_randsynth(pm, seed, SR, 3 * SR)))
+        hz = np.fft.rfftfreq(3 * SR, 1 / SR)
+        levels = np.array([spec[np.abs(hz - 440 * k) < 20].max() for k in range(1, 9)])
+        return levels / levels.max()
+
+    levels = [partials(s) for s in range(6)]
+    # timbres differ: some partial is at least 10 % of the loudest apart for every two seeds
+    assert min(np.abs(levels[i] - levels[j]).max() for i in range(6) for j in range(i)) > 0.1
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_timbre_sounds_the_notes_pitch_and_starts_on_time(seed: int) -> None:
+    a = render_randsynth(_piece(pitch=57, start=1.0), seed, SR, 3 * SR).astype(np.float64)
+    assert np.all(np.isfinite(a)) and np.abs(a).max() > 0
+    assert np.abs(a[: SR - 1]).max() == 0.0  # nothing before the onset at 1.0 s
+    # the sound has begun within one CQT hop (46 ms) of the onset
+    window = np.abs(a[SR: SR + 1024])
+    assert window.max() > 0.05 * np.abs(a).max()
+    # every strong spectral peak is a partial of 220 Hz (small inharmonicity allowed)
+    spec = np.abs(np.fft.rfft(a * np.hanning(a.size)))
+    freqs = np.fft.rfftfreq(a.size, 1 / SR)
+    strong = freqs[(spec > 0.3 * spec.max()) & (freqs > 50)]
+    harmonic = strong / 220.0
+    assert np.all(np.abs(harmonic - np.round(harmonic)) < 0.06 * np.round(harmonic))
+    assert strong.max() < 0.45 * SR
+
+
+def test_timbres_cover_weak_fundamentals_percussive_and_sustained_notes() -> None:
+    rng = np.random.default_rng(0)
+    draws = [draw_timbre(rng) for _ in range(300)]
+    assert all(t.amps.shape == (MAX_PARTIALS,) and t.amps.max() == pytest.approx(1.0)
+               for t in draws)
+    assert sum(t.amps[0] < 0.5 for t in draws) > 30  # fundamental not the loudest partial
+    assert sum(t.sustain == 0.0 for t in draws) > 60  # percussive
+    assert sum(t.sustain > 0.5 for t in draws) > 60  # sustained
+    assert sum(t.inharmonicity > 0 for t in draws) > 60
+
+
+def test_drums_sound_and_the_registry_offers_it_for_training_only_as_other() -> None:
+    assert np.abs(render_randsynth(_piece(pitch=36, drum=True), 0, SR, 2 * SR)).max() > 0
+    assert np.abs(render_randsynth(_piece(pitch=42, drum=True), 0, SR, 2 * SR)).max() > 0
+    assert R.available("randsynth") and R.role("randsynth") == "other"
+    assert "randsynth" not in R.HELD_OUT_RENDERERS
+    a = R.render(_piece(), "randsynth", seed=5)
+    assert np.max(np.abs(a)) == pytest.approx(R.PEAK, rel=1e-5)
+    assert not np.array_equal(a, R.render(_piece(), "randsynth", seed=6))
