@@ -397,7 +397,7 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
               args: argparse.Namespace, half: str) -> None:
     """Fit the stream decision on every stream of every condition and print what each rule
     gives; store it with ``--save-calibration``."""
-    from index.calibration import save_calibration
+    from index.calibration import Fit, save_calibration
     from index.decision import calibrate_stream
 
     ins, ids, outs, dups = [], [], [], 0
@@ -422,6 +422,9 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
     print(table(cal.stream["tried"]))
     print(f"# chosen: stream threshold {cal.stream_cut:.3f}, stable_results {cal.stable_results}")
     if args.save_calibration:
+        cal = cal.with_fit("streams", Fit.now(
+            renderers=[args.renderer], conditions=list(detail), n_in=len(ins), n_out=len(outs),
+            index_refs=len(cascade.index), command=" ".join(["python", *sys.argv])))
         print(f"# saved to {save_calibration(cal)}")
 
 

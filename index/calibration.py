@@ -11,6 +11,13 @@ Calibrations are stored as JSON keyed by ``model_id`` (a threshold means nothing
 model); :func:`load_calibration` reads ``model/weights/default.calibration.json`` unless told
 otherwise and falls back to Raffel's c >= 0.5 for a model it has no entry for, with a warning
 (:func:`uncalibrated_warning`) that the worker also shows in ``/readyz``.
+
+Each calibration records its :class:`Provenance`: for the single-query threshold
+(``midimatch eval --save-calibration``) and the stream threshold (``bench/time_to_identify.py
+--save-calibration``), the renderers the audio came from, its conditions, how many in- and
+out-of-collection queries or streams, the index size, the date and the command (:class:`Fit`).
+A file saved before provenance was recorded loads with every part unknown. The worker's
+heartbeat carries it to ``/readyz`` (:func:`describe`).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from index.calibration_provenance import Fit, Provenance, describe
 from model.errors import MidimatchError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +41,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_CALIBRATION_PATH",
     "Calibration",
+    "Fit",
+    "Provenance",
     "calibrate",
+    "describe",
     "load_calibration",
     "save_calibration",
     "threshold_above",
@@ -46,8 +57,6 @@ DEFAULT_CALIBRATION_PATH = (
 FORMAT = "midimatch-calibration/1"
 DEFAULT_THRESHOLD = 0.5  # Raffel's c >= 0.5, set on 30 s clips: only a fallback here
 DEFAULT_STABLE_RESULTS = 3
-
-
 @dataclass(frozen=True)
 class Calibration:
     """A decision threshold for one model, and how it was obtained.
@@ -80,6 +89,13 @@ class Calibration:
     keep_step : bool
         Streams also require the top match's position to keep step with the stream
         (:func:`keeps_step`) across the ``stable_results`` results.
+    provenance : Provenance
+        How the thresholds were fitted (unknown for a file saved before it was recorded).
+    evidence_threshold : float or None
+        The evidence a stream's top match needs to be decided by
+        :class:`index.evidence.EvidenceDecision`, fitted on whole streams by
+        :func:`index.evidence.calibrate_evidence` (None, as in a file written before it: streams
+        are decided by :class:`StreamDecision` with ``stream_threshold``).
     """
 
     model_id: str
@@ -95,12 +111,16 @@ class Calibration:
     stream_threshold: float | None = None
     stream: dict = field(default_factory=dict)
     keep_step: bool = False
+    provenance: Provenance = field(default_factory=Provenance)
+    evidence_threshold: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("threshold", "stream_threshold"):
             t = getattr(self, name)
             if t is not None and not (0.0 <= t <= 1.0 or t == math.inf):
                 raise ValueError(f"{name} must lie in [0, 1] (or be inf), got {t}")
+        if self.evidence_threshold is not None and not self.evidence_threshold >= 0.0:
+            raise ValueError(f"evidence_threshold must be >= 0, got {self.evidence_threshold}")
         if self.stable_results < 1:
             raise ValueError(f"stable_results must be >= 1, got {self.stable_results}")
 
@@ -120,7 +140,7 @@ class Calibration:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for name in ("threshold", "stream_threshold"):
+        for name in ("threshold", "stream_threshold", "evidence_threshold"):
             if d[name] == math.inf:  # JSON has no infinity
                 d[name] = "inf"
         return d
@@ -129,10 +149,17 @@ class Calibration:
     def from_dict(cls, d: dict) -> Calibration:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        for name in ("threshold", "stream_threshold"):
+        for name in ("threshold", "stream_threshold", "evidence_threshold"):
             if d.get(name) == "inf":
                 d[name] = math.inf
+        d["provenance"] = Provenance.from_dict(d.get("provenance"))
         return cls(**d)
+
+    def with_fit(self, part: str, fit: Fit) -> Calibration:
+        """This calibration with ``part`` (``queries`` or ``streams``) of its provenance set."""
+        if part not in ("queries", "streams"):
+            raise ValueError(f"part must be 'queries' or 'streams', got {part!r}")
+        return replace(self, provenance=replace(self.provenance, **{part: fit}))
 
 
 def calibrate(
@@ -144,6 +171,7 @@ def calibrate(
     max_false_rate: float = 0.01,
     stable_results: int = DEFAULT_STABLE_RESULTS,
     source: str = "",
+    fit: Fit | None = None,
 ) -> Calibration:
     """Choose the confidence threshold from scored queries.
 
@@ -163,6 +191,9 @@ def calibrate(
         Stored with the calibration for :class:`StreamDecision`.
     source : str
         A description of the data, stored with the calibration.
+    fit : Fit, optional
+        What the queries were (renderers, index size, command...): the provenance's
+        ``queries``; its ``n_in``/``n_out`` are set from the confidences given.
 
     Returns
     -------
@@ -189,6 +220,8 @@ def calibrate(
         max_false_rate=max_false_rate, false_rate=false_rate, recall=recall,
         n_in=int(cin.size), n_out=int(cout.size), source=source,
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        provenance=Provenance(queries=replace(fit or Fit.now(), n_in=int(cin.size),
+                                              n_out=int(cout.size))),
     )
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from index.calibration import (
     Calibration,
+    Fit,
+    Provenance,
     calibrate,
+    describe,
     load_calibration,
     save_calibration,
     uncalibrated_warning,
@@ -93,3 +97,58 @@ def test_default_file_falls_back_for_unknown_models_and_says_so(caplog):
     assert warning in caplog.text and "has no entry for it" in caplog.text
     with pytest.raises(ValueError):
         Calibration("m", threshold=1.5)
+
+
+# --- provenance ----------------------------------------------------------------------------------
+
+def test_provenance_round_trips_through_the_file(tmp_path):
+    path = tmp_path / "cal.json"
+    fit = Fit.now(renderers=["timidity-freepats", "csound-fm", "csound-fm"],
+                  conditions=["room_noise", "clean"], index_refs=2061,
+                  command="midimatch eval --lengths 10 --save-calibration cal.json")
+    cal = calibrate([0.9, 0.8], np.linspace(0, 0.6, 200), model_id="a", fit=fit)
+    q = cal.provenance.queries
+    assert q.renderers == ("csound-fm", "timidity-freepats")  # sorted, once each
+    assert (q.n_in, q.n_out, q.index_refs) == (2, 200, 2061)  # counts from what was fitted
+    assert q.date_utc and q.command.startswith("midimatch eval") and cal.provenance.streams is None
+    streams = Fit.now(renderers=["timidity-freepats"], n_in=516, n_out=1072, index_refs=2061,
+                      command="python bench/time_to_identify.py --calibrate")
+    cal = replace(cal, stream_threshold=0.8).with_fit("streams", streams)
+    save_calibration(cal, path)
+    back = load_calibration("a", path)
+    assert back == cal and back.provenance.streams == streams
+    stored = json.loads(path.read_text())["models"]["a"]["provenance"]
+    assert stored["queries"]["renderers"] == ["csound-fm", "timidity-freepats"]
+    said = describe(back)
+    assert said["provenance"]["streams"]["n_out"] == 1072
+    assert "516 in / 1072 out-of-collection streams" in said["summary"]
+    assert "2 in / 200 out-of-collection queries" in said["summary"]
+    assert "unknown" in said["summary"]  # the streams' conditions were not given
+    with pytest.raises(ValueError, match="part"):
+        cal.with_fit("samples", streams)
+
+
+def test_a_file_without_provenance_loads_and_says_unknown(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"format": "midimatch-calibration/1", "models": {"old": {
+        "threshold": 0.6, "stream_threshold": 0.8, "stable_results": 4, "n_in": 992,
+        "n_out": 1100, "source": "midimatch eval: 2092 queries"}}}))
+    cal = load_calibration("old", path)
+    assert cal.threshold == 0.6 and cal.provenance == Provenance()
+    said = describe(cal)
+    assert said["provenance"] == {"queries": "unknown", "streams": "unknown"}
+    assert said["summary"].count("provenance unknown") == 2
+    # a calibration never fitted on streams says so, not "unknown"
+    assert describe(replace(cal, stream_threshold=None))["provenance"]["streams"] == "not fitted"
+    assert describe(Calibration("new"))["summary"].startswith("uncalibrated")
+
+
+def test_the_shipped_calibration_says_how_it_was_made():
+    from model.encoder import Encoder
+
+    cal = load_calibration(Encoder.load().model_id)
+    q, s = cal.provenance.queries, cal.provenance.streams
+    assert q.renderers == s.renderers == ("timidity-freepats",)
+    assert (q.n_in, q.n_out, s.n_in, s.n_out) == (cal.n_in, cal.n_out, 516, 1072)
+    assert (q.n_in, q.n_out) == (992, 1100) and q.index_refs == s.index_refs == 2061
+    assert q.date_utc == cal.created_utc and s.date_utc == cal.stream["created_utc"]
