@@ -112,7 +112,9 @@ def describe(calibration: Calibration) -> dict:
                                ("streams", cal.stream_threshold is not None, "streams")):
         fit = getattr(cal.provenance, part)
         if fit is not None:
-            parts[part], words[part] = d["provenance"][part], fit.describe(unit)
+            parts[part] = {k: list(v) if isinstance(v, tuple) else v  # as JSON gives it back
+                           for k, v in d["provenance"][part].items()}
+            words[part] = fit.describe(unit)
         elif fitted:
             parts[part] = UNKNOWN
             words[part] = f"provenance {UNKNOWN} (saved before provenance was recorded)"

@@ -7,14 +7,22 @@ import json
 import sys
 from pathlib import Path
 
-# What `identify` says of audio too quiet to search (RMS under -60 dBFS over the part searched);
-# `midimatch stream` (server/client.py) says the same of a silent stream.
-SILENT = "silent: nothing to identify"
+from index.answers import (
+    ANSWERS,
+    IDENTIFIED,
+    NOT_IN_COLLECTION,
+    SILENT,
+    answer,
+    answer_line,
+    clock,
+)
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
                   ".au", ".caf", ".w64")
-EXIT_HELP = ("exit status: 0 when every file got an answer (identified, not in the collection, "
-             "or silent); 1 when at least one file failed (missing, unreadable, too short: its "
-             "line says why; the others are still answered); 2 when nothing could run (bad "
+EXIT_HELP = ("exit status: 0 when every file got an answer ("
+             + ", ".join(f"'{words}'" for words in ANSWERS.values())
+             + "); 1 when at least one file failed (missing, unreadable, too short: its line "
+             "says why; the others are still answered); 2 when nothing could run (bad "
              "arguments, no index, a model mismatch)")
 
 
@@ -74,10 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsHelpFormatter,
         description="Search the end of each AUDIO file (the last 20 s are verified, the last "
         "10 s pruned by embedding) against an index, loaded once, and print one line per file: "
-        "'identified: TITLE at m:ss (confidence C >= threshold)', 'not in the collection (...)', "
-        f"'{SILENT}' (RMS under -60 dBFS over the part searched; `midimatch stream` says the "
-        "same of a silent stream) or 'error: ...'. With --json, one JSON object per line "
-        "instead. A progress bar goes to stderr when there are several files.",
+        f"'{ANSWERS[IDENTIFIED]}: TITLE at m:ss (confidence C >= threshold)', "
+        f"'{ANSWERS[NOT_IN_COLLECTION]} (...)', '{ANSWERS[SILENT]}' (RMS under -60 dBFS over "
+        "the part searched) or 'error: ...'; `midimatch stream` and the page end a stream with "
+        "the same words. With --json, one JSON object per line instead (its 'answer': kind and "
+        "words). A progress bar goes to stderr when there are several files.",
         epilog=EXIT_HELP)
     q.add_argument("audio", type=Path, nargs="+",
                    help="audio files (wav, flac, ogg, mp3: anything libsndfile reads) or "
@@ -245,7 +254,7 @@ class _Output:
 
     def __init__(self, args: argparse.Namespace, n_files: int) -> None:
         self.args = args
-        self.counts = {"identified": 0, "not_in_collection": 0, "silent": 0, "error": 0}
+        self.counts = {kind: 0 for kind in ANSWERS} | {"error": 0}
         self.cascade_info: dict = {}  # index, model_id, threshold, calibration
         self.bar = None
         if n_files > 1 and not args.no_progress:
@@ -275,29 +284,29 @@ class _Output:
 
     def answer(self, path: Path, res, query_s: float) -> None:
         cal = self.cascade_info
-        decision = ("silent" if res is None else "identified" if res.identified is not None
-                    else "not_in_collection")
-        self.counts[decision] += 1
+        kind = (SILENT if res is None else IDENTIFIED if res.identified is not None
+                else NOT_IN_COLLECTION)
+        self.counts[kind] += 1
         if self.args.json:
             body = ({"matches": [], "identified": None, "timings_s": {}, "n_candidates": 0}
                     if res is None else res.to_dict())
             self._emit(json.dumps({"audio": str(path), "status": "ok",
                                    "query_s": round(query_s, 3)} | cal
-                                  | {"decision": decision} | body))
+                                  | {"decision": kind, "answer": answer(kind)} | body))
             return
         threshold = cal["threshold"] if cal["threshold"] is not None else float("inf")
         if res is None:
-            line = SILENT
+            line = answer_line(SILENT)
         elif res.identified is not None:
             m = res.identified
-            line = (f"identified: {m.title} at {clock(m.position_s)} (confidence "
+            line = (f"{answer_line(IDENTIFIED, m.title, m.position_s)} (confidence "
                     f"{m.confidence:.3f} >= {threshold:.3f})")
         elif res.matches:
             best = res.matches[0]
-            line = (f"not in the collection (best: {best.title}, confidence "
+            line = (f"{answer_line(NOT_IN_COLLECTION)} (best: {best.title}, confidence "
                     f"{best.confidence:.3f} < threshold {threshold:.3f})")
         else:
-            line = "not in the collection (no references)"
+            line = f"{answer_line(NOT_IN_COLLECTION)} (no references)"
         lines = [f"{path}: {line}"]
         if self.args.ranking and res is not None and res.matches:
             lines.append(f"  {'rank':>4}  {'confidence':>10}  {'score':>6}  {'position':>8}  "
@@ -313,14 +322,8 @@ class _Output:
         c = self.counts
         n = sum(c.values())
         if n > 1 and not self.args.json:
-            print(f"{n} files: {c['identified']} identified, {c['not_in_collection']} not in "
-                  f"the collection, {c['silent']} silent, {c['error']} failed",
+            print(f"{n} files: {c[IDENTIFIED]} identified, {c[NOT_IN_COLLECTION]} not in "
+                  f"the collection, {c[SILENT]} silent, {c['error']} failed",
                   file=sys.stderr)
         return 1 if c["error"] else 0
 
-
-def clock(seconds: float) -> str:
-    """m:ss (h:mm:ss from an hour), rounded to the second: 1:23 for 83.4 s."""
-    total = int(round(max(0.0, seconds)))
-    h, m, sec = total // 3600, total // 60 % 60, total % 60
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"

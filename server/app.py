@@ -24,7 +24,7 @@ from server.metrics import GatewayMetrics
 from server.sessions import SessionTable
 from server.settings import Settings
 from server.ws import StreamHandler, authorized
-from worker.bus import Bus
+from worker.bus import Bus, Capacity
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -65,8 +65,10 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     all_registries = [metrics.registry, *registries]
 
     async def readyz(request: web.Request) -> web.Response:
-        ok, why, warnings = await _readiness(bus, local_ready)
-        return web.json_response({"ready": ok, "detail": why, "warnings": list(warnings)},
+        ok, why, cap = await _readiness(bus, local_ready)
+        return web.json_response({"ready": ok, "detail": why,
+                                  "warnings": list(cap.notes) if cap else [],
+                                  "calibrations": list(cap.calibrations) if cap else []},
                                  status=200 if ok else 503)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -134,24 +136,25 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
 
 
 async def _readiness(bus: Bus, local_ready: Callable[[], bool] | None
-                     ) -> tuple[bool, str, tuple[str, ...]]:
+                     ) -> tuple[bool, str, Capacity | None]:
     """Ready when the bus answers, a worker is alive, and the local condition (if any) holds;
-    with the alive workers' warnings (an uncalibrated model), which do not make it unready."""
+    with the alive workers' capacity: their warnings (an uncalibrated model), which do not make
+    it unready, and the calibrations they decide with (thresholds and provenance)."""
     if local_ready is not None and not local_ready():
-        return False, "the embedded worker is still loading its index and model", ()
+        return False, "the embedded worker is still loading its index and model", None
     try:
         ping = getattr(bus, "ping", None)
         if ping is not None and not await asyncio.wait_for(ping(), 2.0):
-            return False, "redis does not answer", ()
+            return False, "redis does not answer", None
         cap = await asyncio.wait_for(bus.capacity(), 2.0)
     except Exception as e:  # readiness must answer, whatever failed
-        return False, f"the bus failed: {type(e).__name__}: {e}", ()
+        return False, f"the bus failed: {type(e).__name__}: {e}", None
     if cap.workers == 0:
-        return False, "no worker is alive", ()
+        return False, "no worker is alive", cap
     detail = f"{cap.workers} workers, {cap.sessions_active}/{cap.sessions_max} sessions"
     if cap.notes:
         detail += "; WARNING: " + "; ".join(cap.notes)
-    return True, detail, cap.notes
+    return True, detail, cap
 
 
 def _header_safe(text: str) -> str:

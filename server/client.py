@@ -6,8 +6,9 @@ at its own sample rate. A dropped connection is resumed (``start`` with the sess
 last result id seen), and sending continues from the byte the gateway says it has.
 
 Human output (:func:`format_message`): one line per result, stream time and positions as m:ss,
-a marker saying how sure the service is (:data:`LEGEND`, also the first line printed). Silent
-audio gets the words ``midimatch identify`` uses (:data:`index.cli.SILENT`).
+a marker saying how sure the service is (:data:`LEGEND`, also the first line printed). The final
+line ends with the service's answer (the final result's ``answer``: identified, not in the
+collection, or silent) in the words ``midimatch identify`` uses (:mod:`index.answers`).
 
 aiohttp, numpy and the bus are imported where they are used: ``server/cli.py`` imports this
 module to describe ``midimatch stream`` in its help, and ``midimatch --help`` stays instant.
@@ -24,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from index.cli import SILENT, DefaultsHelpFormatter, clock
+from index.answers import ANSWERS, IDENTIFIED, NOT_IN_COLLECTION, SILENT, answer_line, clock
+from index.cli import DefaultsHelpFormatter
 from model.errors import AudioError, MidimatchError
 
 if TYPE_CHECKING:
@@ -38,10 +40,6 @@ MARKERS = {
 }
 LEGEND = ("markers: " + "   ".join(f"{k} {v}" for k, v in MARKERS.items())
           + ";  times m:ss (stream time, then position in the piece)")
-# identify's silence rule (index/search.py, model/features.is_silent): RMS under -60 dBFS over
-# the part a query searches, its last query_window_s (20 s) and a second for the CQT's edge
-SILENT_DBFS = -60.0
-SILENT_TAIL_S = 21.0
 
 
 class StreamError(MidimatchError):
@@ -77,16 +75,6 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(x, dtype="<f4"), int(rate)
 
 
-def is_silent(x: np.ndarray, rate: int) -> bool:
-    """Whether ``midimatch identify`` would call this audio silent (see :data:`SILENT_TAIL_S`)."""
-    import numpy as np
-
-    tail = np.asarray(x, dtype=np.float64)[-int(SILENT_TAIL_S * rate):]
-    if tail.size == 0:
-        return True
-    return float(np.sqrt(np.mean(np.square(tail)))) <= 10.0 ** (SILENT_DBFS / 20.0)
-
-
 class StreamClient:
     """Parameters
     ----------
@@ -118,9 +106,7 @@ class StreamClient:
         """Stream float samples of shape (n, channels) at ``rate`` Hz; returns the final
         result.
 
-        ``on_message`` gets every server message; a final result without a decision of audio
-        that is silent (:func:`is_silent`) carries ``"_silent": True``, the client's own note
-        (:func:`print_message` leaves ``_`` keys out of its JSON).
+        ``on_message`` gets every server message, as sent.
 
         Raises
         ------
@@ -132,7 +118,6 @@ class StreamClient:
 
         from worker.bus import PROTOCOL_VERSION
 
-        silent = is_silent(x, rate)
         pcm = np.ascontiguousarray(x, dtype="<f4").tobytes()
         channels = int(x.shape[1]) if x.ndim == 2 else 1
         frame = 4 * channels
@@ -158,10 +143,6 @@ class StreamClient:
                                 if m.type != aiohttp.WSMsgType.TEXT:
                                     break
                                 data = json.loads(m.data)
-                                if (silent and data.get("type") == "result"
-                                        and data.get("final") and not data.get("decision")
-                                        and not data.get("error")):
-                                    data["_silent"] = True
                                 on_message(data)
                                 if data.get("type") == "error":
                                     raise StreamError(f"{data['code']}: {data['message']}",
@@ -236,20 +217,26 @@ def format_message(m: dict) -> str | None:
         err = m.get("error")
         if isinstance(err, dict):
             head += f"   [final]  error: {err.get('message', err.get('code', ''))}"
-        elif m.get("_silent"):
-            head += f"   [final]  {SILENT}"
-        elif not d:
-            head += "   [final]  no confident match in the collection"
         else:
-            head += "   [final]"
+            kind = final_answer(m)
+            head += "   [final]  " + (answer_line(kind, d["title"], float(d["position_s"]))
+                                      if d else answer_line(kind))
     return head
 
 
+def final_answer(m: dict) -> str:
+    """The answer kind of a final result: its ``answer`` (the worker's, :mod:`index.answers`);
+    from a service without one, identified or not in the collection by its decision."""
+    a = m.get("answer")
+    if isinstance(a, dict) and a.get("kind") in ANSWERS:
+        return a["kind"]
+    return IDENTIFIED if m.get("decision") else NOT_IN_COLLECTION
+
+
 def print_message(m: dict, as_json: bool) -> None:
-    """``--json``: the server's message as one line (without the client's ``_`` notes);
-    else :func:`format_message`'s line."""
+    """``--json``: the server's message as one line; else :func:`format_message`'s line."""
     if as_json:
-        print(json.dumps({k: v for k, v in m.items() if not k.startswith("_")}), flush=True)
+        print(json.dumps(m), flush=True)
         return
     line = format_message(m)
     if line is not None:
@@ -264,7 +251,9 @@ def describe_stream_command(p: argparse.ArgumentParser) -> None:
         (p.description or "") + " One line per result: the stream time (m:ss), a marker, the "
         "piece, the confidence and the position in the piece (m:ss); --json prints the server's "
         "messages instead, times in seconds. The first line of output repeats the markers. "
-        f"Silent audio ends with '{SILENT}', as `midimatch identify` says.")
+        "The final line ends with the service's answer in `midimatch identify`'s words: "
+        + ", ".join(f"'{w}'" for w in ANSWERS.values())
+        + f" (the last 20 s under -60 dBFS: '{ANSWERS[SILENT]}').")
     p.epilog = ("markers: " + "; ".join(f"'{k}' {v}" for k, v in MARKERS.items())
                 + ". Exit status 0 after the final result, 2 on an error.")
     for action in p._actions:

@@ -40,6 +40,7 @@ the stream is.
 
 from __future__ import annotations
 
+import json
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -160,6 +161,8 @@ class Capacity:
     sessions_active: int  # sessions created and not finished
     sessions_max: int  # sum of the alive workers' advertised capacity
     notes: tuple[str, ...] = ()  # what alive workers want an operator to know (uncalibrated...)
+    # the calibrations alive workers decide with, each once (index.calibration.describe)
+    calibrations: tuple[dict, ...] = ()
 
     @property
     def saturated(self) -> bool:
@@ -220,9 +223,11 @@ class Bus(ABC):
     # ------------------------------------------------------------------ worker side
     @abstractmethod
     async def heartbeat(self, worker_id: str, max_sessions: int,
-                        notes: tuple[str, ...] = ()) -> None:
-        """Say this worker is alive, how many sessions it can hold, and any ``notes`` for the
-        operator (shown by the gateway's ``/readyz`` while the worker is alive)."""
+                        notes: tuple[str, ...] = (), calibration: dict | None = None) -> None:
+        """Say this worker is alive, how many sessions it can hold, any ``notes`` for the
+        operator, and the ``calibration`` it decides with (a JSON-able dict: its thresholds and
+        provenance, :func:`index.calibration.describe`); both shown by the gateway's ``/readyz``
+        while the worker is alive."""
 
     @abstractmethod
     async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
@@ -285,3 +290,12 @@ def __getattr__(name: str) -> type:
 
         return InProcessBus
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def distinct(calibrations) -> tuple[dict, ...]:
+    """The calibrations, each once (equal as JSON), in order."""
+    seen: dict[str, dict] = {}
+    for c in calibrations:
+        if c:
+            seen.setdefault(json.dumps(c, sort_keys=True), c)
+    return tuple(seen.values())

@@ -19,6 +19,9 @@ chunking), then
 5. **confirm**: the cascade's confirm ranks and scores the best, and the session's
    :class:`index.decision.StreamDecision` says whether the answer is confident and stable.
 
+The final result of a stream also carries its ``answer`` (:mod:`index.answers`: identified, not
+in the collection, or silent), the same kind and words ``midimatch identify`` gives that audio.
+
 With ``defer_audio`` (the default) a session's queued audio is processed only once it completes
 a result period (or the stream ends): each session then costs one CQT push and one slot in the
 network passes per result instead of one per chunk, which measured 2.1 instead of 5.6 ms of CPU
@@ -56,6 +59,7 @@ import time
 import numpy as np
 import torch
 
+from index.answers import answer, stream_answer
 from index.search import Cascade
 from model.features import FRAME_RATE
 from model.streaming import embed_step, hash_step
@@ -198,6 +202,9 @@ class Engine:
             degraded |= self._round(work, times, out, t_start)
         if rounds:
             self._observe(times, out, degraded, time.perf_counter() - t_start)
+        for s, r in out:
+            if r.get("final"):
+                r["answer"] = answer(stream_answer(r.get("decision") is not None, _silent(s)))
         with self._lock:
             for s, _ in out:
                 if s.finalised:
@@ -336,3 +343,13 @@ def _check_pcm(pcm: np.ndarray, channels: int) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise EngineError("PCM contains NaN or infinite samples", reason="bad_audio")
     return a
+
+
+def _silent(s: Session) -> bool:
+    """identify's silence rule on a stream: its query window (the last 20 s) under -60 dBFS,
+    which is what :meth:`Session.searchable` checks beside the length. A stream without a hash
+    frame (under 0.2 s of audio, one result period) is silent when it had no audio, or when
+    that one period was quiet: under -60 dBFS, as nothing louder came before it."""
+    if s.n_query == 0:
+        return s.stream_samples == 0 or s.period_quiet
+    return not s.searchable(1)

@@ -17,6 +17,7 @@ from worker.bus import (
     Capacity,
     Claim,
     StreamParams,
+    distinct,
     new_session_id,
     result_id_key,
 )
@@ -65,8 +66,8 @@ class InProcessBus(Bus):
         self.retain_s = retain_s
         self.session_ttl_s, self.result_ttl_s = session_ttl_s, result_ttl_s
         self._sessions: dict[str, _Session] = {}
-        # id → (last heartbeat, capacity, notes)
-        self._workers: dict[str, tuple[float, int, tuple[str, ...]]] = {}
+        # id → (last heartbeat, capacity, notes, calibration)
+        self._workers: dict[str, tuple[float, int, tuple[str, ...], dict | None]] = {}
         # Waiters are plain futures resolved on every change; no lock, and no asyncio.wait_for,
         # which on CPython 3.11 can swallow a cancellation that arrives as the wait completes
         # (a cancelled reader then kept waiting); an asyncio.Condition under wait_for also left
@@ -176,16 +177,18 @@ class InProcessBus(Bus):
     async def capacity(self) -> Capacity:
         self._expire()
         now = time.monotonic()
-        alive = [(cap, notes) for t, cap, notes in self._workers.values()
+        alive = [(cap, notes, cal) for t, cap, notes, cal in self._workers.values()
                  if now - t <= self.lease_s]
         active = sum(1 for s in self._sessions.values() if not s.finished)
-        notes = tuple(dict.fromkeys(n for _, ns in alive for n in ns))
-        return Capacity(len(alive), active, sum(c for c, _ in alive), notes)
+        notes = tuple(dict.fromkeys(n for _, ns, _ in alive for n in ns))
+        return Capacity(len(alive), active, sum(c for c, _, _ in alive), notes,
+                        distinct(cal for _, _, cal in alive))
 
     # ------------------------------------------------------------------ worker side
     async def heartbeat(self, worker_id: str, max_sessions: int,
-                        notes: tuple[str, ...] = ()) -> None:
-        self._workers[worker_id] = (time.monotonic(), int(max_sessions), tuple(notes))
+                        notes: tuple[str, ...] = (), calibration: dict | None = None) -> None:
+        self._workers[worker_id] = (time.monotonic(), int(max_sessions), tuple(notes),
+                                    calibration)
 
     async def claim(self, worker_id: str, max_n: int, block_s: float = 0.0) -> list[Claim]:
         def claimable() -> list[tuple[str, _Session]]:

@@ -17,7 +17,10 @@ Key layout (``P`` is the prefix, ``mm`` by default; ``{id}`` a session id)
                           Redis entry ids are the result ids a reconnecting client resumes from.
 ``P:active``              set of session ids created and not finished (pruned of expired ones).
 ``P:workers``             set of worker ids; ``P:w:{worker}`` their heartbeat, value = capacity,
-                          expiring after ``lease_ms`` (Redis's clock, so no skew between hosts).
+                          expiring after ``lease_ms`` (Redis's clock, so no skew between hosts);
+                          beside it, with the same expiry, ``P:w:{worker}:notes`` (JSON list of
+                          notes for the operator) and ``P:w:{worker}:calibration`` (JSON: the
+                          calibration it decides with), both read by ``/readyz``.
 
 Leases. The lease is the PEL entry's idle time: the owner resets it with ``XCLAIM … 0 … JUSTID``
 (``renew``, a Lua script that first checks the entry is still in *its* PEL, so a worker whose
@@ -74,6 +77,7 @@ from worker.bus import (
     Capacity,
     Claim,
     StreamParams,
+    distinct,
     new_session_id,
     result_id_key,
 )
@@ -171,6 +175,9 @@ class RedisBus(Bus):
     def notes_key(self, worker_id: str) -> str:
         return f"{self.prefix}:w:{worker_id}:notes"
 
+    def calibration_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:w:{worker_id}:calibration"
+
     def meta_key(self, sid: str) -> str:
         return f"{self.prefix}:s:{sid}:meta"
 
@@ -265,6 +272,8 @@ class RedisBus(Bus):
             workers = [w.decode() for w in await self.r.smembers(self.workers_key)]
             caps = await self.r.mget([self.worker_key(w) for w in workers]) if workers else []
             said = await self.r.mget([self.notes_key(w) for w in workers]) if workers else []
+            cals = (await self.r.mget([self.calibration_key(w) for w in workers])
+                    if workers else [])
             dead = [w for w, c in zip(workers, caps, strict=True) if c is None]
             active = [s.decode() for s in await self.r.smembers(self.active_key)]
             async with self.r.pipeline(transaction=False) as p:
@@ -281,16 +290,21 @@ class RedisBus(Bus):
         live = [int(c) for c in caps if c is not None]
         notes = tuple(dict.fromkeys(n for c, raw in zip(caps, said, strict=True)
                                     if c is not None and raw for n in json.loads(raw)))
-        return Capacity(len(live), len(active) - len(gone), sum(live), notes)
+        calibrations = distinct(json.loads(raw) for c, raw in zip(caps, cals, strict=True)
+                                if c is not None and raw)
+        return Capacity(len(live), len(active) - len(gone), sum(live), notes, calibrations)
 
     # ------------------------------------------------------------------ worker side
     async def heartbeat(self, worker_id: str, max_sessions: int,
-                        notes: tuple[str, ...] = ()) -> None:
+                        notes: tuple[str, ...] = (), calibration: dict | None = None) -> None:
         with _redis_errors():
             async with self.r.pipeline(transaction=False) as p:
                 p.set(self.worker_key(worker_id), int(max_sessions), px=self.lease_ms)
                 if notes:
                     p.set(self.notes_key(worker_id), json.dumps(list(notes)), px=self.lease_ms)
+                if calibration:
+                    p.set(self.calibration_key(worker_id), json.dumps(calibration),
+                          px=self.lease_ms)
                 p.sadd(self.workers_key, worker_id)
                 await p.execute()
 

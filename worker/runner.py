@@ -110,6 +110,15 @@ class Worker:
         warning = uncalibrated_warning(cal) if cal is not None else None
         return (warning,) if warning else ()
 
+    @property
+    def calibration(self) -> dict | None:
+        """The calibration this worker's engine decides with, for ``/readyz``: thresholds and
+        provenance (:func:`index.calibration.describe`); None before the engine is loaded."""
+        from index.calibration import describe
+
+        cal = getattr(getattr(self.engine, "cascade", None), "calibration", None)
+        return describe(cal) if cal is not None else None
+
     def stop(self) -> None:
         """Ask for a graceful shutdown (safe from a signal handler)."""
         self._stopping.set()
@@ -122,7 +131,8 @@ class Worker:
             self.engine = await loop.run_in_executor(self._executor, self._engine_or_factory)
             if getattr(self.engine, "metrics", None) is not None:
                 self.metrics = self.engine.metrics
-        await self._bus_call(self.bus.heartbeat(self.worker_id, self.capacity, self.notes))
+        await self._bus_call(self.bus.heartbeat(self.worker_id, self.capacity, self.notes,
+                                                self.calibration))
         self.ready.set()
         leases = asyncio.create_task(self._lease_loop(), name=f"leases-{self.worker_id}")
         try:
@@ -276,7 +286,8 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.renew_s)
             try:
-                await self.bus.heartbeat(self.worker_id, self.capacity, self.notes)
+                await self.bus.heartbeat(self.worker_id, self.capacity, self.notes,
+                                         self.calibration)
                 held = list(self.owned)
                 if held:
                     self._lost.update(await self.bus.renew(self.worker_id, held))

@@ -16,6 +16,10 @@ const LEAD_MIN_S = 3;
 // A stream that ends with less audio than this and no decision was too short to judge: the page
 // does not call it "not in the collection" (the service needs a median 6-7 s to decide).
 const TELL_MIN_S = 5;
+// The final result carries the service's answer, {kind, text} (index/answers.py): identified,
+// not_in_collection or silent, in the words `midimatch identify` and `midimatch stream` use.
+// The page shows those words (sentence case) as the label of an ended stream.
+const sentence = (t) => t.charAt(0).toUpperCase() + t.slice(1);
 const NEED = "usually 5–10 s";
 
 // The service computes its features at 22,050 Hz: capturing at that rate halves the upload and
@@ -96,6 +100,7 @@ function stateOf(r) {
   if (!r.stream) return "starting";
   if (r.decision) return "identified";
   const m = r.result;
+  if (r.done && m && m.answer && m.answer.kind === "silent") return "silent";
   if (r.before) return "lost";
   if (r.done) return m && m.audio_s >= TELL_MIN_S ? "absent" : "short";
   if (m && m.matches.length && m.audio_s >= LEAD_MIN_S) return "leading";
@@ -109,7 +114,8 @@ const LABELS = {
   leading: "Leading candidate — not sure yet",
   identified: "Identified",
   lost: "Lost — the music changed, or the service is no longer sure",
-  absent: "No confident match",
+  absent: "Not in the collection", // a service without `answer`; else its words
+  silent: "Silent",
   short: "Too short to tell",
   error: "Error",
 };
@@ -155,7 +161,7 @@ function render() {
     since += r.done ? `. Final answer after ${secs(audio)} of audio.` : ".";
   } else if (st === "lost") {
     const b = r.before;
-    head = r.done ? "No confident match at the end" : "No confident match now";
+    head = r.done ? "Not sure any more at the end" : "Not sure any more";
     if (r.done && b.to_s >= audio) {
       detail = `“${b.title}” was identified from ${secs(b.from_s)} of audio until the end ` +
         `(${secs(audio)}), where the service was no longer sure.`;
@@ -166,8 +172,13 @@ function render() {
       else if (top) detail += ` Leading now: “${titleOf(top)}” (${pct(top.confidence)} %).`;
     }
   } else if (st === "absent") {
-    head = "Not in the collection";
+    head = top ? `Best guess “${titleOf(top)}” (${pct(top.confidence)} %): not confident`
+      : "No piece of the collection came close";
     detail = `No piece of the collection matched confidently in ${secs(audio)} of audio.`;
+  } else if (st === "silent") {
+    head = "Too quiet to search";
+    detail = `After ${secs(audio)} of audio: the part searched (the last 20 s) is under ` +
+      `−60 dBFS, so there is no music to identify.`;
   } else if (st === "short") {
     head = "Too short to tell";
     detail = `Only ${secs(audio)} of audio: the service needs a few seconds of music to ` +
@@ -184,8 +195,11 @@ function render() {
       detail = "The error above says why.";
     }
   }
+  const answer = r && r.done && !r.error && m ? m.answer : null;
   $("answer").dataset.state = st;
-  $("state-label").textContent = LABELS[st];
+  // an ended stream is labelled with the service's answer, but for "too short to tell"
+  $("state-label").textContent = answer && answer.text && st !== "short"
+    ? sentence(answer.text) : LABELS[st];
   $("decision-title").textContent = head;
   $("decision-detail").textContent = detail;
   $("decided-after").textContent = since;

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from index.answers import IDENTIFIED, NOT_IN_COLLECTION, SILENT, answer
 from tests.e2e.conftest import TARGET, TITLES, running
 from tests.redis_server import free_port
 
@@ -42,6 +43,7 @@ COLOURS = {
     "identified": "rgb(31, 138, 76)",
     "lost": "rgb(181, 71, 8)",
     "absent": "rgb(105, 65, 198)",
+    "silent": "rgb(91, 101, 112)",
     "error": "rgb(180, 35, 24)",
 }
 
@@ -126,8 +128,11 @@ class Socket:
                decision: tuple[dict, float, float] | None = None, final: bool = False,
                **extra) -> None:
         """Send a result: ``matches`` as (piece, confidence), ``decision`` as (piece,
-        confidence, position_s)."""
+        confidence, position_s). A final one carries the ``answer`` a worker gives (identified
+        or not in the collection by its decision) unless ``extra`` says it or an error."""
         self.n += 1
+        if final and "answer" not in extra and "error" not in extra:
+            extra["answer"] = answer(NOT_IN_COLLECTION if decision is None else IDENTIFIED)
         m = {"type": "result", "v": 1, "session": "s" * 32, "result_id": f"1-{self.n}",
              "audio_s": audio_s, "lag_s": 0.0, "final": final,
              "matches": [{"id": p["id"], "title": p["title"], "confidence": c, "score": 5.0,
@@ -284,7 +289,7 @@ def test_every_state_says_what_it_is(server, collection, pieces):
         assert s["progress"]
         assert "how clearly a piece stands out" in s["ranking"]  # what the percentage means
         ws.result(9.0, [(c, 0.59), (a, 0.41)])  # the decision lapses mid-stream
-        s = expect_state(page, "lost", "e2e-state-4-lost", title="No confident match now",
+        s = expect_state(page, "lost", "e2e-state-4-lost", title="Not sure any more",
                          detail=f"“{TARGET}” was identified from 6.0 s to 9.0 s")
         assert "Leading now: “charlie” (59 %)" in s["detail"] and "97" not in s["detail"]
         assert "59 %" in s["ranking"]  # the headline and the ranking agree
@@ -297,8 +302,9 @@ def test_every_state_says_what_it_is(server, collection, pieces):
                          since="the music changed: it was “alpha” before")
         ws.result(20.0, [(c, 0.6), (a, 0.5)], None, final=True)
         s = expect_state(page, "lost", "e2e-state-7-lost-at-the-end",
-                         title="No confident match at the end", status="done (20.0 s of audio)")
+                         title="Not sure any more at the end", status="done (20.0 s of audio)")
         assert "until the end (20.0 s), where the service was no longer sure" in s["detail"]
+        assert s["label"] == "Not in the collection"  # the final answer, in the service's words
         assert not s["status_error"]
 
 
@@ -311,9 +317,9 @@ def test_not_in_the_collection_and_too_short(server, collection, pieces):
         ws.result(6.0, [(a, 0.4)])
         ws.result(12.0, [(a, 0.35)], None, final=True)
         s = expect_state(page, "absent", "e2e-state-8-not-in-the-collection",
-                         title="Not in the collection",
+                         title="Best guess “alpha” (35 %): not confident",
                          detail="No piece of the collection matched confidently in 12.0 s")
-        assert s["label"] == "No confident match"
+        assert s["label"] == "Not in the collection"  # the words identify and stream use
 
         page.click("#mic")  # stopped after 2 s: too short to say "not in the collection"
         ws = wait_sockets(page, 2)[1]
@@ -322,8 +328,16 @@ def test_not_in_the_collection_and_too_short(server, collection, pieces):
         expect_state(page, "short", "e2e-state-9-too-short", title="Too short to tell",
                      detail="Only 2.0 s of audio")
 
-        page.click("#mic")  # the worker gave the stream up
+        page.click("#mic")  # silence: the service's answer, whatever the length
         ws = wait_sockets(page, 3)[2]
+        ws.result(1.0, [])
+        ws.result(3.0, [], None, final=True, answer=answer(SILENT))
+        s = expect_state(page, "silent", "e2e-state-9b-silent", title="Too quiet to search",
+                         detail="under −60 dBFS")
+        assert s["label"] == "Silent: nothing to identify"  # identify's and stream's words
+
+        page.click("#mic")  # the worker gave the stream up
+        ws = wait_sockets(page, 4)[3]
         ws.result(1.0, [], None, final=True,
                   error={"code": "bad_request", "message": "the audio could not be used"})
         s = expect_state(page, "error", "e2e-state-10-error", title="No answer",

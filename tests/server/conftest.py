@@ -12,12 +12,15 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType
 
+from index.answers import answer, stream_answer
 from worker.bus import Bus
 
 
 class FakeWorker:
     """Plays the worker's role on a bus with a trivial "engine": one result per
-    ``result_every_s`` of audio, ranking a fixed piece, a decision from ``decide_after_s``.
+    ``result_every_s`` of audio, ranking a fixed piece, a decision from ``decide_after_s``; the
+    final result's ``answer`` is identified, silent (every sample was zero) or not in the
+    collection, as the real engine's.
 
     Records every chunk it applied (``seqs[session]``) so tests can check numbering.
     """
@@ -28,6 +31,7 @@ class FakeWorker:
         self.result_every_s, self.decide_after_s = result_every_s, decide_after_s
         self.seqs: dict[str, list[int]] = defaultdict(list)
         self.audio_s: dict[str, float] = defaultdict(float)
+        self.sounding: dict[str, bool] = defaultdict(bool)  # a non-zero sample came
         self.params: dict[str, Any] = {}
         self._next_result: dict[str, float] = {}
         self._task: asyncio.Task | None = None
@@ -39,10 +43,13 @@ class FakeWorker:
         match = {"id": "piece-1", "title": "Test Piece", "confidence": min(1.0, a / 2),
                  "score": 3.5, "position_s": a}
         decided = a >= self.decide_after_s
-        return {"audio_s": round(a, 3), "lag_s": 0.01, "final": final,
-                "matches": [match, {**match, "id": "piece-2", "title": "Other", "confidence": 0.1}],
-                "decision": {k: match[k] for k in ("id", "title", "confidence", "position_s")}
-                if decided else None}
+        out = {"audio_s": round(a, 3), "lag_s": 0.01, "final": final,
+               "matches": [match, {**match, "id": "piece-2", "title": "Other", "confidence": 0.1}],
+               "decision": {k: match[k] for k in ("id", "title", "confidence", "position_s")}
+               if decided else None}
+        if final:
+            out["answer"] = answer(stream_answer(decided, not self.sounding[sid]))
+        return out
 
     async def step(self) -> None:
         await self.bus.heartbeat(self.worker_id, self.max_sessions)
@@ -58,6 +65,7 @@ class FakeWorker:
                 assert ch.seq == last + 1, f"chunk {ch.seq} after {last}"
                 last = ch.seq
                 self.seqs[sid].append(ch.seq)
+                self.sounding[sid] |= any(ch.pcm)
                 self.audio_s[sid] += params.seconds(len(ch.pcm))
                 while self.audio_s[sid] >= self._next_result[sid]:
                     await self.bus.publish_result(sid, self.result(sid, False))

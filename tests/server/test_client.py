@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from index.answers import IDENTIFIED, NOT_IN_COLLECTION, SILENT, answer
 from model.errors import AudioError
 from server.app import create_app
 from server.cli import main
@@ -48,13 +49,17 @@ def test_format_message():
         return format_message({"type": "result", "audio_s": 65.0, "matches": [d],
                                "decision": None, "final": False, **kw})
 
-    assert result(decision=d, final=True) == "   1:05  = Minuet  (90%, at 1:12)   [final]"
+    assert result(decision=d, final=True, answer=answer(IDENTIFIED)) == \
+        "   1:05  = Minuet  (90%, at 1:12)   [final]  identified: Minuet at 1:12"
     assert result(matches=[guess]) == "   1:05  ? Minuet  (41%, at 0:03)"
     assert result(matches=[]) == "   1:05  …"
-    assert result(matches=[], final=True).endswith(
-        "…   [final]  no confident match in the collection")
-    assert result(matches=[], final=True, _silent=True).endswith(
-        "…   [final]  silent: nothing to identify")
+    assert result(matches=[], final=True, answer=answer(NOT_IN_COLLECTION)) == \
+        "   1:05  …   [final]  not in the collection"
+    assert result(matches=[], final=True, answer=answer(SILENT)) == \
+        "   1:05  …   [final]  silent: nothing to identify"
+    # a service without `answer`: the kind follows the decision
+    assert result(matches=[], final=True).endswith("…   [final]  not in the collection")
+    assert result(decision=d, final=True).endswith("[final]  identified: Minuet at 1:12")
     assert result(matches=[], final=True, error={"code": "bad_audio", "message": "NaN"}
                   ).endswith("[final]  error: NaN")
     first = format_message({"type": "ready", "session": "abc", "resumed": False})
@@ -66,10 +71,10 @@ def test_format_message():
 
 
 def test_print_message_json_is_the_server_message(capsys):
-    m = {"type": "result", "audio_s": 65.0, "final": True, "decision": None, "_silent": True}
+    m = {"type": "result", "audio_s": 65.0, "final": True, "decision": None,
+         "answer": answer(SILENT)}
     print_message(m, as_json=True)
-    assert json.loads(capsys.readouterr().out) == {"type": "result", "audio_s": 65.0,
-                                                   "final": True, "decision": None}
+    assert json.loads(capsys.readouterr().out) == m
 
 
 def test_stream_help_explains_the_markers_and_every_default(capsys):
@@ -78,7 +83,8 @@ def test_stream_help_explains_the_markers_and_every_default(capsys):
     text = capsys.readouterr().out
     flat = " ".join(text.split())
     for said in ("'…' no ranking yet", "'?' best guess", "'=' identified",
-                 "silent: nothing to identify", "m:ss"):
+                 "'identified', 'not in the collection', 'silent: nothing to identify'",
+                 "m:ss"):
         assert said in flat, said
     options = flat[flat.index("options:"):flat.index("markers:")].split(" --")[2:]  # not -h
     assert [o.split()[0] for o in options] == ["url", "speed", "json", "token", "chunk-s"]
@@ -152,5 +158,5 @@ async def test_a_silent_file_says_so_like_identify(aiohttp_client, tmp_path, cap
     assert lines[0] == LEGEND and lines[1].startswith("session ")
     assert lines[-1].startswith("   0:00  ") and "[final]" in lines[-1]
     assert lines[-1].endswith("silent: nothing to identify" if silent
-                              else "no confident match in the collection")
-    assert final.get("_silent", False) is silent
+                              else "not in the collection")
+    assert final["answer"]["kind"] == (SILENT if silent else NOT_IN_COLLECTION)

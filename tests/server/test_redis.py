@@ -87,11 +87,14 @@ async def test_readiness_follows_redis(aiohttp_client, redis_server, prefix):
     try:
         await worker_bus.heartbeat("w1", 4)
         assert (await client.get("/readyz")).status == 200
-        await worker_bus.heartbeat("w1", 4, ("model m is not calibrated: calibrate it",))
+        assert (await (await client.get("/readyz")).json())["calibrations"] == []
+        said = {"model_id": "m", "calibrated": False, "provenance": {"queries": "not fitted"}}
+        await worker_bus.heartbeat("w1", 4, ("model m is not calibrated: calibrate it",), said)
         r = await client.get("/readyz")  # ready, but the operator is told
         body = await r.json()
         assert r.status == 200 and body["warnings"] == ["model m is not calibrated: calibrate it"]
         assert "WARNING: model m is not calibrated" in body["detail"]
+        assert body["calibrations"] == [said]  # what the worker decides with, and its origin
         redis_server.kill()
         r = await client.get("/readyz")
         assert r.status == 503 and "redis" in (await r.json())["detail"].lower()

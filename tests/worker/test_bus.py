@@ -313,6 +313,22 @@ async def test_worker_notes_reach_the_gateway_while_it_is_alive(bus: Bus) -> Non
     assert (await bus.capacity()).notes == ()  # gone with the workers that said it
 
 
+async def test_worker_calibrations_reach_the_gateway_while_it_is_alive(bus: Bus) -> None:
+    shipped = {"model_id": "m", "threshold": 0.6, "provenance": {
+        "queries": {"renderers": ["timidity-freepats"], "n_in": 992, "n_out": 1100},
+        "streams": "unknown"}}
+    await bus.heartbeat("a", 8, (), shipped)
+    await bus.heartbeat("b", 8, (), dict(shipped))  # the same calibration: listed once
+    await bus.heartbeat("c", 8, (), {"model_id": "m2", "threshold": 0.5})
+    await bus.heartbeat("d", 8)  # says none
+    cap = await bus.capacity()
+    assert len(cap.calibrations) == 2  # in no particular order (Redis keeps workers in a set)
+    assert shipped in cap.calibrations and {"model_id": "m2", "threshold": 0.5} in cap.calibrations
+    await asyncio.sleep(LEASE_S * 1.5)
+    await bus.heartbeat("d", 8)
+    assert (await bus.capacity()).calibrations == ()  # gone with the workers that said it
+
+
 # ---------------------------------------------------------------------- Redis only
 async def test_redis_restart_loses_sessions_and_recovers(redis_server) -> None:
     bus = RedisBus(redis_server.url, lease_ms=300)

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from index.answers import IDENTIFIED, NOT_IN_COLLECTION, SILENT, answer
 from index.build import BuildOptions, build_index
 from index.cascade_types import CascadeConfig
 from index.search import Cascade
@@ -208,6 +209,27 @@ def test_not_in_collection_gives_no_decision(cascade: Cascade, kind: str) -> Non
     assert all(r["decision"] is None for r in results)
     if kind == "silence":  # silent windows are not searched at all
         assert all(r["matches"] == [] for r in results)
+    # the final answer, as `midimatch identify` words it; only the final result has one
+    assert results[-1]["answer"] == answer(SILENT if kind == "silence" else NOT_IN_COLLECTION)
+    assert not any("answer" in r for r in results[:-1])
+
+
+@pytest.mark.parametrize("audio,kind", [
+    (np.zeros(0, np.float32), SILENT),  # a stream without audio: nothing to identify
+    (np.zeros(SR // 10, np.float32), SILENT),  # too short for a hash frame: no audio counted
+    (None, NOT_IN_COLLECTION),  # 0.1 s of music: too short to search, not silent
+    (np.concatenate([audio_of(3, 5.0, 15.0), np.zeros(3 * SR, np.float32)]), IDENTIFIED),
+])
+def test_the_final_answer(cascade: Cascade, audio: np.ndarray | None, kind: str) -> None:
+    if audio is None:
+        audio = audio_of(3, 5.0, 5.1)
+    eng = Engine(cascade, EngineSettings(window_s=15.0, **EXACT))
+    eng.open("s", StreamParams(SR))
+    final = stream(eng, "s", audio, 0.5)[-1] if audio.size else None
+    if final is None:
+        eng.end("s")
+        final = next(r for s, r in eng.tick() if s == "s")
+    assert final["final"] and final["answer"] == answer(kind)
 
 
 def test_many_sessions_in_one_tick_equal_each_alone(cascade: Cascade) -> None:

@@ -354,3 +354,26 @@ async def test_an_uncalibrated_model_is_announced_in_the_heartbeat() -> None:
     calibrated = RecordingEngine()
     calibrated.cascade = SimpleNamespace(calibration=Calibration("m", n_out=500, n_in=100))
     assert Worker(bus, calibrated, settings()).notes == ()
+
+
+@pytest.mark.asyncio
+async def test_the_heartbeat_carries_the_calibration_and_its_provenance() -> None:
+    from types import SimpleNamespace
+
+    from index.calibration import Calibration, Fit, Provenance
+
+    bus = InProcessBus(lease_s=0.6)
+    fit = Fit(renderers=("timidity-freepats",), n_in=992, n_out=1100, index_refs=2061)
+    engine = RecordingEngine()
+    engine.cascade = SimpleNamespace(calibration=Calibration(
+        "m", threshold=0.6, n_in=992, n_out=1100, provenance=Provenance(queries=fit)))
+    run = Running(Worker(bus, engine, settings()))
+    try:
+        await asyncio.wait_for(run.worker.ready.wait(), 10)
+        (said,) = (await bus.capacity()).calibrations
+    finally:
+        await run.stop()
+    assert said["model_id"] == "m" and said["threshold"] == 0.6 and said["calibrated"]
+    assert said["provenance"]["queries"]["renderers"] == ["timidity-freepats"]
+    assert said["provenance"]["streams"] == "not fitted"
+    assert "992 in / 1100 out-of-collection queries" in said["summary"]
