@@ -239,7 +239,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from index.cascade_types import CascadeConfig
     from index.evaluation.evalset import load_queries
-    from index.evaluation.evaluate import format_table, run_cascade, summarize, true_refs
+    from index.evaluation.evaluate import (
+        answer_counts,
+        format_table,
+        run_cascade,
+        summarize,
+        true_refs,
+    )
     from index.search import Cascade
 
     if args.threads:
@@ -283,16 +289,21 @@ def _run(args: argparse.Namespace) -> int:
     _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline
     base = _baseline(args, report, cascade.index.refs, queries, frames, refs_of, outcomes)
     print(format_table(summary, base, top_k=args.top_k))
+    print(answer_counts(outcomes))
     _print_calibration(report)
     if args.save_calibration:
-        from index.calibration import calibrate, save_calibration
+        from index.calibration import Fit, calibrate, save_calibration
+
+        fit = Fit.now(renderers=[q["renderer"] or "unknown" for q in queries],
+                      conditions=[q["condition"] for q in queries],
+                      index_refs=len(cascade.index), command=report["command"])
 
         cal = calibrate([o["top1_confidence"] for o in outcomes if o["kind"] == "in"],
                         [o["top1_confidence"] for o in outcomes if o["kind"] == "out"],
                         model_id=cascade.encoder.model_id,
                         in_correct=[o["top1_ref"] == o["true_ref"] for o in outcomes
                                     if o["kind"] == "in"],
-                        source=f"midimatch eval: {len(queries)} queries of {query_dir}")
+                        source=f"midimatch eval: {len(queries)} queries of {query_dir}", fit=fit)
         print(f"calibration saved to {save_calibration(cal, args.save_calibration)}: "
               f"threshold {cal.threshold:.3f}")
     _write(args, report, outcomes)

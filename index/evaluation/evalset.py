@@ -344,7 +344,8 @@ def select_queries(queries: Sequence[dict[str, Any]], *, lengths: set[float] | N
 
 
 def load_queries(out_dir: str | Path) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """The records of ``queries.json`` and each clip's frames, (T, 48) float32, in order."""
+    """The records of ``queries.json`` and each clip's frames, (T, 48) float32, in order; each
+    record names its ``renderer`` (the set's, None when its manifest does not say)."""
     out_dir = Path(out_dir)
     try:
         manifest = json.loads((out_dir / "queries.json").read_text())
@@ -354,7 +355,9 @@ def load_queries(out_dir: str | Path) -> tuple[list[dict[str, Any]], list[np.nda
     if manifest.get("format") != FORMAT:
         raise MidimatchError(f"{out_dir}/queries.json is not {FORMAT}", reason="no_queries")
     frames, opened = [], {}
+    renderer = manifest.get("config", {}).get("renderer")
     for q in manifest["queries"]:
+        q.setdefault("renderer", renderer)
         if q["file"] not in opened:
             opened = {q["file"]: np.load(out_dir / "pieces" / q["file"])}
         frames.append(opened[q["file"]][q["key"]].astype(np.float32))

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from index.answers import ANSWERS, IDENTIFIED, NOT_IN_COLLECTION
 from index.evaluation.repeats import is_repeat
 from model.errors import MidimatchError
 
@@ -103,6 +104,7 @@ def _outcome(q: dict, true: int | None, res: Any, cand: np.ndarray,
         "top1_ref": None if top is None else top.ref,
         "top1_confidence": 0.0 if top is None else float(top.confidence),
         "identified_ref": None if res.identified is None else res.identified.ref,
+        "answer": NOT_IN_COLLECTION if res.identified is None else IDENTIFIED,
         "time_s": query_time(res.timings_s, batch_n),
         "stage_s": {k: float(v) for k, v in res.timings_s.items()},
         "batch_n": batch_n,
@@ -357,6 +359,14 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "—" if x is None else ("inf" if x == math.inf else fmt.format(x))
+
+
+def answer_counts(outcomes: Sequence[dict]) -> str:
+    """The answers the queries got, in :mod:`index.answers`' words: ``answers (N queries):
+    A identified, B not in the collection`` (eval searches frames, never silent audio)."""
+    n = {k: sum(o.get("answer") == k for o in outcomes) for k in (IDENTIFIED, NOT_IN_COLLECTION)}
+    return (f"answers ({len(outcomes)} queries): "
+            + ", ".join(f"{c} {ANSWERS[k]}" for k, c in n.items()))
 
 
 def format_table(summary: dict[str, dict], baseline: dict[str, dict] | None = None,
