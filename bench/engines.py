@@ -13,6 +13,10 @@ heard in training, ``held-out``: never), top-1 at 5 / 10 / 20 s clean and 10 s r
 the prune's recall@100 at 10 s, the right passage (or an identical repeat) among right 10 s
 answers, and the out-of-collection clips that came back identified at 10 s. The last line names
 the worst held-out row.
+
+``--queries DIR --index DIR`` reads one query set whose clips come from several sources instead
+(``midimatch eval prepare-external``: MuseScore's and solfege's own MIDI/audio pairs and the
+openmsx files per renderer, ``index/evaluation/external.py``) and gives each source its row.
 """
 
 from __future__ import annotations
@@ -43,18 +47,21 @@ def query_sets(root: Path) -> dict[str, Path]:
     return found
 
 
-def engine_row(name: str, summary: dict) -> dict:
-    """One table row from :func:`index.evaluation.evaluate.summarize`'s cells."""
+def engine_row(name: str, summary: dict, renderer: str | None = None) -> dict:
+    """One table row from :func:`index.evaluation.evaluate.summarize`'s cells; family and role
+    are ``renderer``'s (default ``name``), or a pair source's of prepare-external."""
+    from index.evaluation.external import PAIR_SOURCES
     from model.training import render
 
-    r = render.RENDERERS.get(name)
-    role = render.role(name) if r else "?"
+    renderer = renderer or name
+    r = render.RENDERERS.get(renderer)
+    family, role = (r.family, render.role(renderer)) if r else PAIR_SOURCES.get(name, ("?", "?"))
 
     def cell(cond: str, length: float, key: str) -> float | str:
         v = summary.get(f"{cond}/{length:g}", {}).get(key)
         return "-" if v is None else round(100.0 * v, 1)
 
-    row = {"renderer": name, "family": r.family if r else "?", "role": role,
+    row = {"renderer": name, "family": family, "role": role,
            "n_in": summary.get("clean/10", {}).get("n_in", 0),
            "n_out": summary.get("clean/10", {}).get("n_out", 0)}
     for cond, length in CELLS:
@@ -65,10 +72,22 @@ def engine_row(name: str, summary: dict) -> dict:
     return row
 
 
+def source_rows(summary_by_source: dict) -> list[dict]:
+    """One row per source of ``summarize(..., by_source=True)`` (keys ``source:cond/len``);
+    ``openmsx/NAME`` takes renderer NAME's family and role."""
+    per: dict[str, dict] = {}
+    for key, cell in summary_by_source.items():
+        source, group = key.rsplit(":", 1)
+        per.setdefault(source, {})[group] = cell
+    return [engine_row(s, per[s], s.rsplit("/", 1)[-1]) for s in sorted(per)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--eval", type=Path, help="eval folder (default $MIDIMATCH_CACHE/eval)")
     ap.add_argument("--renderers", default="", help="only these (default: every query set)")
+    ap.add_argument("--queries", type=Path, help="one query set, a row per source of its clips "
+                    "(midimatch eval prepare-external's OUT/queries; give --index)")
     ap.add_argument("--index", type=Path, help="index (default: EVAL/index)")
     ap.add_argument("--weights", help="model weights (default: the shipped model)")
     ap.add_argument("--lengths", default="5,10,20")
@@ -88,8 +107,8 @@ def main() -> None:
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(args.threads)
     root = args.eval or cache_dir() / "eval"
-    sets = query_sets(root)
-    wanted = [x for x in args.renderers.split(",") if x] or list(sets)
+    sets = {"": args.queries} if args.queries else query_sets(root)
+    wanted = [x for x in args.renderers.split(",") if x and not args.queries] or list(sets)
     missing = [x for x in wanted if x not in sets]
     if missing or not wanted:
         sys.exit(f"no query set for {missing or 'any renderer'} under {root}: run `midimatch "
@@ -107,12 +126,15 @@ def main() -> None:
         t0 = time.perf_counter()
         outcomes = run_cascade(cascade, queries, frames, true_refs(cascade.index.refs, queries),
                                progress=False)
-        summary = summarize(outcomes)
-        rows.append(engine_row(name, summary))
+        summary = summarize(outcomes, by_source=bool(args.queries))
+        if args.queries:
+            rows += source_rows(summary)
+        else:
+            rows.append(engine_row(name, summary))
         report["renderers"][name] = {"summary": summary, "n_queries": len(queries),
                                      "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"{name}: {len(queries)} clips in {report['renderers'][name]['seconds']} s",
-              file=sys.stderr)
+        print(f"{name or args.queries}: {len(queries)} clips in "
+              f"{report['renderers'][name]['seconds']} s", file=sys.stderr)
     print(f"# identification per renderer — {machine()}; model {cascade.encoder.model_id}, "
           f"{len(cascade.index):,} references; % of clips")
     print(table(rows))

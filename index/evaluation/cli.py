@@ -18,17 +18,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="identification accuracy on a held-out-renderer query set",
         description="`midimatch eval prepare` builds the evaluation index and renders the "
-        "queries into the cache; `midimatch eval [run]` searches them and prints the figures.")
-    p.add_argument("action", nargs="?", choices=("run", "prepare"), default="run")
-    p.add_argument("--out", type=Path, help="eval folder (default: $MIDIMATCH_CACHE/eval)")
+        "queries into the cache; `midimatch eval prepare-external` makes the set of MIDI/audio "
+        "pairs made elsewhere (Debian packages, index/evaluation/external.py) in "
+        "$MIDIMATCH_CACHE/external; `midimatch eval [run]` searches them and prints the figures.")
+    p.add_argument("action", nargs="?", choices=("run", "prepare", "prepare-external"),
+                   default="run")
+    p.add_argument("--out", type=Path, help="eval folder (default: $MIDIMATCH_CACHE/eval, "
+                   "$MIDIMATCH_CACHE/external for prepare-external)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("prepare")
     g.add_argument("--corpus", type=Path, help="MIDI cache (default: $MIDIMATCH_CACHE/corpus)")
     g.add_argument("--n-in", type=int, default=250, help="in-collection query pieces")
     g.add_argument("--n-out", type=int, default=250, help="out-of-collection query pieces")
-    g.add_argument("--n-generated-index", type=int, default=1000,
-                   help="generated seeds below this are indexed, later ones are not")
+    g.add_argument("--n-generated-index", type=int, default=None,
+                   help="generated seeds below this are indexed, later ones are not (default "
+                   "1000; 1800 for prepare-external's distractors)")
+    g.add_argument("--no-distractors", action="store_true",
+                   help="prepare-external: index the pairs' MIDI files alone")
     g.add_argument("--untrained", action="store_true",
                    help="also write the untrained model and build its own index")
     g.add_argument("--seed", type=int, default=0)
@@ -36,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="render the queries with each of these renderers (comma-separated "
                    "names of `midimatch data renderers`; default: the held-out "
                    "timidity-freepats), one query set per renderer: OUT/queries for "
-                   "timidity-freepats, OUT/queries-NAME for the others")
+                   "timidity-freepats, OUT/queries-NAME for the others; prepare-external: "
+                   "the renderers of the openmsx files (default timidity-freepats,"
+                   "adplay-opl3,csound-fm)")
     r = p.add_argument_group("run")
     r.add_argument("--index", type=Path, help="index folder (default: OUT/index)")
     r.add_argument("--queries", type=Path, help="query set (default: OUT/queries, or the "
@@ -59,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also run the chroma + DTW baseline on N queries per baseline cell")
     r.add_argument("--baseline-cells", default=BASELINE_CELLS,
                    help=f"condition/length cells for the baseline (default {BASELINE_CELLS})")
+    r.add_argument("--by-source", action="store_true",
+                   help="also print the table per query source (music21/generated; "
+                   "mscore3, solfege, openmsx/RENDERER of prepare-external)")
     r.add_argument("--json", type=Path, dest="json_out", help="write the report here")
     r.add_argument("--outcomes", type=Path, help="write every query's outcome here (JSON)")
     r.add_argument("--rescore", action="store_true",
@@ -89,7 +101,52 @@ def _eval(args: argparse.Namespace) -> int:
         from index.cascade_types import DEFAULT_TOP_K
 
         args.top_k = DEFAULT_TOP_K
+    if args.action == "prepare-external":
+        return _prepare_external(args)
+    if args.n_generated_index is None:
+        args.n_generated_index = 1000
     return _prepare(args) if args.action == "prepare" else _run(args)
+
+
+def _prepare_external(args: argparse.Namespace) -> int:
+    from index.evaluation import external
+    from index.evaluation.evalset import plan_collection
+    from model.env import cache_dir
+    from model.errors import MidimatchError
+    from model.training.render import RENDERERS, available, install_hint
+
+    renderers = tuple(x for x in args.renderers.split(",") if x) or external.RENDERERS
+    unknown = [x for x in renderers if x not in RENDERERS]
+    missing = [x for x in renderers if x in RENDERERS and not available(x)]
+    if unknown or missing:
+        raise SystemExit(f"midimatch eval prepare-external: unknown renderers {unknown}"
+                         if unknown else f"midimatch eval prepare-external: {missing} not "
+                         f"installed (sudo {install_hint(missing)})")
+    try:
+        sources = external.find_sources()
+    except MidimatchError as e:
+        raise SystemExit(f"midimatch eval prepare-external: {e.message}") from e
+    out = args.out or cache_dir() / "external"
+    distractors: list[str] = []
+    if not args.no_distractors:
+        corpus = args.corpus or cache_dir() / "corpus"
+        try:
+            distractors = plan_collection(corpus, n_generated_index=args.n_generated_index
+                                          or 1800, n_in=0, n_out=0).index_files
+        except MidimatchError as e:
+            print(f"no distractors: {e.message}", file=sys.stderr)
+    print(f"{len(sources.scores)} demo scores, the solfege pair, {len(sources.openmsx)} openmsx "
+          f"files × {len(renderers)} renderers; {len(distractors)} distractors")
+    t0 = time.perf_counter()
+    rep = external.prepare(out, sources, renderers=renderers, distractors=distractors,
+                           workers=args.workers, seed=args.seed, progress=not args.no_progress)
+    print(f"{out}: {rep['n_refs']} references, clips per source {rep['clips_by_source']}, "
+          f"{time.perf_counter() - t0:.0f} s {rep['seconds']}")
+    for f in rep["failed"]:
+        print(f"failed: {f['source']} {f['path']}: {f['error']}", file=sys.stderr)
+    print(f"evaluate: midimatch eval --queries {out / 'queries'} --index {out / 'index'} "
+          "--by-source")
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -289,6 +346,8 @@ def _run(args: argparse.Namespace) -> int:
     _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline
     base = _baseline(args, report, cascade.index.refs, queries, frames, refs_of, outcomes)
     print(format_table(summary, base, top_k=args.top_k))
+    if args.by_source:
+        print(format_table(report["summary_by_source"], top_k=args.top_k))
     print(answer_counts(outcomes))
     _print_calibration(report)
     if args.save_calibration:

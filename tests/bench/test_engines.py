@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.engines import engine_row, query_sets
+from bench.engines import engine_row, query_sets, source_rows
 from model.training.render import HELD_OUT, TRAIN_RENDERERS
 
 
@@ -29,3 +29,15 @@ def test_a_row_reads_the_cells_and_names_the_role():
     assert row["top1 clean 20s"] == "-"  # not measured is not zero
     assert (row["prune@100 10s"], row["passage 10s"], row["false id 10s"]) == (95.0, 87.5, 2.0)
     assert engine_row(TRAIN_RENDERERS[0], summary)["role"] == "train"
+
+
+def test_one_query_set_of_several_sources_gives_a_row_per_source():
+    cells = {"clean/10": {"top1": 1.0, "n_in": 5, "n_out": 0}}
+    by_source = {f"{s}:{g}": c for s in ("mscore3", "openmsx/adplay-opl3", "solfege")
+                 for g, c in cells.items()}
+    rows = {r["renderer"]: r for r in source_rows(by_source)}
+    assert list(rows) == ["mscore3", "openmsx/adplay-opl3", "solfege"]
+    assert (rows["openmsx/adplay-opl3"]["family"], rows["openmsx/adplay-opl3"]["role"]) == \
+        ("fm", "held-out")
+    assert (rows["mscore3"]["family"], rows["mscore3"]["role"]) == ("sampled-gm", "pair")
+    assert rows["mscore3"]["top1 clean 10s"] == 100.0 and rows["solfege"]["n_in"] == 5
