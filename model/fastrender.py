@@ -82,27 +82,30 @@ class NoteTable:
                    end_s=float(pm.get_end_time()))
 
     @classmethod
-    def from_score(cls, score: Any, track0: Any) -> NoteTable:
-        """From a ``symusic.ScoreTick``, timed as pretty_midi times the file.
+    def from_score(cls, score: Any) -> NoteTable:
+        """From a ``symusic.ScoreTick``, timed as :func:`model.midi.load_midi` times the file.
 
-        pretty_midi takes the tempo map and the time and key signatures from the first track
-        only: ``track0`` is that track read alone (or ``score`` itself for a one-track file).
-        Times come out equal to pretty_midi's to the last bit (same float64 arithmetic). The
-        score must have passed :func:`model.midi.load_notes`' checks (no zero tempo, no overlap
-        of one pitch in a track), which also lists where symusic and pretty_midi part.
+        The tempo map and the time and key signatures are those of every track (symusic
+        gathers them; ``load_midi`` moves them into track 0 for pretty_midi). Times come out
+        equal to pretty_midi's to the last bit (same float64 arithmetic). The score must have
+        passed :func:`model.midi.load_notes`' checks (no zero tempo, no two tempi on one tick,
+        no overlap of one pitch in a track), which also lists where symusic and pretty_midi
+        part.
         """
-        t0 = track0.tempos.numpy()
-        ticks, per_tick, starts = _tick_scales(t0["time"].tolist(), t0["mspq"].tolist(),
+        tempo = score.tempos.numpy()
+        order = np.argsort(tempo["time"], kind="stable")
+        ticks, per_tick, starts = _tick_scales(tempo["time"][order].tolist(),
+                                               tempo["mspq"][order].tolist(),
                                                score.ticks_per_quarter)
 
         def to_s(tick: np.ndarray) -> np.ndarray:  # pretty_midi's tick→time table, as a function
             i = np.searchsorted(ticks, tick, side="right") - 1
             return starts[i] + per_tick[i] * (tick - ticks[i])
 
-        # get_end_time(): instruments (notes, controllers, bends), track 0's signatures and
-        # tempo changes, lyrics of any track.
-        last = [ticks, track0.time_signatures.numpy()["time"],
-                track0.key_signatures.numpy()["time"]]
+        # get_end_time(): instruments (notes, controllers, bends), signatures and tempo
+        # changes (all in track 0 by then), lyrics of any track.
+        last = [ticks, score.time_signatures.numpy()["time"],
+                score.key_signatures.numpy()["time"]]
         tracks = []
         for t in score.tracks:
             last.append([x.time for x in t.lyrics])
@@ -129,7 +132,8 @@ class NoteTable:
 
 def _tick_scales(tick: list[int], us_per_beat: list[int], tpq: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """pretty_midi's tempo map from track 0's tempo events, in file order.
+    """pretty_midi's tempo map from tempo events in the order they apply (track 0's, as
+    :func:`model.midi.load_midi` hands them over).
 
     Returns the ticks where the tempo changes, seconds per tick from each, and the time of each.
     """

@@ -2,7 +2,8 @@
 
 Only ``refs.jsonl`` of the index is read (titles, durations, MIDI paths), with the standard
 library: the gateway stays free of torch and numba, so this does not use ``model.training.render``
-(which imports the torch CQT). An excerpt is cut from the MIDI with pretty_midi and rendered by the
+(which imports the torch CQT). An excerpt is cut from the MIDI as :func:`model.midi.load_midi`
+reads it (as the index read it: tempo events of every track; no numba) and rendered by the
 FluidSynth command line when it is installed, else by pretty_midi's sine synthesiser.
 
 An excerpt has music to its end: its span starts on a note and ends where the last note of the
@@ -282,11 +283,13 @@ class DemoCollection:
 
 
 def _load(path: Path):  # -> pretty_midi.PrettyMIDI
-    import pretty_midi
+    # model.midi.load_midi, as the index read the piece (tempo events of every track: a
+    # position is the index's), without numba or torch
+    from model.midi import load_midi
 
     try:
-        return pretty_midi.PrettyMIDI(str(path))
-    except Exception as e:  # pretty_midi raises many kinds on bad files
+        return load_midi(path)
+    except MidimatchError as e:  # MidiError: the file went bad or away since it was indexed
         raise DemoError(f"cannot read {path.name}: {e}") from e
 
 

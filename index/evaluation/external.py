@@ -11,9 +11,9 @@ Exactly these sources, all Debian packages (:data:`PACKAGES`), found with ``dpkg
   program (its dynamics, articulation, balance), not an unheard timbre.
 * ``solfege``: ``fanfare.midi`` and its rendering ``fanfare.wav``, shipped together: 2.1 s of
   music in 4.1 s of audio, so one clip of the whole audio per condition (its length is its
-  own row). Its tempo event is in track 1, which standard players obey and our loader, like
-  pretty_midi, ignores (120 bpm instead of 100): :func:`played_to_ref` maps the audio's time
-  to the reference's, so the true position is honest.
+  own row). Its tempo event (100 bpm) is in track 1, where players obey it and so does
+  :mod:`model.midi` (pretty_midi alone would read 120 bpm): the audio's second t is the
+  reference's.
 * ``openmsx/<renderer>``: the 31 MIDI files of ``openttd-openmsx``, rendered by held-out
   renderers (default :data:`RENDERERS`) exactly as ``eval prepare`` renders its queries
   (:func:`index.evaluation.evalset.clips_of_piece`).
@@ -137,45 +137,6 @@ def export_score(score: Path, out: Path, *, mscore: str = "mscore3",
     tmp.replace(out)
 
 
-# ---------------------------------------------------------------------------- pairs' time
-def _tempo_seconds(points: np.ndarray, events: list[tuple[int, int]], tpb: int) -> np.ndarray:
-    """Seconds at the ticks ``points`` under tempo ``events`` [(tick, µs per beat)]."""
-    events = sorted([(0, 500000), *events])
-    ticks = np.array([t for t, _ in events], dtype=np.float64)
-    tempo = np.array([u for _, u in events], dtype=np.float64)
-    keep = np.r_[ticks[1:] != ticks[:-1], True]  # the last event at a tick wins
-    ticks, tempo = ticks[keep], tempo[keep]
-    at = np.r_[0.0, np.cumsum(np.diff(ticks) * tempo[:-1])] / 1e6 / tpb
-    i = np.searchsorted(ticks, points, side="right") - 1
-    return at[i] + (points - ticks[i]) * tempo[i] / 1e6 / tpb
-
-
-def played_to_ref(midi_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Breakpoints (played s, reference s) of a MIDI file's two clocks, for ``np.interp``.
-
-    A player obeys tempo events in every track; :func:`model.midi.load_midi` (pretty_midi)
-    reads track 0's alone. The two agree for most files (then the map is the identity).
-    """
-    import mido
-
-    mf = mido.MidiFile(str(midi_path))
-    events: list[list[tuple[int, int]]] = []
-    end = 0
-    for track in mf.tracks:
-        tick, found = 0, []
-        for msg in track:
-            tick += msg.time
-            if msg.type == "set_tempo":
-                found.append((tick, msg.tempo))
-        events.append(found)
-        end = max(end, tick)
-    points = np.unique(np.array([0, *(t for ev in events for t, _ in ev),
-                                 end + 1000 * mf.ticks_per_beat], dtype=np.float64))
-    played = _tempo_seconds(points, [e for ev in events for e in ev], mf.ticks_per_beat)
-    ref = _tempo_seconds(points, events[0] if events else [], mf.ticks_per_beat)
-    return played, ref
-
-
 def clips_of_pair(midi_path: str, audio_path: str, cfg: QuerySetConfig
                   ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """Cut clips of every ``cfg.lengths_s`` (that fits) from audio made from ``midi_path``.
@@ -195,9 +156,9 @@ def clips_of_pair(midi_path: str, audio_path: str, cfg: QuerySetConfig
     audio, sr = load_audio(audio_path)
     ratio = Fraction(SAMPLE_RATE, sr)
     audio = resample_poly(audio.mean(axis=1), ratio.numerator, ratio.denominator)
-    played, ref = played_to_ref(midi_path)
-    ref_end = float(load_notes(midi_path).end_s)
-    music_s = float(np.interp(ref_end, ref, played))  # when the music ends in the audio
+    # The audio plays the file as model.midi reads it (the tempo events of every track), so
+    # its second t is the reference's.
+    music_s = ref_end = float(load_notes(midi_path).end_s)
     rng = np.random.default_rng([cfg.seed, zlib.crc32(str(midi_path).encode())])
     fits = [x for x in cfg.lengths_s if LEAD_S + x + 0.5 <= music_s]
     if fits:
@@ -218,9 +179,9 @@ def clips_of_pair(midi_path: str, audio_path: str, cfg: QuerySetConfig
         full = audio_to_frames(a, SAMPLE_RATE)
         for length in lengths:
             n = min(a.size, int(round(length * SAMPLE_RATE)))
-            end = min(ref_end, float(np.interp(start + n / SAMPLE_RATE, played, ref)))
+            end = min(ref_end, start + n / SAMPLE_RATE)
             records.append({"condition": cond, "length_s": float(length), "tempo": 1.0,
-                            "start_s": round(float(np.interp(start, played, ref)), 4),
+                            "start_s": round(start, 4),
                             "end_s": round(end, 4), "audio_aug": sorted(aug)})
             frames.append(full[: 1 + n // HOP].astype(np.float16))
     return records, frames

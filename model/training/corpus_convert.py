@@ -87,9 +87,12 @@ def music21_to_midi_file(source: Path, number: int | None, out_path: Path) -> di
 
 
 def _finish_midi(path: Path) -> dict[str, Any]:
-    """Rescale ticks if needed, then prove pretty_midi loads the file; return its summary."""
+    """Rescale ticks if needed, then prove pretty_midi loads the file (as
+    :func:`model.midi.to_pretty_midi` reads it: tempo and signatures of every track); return its
+    summary."""
     import mido
-    import pretty_midi
+
+    from model.midi import to_pretty_midi
 
     try:
         mid = mido.MidiFile(str(path))
@@ -100,7 +103,7 @@ def _finish_midi(path: Path) -> dict[str, Any]:
     if rescaled:
         mid.save(str(path))
     try:
-        pm = pretty_midi.PrettyMIDI(str(path))
+        pm = to_pretty_midi(mido.MidiFile(str(path)))
     except Exception as e:
         raise MidiError(f"pretty_midi cannot load the MIDI: {e}", reason="unloadable") from e
     notes = [n for inst in pm.instruments if not inst.is_drum for n in inst.notes]

@@ -206,3 +206,30 @@ def test_the_index_stores_the_title(tmp_path):
     refs = store.load_index(tmp_path / "idx").refs
     assert {r["path"].rsplit("/", 1)[-1]: r["title"] for r in refs} == {
         "bach__bwv379.mxl.mid": "bwv379 (bach)", "named.mid": "Jesu, meine Freude"}
+
+
+# ------------------------------------------------------------------------------ tempo
+def test_a_tempo_outside_track_0_sets_the_indexed_duration(tmp_path, capsys):
+    # Tempo events count in any track, as players have them (solfege's fanfare.midi keeps its
+    # 100 bpm in track 1): the same music with the tempo in track 0 or 1 indexes alike.
+    src = tmp_path / "src.mid"
+    make_piece(4, duration_s=12).write(str(src))  # 120 bpm, in track 0
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for track in (0, 1):
+        mid = mido.MidiFile(str(src))
+        (k,) = [k for k, m in enumerate(mid.tracks[0]) if m.type == "set_tempo"]
+        assert mid.tracks[0][k].time == 0
+        del mid.tracks[0][k]
+        mid.tracks[track].insert(0, mido.MetaMessage("set_tempo", tempo=600_000))  # 100 bpm
+        mid.save(str(songs / f"tempo_in_track_{track}.mid"))
+    assert main(["index", "build", str(tmp_path / "idx"), str(songs), "--no-progress",
+                 "--workers", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_refs"] == 2
+    refs = {r["path"].rsplit("/", 1)[-1]: r for r in store.load_index(tmp_path / "idx").refs}
+    one, zero = refs["tempo_in_track_1.mid"], refs["tempo_in_track_0.mid"]
+    assert one["duration_s"] == zero["duration_s"] == pytest.approx(1.2 * 12, abs=0.01)
+    assert one["n_frames"] == zero["n_frames"]
+    idx = store.load_index(tmp_path / "idx")
+    ks = [[r["path"] for r in idx.refs].index(r["path"]) for r in (one, zero)]
+    np.testing.assert_array_equal(idx.hash_sequence(ks[0]), idx.hash_sequence(ks[1]))

@@ -9,7 +9,11 @@ from __future__ import annotations
 import io
 import struct
 import time
+import warnings
+from pathlib import Path
 
+import mido
+import numpy as np
 import pretty_midi
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -239,3 +243,187 @@ def test_files_mutated_inside_a_track_load_or_fail_typed(loader: str, track: int
     body = _mutate(FUZZ_TRACKS[track], edits)
     tracks = [body if k == track else t for k, t in enumerate(FUZZ_TRACKS)]
     _load_or_fail_typed(LOADERS[loader], _smf(tracks, division=FUZZ_SEED[12] << 8 | FUZZ_SEED[13]))
+
+
+# --- tempo and signatures in any track (players obey them wherever they are) -------------------
+
+FANFARE = "/usr/share/solfege/exercises/standard/lesson-files/share/fanfare.midi"
+
+
+def _notes(loaded: pretty_midi.PrettyMIDI | NoteTable) -> list[tuple[float, float, int]]:
+    """Every note as (start, end, pitch), sorted: exact floats, to compare two readings."""
+    if isinstance(loaded, NoteTable):
+        return sorted(zip(loaded.onset_s.tolist(), loaded.offset_s.tolist(),
+                          loaded.pitch.tolist(), strict=True))
+    return sorted((n.start, n.end, n.pitch) for i in loaded.instruments for n in i.notes)
+
+
+def _mido_file(tracks: list[list[mido.Message | mido.MetaMessage]], *, fmt: int = 1,
+               tpb: int = 384) -> bytes:
+    """A file of ``tracks`` (delta times), each closed by an end of track."""
+    mf = mido.MidiFile(type=fmt, ticks_per_beat=tpb)
+    mf.tracks = [mido.MidiTrack([*t, mido.MetaMessage("end_of_track", time=0)]) for t in tracks]
+    buf = io.BytesIO()
+    mf.save(file=buf)
+    return buf.getvalue()
+
+
+def _melody(n: int = 8, *, channel: int = 0, first: int = 60) -> list[mido.Message]:
+    """``n`` quarter notes (384 ticks) one after the other."""
+    out: list[mido.Message] = [mido.Message("program_change", channel=channel, program=0)]
+    for k in range(n):
+        out += [mido.Message("note_on", channel=channel, note=first + k, velocity=90, time=0),
+                mido.Message("note_off", channel=channel, note=first + k, velocity=0, time=384)]
+    return out
+
+
+def _tempo_at(tick: int, us: int) -> mido.MetaMessage:
+    return mido.MetaMessage("set_tempo", tempo=us, time=tick)
+
+
+def _with_meta(events: list[tuple[int, mido.MetaMessage]], music: list[mido.Message]
+               ) -> list[mido.Message | mido.MetaMessage]:
+    """``music`` (delta times) with meta events inserted at absolute ticks (before the music's
+    events of that tick)."""
+    timed, tick = [], 0
+    for msg in music:
+        tick += msg.time
+        timed.append((tick, 1, msg))
+    timed += [(t, 0, m) for t, m in events]
+    out, last = [], 0
+    for t, _, m in sorted(timed, key=lambda e: (e[0], e[1])):
+        out.append(m.copy(time=t - last))
+        last = t
+    return out
+
+
+def _both(data: bytes) -> list[list[tuple[float, float, int]]]:
+    return [_notes(M.load_midi(data)), _notes(M.load_notes(data))]
+
+
+def test_a_tempo_only_in_track_1_is_obeyed_as_players_do() -> None:
+    # solfege's fanfare.midi in small: a conductor track without tempo, 100 bpm in track 1
+    name = mido.MetaMessage("track_name", name="Track 0")
+    sig = mido.MetaMessage("time_signature", numerator=3, denominator=8)
+    in_1 = _mido_file([[name], [sig, _tempo_at(0, 600_000), *_melody()]])
+    in_0 = _mido_file([[name, sig, _tempo_at(0, 600_000)], _melody()])
+    want = [(0.6 * k, 0.6 * (k + 1), 60 + k) for k in range(8)]
+    for got in (*_both(in_1), *_both(in_0)):
+        assert got == _both(in_0)[0]  # same music, same floats, whichever track and loader
+        np.testing.assert_allclose(got, want, atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pretty_midi's warning of tempo outside track 0: gone
+        pm = M.load_midi(in_1)
+    assert pm.get_end_time() == M.load_notes(in_1).end_s == pytest.approx(4.8)
+    assert mido.MidiFile(file=io.BytesIO(in_1)).length == pytest.approx(4.8)  # mido's player
+    # what pretty_midi alone reads: 120 bpm, 1.2x too fast (the bug this guards)
+    with pytest.warns(RuntimeWarning, match="non-zero tracks"):
+        assert pretty_midi.PrettyMIDI(io.BytesIO(in_1)).get_end_time() == pytest.approx(4.0)
+    assert [(ts.numerator, ts.denominator, ts.time) for ts in pm.time_signature_changes] == [
+        (3, 8, 0.0)]
+
+
+def test_tempo_changes_spread_over_tracks_make_one_tempo_map() -> None:
+    # 120 bpm in track 0, a change at beat 2 in track 1, another at beat 5 in track 2 (with a
+    # key signature), and the music in tracks 1 and 2: as if all were in track 0
+    changes = [(0, _tempo_at(0, 500_000)), (768, _tempo_at(0, 750_000)),
+               (1920, _tempo_at(0, 400_000))]
+    key = (1920, mido.MetaMessage("key_signature", key="Eb"))
+    spread = _mido_file([[_tempo_at(0, 500_000)],
+                         _with_meta([changes[1]], _melody(6)),
+                         _with_meta([changes[2], key], _melody(6, channel=1, first=70))])
+    merged = _mido_file([_with_meta([*changes, key], []), _melody(6),
+                         _melody(6, channel=1, first=70)])
+    assert _both(spread)[0] == _both(spread)[1] == _both(merged)[0] == _both(merged)[1]
+    pm = M.load_midi(spread)
+    np.testing.assert_allclose(pm.get_tempo_changes()[1], [120.0, 80.0, 150.0])
+    assert len(pm.key_signature_changes) == 1
+    # beats 0-1 at 0.5 s, 2-4 at 0.75 s, 5 at 0.4 s
+    np.testing.assert_allclose([n for n in _both(spread)[0] if n[2] < 70], [
+        (0.0, 0.5, 60), (0.5, 1.0, 61), (1.0, 1.75, 62), (1.75, 2.5, 63), (2.5, 3.25, 64),
+        (3.25, 3.65, 65)], atol=1e-9)
+
+
+def test_two_tempi_on_one_tick_the_last_track_wins() -> None:
+    # TiMidity 2.14 and FluidSynth 2.3 both play such a file at track 1's tempo (checked by
+    # rendering one): they apply one tick's events in track order, as mido.merge_tracks does
+    for change_tick in (0, 768):
+        clash = _mido_file([[_tempo_at(0, 500_000), _tempo_at(change_tick, 300_000)],
+                            _with_meta([(change_tick, _tempo_at(0, 900_000))], _melody(4))])
+        plain = _mido_file([[_tempo_at(0, 500_000), _tempo_at(change_tick, 900_000)],
+                            _melody(4)])
+        assert _both(clash)[0] == _both(clash)[1] == _both(plain)[0], change_tick
+
+
+def test_files_with_their_tempo_in_track_0_read_exactly_as_pretty_midi_reads_them(
+        tmp_path) -> None:
+    from model.training.midi_writer import write_midi
+    from model.training.songgen import generate_song
+    from tests.conftest import make_piece
+
+    song = tmp_path / "song.mid"
+    write_midi(generate_song(3, duration_s=20.0), song)
+    tempo_map = [_tempo_at(0, 500_000), _tempo_at(700, 350_000), _tempo_at(500, 812_345)]
+    files = {"generated song (write_midi)": song.read_bytes(),
+             "pretty_midi write": _pm_bytes(make_piece(2, duration_s=10.0)),
+             "demo piece": _pm_bytes(demo_piece(6.0)),
+             "tempo map in track 0": _mido_file([tempo_map, _melody(), _melody(channel=1)]),
+             "format 0": _mido_file([_with_meta([(0, _tempo_at(0, 700_000)),
+                                                 (900, _tempo_at(0, 450_000))], _melody())],
+                                    fmt=0)}
+    for name, data in files.items():
+        mf = mido.MidiFile(file=io.BytesIO(data), clip=True)
+        tracks = list(mf.tracks)
+        assert M._global_meta_to_track0(mf) is False, name  # nothing moves...
+        assert all(a is b for a, b in zip(mf.tracks, tracks, strict=True)), name
+        plain = pretty_midi.PrettyMIDI(io.BytesIO(data))  # ...and the reading is pretty_midi's
+        for loaded in (M.load_midi(data), M.load_notes(data)):
+            assert _notes(loaded) == _notes(plain), name
+            assert _end_s(loaded) == plain.get_end_time(), name
+
+
+def test_a_track_of_nothing_but_a_tempo_event_is_obeyed() -> None:
+    # no end of track either (mido and symusic read it); emptied, pretty_midi would refuse it
+    data = _smf([_note() + _note(pitch=62) + EOT, _tempo(1_000_000)])
+    for got in _both(data):
+        np.testing.assert_allclose(got, [(0.0, 1.0, 60), (1.0, 2.0, 62)])
+
+
+def test_a_format_2_file_is_read_as_format_1() -> None:
+    # Format 2 tracks are independent sequences: TiMidity plays them one after another, each
+    # at its own tempo, FluidSynth (and pretty_midi, and this loader) all at once. The tempo
+    # events count wherever they are, as FluidSynth has them.
+    tracks = [[mido.MetaMessage("track_name", name="a")], [_tempo_at(0, 600_000), *_melody(4)]]
+    assert _both(_mido_file(tracks, fmt=2)) == _both(_mido_file(tracks, fmt=1))
+    np.testing.assert_allclose(_both(_mido_file(tracks, fmt=2))[0][-1], (1.8, 2.4, 63))
+
+
+def test_a_bad_tempo_outside_track_0_is_refused_as_in_track_0() -> None:
+    for loader in LOADERS.values():
+        with pytest.raises(MidiError) as e:
+            loader(_smf([_note() + EOT, _tempo(1) + _note() + EOT]))
+        assert e.value.reason == "bad_tempo"
+        with pytest.raises(MidiError) as e:  # 1 bpm in track 1 from tick 0: hours long
+            loader(_smf([_note(96 * 70) + EOT, _tempo(60_000_000 // 4) + EOT]),
+                   max_duration_s=600.0)
+        assert e.value.reason == "too_long"
+
+
+@pytest.mark.skipif(not Path(FANFARE).is_file(),
+                    reason="needs solfege's fanfare.midi: apt-get install solfege")
+def test_solfege_fanfare_plays_at_its_100_bpm() -> None:
+    # its tempo (and 3/8 time) are in track 1, track 0 holds only LilyPond's texts
+    mf = mido.MidiFile(FANFARE)
+    assert [m.type for m in mf.tracks[0] if m.type == "set_tempo"] == []
+    assert [m.tempo for m in mf.tracks[1] if m.type == "set_tempo"] == [600_000]
+    pm, table = M.load_midi(FANFARE), M.load_notes(FANFARE)
+    np.testing.assert_allclose(pm.get_tempo_changes()[1], [100.0])
+    assert _notes(pm) == _notes(table)
+    assert pm.get_end_time() == table.end_s == pytest.approx(2.1)
+    assert mf.length == pytest.approx(2.1)  # as mido's player times it
+    # 1.2x what pretty_midi alone reads
+    with pytest.warns(RuntimeWarning, match="non-zero tracks"):
+        alone = pretty_midi.PrettyMIDI(FANFARE)
+    assert alone.get_end_time() == pytest.approx(1.75)
+    np.testing.assert_allclose([s for s, _, _ in _notes(pm)],
+                               [1.2 * s for s, _, _ in _notes(alone)], atol=1e-9)

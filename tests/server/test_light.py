@@ -11,6 +11,7 @@ from server.app import create_app
 from server.settings import Settings
 from worker.redis_bus import RedisBus
 import server.client, server.demo, server.serve_cli
+from model.midi import load_midi  # what server.demo reads an excerpt's MIDI with, at run time
 from server.cli import build_parser
 build_parser().parse_args(["serve", "--redis", "redis://127.0.0.1:1/0"])
 app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"), RedisBus("redis://127.0.0.1:1/0"))

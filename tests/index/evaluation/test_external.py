@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mido
 import numpy as np
+import pretty_midi
 import pytest
 import soundfile as sf
 
@@ -56,21 +57,37 @@ def _pair(tmp: Path, seed: int, duration_s: float, tail_s: float = 1.0) -> tuple
     return mid, wav
 
 
-def test_a_tempo_in_track_1_is_mapped_to_the_reference_clock(tmp_path):
-    # track 0 has no tempo (the loader reads 120 bpm); track 1 says 100 bpm, as players do
-    mf = mido.MidiFile(type=1, ticks_per_beat=384)
-    mf.tracks.append(mido.MidiTrack([mido.MetaMessage("track_name", name="t0")]))
-    notes = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=600000)])
-    for i in range(4):
-        notes += [mido.Message("note_on", note=60 + i, velocity=100, time=0),
-                  mido.Message("note_off", note=60 + i, velocity=0, time=384)]
-    mf.tracks.append(notes)
-    mf.save(tmp_path / "t1.mid")
-    played, ref = X.played_to_ref(tmp_path / "t1.mid")
-    assert np.interp(2.4, played, ref) == pytest.approx(2.0)  # 4 beats: 2.4 s played, 2 s read
-    assert load_notes(tmp_path / "t1.mid").end_s == pytest.approx(2.0)
-    played, ref = X.played_to_ref(_midi(tmp_path / "p.mid", 1, 10.0))
-    np.testing.assert_allclose(played, ref)  # tempo in track 0: one clock
+def _tempo_moved(src: Path, dst: Path, *, track: int, us_per_beat: int = 600_000) -> Path:
+    """``src`` (one tempo, in track 0) with that tempo replaced by ``us_per_beat`` in ``track``."""
+    mf = mido.MidiFile(str(src))
+    for t in mf.tracks:
+        tempos = [k for k, m in enumerate(t) if m.type == "set_tempo"]
+        for k in reversed(tempos):
+            if k + 1 < len(t):  # keep the following event's time right
+                t[k + 1].time += t[k].time
+            del t[k]
+    mf.tracks[track].insert(0, mido.MetaMessage("set_tempo", tempo=us_per_beat, time=0))
+    mf.save(str(dst))
+    return dst
+
+
+def test_a_pair_whose_tempo_is_in_track_1_is_cut_where_the_reference_plays_it(tmp_path):
+    # solfege's fanfare keeps its tempo in track 1; a player obeys it, and so does the loader:
+    # the audio (played by pretty_midi from the same music with the tempo in track 0, not by
+    # our loader) lines up with the reference the index holds
+    src = _midi(tmp_path / "src.mid", 7, 30.0)
+    in_1 = _tempo_moved(src, tmp_path / "in1.mid", track=1)
+    in_0 = _tempo_moved(src, tmp_path / "in0.mid", track=0)
+    assert load_notes(in_1).end_s == pytest.approx(1.2 * load_notes(src).end_s)  # 100 bpm
+    audio = render(pretty_midi.PrettyMIDI(str(in_0)), "sine", sample_rate=44100)
+    wav = tmp_path / "in1.wav"
+    sf.write(wav, np.stack([audio, audio], axis=1), 44100)
+    cfg = QuerySetConfig(lengths_s=(10.0,), conditions=("clean",), seed=3)
+    (rec,), (f,) = X.clips_of_pair(str(in_1), str(wav), cfg)
+    a = align(f.astype(np.float32), midi_to_frames_fast(load_notes(in_1)))
+    assert a.ref_start / FRAME_RATE == pytest.approx(rec["start_s"], abs=0.25)
+    # read at 120 bpm, the clip's end would be (start + 10 s) / 6 >= 1.8 s off
+    assert a.ref_end / FRAME_RATE == pytest.approx(rec["end_s"], abs=0.25)
 
 
 def test_pair_clips_are_where_the_reference_plays_them(tmp_path):
@@ -189,6 +206,6 @@ def test_the_real_packages(tmp_path):
         assert 0 <= sf.info(tmp_path / "pairs" / f"{score.stem}.flac").duration - midi_s < 5
     queries, _ = load_queries(tmp_path / "queries")
     fanfare = [q for q in queries if q["source"] == "solfege"]
-    # 2.1 s of music at 100 bpm (its tempo is in track 1), read as 1.75 s at 120 bpm
-    assert [(q["length_s"], q["start_s"], q["end_s"]) for q in fanfare] == [(4.1, 0.0, 1.75)] * 2
+    # 2.1 s of music at 100 bpm (its tempo is in track 1, which the loader obeys)
+    assert [(q["length_s"], q["start_s"], q["end_s"]) for q in fanfare] == [(4.1, 0.0, 2.1)] * 2
     assert rep["clips_by_source"] == {"mscore3": 12, "solfege": 2, f"openmsx/{renderer}": 12}
