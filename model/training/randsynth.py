@@ -20,10 +20,13 @@ Everything random comes from ``seed``: one seed, one sound.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pretty_midi
+
+from model.errors import RenderError
 
 MAX_PARTIALS = 24
 MAX_NOTE_S = 8.0  # a note's sound is cut this long after its onset (plus its release)
@@ -116,18 +119,31 @@ def _drum(key: int, velocity: int, sr: int, rng: np.random.Generator) -> np.ndar
     return x * (velocity / 127.0)
 
 
-def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int,
-                     n: int) -> np.ndarray:
+def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n: int,
+                     timeout_s: float = 60.0) -> np.ndarray:
     """``pm`` played with a random timbre per track (drawn from ``seed``), ``n`` samples.
 
     Sample ``i`` is time ``i / sample_rate`` of the MIDI: notes start at their onsets.
     Not normalised (the caller scales the peak).
+
+    Raises
+    ------
+    RenderError
+        ``failed`` for a note outside MIDI's 0–127 (as the engines that read a written file),
+        ``timeout`` past ``timeout_s`` of wall-clock time (checked between notes).
     """
+    deadline = time.monotonic() + timeout_s
+    bad = [nt.pitch for inst in pm.instruments for nt in inst.notes if not 0 <= nt.pitch <= 127]
+    if bad:
+        raise RenderError(f"randsynth: note pitch {bad[0]} is outside MIDI's 0-127",
+                          reason="failed")
     rng = np.random.default_rng(seed)
     out = np.zeros(n)
     for inst in pm.instruments:
         timbre = None if inst.is_drum else draw_timbre(rng)
         for note in inst.notes:
+            if time.monotonic() > deadline:
+                raise RenderError(f"randsynth took over {timeout_s:g} s", reason="timeout")
             start = int(round(note.start * sample_rate))
             if start >= n:
                 continue

@@ -224,7 +224,7 @@ def render(pm: pretty_midi.PrettyMIDI, name: str, *, sample_rate: int = SAMPLE_R
     elif r.engine == "csound":
         audio = render_csound(pm, r.variant, sample_rate, timeout_s, n)
     elif r.engine == "randsynth":
-        audio = render_randsynth(pm, seed, sample_rate, n)
+        audio = render_randsynth(pm, seed, sample_rate, n, timeout_s)
     else:
         sf = resource(name)
         if sf is not None and sf.suffix == ".sf3" and cache_dir is not None:
