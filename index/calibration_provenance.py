@@ -123,8 +123,13 @@ def describe(calibration: Calibration) -> dict:
     if not cal.calibrated:
         summary = f"uncalibrated: {cal.source}"
     else:
-        summary = (f"threshold {cal.threshold:.3f}: {words['queries']}. Stream threshold "
-                   f"{cal.stream_cut:.3f} × {cal.stable_results} results: {words['streams']}")
+        fixed = f"{cal.stream_cut:.3f} × {cal.stable_results} results"
+        streams = (f"Stream threshold {fixed}" if cal.evidence_threshold is None else
+                   f"Stream evidence threshold {cal.evidence_threshold:.2f} (index.evidence; the "
+                   f"fixed-count rule's: {fixed})")
+        summary = (f"threshold {cal.threshold:.3f}: {words['queries']}. "
+                   f"{streams}: {words['streams']}")
     return {"model_id": cal.model_id, "calibrated": cal.calibrated,
             "threshold": d["threshold"], "stream_threshold": d["stream_threshold"],
-            "stable_results": cal.stable_results, "provenance": parts, "summary": summary}
+            "stable_results": cal.stable_results, "evidence_threshold": d["evidence_threshold"],
+            "provenance": parts, "summary": summary}

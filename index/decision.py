@@ -4,7 +4,10 @@ A search returns a ranking with confidences in [0, 1] (:mod:`index.search`). The
 
 * **identified** (offline, one query): the top match's confidence is at least the calibrated
   threshold (:mod:`index.calibration`);
-* **identified** (a stream): the same reference has been the top match, and confident, in each of
+* **identified** (a stream, the fixed-count rule; the live rule is :mod:`index.evidence`'s
+  accumulated evidence, and this one decides streams only under a calibration without an
+  ``evidence_threshold``; both are measured side by side by ``bench/time_to_identify.py``):
+  the same reference has been the top match, and confident, in each of
   the last ``stable_results`` results (:class:`StreamDecision`), so one lucky window does not flip
   the answer. A stream gets many results, each a chance of a wrong answer, so its threshold
   (``stream_threshold``) is calibrated separately, on whole streams (:func:`calibrate_stream`):
@@ -113,14 +116,16 @@ class StreamDecision:
         return top if self._run >= self.stable_results else None
 
 
-def keeps_step(prev: tuple[float, float] | None, cur: tuple[float, float] | None) -> bool:
+def keeps_step(prev: tuple[float, float] | None, cur: tuple[float, float] | None,
+               slack: float = STEP_SLACK) -> bool:
     """Whether a match's position moved on with the stream from ``prev`` to ``cur``, each
-    ``(audio_s, position_s)``: it advanced by the audio elapsed, within ``STEP_SLACK`` of it
-    plus ``STEP_TOL_S``. False when either is unknown (None, or a NaN position)."""
-    if prev is None or cur is None or math.isnan(prev[1]) or math.isnan(cur[1]):
+    ``(audio_s, position_s)``: it advanced by the audio elapsed, within ``slack`` (default
+    ``STEP_SLACK``) of it plus ``STEP_TOL_S``. False when either is unknown (None, or a NaN
+    time or position)."""
+    if prev is None or cur is None or any(math.isnan(x) for x in (*prev, *cur)):
         return False
     elapsed, moved = cur[0] - prev[0], cur[1] - prev[1]
-    return abs(moved - elapsed) <= STEP_SLACK * abs(elapsed) + STEP_TOL_S
+    return abs(moved - elapsed) <= slack * abs(elapsed) + STEP_TOL_S
 
 
 # One stream's results, oldest first: (audio seconds, top-1 id or None, top-1 confidence) and,

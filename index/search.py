@@ -32,7 +32,8 @@ Positions: hash frame j covers CQT frames 4j..4j+3, frame t is centred at ``t / 
 query is a whole number of hash frames and the path ends on its last one.
 
 The decision (identified or not in the collection) is :mod:`index.decision`'s offline rule; a
-stream applies :class:`index.decision.StreamDecision` to consecutive results instead.
+stream accumulates evidence over its results instead (:class:`index.evidence.EvidenceDecision`,
+or :class:`index.decision.StreamDecision` for a calibration without an evidence threshold).
 
 The settings (:class:`~index.cascade_types.CascadeConfig`) and the types the stages hand over
 and return are in :mod:`index.cascade_types`.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.cascade_types import Match, Verified
-from index.decision import StreamDecision
+from index.evidence import stream_decision
 from index.search import Cascade
 from model.errors import MidimatchError
 from model.features import FRAME_RATE, StreamingCQT
@@ -94,7 +94,8 @@ class Session:
         self.embedder = _embedder(cascade)
         self.dtw = CandidateDTW(cascade.index.hashes, cascade.index.hash_offsets,
                                 penalty=cascade.penalty, gully=cascade.config.gully)
-        self.decision = StreamDecision(cascade.calibration)
+        # the calibration's rule: evidence accumulated over the stream (index.evidence)
+        self.decision = stream_decision(cascade.calibration)
         self.held = None  # the decided match, held through quiet periods (see result())
         self.quiet_s = 0.0  # quiet audio since the last period with music, s
         self._last_quiet = False  # whether the previous result's period was quiet
@@ -370,7 +371,8 @@ class Session:
 
     def result(self, matches: list[Match] | None) -> dict:
         """The result message body (see :mod:`worker.bus`) for the ranking ``matches`` (None:
-        not searchable, an empty ranking); updates the stream decision.
+        not searchable, an empty ranking); updates the stream decision (the calibration's rule,
+        :func:`index.evidence.stream_decision`).
 
         A quiet period (:attr:`period_quiet`) does not feed the decision: what was decided stays
         decided (for up to ``HOLD_QUIET_S`` of quiet in a row), and nothing is decided on it.
@@ -412,7 +414,8 @@ class Session:
         models excluded)."""
         pending = sum(p.nbytes for p, _ in self._pending)
         return int(pending + _cqt_nbytes(self.cqt) + self.hasher.nbytes + self.embedder.nbytes
-                   + self.query.nbytes + self._recent.nbytes + self.dtw.nbytes)
+                   + self.query.nbytes + self._recent.nbytes + self.dtw.nbytes
+                   + getattr(self.decision, "nbytes", 0))
 
 
 def _cqt_nbytes(cqt: StreamingCQT) -> int:

@@ -149,6 +149,10 @@ def test_the_shipped_calibration_says_how_it_was_made():
     cal = load_calibration(Encoder.load().model_id)
     q, s = cal.provenance.queries, cal.provenance.streams
     assert q.renderers == s.renderers == ("timidity-freepats",)
-    assert (q.n_in, q.n_out, s.n_in, s.n_out) == (cal.n_in, cal.n_out, 516, 1072)
-    assert (q.n_in, q.n_out) == (992, 1100) and q.index_refs == s.index_refs == 2061
-    assert q.date_utc == cal.created_utc and s.date_utc == cal.stream["created_utc"]
+    assert (q.n_in, q.n_out, s.n_in, s.n_out) == (cal.n_in, cal.n_out, cal.stream["n_in"],
+                                                  cal.stream["n_out"])
+    # the streams part is refitted by bench/time_to_identify.py --save-calibration, on the eval
+    # index of the day (2,153 references on 2026-12-04, when the evidence rule was calibrated)
+    assert (q.n_in, q.n_out) == (992, 1100) and q.index_refs == 2061 and s.index_refs >= 2061
+    # the streams' date is taken when it is saved, after both stream rules were fitted
+    assert q.date_utc == cal.created_utc and s.date_utc >= cal.stream["created_utc"]

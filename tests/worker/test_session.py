@@ -135,8 +135,15 @@ def test_candidates_are_cut_at_the_frame_budget(cascade: Cascade) -> None:
     assert tiny.candidates.tolist() == [order[0]]  # never none
 
 
-def test_result_message_shape_and_decision(cascade: Cascade) -> None:
+@pytest.mark.parametrize("rule", ["fixed", "evidence"])
+def test_result_message_shape_and_decision(cascade: Cascade, rule: str) -> None:
+    from index.decision import StreamDecision
+    from index.evidence import EvidenceDecision
+
     s = Session("s", StreamParams(SR), cascade, CONFIG)
+    cal = cascade.calibration
+    s.decision = StreamDecision(cal) if rule == "fixed" else EvidenceDecision(
+        cal, threshold=cal.evidence_threshold or 10.0)
     titles = [r["title"] for r in cascade.index.refs]
     query = np.asarray(cascade.index.hash_sequence(titles.index("piece3")))[10:20].copy()
     s.add_hashes(query)
@@ -144,15 +151,21 @@ def test_result_message_shape_and_decision(cascade: Cascade) -> None:
     cand = np.arange(len(titles))
     s.refresh(cand)
     matches = cascade.confirm(query, cand, s.verify(), s.query_frames)
-    results = [s.result(matches) for _ in range(s.decision.stable_results)]
+    results = [s.result(matches) for _ in range(s.decision.stable_results if rule == "fixed"
+                                                 else 12)]
     r = results[-1]
     assert set(r) == {"audio_s", "lag_s", "final", "matches", "decision"}
     assert r["final"] is False and len(r["matches"]) == cascade.config.top_n
     assert set(r["matches"][0]) == {"id", "title", "confidence", "score", "position_s"}
     assert r["matches"][0]["title"] == "piece3"
-    confident = cascade.calibration.is_confident(matches[0].confidence)
-    assert (r["decision"] is not None) == confident  # stable for stable_results results
-    assert results[0]["decision"] is None or s.decision.stable_results == 1
+    if rule == "fixed":  # stable for stable_results results
+        confident = cascade.calibration.is_confident(matches[0].confidence)
+        assert (r["decision"] is not None) == confident
+        assert results[0]["decision"] is None or s.decision.stable_results == 1
+    else:  # decided once the evidence reached the threshold, never on one result
+        evidence = s.decision.evidence(matches[0].ref)
+        assert (r["decision"] is not None) == (evidence >= s.decision.threshold)
+        assert results[0]["decision"] is None
     json.dumps(results)  # plain JSON types only
     assert s.result(None)["decision"] is None  # an empty ranking breaks the streak
 
@@ -183,3 +196,31 @@ def test_memory_and_validation(cascade: Cascade) -> None:
     s.ended = True
     with pytest.raises(EngineError, match="ended"):
         s.enqueue(np.zeros((10, 2), np.float32), None)
+
+
+def test_the_evidence_rule_is_live_and_holds_through_quiet_periods(
+        cascade: Cascade, monkeypatch: pytest.MonkeyPatch) -> None:
+    from index.cascade_types import Match
+    from index.evidence import EvidenceDecision
+
+    cal = dataclasses.replace(cascade.calibration, evidence_threshold=4.0)
+    monkeypatch.setattr(cascade, "calibration", cal)
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    assert isinstance(s.decision, EvidenceDecision)  # the calibration has its threshold
+
+    refs = {"A": 0, "other": 1, "B": 2}
+
+    def result(top: str, position_s: float, loud: bool) -> dict:
+        s._energy_now = [SR, SR * (0.01 if loud else 0.0)]  # a period of music, or silence
+        ranking = [Match(refs[name], name, name, conf, 1.0, 0.0, 1.0, pos)
+                   for name, conf, pos in [(top, 0.95, position_s), ("other", 0.3, 3.0)]]
+        return s.result(ranking)
+
+    decided = [result("A", 10.0 + t, True)["decision"] for t in range(6)]
+    assert decided[0] is None and decided[-1]["id"] == "A"
+    evidence = s.decision.evidence(0)
+    # 3 s of silence, ranked or not: the decision is held and the evidence is untouched
+    quiet = [result("B", 50.0 + t, False)["decision"] for t in range(3)]
+    assert all(d is not None and d["id"] == "A" for d in quiet)
+    assert s.decision.evidence(0) == evidence and s.decision.evidence(2) == 0.0
+    assert s.nbytes < 2_000_000

@@ -1,0 +1,137 @@
+"""How the evidence rule's increments were shaped: replay recorded calib-half streams (seconds).
+
+    python bench/evidence_params.py [FILE ...] [--grid] [--max-false-rate 0.01]
+
+Reads ``--json`` outputs of ``bench/time_to_identify.py`` (every stream's recorded decision
+input, ``events``; default ``$MIDIMATCH_CACHE/bench/tti-ev-calib.json``), pooled; outsiders
+marked ``duplicate`` are left out. Prints
+
+* the per-result ratio the confidence term follows: how much likelier a confidence bin is for
+  a true top match than for an outsider's top match (natural log, +0.5 smoothing), and how
+  often a repeated top keeps step with the stream (:func:`index.decision.keeps_step`, ±25 %);
+* with ``--grid``, for every combination of :class:`index.evidence.EvidenceParams` tried, the
+  threshold at ``--max-false-rate`` of the outsider streams and what it gives on the
+  in-collection streams (median time to a right first decision, share within 20 s), per
+  condition, best first. Fit on calib-half files only: the test half measures the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import table  # noqa: E402
+from index.calibration import Calibration  # noqa: E402
+from index.decision import keeps_step  # noqa: E402
+from index.evidence import (  # noqa: E402
+    EvidenceParams,
+    calibrate_evidence,
+    evidence_peak,
+    first_decision,
+)
+from model.env import cache_dir  # noqa: E402
+
+BINS = (0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0001)
+GRID = {"conf_bias": (-1.0, 0.0, 1.0), "conf_floor": (-3.0, -1.5), "conf_clip": (1.5, 3.0, 5.0),
+        "step_bonus": (0.0, 1.0, 2.0), "jump_penalty": (0.0, 2.0), "gap_weight": (0.0, 0.5)}
+
+
+def load(paths: list[Path]) -> tuple[list, list]:
+    """(in-collection (events, true id, condition), outsider (events, condition)) of files."""
+    ins, outs = [], []
+    for path in paths:
+        for cond, outcomes in json.loads(path.read_text())["outcomes"].items():
+            for o in outcomes:
+                if "events" not in o:
+                    continue
+                ev = [(t, None if r is None else [tuple(x) for x in r]) for t, r in o["events"]]
+                if o["in_collection"]:
+                    ins.append((ev, o["true_id"], cond))
+                elif not o.get("duplicate"):
+                    outs.append((ev, cond))
+    return ins, outs
+
+
+def ratios(ins: list, outs: list) -> tuple[list[dict], dict]:
+    """The confidence bins' log ratio (true top vs outsider top) and the step shares."""
+    true_c, out_c, steps = [], [], {"true": [], "outsider": []}
+    for kind, streams in (("true", [(e, t) for e, t, _ in ins]), ("outsider", outs)):
+        for ev, true in streams:
+            seen: dict = {}
+            for t, ranked in ev:
+                if ranked is None:
+                    seen = {}
+                    continue
+                if not ranked:
+                    continue
+                top, c, pos = ranked[0]
+                if kind == "outsider" or top == true:
+                    (true_c if kind == "true" else out_c).append(c)
+                    if top in seen:
+                        steps[kind].append(keeps_step(seen[top], (t, pos), slack=0.25))
+                for i, _, p in ranked:
+                    seen[i] = (t, p)
+    hi, _ = np.histogram(true_c, BINS)
+    ho, _ = np.histogram(out_c, BINS)
+    rows = [{"confidence": f"[{BINS[k]:g}, {min(BINS[k + 1], 1):g})", "true tops": int(hi[k]),
+             "outsider tops": int(ho[k]),
+             "log ratio": math.log(((hi[k] + 0.5) / len(true_c)) / ((ho[k] + 0.5) / len(out_c)))}
+            for k in range(len(BINS) - 1)]
+    return rows, {k: float(np.mean(v)) if v else math.nan for k, v in steps.items()}
+
+
+def grid_rows(ins: list, outs: list, max_false_rate: float) -> list[dict]:
+    rows = []
+    ids = [t for _, t, _ in ins]
+    for values in itertools.product(*GRID.values()):
+        p = replace(EvidenceParams(), **dict(zip(GRID, values, strict=True)))
+        if p.conf_floor >= p.conf_clip:
+            continue
+        th = calibrate_evidence(Calibration("grid"), [], [], [e for e, _ in outs],
+                                params=p, max_false_rate=max_false_rate).evidence_threshold
+        row = {**dict(zip(GRID, values, strict=True)), "threshold": th}
+        times = [first_decision(e, th, p) for e, _, _ in ins]
+        ts = np.array([d[0] if d is not None and d[1] == true else math.inf
+                       for d, true in zip(times, ids, strict=True)])
+        for cond in sorted({c for *_, c in ins}):
+            sel = np.array([c == cond for *_, c in ins])
+            row[f"{cond} median s"] = float(np.median(ts[sel]))
+            row[f"{cond} in 20 s %"] = 100 * float(np.mean(ts[sel] <= 20))
+        row["median s"] = float(np.median(ts))
+        row["in 20 s %"] = 100 * float(np.mean(ts <= 20))
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["median s"], -r["in 20 s %"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="*", type=Path,
+                    default=[cache_dir() / "bench" / "tti-ev-calib.json"])
+    ap.add_argument("--grid", action="store_true")
+    ap.add_argument("--max-false-rate", type=float, default=0.01)
+    args = ap.parse_args()
+    ins, outs = load(args.files)
+    print(f"# {len(ins)} in-collection and {len(outs)} outsider streams from "
+          f"{', '.join(str(f) for f in args.files)}")
+    rows, steps = ratios(ins, outs)
+    print(table(rows))
+    print(f"# repeated tops keeping step (±25 % + 0.5 s): true {100 * steps['true']:.0f} %, "
+          f"outsider {100 * steps['outsider']:.0f} %")
+    p = EvidenceParams()
+    peaks = [evidence_peak(e, p) for e, _ in outs]
+    print(f"# shipped shape {p}: outsider peaks, highest five {sorted(peaks)[-5:]}")
+    if args.grid:
+        print(table(grid_rows(ins, outs, args.max_false_rate)[:25]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Evidence that accumulates over the stream: the live decision rule.
+
+:class:`index.decision.StreamDecision` asks for the same top-1 over a fixed threshold in a fixed
+number of consecutive results; one result under the threshold starts it over, so a piece whose
+confidence hovers near the threshold (another sound set) is rarely decided, and one that is
+clearly right waits for ``stable_results`` results anyway. :class:`EvidenceDecision` uses the
+whole history of the session instead: every candidate has an **evidence score**, a CUSUM of
+per-result log-likelihood-ratio-like increments, and the stream is decided for the top match
+once its score reaches one calibrated threshold.
+
+Per result (a non-quiet one: quiet periods are not fed, :mod:`worker.session`), the top match
+``a`` with confidence ``c`` gains
+
+* **its confidence against the field**, ``clip(logit(c), conf_floor, conf_clip) - conf_bias``:
+  ``logit(c)`` is linear in the margin evidence the confidence is made of
+  (:func:`index.confirm.margin_confidence`: ``(x - 0.8) / 0.08``), so it adds like a
+  log-likelihood ratio. The clip follows the measured ratio (``bench/evidence_params.py`` on
+  the calib half of the evaluation streams, TiMidity: a true top vs an outsider's top, per
+  result, natural log): ``-2.5`` under ``c = 0.1``, ``+1.5`` at 0.3-0.5, ``+3.3`` at 0.8-0.9,
+  and only ``+4.1`` to ``+5.8`` above 0.95 — so above
+  ``c = 0.82`` (``conf_clip`` 1.5) a result weighs the same, under 0.047 (``conf_floor`` -3)
+  too; with ``conf_bias`` 0 a top under 0.5 subtracts;
+* **its lead over the runner-up**, ``gap_weight`` times the same clipped logit of ``c`` minus
+  that of the second match's confidence;
+* **its position keeping step with the stream**: since ``a`` was last seen in the ranking (at
+  any rank), its position in the piece moved on by the audio that arrived, within ``slack``
+  (tempo ±25 %) plus :data:`index.decision.STEP_TOL_S` (:func:`index.decision.keeps_step`):
+  ``+ step_bonus``; a jump elsewhere in the piece: ``- jump_penalty``; not seen before: 0. A
+  weak feature (hash-DTW extends any reference's path with the audio, so 69 % of the outsiders'
+  repeated tops keep step too, against 87 % of the true ones), hence a small bonus and a larger
+  penalty: an outsider stuck on one reference whose position wanders drifts down;
+
+``E_a ← clip(E_a + increment, 0, cap)``. Every other candidate loses ``decay`` and, when its
+own confidence in this result is low (or it left the ranking: ``conf_floor``), what that
+confidence says, as for a top; it never gains. So a change of music is followed: the new piece
+is decided as soon as its own score reaches the threshold, whatever the old one's, and the old
+one's decision lapses after a result or two of not being on top. The score is floored at 0
+(CUSUM), so a long stretch of doubt does not have to be paid back, and capped at
+``threshold + hold`` so that a piece decided for minutes is withdrawn as quickly as one decided
+for seconds. The increments' shape (:class:`EvidenceParams`) was chosen on the calib half of the
+evaluation streams only (docs/benchmarks.md, "Time to identify"); the threshold is calibrated.
+
+The answer of a result: the top match if its score reaches the threshold; else the match decided
+before, while it is still in the ranking with a score at or above the threshold (one result
+with another top does not withdraw a decision); else None. A candidate's score rises only while
+it is the top match, so a stream ever decides exactly when the top match's score after some
+result reaches the threshold: :func:`evidence_peak` is the largest such score, and
+:func:`calibrate_evidence` sets the threshold just above the ``max_false_rate`` quantile of the
+outsider streams' peaks — one number, fitted on whole streams. Like any rule fed results one
+by one, the share of outsiders that ever decide grows with the stream's length: it is
+calibrated on 30 s streams.
+
+Memory: a few floats per candidate (score, and where and when it was last seen), at most
+``MAX_CANDIDATES`` of them (the lowest scores are forgotten first).
+
+Replays: a stream's decision input is recorded as **events** (:data:`StreamEvents`), one per
+``update`` (its audio seconds and every match's id, confidence and position) or ``reset``;
+:func:`replay` feeds them to any rule, so the bench measures the old and the new rule on the
+same results (``bench/time_to_identify.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from index.calibration import Calibration
+from index.decision import StreamDecision, keeps_step
+
+__all__ = [
+    "MAX_CANDIDATES",
+    "EvidenceDecision",
+    "EvidenceParams",
+    "RecordedMatch",
+    "StreamEvents",
+    "calibrate_evidence",
+    "events_to_trace",
+    "evidence_peak",
+    "first_decision",
+    "replay",
+    "stream_decision",
+]
+
+MAX_CANDIDATES = 32  # candidates whose evidence a session keeps
+
+
+class _Scored(Protocol):
+    ref: int
+    confidence: float
+
+
+M = TypeVar("M", bound=_Scored)
+
+
+@dataclass(frozen=True)
+class EvidenceParams:
+    """The shape of the evidence increments (the threshold is calibrated, these are not).
+
+    Attributes
+    ----------
+    conf_bias : float
+        ``logit(confidence)`` of a top match that adds nothing; above it adds, below subtracts.
+    conf_clip, conf_floor : float
+        ``logit(confidence)`` is clipped to ``[conf_floor, conf_clip]`` (one result's weight).
+    step_bonus, jump_penalty : float
+        Added / subtracted when the top match's position kept step / jumped since it was last
+        seen.
+    decay : float
+        Subtracted from every candidate that is not the top match, per result (with what its
+        own confidence says when that is negative: see :meth:`EvidenceDecision.update`).
+    hold : float
+        Evidence above the threshold a score may keep (``cap = threshold + hold``).
+    slack : float
+        Tempo tolerance of the step check (0.25: ±25 %).
+    gap_weight : float
+        Weight of the top match's lead over the runner-up, ``logit(c) - logit(c_2)``.
+    """
+
+    conf_bias: float = 0.0
+    conf_clip: float = 1.5
+    conf_floor: float = -3.0
+    step_bonus: float = 1.0
+    jump_penalty: float = 2.0
+    decay: float = 1.0
+    hold: float = 3.0
+    slack: float = 0.25
+    gap_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if min(self.conf_clip, self.step_bonus, self.jump_penalty, self.decay, self.hold,
+               self.slack) < 0:
+            raise ValueError("evidence parameters must be >= 0 (conf_bias excepted)")
+
+
+DEFAULT_PARAMS = EvidenceParams()
+
+
+class EvidenceDecision:
+    """Stream decision from evidence accumulated per candidate (see the module docstring).
+
+    Parameters
+    ----------
+    calibration : Calibration
+        Gives ``evidence_threshold`` unless ``threshold`` is given.
+    threshold : float, optional
+        The evidence a top match needs to be decided (``inf``: never).
+    params : EvidenceParams, optional
+    """
+
+    def __init__(self, calibration: Calibration, threshold: float | None = None,
+                 params: EvidenceParams = DEFAULT_PARAMS) -> None:
+        th = calibration.evidence_threshold if threshold is None else threshold
+        if th is None or not (th >= 0):
+            raise ValueError(f"an evidence threshold >= 0 is needed, got {th}")
+        self.calibration, self.threshold, self.params = calibration, float(th), params
+        self.cap = self.threshold + params.hold
+        # ref -> [evidence, audio_s last seen, position_s last seen]
+        self._cands: dict[object, list[float]] = {}
+        self._decided: object | None = None
+        self.top_evidence = 0.0  # the top match's evidence after the last update
+
+    def reset(self) -> None:
+        """Forget the history (a new stream, a seek, a change of music)."""
+        self._cands.clear()
+        self._decided = None
+        self.top_evidence = 0.0
+
+    def evidence(self, ref: object) -> float:
+        """The evidence of reference ``ref`` (0 when it has none)."""
+        c = self._cands.get(_key(ref))
+        return c[0] if c else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """An estimate of the state's size: a dict entry and a 3-float list per candidate."""
+        return 64 + len(self._cands) * (3 * 8 + 56 + 100)
+
+    def update(self, matches: Sequence[M], audio_s: float | None = None) -> M | None:
+        """Feed the ranking of the newest result; returns the decided match, or None.
+
+        Parameters
+        ----------
+        matches : sequence of matches (``ref``, ``confidence``, ``position_s``), best first
+        audio_s : float, optional
+            The stream's audio seconds at this result (without it no step is checked).
+        """
+        if not matches:
+            self.top_evidence = 0.0
+            return None  # nothing to point at; the evidence is left as it is
+        p = self.params
+        top = _key(matches[0].ref)
+        # the others: ``decay``, and what their own low confidence says, as for a top (one
+        # out of the ranking counts at ``conf_floor``); none of them gains
+        conf = {_key(m.ref): m.confidence for m in matches[1:]}
+        for ref, c in self._cands.items():
+            if ref != top and c[0] > 0.0:
+                lc = (min(p.conf_clip, max(p.conf_floor, _logit(conf[ref]))) if ref in conf
+                      else p.conf_floor)
+                c[0] = max(0.0, c[0] - p.decay + min(0.0, lc - p.conf_bias))
+        now = None if audio_s is None else float(audio_s)
+        c = self._cands.get(top)
+        lc = min(p.conf_clip, max(p.conf_floor, _logit(matches[0].confidence)))
+        inc = lc - p.conf_bias
+        if p.gap_weight:
+            second = matches[1].confidence if len(matches) > 1 else 0.0
+            inc += p.gap_weight * (lc - min(p.conf_clip, max(p.conf_floor, _logit(second))))
+        pos = float(getattr(matches[0], "position_s", math.nan))
+        if c is not None and now is not None:
+            step = keeps_step((c[1], c[2]), (now, pos), slack=p.slack)
+            if step:
+                inc += p.step_bonus
+            elif not (math.isnan(c[1]) or math.isnan(c[2]) or math.isnan(pos)):
+                inc -= p.jump_penalty
+        if c is None:
+            c = self._cands[top] = [0.0, math.nan, math.nan]
+        c[0] = min(self.cap, max(0.0, c[0] + inc))
+        self.top_evidence = c[0]
+        for m in matches:  # where each ranked candidate was last seen
+            k = _key(m.ref)
+            seen = self._cands.get(k)
+            if seen is None:
+                seen = self._cands[k] = [0.0, math.nan, math.nan]
+            seen[1] = math.nan if now is None else now
+            seen[2] = float(getattr(m, "position_s", math.nan))
+        self._forget({_key(m.ref) for m in matches})
+        if c[0] >= self.threshold:
+            self._decided = top
+            return matches[0]
+        held = self._decided
+        if held is not None and self.evidence(held) >= self.threshold:
+            for m in matches:
+                if _key(m.ref) == held:
+                    return m
+        self._decided = None
+        return None
+
+    def _forget(self, ranked: set) -> None:
+        """Drop candidates with no evidence that are not in the ranking, then the weakest past
+        ``MAX_CANDIDATES``."""
+        for ref in [r for r, c in self._cands.items() if c[0] <= 0.0 and r not in ranked]:
+            del self._cands[ref]
+        if len(self._cands) > MAX_CANDIDATES:
+            keep = sorted(self._cands, key=lambda r: (r in ranked, self._cands[r][0]),
+                          reverse=True)[:MAX_CANDIDATES]
+            self._cands = {r: self._cands[r] for r in keep}
+
+
+def _key(ref: object) -> object:
+    return ref.item() if isinstance(ref, np.generic) else ref
+
+
+def _logit(c: float) -> float:
+    c = min(1.0 - 1e-6, max(1e-6, float(c)))
+    return math.log(c / (1.0 - c))
+
+
+def stream_decision(calibration: Calibration) -> StreamDecision | EvidenceDecision:
+    """The live rule for ``calibration``: :class:`EvidenceDecision` when it has an
+    ``evidence_threshold`` (calibrated by :func:`calibrate_evidence`), else the fixed-count
+    :class:`index.decision.StreamDecision` (a calibration file written before it)."""
+    if calibration.evidence_threshold is not None:
+        return EvidenceDecision(calibration)
+    return StreamDecision(calibration)
+
+
+# ---------------------------------------------------------------------------------- replays
+# One stream's decision input, oldest first: (audio_s, matches) for an update, matches a
+# sequence of (id, confidence, position_s), best first; (audio_s, None) for a reset.
+StreamEvents = Sequence[Sequence]
+
+
+@dataclass(frozen=True)
+class RecordedMatch:
+    """A recorded match, shaped as the matches the rules read."""
+
+    ref: str
+    confidence: float
+    position_s: float
+
+
+class _Rule(Protocol):
+    def update(self, matches: Sequence, audio_s: float | None = None) -> object: ...
+
+    def reset(self) -> None: ...
+
+
+def replay(events: StreamEvents, rule: _Rule,
+           on_update: Callable[[_Rule], None] | None = None) -> list[tuple[float, str | None]]:
+    """Feed ``events`` to ``rule`` (a fresh :class:`EvidenceDecision` or
+    :class:`~index.decision.StreamDecision`); per update, (audio_s, decided id or None).
+    ``on_update(rule)`` is called after each update."""
+    out = []
+    for t, ranked in events:
+        if ranked is None:
+            rule.reset()
+            continue
+        got = rule.update([RecordedMatch(str(i), float(c), float(p)) for i, c, p in ranked],
+                          audio_s=float(t))
+        out.append((float(t), None if got is None else got.ref))
+        if on_update is not None:
+            on_update(rule)
+    return out
+
+
+def events_to_trace(events: StreamEvents) -> list[tuple]:
+    """The top-1 trace (:data:`index.decision.StreamTrace`) of ``events`` for the fixed-count
+    rule's calibration: one row per update, and a reset as a row without a top-1 (which breaks
+    a run as a reset does)."""
+    out: list[tuple] = []
+    for t, ranked in events:
+        if not ranked:
+            out.append((float(t), None, 0.0, math.nan))
+        else:
+            i, c, p = ranked[0]
+            out.append((float(t), str(i), float(c), float(p)))
+    return out
+
+
+def evidence_peak(events: StreamEvents, params: EvidenceParams = DEFAULT_PARAMS) -> float:
+    """The largest evidence a top match reaches over the stream: the stream decides exactly
+    when the threshold is at most this (the scores do not depend on the threshold below the
+    cap, and the cap is above the threshold)."""
+    dec = EvidenceDecision(Calibration("replay"), threshold=math.inf, params=params)
+    peak = [0.0]
+    replay(events, dec, lambda d: peak.__setitem__(0, max(peak[0], d.top_evidence)))
+    return peak[0]
+
+
+def first_decision(events: StreamEvents, threshold: float,
+                   params: EvidenceParams = DEFAULT_PARAMS) -> tuple[float, str] | None:
+    """The first decision of :class:`EvidenceDecision` on ``events``: (audio_s, id) or None."""
+    dec = EvidenceDecision(Calibration("replay"), threshold=threshold, params=params)
+    return next(((t, d) for t, d in replay(events, dec) if d is not None), None)
+
+
+def calibrate_evidence(
+    calibration: Calibration,
+    in_events: Sequence[StreamEvents],
+    true_ids: Sequence[str],
+    out_events: Sequence[StreamEvents],
+    *,
+    params: EvidenceParams = DEFAULT_PARAMS,
+    max_false_rate: float = 0.01,
+) -> Calibration:
+    """Fit ``evidence_threshold`` on whole streams: just above the evidence peak of the
+    ``max_false_rate`` quantile of the out-of-collection streams (at most that share of them
+    ever decides). ``stream["evidence"]`` records what it gives on the in-collection streams
+    (share identified, median time to a right first decision, wrong first decisions).
+    """
+    if not out_events:
+        raise ValueError("evidence calibration needs at least one out-of-collection stream")
+    if len(in_events) != len(true_ids):
+        raise ValueError(f"{len(in_events)} in-collection streams but {len(true_ids)} ids")
+    if not 0.0 <= max_false_rate < 1.0:
+        raise ValueError(f"max_false_rate must lie in [0, 1), got {max_false_rate}")
+    peaks = np.array([evidence_peak(e, params) for e in out_events])
+    allowed = int(math.floor(max_false_rate * len(peaks) + 1e-9))
+    desc = np.sort(peaks)[::-1]
+    threshold = 0.0 if allowed >= desc.size else float(np.nextafter(desc[allowed], np.inf))
+    times, wrong = [], 0
+    for ev, true in zip(in_events, true_ids, strict=True):
+        d = first_decision(ev, threshold, params)
+        wrong += d is not None and d[1] != true
+        times.append(d[0] if d is not None and d[1] == true else math.inf)
+    ts = np.asarray(times)
+    figures = {
+        "threshold": threshold, "false_rate": float(np.mean(peaks >= threshold)),
+        "identified": float(np.mean(np.isfinite(ts))) if ts.size else 0.0,
+        "wrong_first": wrong / max(1, len(in_events)),
+        "median_s": (float(np.median(ts)) if ts.size else math.inf),
+        "n_in": len(in_events), "n_out": len(out_events), "max_false_rate": max_false_rate,
+        "params": {k: getattr(params, k) for k in params.__dataclass_fields__},
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    figures = {k: ("inf" if v == math.inf else v) for k, v in figures.items()}
+    return replace(calibration, evidence_threshold=threshold,
+                   stream={**calibration.stream, "evidence": figures})

@@ -1,0 +1,28 @@
+"""bench/evidence_params.py: the confidence ratios and the parameter grid, on a tiny file."""
+
+from __future__ import annotations
+
+import json
+
+from bench.evidence_params import grid_rows, load, ratios
+
+
+def test_ratios_and_grid_on_recorded_events(tmp_path):
+    def stream(top, conf, in_collection, pos_step=1.0):
+        events = [[float(t), [[top, conf, 10.0 + pos_step * t], ["z", 0.01, 3.0]]]
+                  for t in range(2, 14)]
+        return {"in_collection": in_collection, "true_id": top if in_collection else None,
+                "duplicate": False, "events": [[2.0, None], *events]}
+
+    outs = [stream(f"o{k}", 0.05 * (k % 5), False, pos_step=7.0) for k in range(20)]
+    ins = [stream("t", 0.95, True) for _ in range(5)]
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({"outcomes": {"clean": ins + outs}}))
+    got_in, got_out = load([path])
+    assert len(got_in) == 5 and len(got_out) == 20
+    rows, steps = ratios(got_in, got_out)
+    high = next(r for r in rows if r["confidence"] == "[0.95, 0.98)")
+    assert high["true tops"] == 5 * 12 and high["outsider tops"] == 0 and high["log ratio"] > 3
+    assert steps["true"] == 1.0 and steps["outsider"] == 0.0  # the outsiders jump 7 s a second
+    best = grid_rows(got_in, got_out, 0.0)[0]
+    assert best["clean in 20 s %"] == 100.0 and best["median s"] <= 8.0
