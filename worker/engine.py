@@ -17,7 +17,9 @@ chunking), then
 4. **verify**: each due session's candidate hash-DTW is extended by its new hash frames
    (newcomers swept over the retained window; a numba kernel parallel over candidates);
 5. **confirm**: the cascade's confirm ranks and scores the best, and the session's
-   :class:`index.decision.StreamDecision` says whether the answer is confident and stable.
+   :class:`index.evidence.EvidenceDecision` (the calibration's rule;
+   :class:`index.decision.StreamDecision` for a calibration without an evidence threshold) says
+   whether the answer is decided.
 
 The final result of a stream also carries its ``answer`` (:mod:`index.answers`: identified, not
 in the collection, or silent), the same kind and words ``midimatch identify`` gives that audio.
