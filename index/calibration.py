@@ -225,16 +225,18 @@ def calibrate(
     )
 
 
-def threshold_above(out_values: Sequence[float], max_false_rate: float) -> float:
-    """The lowest threshold at which at most ``max_false_rate`` of ``out_values`` (confidences
-    of outsiders, in [0, 1]) reach it: just above the ``allowed``-th highest value, so that it
-    and its ties do not; 0 when every value may pass, ``inf`` when none may (above 1)."""
+def threshold_above(out_values: Sequence[float], max_false_rate: float,
+                    upper: float = 1.0) -> float:
+    """The lowest threshold at which at most ``max_false_rate`` of ``out_values`` (outsiders'
+    confidences in [0, ``upper``], or any non-negative score with ``upper=inf``) reach it: just
+    above the ``allowed``-th highest value, so that it and its ties do not; 0 when every value
+    may pass, ``inf`` when none may (above ``upper``)."""
     allowed = int(math.floor(max_false_rate * len(out_values) + 1e-9))
     desc = np.sort(np.asarray(out_values, np.float64))[::-1]
     if allowed >= desc.size:
         return 0.0
     threshold = float(np.nextafter(max(desc[allowed], 0.0), np.inf))
-    return math.inf if threshold > 1.0 else threshold
+    return math.inf if threshold > upper else threshold
 
 
 CALIBRATE_HINT = ("calibrate it: `midimatch eval prepare`, then `midimatch eval --lengths 10 "

@@ -69,7 +69,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from index.calibration import Calibration
+from index.calibration import Calibration, threshold_above
 from index.decision import StreamDecision, keeps_step
 
 __all__ = [
@@ -359,9 +359,7 @@ def calibrate_evidence(
     if not 0.0 <= max_false_rate < 1.0:
         raise ValueError(f"max_false_rate must lie in [0, 1), got {max_false_rate}")
     peaks = np.array([evidence_peak(e, params) for e in out_events])
-    allowed = int(math.floor(max_false_rate * len(peaks) + 1e-9))
-    desc = np.sort(peaks)[::-1]
-    threshold = 0.0 if allowed >= desc.size else float(np.nextafter(desc[allowed], np.inf))
+    threshold = threshold_above(peaks, max_false_rate, upper=math.inf)  # peaks are >= 0
     times, wrong = [], 0
     for ev, true in zip(in_events, true_ids, strict=True):
         d = first_decision(ev, threshold, params)
