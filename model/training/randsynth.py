@@ -76,7 +76,8 @@ def _envelope(t: np.ndarray, dur: float, tb: Timbre) -> np.ndarray:
     env = rise * level
     after = t > dur
     if after.any():  # release from the level reached at note-off
-        at_off = float(env[np.searchsorted(t, dur) - 1]) if np.searchsorted(t, dur) else 0.0
+        off = int(np.searchsorted(t, dur))
+        at_off = float(env[off - 1]) if off else 0.0
         env[after] = at_off * np.exp(-(t[after] - dur) / tb.release_s)
     return env
 
