@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare)
     f = tsub.add_parser("fit", help="train hash and embedding nets; write the weights file")
-    f.add_argument("--data", type=Path, help="pairs folder (default: $MIDIMATCH_CACHE/train)")
+    f.add_argument("--data", type=Path, nargs="+", metavar="DIR",
+                   help="pairs folder(s), read together (default: $MIDIMATCH_CACHE/train)")
     f.add_argument("--out", type=Path, default=Path("model/weights/default.pt"),
                    help="weights file (default model/weights/default.pt, the shipped model)")
     f.add_argument("--bits", type=int, choices=(16, 32), default=32)

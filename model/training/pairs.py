@@ -77,11 +77,23 @@ class PairData:
         self.offsets, self.piece = offsets, piece
 
     @classmethod
-    def load(cls, data_dir: str | Path, split: str) -> PairData:
-        """Load every ``<data_dir>/<split>/*.npz`` shard (sorted by name)."""
-        paths = sorted((Path(data_dir) / split).glob("*.npz"))
-        if not paths:
-            raise DataError(f"no training shards in {Path(data_dir) / split}")
+    def load(cls, data_dir: str | Path | Sequence[str | Path], split: str) -> PairData:
+        """Load every ``<data_dir>/<split>/*.npz`` shard (sorted by name, folder by folder).
+
+        ``data_dir`` may be several pairs folders (e.g. two ``train prepare`` runs with other
+        seeds or renderers): their shards are read together. Piece ids are content hashes and
+        splits are by piece, so the same piece in two folders is one piece in one split.
+        Every folder must hold shards of ``split``.
+        """
+        dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+        if not dirs:
+            raise DataError("no pairs folder given")
+        paths: list[Path] = []
+        for d in dirs:
+            found = sorted((Path(d) / split).glob("*.npz"))
+            if not found:
+                raise DataError(f"no training shards in {Path(d) / split}")
+            paths += found
         return cls.from_files(paths)
 
     @classmethod

@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -268,7 +268,8 @@ def _load_checkpoint(path: Path, identity: dict) -> dict | None:
 
 
 # ------------------------------------------------------------------------------ entry point
-def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | None = None,
+def train(data_dir: str | Path | Sequence[str | Path], out_path: str | Path, *,
+          config: NetConfig | None = None,
           hash_minutes: float = 25.0, embed_minutes: float = 25.0, seed: int = 0,
           device: str | torch.device = "auto", hash_stage: StageParams | None = None,
           embed_stage: StageParams | None = None, max_batches: int | None = None,
@@ -279,7 +280,8 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
 
     Parameters
     ----------
-    data_dir : shards in ``<data_dir>/train`` and ``<data_dir>/valid`` (see :func:`write_shard`)
+    data_dir : shards in ``<data_dir>/train`` and ``<data_dir>/valid`` (see :func:`write_shard`);
+        several folders are read together (:meth:`PairData.load`).
     out_path : the weights file; ``<stem>.train.json`` (report), ``<stem>.hist.png``,
         ``<stem>.curves.png`` and the checkpoint ``<stem>.ckpt`` go beside it.
     config : network sizes (default: the init's, else ``NetConfig()``).
@@ -312,7 +314,8 @@ def train(data_dir: str | Path, out_path: str | Path, *, config: NetConfig | Non
         torch.set_num_threads(threads)
 
 
-def _train(data_dir: str | Path, out_path: Path, config: NetConfig | None, dev: torch.device,
+def _train(data_dir: str | Path | Sequence[str | Path], out_path: Path,
+           config: NetConfig | None, dev: torch.device,
            hash_minutes: float, embed_minutes: float, seed: int, hash_stage: StageParams | None,
            embed_stage: StageParams | None, max_batches: int | None, max_valid_items: int,
            checkpoint_path: str | Path | None, progress: bool, plots: bool,
@@ -366,7 +369,8 @@ def _train(data_dir: str | Path, out_path: Path, config: NetConfig | None, dev: 
                 mean=mean_t, std=std_t, edges=embed_bin_edges(ep.margin)),
         }
     except ValueError as e:
-        raise DataError(f"{data_dir}: {e}") from e
+        where = data_dir if isinstance(data_dir, (str, Path)) else ", ".join(map(str, data_dir))
+        raise DataError(f"{where}: {e}") from e
     for kind, p, minutes in (("hash", hp, hash_minutes), ("embed", ep, embed_minutes)):
         f, g = nets[f"{kind}_audio"], nets[f"{kind}_midi"]
         rec = _run_stage(kind, f, g, train_data, p, validate=partial(validators[kind], f, g),

@@ -39,3 +39,21 @@ def test_bad_shards_are_clear_errors(tmp_path):
     (tmp_path / "train" / "x.npz").write_bytes(b"not a shard")
     with pytest.raises(DataError, match="cannot read"):
         PairData.load(tmp_path, "train")
+
+
+def test_several_pairs_folders_load_as_one_split(tmp_path):
+    # `train fit --data A B`: two prepare runs (other seeds or renderers) read together, folder
+    # by folder; the same piece in both stays one piece
+    rng = np.random.default_rng(2)
+    a = [rng.random((n, 48)).astype(np.float32) for n in (4, 6, 5)]
+    write_shard(tmp_path / "a" / "train" / "s.npz", a[:2], a[:2], [3, 8])
+    write_shard(tmp_path / "b" / "train" / "s.npz", a[2:], a[2:], [8])
+    d = PairData.load([tmp_path / "a", tmp_path / "b"], "train")
+    assert d.offsets.tolist() == [0, 4, 10, 15] and d.piece.tolist() == [3, 8, 8]
+    np.testing.assert_allclose(d.audio[10:], a[2], atol=1e-3)
+    assert d.summary() == {"pairs": 3, "pieces": 2, "frames": 15}
+    with pytest.raises(DataError, match=r"no training shards in .*b.valid"):
+        write_shard(tmp_path / "a" / "valid" / "s.npz", a[:1], a[:1], [3])
+        PairData.load([tmp_path / "a", tmp_path / "b"], "valid")
+    with pytest.raises(DataError, match="no pairs folder"):
+        PairData.load([], "train")

@@ -342,7 +342,9 @@ def test_train_fit_cli_fine_tunes_the_embedding_of_a_saved_model(data_dir, train
     # `train run` left a checkpoint for these weights: the fine-tune must not trip over it
     (tmp_path / "cache" / "train").mkdir(parents=True)
     (tmp_path / "cache" / "train" / "ft.ckpt").write_bytes(b"train run's, another setup")
-    rc = main(["train", "fit", "--data", str(data_dir), "--out", str(out), "--init", str(start),
+    # --data takes several folders (read together): the same one twice doubles the pairs
+    rc = main(["train", "fit", "--data", str(data_dir), str(data_dir), "--out", str(out),
+               "--init", str(start),
                "--hash-minutes", "0", "--embed-minutes", "0.05", "--embed-nce", "1",
                "--embed-tau", "2", "--embed-batch", "8", "--embed-select", "recall@3",
                "--threads", "1"])
@@ -351,6 +353,7 @@ def test_train_fit_cli_fine_tunes_the_embedding_of_a_saved_model(data_dir, train
     assert printed["init"]["model_id"] == Encoder.load(start).model_id
     report = json.loads((tmp_path / "ft.train.json").read_text())
     assert report["config"] == TINY.to_dict()  # the init's sizes, not --bits' default
+    assert report["data"]["train"]["pairs"] == 2 * len(PairData.load(data_dir, "train"))
     assert report["hash"]["batches"] == 0 and report["embed"]["batches"] > 0
     p = report["embed"]["params"]
     assert (p["nce"], p["tau"], p["batch_size"], p["select"]) == (1.0, 2.0, 8, "recall@3")
