@@ -7,26 +7,31 @@ answer in the final result: :func:`answer`; ``midimatch stream`` and the page sh
 * ``identified``: the top match is confident (:mod:`index.decision`);
 * ``not_in_collection``: audio was searched and no piece is confident — a normal answer;
 * ``silent``: the part searched (the last 20 s, ``index.search``) is under -60 dBFS RMS, so
-  there is nothing to identify — a normal answer too, not an error.
+  there is nothing to identify — a normal answer too, not an error;
+* ``too_short``: audio, not silent, but shorter than the shortest query the cascade searches
+  (``CascadeConfig.min_query_frames``, 2 s): nothing was searched, so it is neither identified
+  nor "not in the collection" — an answer as well. Silence is checked first, as identify does.
 
-Failures (a missing or unreadable file, audio too short to search, a service error) are errors,
-not answers. This module imports nothing, so every layer above it may use it (the gateway,
-which must not load torch or numba, included).
+Failures (a missing or unreadable file, a service error) are errors, not answers. This module
+imports nothing, so every layer above it may use it (the gateway, which must not load torch
+or numba, included).
 """
 
 from __future__ import annotations
 
-__all__ = ["ANSWERS", "IDENTIFIED", "NOT_IN_COLLECTION", "SILENT", "answer", "answer_line",
-           "clock", "stream_answer"]
+__all__ = ["ANSWERS", "IDENTIFIED", "NOT_IN_COLLECTION", "SILENT", "TOO_SHORT", "answer",
+           "answer_line", "clock", "stream_answer"]
 
 IDENTIFIED = "identified"
 NOT_IN_COLLECTION = "not_in_collection"
 SILENT = "silent"
+TOO_SHORT = "too_short"
 # kind → its words, the same in identify's lines, the stream client's final line and the page
 ANSWERS = {
     IDENTIFIED: "identified",
     NOT_IN_COLLECTION: "not in the collection",
     SILENT: "silent: nothing to identify",
+    TOO_SHORT: "too short to identify: under 2 s of audio",
 }
 
 
@@ -38,11 +43,13 @@ def answer(kind: str) -> dict:
     return {"kind": kind, "text": ANSWERS[kind]}
 
 
-def stream_answer(identified: bool, silent: bool) -> str:
+def stream_answer(identified: bool, silent: bool, too_short: bool = False) -> str:
     """The kind of a stream's final answer: identified when it ends with a decision, else silent
-    when its query window is silent, else not in the collection (the order identify's checks
-    give: a silent query is never searched, so it is never identified)."""
-    return IDENTIFIED if identified else SILENT if silent else NOT_IN_COLLECTION
+    when its query window is silent, else too short when it never had a query long enough to
+    search, else not in the collection (the order identify's checks give: a silent query is
+    never searched, so it is never identified)."""
+    return (IDENTIFIED if identified else SILENT if silent else TOO_SHORT if too_short
+            else NOT_IN_COLLECTION)
 
 
 def answer_line(kind: str, title: str | None = None, position_s: float | None = None) -> str:

@@ -12,6 +12,7 @@ from index.answers import (
     IDENTIFIED,
     NOT_IN_COLLECTION,
     SILENT,
+    TOO_SHORT,
     answer,
     answer_line,
     clock,
@@ -21,7 +22,8 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".ai
                   ".au", ".caf", ".w64")
 EXIT_HELP = ("exit status: 0 when every file got an answer ("
              + ", ".join(f"'{words}'" for words in ANSWERS.values())
-             + "); 1 when at least one file failed (missing, unreadable, too short: its line "
+             + "); 1 when at least one file failed (missing, unreadable, --start past its end: "
+             "its line "
              "says why; the others are still answered); 2 when nothing could run (bad "
              "arguments, no index, a model mismatch)")
 
@@ -84,9 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "10 s pruned by embedding) against an index, loaded once, and print one line per file: "
         f"'{ANSWERS[IDENTIFIED]}: TITLE at m:ss (confidence C >= threshold)', "
         f"'{ANSWERS[NOT_IN_COLLECTION]} (...)', '{ANSWERS[SILENT]}' (RMS under -60 dBFS over "
-        "the part searched) or 'error: ...'; `midimatch stream` and the page end a stream with "
-        "the same words. With --json, one JSON object per line instead (its 'answer': kind and "
-        "words). A progress bar goes to stderr when there are several files.",
+        f"the part searched), '{ANSWERS[TOO_SHORT]}' or 'error: ...'; `midimatch stream` and "
+        "the page end a stream with the same words. With --json, one JSON object per line "
+        "instead (its 'answer': kind and words). A progress bar goes to stderr when there are "
+        "several files.",
         epilog=EXIT_HELP)
     q.add_argument("audio", type=Path, nargs="+",
                    help="audio files (wav, flac, ogg, mp3: anything libsndfile reads) or "
@@ -228,7 +231,8 @@ def _open_cascade(args: argparse.Namespace):
 
 
 def _search_file(cascade, path: Path, args: argparse.Namespace):
-    """``(SearchResult or None when silent, query seconds)``; AudioError for unusable audio."""
+    """``(SearchResult, or the answer kind SILENT / TOO_SHORT when nothing was searched, query
+    seconds)``; AudioError for unusable audio."""
     from model.audio import load_audio
     from model.errors import AudioError
 
@@ -244,8 +248,9 @@ def _search_file(cascade, path: Path, args: argparse.Namespace):
     try:
         return cascade.search_audio(audio, rate), query_s
     except AudioError as e:
-        if e.reason == "silent":  # an answer, not a failure: there is nothing to identify
-            return None, query_s
+        # answers, not failures: there is nothing to identify, or too little to search
+        if e.reason in (SILENT, TOO_SHORT):
+            return e.reason, query_s
         raise
 
 
@@ -284,9 +289,11 @@ class _Output:
 
     def answer(self, path: Path, res, query_s: float) -> None:
         cal = self.cascade_info
-        kind = (SILENT if res is None else IDENTIFIED if res.identified is not None
+        kind = (res if isinstance(res, str) else IDENTIFIED if res.identified is not None
                 else NOT_IN_COLLECTION)
         self.counts[kind] += 1
+        if isinstance(res, str):
+            res = None  # nothing was searched
         if self.args.json:
             body = ({"matches": [], "identified": None, "timings_s": {}, "n_candidates": 0}
                     if res is None else res.to_dict())
@@ -296,7 +303,7 @@ class _Output:
             return
         threshold = cal["threshold"] if cal["threshold"] is not None else float("inf")
         if res is None:
-            line = answer_line(SILENT)
+            line = answer_line(kind)
         elif res.identified is not None:
             m = res.identified
             line = (f"{answer_line(IDENTIFIED, m.title, m.position_s)} (confidence "
@@ -323,7 +330,8 @@ class _Output:
         n = sum(c.values())
         if n > 1 and not self.args.json:
             print(f"{n} files: {c[IDENTIFIED]} identified, {c[NOT_IN_COLLECTION]} not in "
-                  f"the collection, {c[SILENT]} silent, {c['error']} failed",
+                  f"the collection, {c[SILENT]} silent, {c[TOO_SHORT]} too short, "
+                  f"{c['error']} failed",
                   file=sys.stderr)
         return 1 if c["error"] else 0
 

@@ -100,7 +100,7 @@ def test_many_files_one_model_load_and_the_exit_status(setup, capsys, tmp_path, 
     assert lines[0] == f"{missing}: error: {missing} does not exist"
     assert all("tune1" in line for line in lines[1:4])
     assert lines[4] == f"{silent}: silent: nothing to identify"
-    assert "5 files:" in err and "1 silent, 1 failed" in err
+    assert "5 files:" in err and "1 silent, 0 too short, 1 failed" in err
 
     code, out, _ = run(capsys, *argv, "--json")
     assert code == 1
@@ -155,7 +155,6 @@ def test_errors(setup, capsys, tmp_path):
     per_file = [  # the file's line says why; exit 1
         (("--index", idx, tmp_path / "missing.wav"), "missing.wav does not exist"),
         (("--index", idx, tmp_path / "text.wav"), "cannot read audio"),
-        (("--index", idx, tmp_path / "short.wav"), "too short"),
         (("--index", idx, query, "--start", "100"), "past the end"),
         (("--index", idx, tmp_path / "empty"), "no audio files"),
     ]
@@ -163,6 +162,14 @@ def test_errors(setup, capsys, tmp_path):
         code, out, err = run(capsys, *argv)
         assert code == 1, argv
         assert ": error: " in out and message in out, (argv, out)
+    # under the 2 s a query needs, not silent: an answer (as a stream's final result says it,
+    # tests/server/test_answers.py), not a failure
+    code, out, _ = run(capsys, "--index", idx, tmp_path / "short.wav")
+    assert code == 0 and out.strip() == f"{tmp_path / 'short.wav'}: too short to identify: " \
+        "under 2 s of audio", out
+    code, out, _ = run(capsys, "--index", idx, tmp_path / "short.wav", "--json")
+    assert code == 0 and json.loads(out)["answer"] == {
+        "kind": "too_short", "text": "too short to identify: under 2 s of audio"}
     nothing_runs = [  # exit 2, the message on stderr
         (("--index", tmp_path / "nothing", query), "not a midimatch index"),
         (("--index", idx, query, "--weights", other), "was built with model"),
