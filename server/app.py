@@ -1,6 +1,10 @@
 """The aiohttp application: ``/v1/stream``, ``/v1/demo``, ``/metrics``, ``/healthz``, ``/readyz``
 and the web page at ``/``.
 
+With a token set, every route but ``/healthz``, ``/readyz`` (which shows its detail only with
+the token), ``/favicon.ico`` and ``/static/`` answers 401 without it, the websocket before its
+upgrade (:func:`token_middleware`, server/auth.py).
+
 :func:`create_app` wires a :class:`~worker.bus.Bus` (in-process or Redis) to the protocol
 handler. It imports neither torch nor numba (tests/server/test_light.py checks it in a fresh
 interpreter): the embedded worker is started by ``server.serve_cli``, which hands in a readiness
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,11 +23,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from server.auth import authorized, unauthorized_response
 from server.demo import DemoCollection, DemoError
 from server.metrics import GatewayMetrics
 from server.sessions import SessionTable
 from server.settings import Settings
-from server.ws import StreamHandler, authorized
+from server.ws import StreamHandler
 from worker.bus import Bus, Capacity
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,33 @@ BUS_KEY = web.AppKey("bus", Bus)
 METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
 HANDLER_KEY = web.AppKey("stream_handler", StreamHandler)
 TABLE_KEY = web.AppKey("sessions", SessionTable)
+# Open without the token: liveness, readiness (its status only), the page's static files.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/favicon.ico"})
+OPEN_PREFIXES = ("/static/",)
+_PAGE_401 = ("<!doctype html><html><head><meta charset=utf-8><title>midimatch: token needed"
+             "</title></head><body><p>This midimatch service needs a token: open "
+             "<code>/?token=&lt;token&gt;</code>.</p></body></html>")
+
+
+def token_middleware(settings: Settings, metrics: GatewayMetrics) -> Callable:
+    """401 for a request without the token on every route but the open ones; nothing at all
+    when no token is set. Runs before any handler, so the websocket is refused before its
+    upgrade."""
+
+    @web.middleware
+    async def check(request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        if (settings.auth_token is None or request.path in OPEN_PATHS
+                or request.path.startswith(OPEN_PREFIXES) or authorized(settings, request)):
+            return await handler(request)
+        metrics.errors_total.labels("unauthorized").inc()
+        if request.path == "/":
+            return web.Response(text=_PAGE_401, status=401, content_type="text/html",
+                                headers={"WWW-Authenticate": 'Bearer realm="midimatch"'})
+        return unauthorized_response()
+
+    return check
 
 
 def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] | None = None,
@@ -56,8 +88,9 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     close_bus : bool
         Close the bus when the app shuts down.
     """
-    app = web.Application(client_max_size=1 << 16)
     metrics = GatewayMetrics()
+    app = web.Application(client_max_size=1 << 16,
+                          middlewares=[token_middleware(settings, metrics)])
     table = SessionTable(bus, settings.resume_grace_s, metrics.sessions_detached.set)
     handler = StreamHandler(settings, bus, metrics, table)
     app[SETTINGS_KEY], app[BUS_KEY], app[METRICS_KEY] = settings, bus, metrics
@@ -66,6 +99,8 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
 
     async def readyz(request: web.Request) -> web.Response:
         ok, why, cap = await _readiness(bus, local_ready)
+        if not authorized(settings, request):  # a probe: the status, nothing about the service
+            return web.json_response({"ready": ok}, status=200 if ok else 503)
         return web.json_response({"ready": ok, "detail": why,
                                   "warnings": list(cap.notes) if cap else [],
                                   "calibrations": list(cap.calibrations) if cap else []},
@@ -81,8 +116,6 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
         return resp
 
     async def demo_view(request: web.Request) -> web.Response:
-        if not authorized(settings, request):
-            return web.json_response({"error": "unauthorized"}, status=401)
         if demo is None or not len(demo):
             return web.json_response({"error": "no demo collection: start the server with "
                                       "--index"}, status=404)

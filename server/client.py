@@ -10,6 +10,10 @@ a marker saying how sure the service is (:data:`LEGEND`, also the first line pri
 line ends with the service's answer (the final result's ``answer``: identified, not in the
 collection, or silent) in the words ``midimatch identify`` uses (:mod:`index.answers`).
 
+An error the service marks retryable (``unavailable``: Redis is down, say; ``busy``) is retried
+with exponential backoff from its ``retry_after_s``, resuming the session when one was started;
+a refused token (HTTP 401 before the upgrade) is reported at once.
+
 aiohttp, numpy and the bus are imported where they are used: ``server/cli.py`` imports this
 module to describe ``midimatch stream`` in its help, and ``midimatch --help`` stays instant.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +43,10 @@ MARKERS = {
     "?": "best guess so far, not confident: not a decision",
     "=": "identified: confident and stable (the decision)",
 }
+RETRYABLE = ("unavailable", "busy")  # error codes that say "try again later"
+MAX_BACKOFF_S = 30.0
+RETRY_503_S = 5.0  # first wait after the gateway refused the connection (its Retry-After)
+log = logging.getLogger(__name__)
 LEGEND = ("markers: " + "   ".join(f"{k} {v}" for k, v in MARKERS.items())
           + ";  times m:ss (stream time, then position in the piece)")
 
@@ -75,6 +84,14 @@ def read_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(x, dtype="<f4"), int(rate)
 
 
+class _Retry(Exception):
+    """The service said "try again later" (``retry_after_s``); not an error yet."""
+
+    def __init__(self, after_s: float, why: str) -> None:
+        super().__init__(why)
+        self.after_s = after_s
+
+
 class StreamClient:
     """Parameters
     ----------
@@ -88,12 +105,17 @@ class StreamClient:
         Pace the audio at its real duration (True) or send as fast as the socket takes it.
     max_resumes : int
         Reconnections tried after a dropped connection.
+    max_retries : int
+        Attempts after the service answered a retryable error (:data:`RETRYABLE`: it is
+        temporarily unavailable, or busy), each after a backoff: the error's ``retry_after_s``,
+        doubled at every attempt, at most :data:`MAX_BACKOFF_S`. A started session is resumed.
     """
 
     def __init__(self, url: str, *, token: str | None = None, chunk_s: float = 0.25,
-                 realtime: bool = True, max_resumes: int = 5) -> None:
+                 realtime: bool = True, max_resumes: int = 5, max_retries: int = 6) -> None:
         self.url, self.token, self.chunk_s = url, token, chunk_s
-        self.realtime, self.max_resumes = realtime, max_resumes
+        self.realtime, self.max_resumes, self.max_retries = realtime, max_resumes, max_retries
+        self.sleep = asyncio.sleep  # the backoff's wait (tests shorten it)
 
     async def stream_file(self, path: str | Path, on_message: Callable[[dict], None]
                           ) -> dict | None:
@@ -111,7 +133,8 @@ class StreamClient:
         Raises
         ------
         StreamError
-            The service sent an ``error`` message, or every reconnection failed.
+            The service sent an error that is not retryable (or still failed after
+            ``max_retries``), refused the token, or every reconnection failed.
         """
         import aiohttp
         import numpy as np
@@ -126,7 +149,7 @@ class StreamClient:
                  "channels": channels, "encoding": "pcm_f32le"}
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         session, after, final = None, None, None
-        resumes = 0
+        resumes = retries = 0
         async with aiohttp.ClientSession(headers=headers) as http:
             while final is None:
                 try:
@@ -145,8 +168,7 @@ class StreamClient:
                                 data = json.loads(m.data)
                                 on_message(data)
                                 if data.get("type") == "error":
-                                    raise StreamError(f"{data['code']}: {data['message']}",
-                                                      reason=data["code"])
+                                    _raise_for(data)
                                 if data.get("type") == "result":
                                     after = data.get("result_id", after)
                                     if data.get("final"):
@@ -154,6 +176,21 @@ class StreamClient:
                         finally:
                             sender.cancel()
                             await asyncio.gather(sender, return_exceptions=True)
+                except _Retry as r:
+                    retries += 1
+                    await self._backoff(r, retries)
+                    continue
+                except aiohttp.WSServerHandshakeError as e:
+                    if e.status == 401:
+                        raise StreamError("unauthorized: the service needs a token (--token), "
+                                          "or this one is wrong", reason="unauthorized") from e
+                    if e.status == 503:  # too many connections: as 'busy'
+                        retries += 1
+                        await self._backoff(_Retry(RETRY_503_S, "HTTP 503"), retries)
+                        continue
+                    if session is None or resumes >= self.max_resumes:
+                        raise StreamError(f"cannot stream to {self.url}: HTTP {e.status}"
+                                          ) from e
                 except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as e:
                     if session is None or resumes >= self.max_resumes:
                         raise StreamError(f"cannot stream to {self.url}: {e}") from e
@@ -163,6 +200,15 @@ class StreamClient:
                     resumes += 1
                     await asyncio.sleep(0.2 * resumes)
         return final
+
+    async def _backoff(self, r: _Retry, attempt: int) -> None:
+        """Wait before retry number ``attempt`` (from 1), or give up past ``max_retries``."""
+        if attempt > self.max_retries:
+            raise StreamError(f"{r} (gave up after {self.max_retries} retries)",
+                              reason="gave_up")
+        delay = min(MAX_BACKOFF_S, r.after_s * 2 ** (attempt - 1))
+        log.warning("%s: retrying in %g s (%d of %d)", r, delay, attempt, self.max_retries)
+        await self.sleep(delay)
 
     async def _expect_ready(self, ws: aiohttp.ClientWebSocketResponse,
                             on_message: Callable[[dict], None]) -> dict:
@@ -174,7 +220,7 @@ class StreamClient:
         data = json.loads(m.data)
         on_message(data)
         if data.get("type") == "error":
-            raise StreamError(f"{data['code']}: {data['message']}", reason=data["code"])
+            _raise_for(data)
         return data
 
     async def _send(self, ws: aiohttp.ClientWebSocketResponse, pcm: bytes, offset: int,
@@ -189,6 +235,17 @@ class StreamClient:
                     await asyncio.sleep(delay)
             await ws.send_bytes(pcm[i:i + step])
         await ws.send_str(json.dumps({"type": "stop", "v": PROTOCOL_VERSION}))
+
+
+def _raise_for(error: dict) -> None:
+    """Raise for an ``error`` message: :class:`_Retry` when it is retryable, else StreamError."""
+    code = str(error.get("code"))
+    why = f"{code}: {error.get('message', '')}"
+    if code in RETRYABLE:
+        after_s = error.get("retry_after_s")
+        ok = isinstance(after_s, (int, float)) and 0 < after_s <= MAX_BACKOFF_S
+        raise _Retry(float(after_s) if ok else 1.0, why)
+    raise StreamError(why, reason=code)
 
 
 def format_message(m: dict) -> str | None:

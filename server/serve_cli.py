@@ -13,9 +13,14 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.redis_bus import RedisBus
 
 log = logging.getLogger(__name__)
 DEMO_WORKS = 200
@@ -35,7 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help="require this bearer token (MIDIMATCH_AUTH_TOKEN)")
     p.add_argument("--max-session-s", type=float, metavar="S", help="longest session, s")
     p.add_argument("--max-sessions-per-address", type=int, metavar="N")
-    p.add_argument("--idle-timeout-s", type=float, metavar="S")
+    p.add_argument("--idle-timeout-s", type=float, metavar="S",
+                   help="close a websocket that sends no audio for this long")
+    p.add_argument("--handshake-timeout-s", type=float, metavar="S",
+                   help="close a connection without a complete HTTP request after this long")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="open TCP connections, all addresses together")
     p.add_argument("--resume-grace-s", type=float, metavar="S")
     p.set_defaults(func=_serve)
 
@@ -78,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
         index_dir=args.index, redis_url=args.redis, host=args.host, port=args.port,
         auth_token=args.token, max_session_s=args.max_session_s,
         max_sessions_per_address=args.max_sessions_per_address,
-        idle_timeout_s=args.idle_timeout_s, resume_grace_s=args.resume_grace_s)
+        idle_timeout_s=args.idle_timeout_s, resume_grace_s=args.resume_grace_s,
+        handshake_timeout_s=args.handshake_timeout_s, max_connections=args.max_connections)
     if settings.redis_url is None and settings.index_dir is None:
         raise SystemExit("midimatch serve: give --index DIR (the worker runs in this process) "
                          "or --redis URL (gateway only); `make serve` prepares a demo index")
@@ -86,12 +97,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def gateway_bus(settings: Settings, env: Mapping[str, str] | None = None) -> RedisBus:
+    """The gateway's RedisBus, with the retention and expiry the workers use: the worker's
+    settings (``MIDIMATCH_RETAIN_S``, ``MIDIMATCH_SESSION_TTL_S``, ``MIDIMATCH_RESULT_TTL_S``,
+    ``MIDIMATCH_MAX_RESULTS``, ``MIDIMATCH_LEASE_MS``) read from the same environment. The
+    gateway trims the audio it appends and sets the session keys' expiry, so these govern
+    there, not only in the worker."""
+    from worker.redis_bus import RedisBus
+    from worker.settings import WorkerSettings
+
+    w = WorkerSettings.from_env(env)
+    assert settings.redis_url is not None
+    return RedisBus(settings.redis_url, prefix=settings.redis_prefix, lease_ms=w.lease_ms,
+                    retain_s=w.retain_s, max_results=w.max_results,
+                    session_ttl_s=w.session_ttl_s, result_ttl_s=w.result_ttl_s)
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run the service until SIGINT/SIGTERM (or ``stop``); raises if the embedded worker dies."""
-    from aiohttp import web
-
     from server.app import create_app
     from server.demo import DemoCollection, DemoError
+    from server.listen import make_runner, start_site
 
     demo = None
     if settings.index_dir is not None:
@@ -103,9 +129,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             log.warning("no demo collection: %s", e)
     worker_task: asyncio.Task | None = None
     if settings.redis_url is not None:
-        from worker.redis_bus import RedisBus
-
-        bus = RedisBus(settings.redis_url, prefix=settings.redis_prefix)
+        bus = gateway_bus(settings)
         app = create_app(settings, bus, demo=demo)
         mode = f"gateway only, workers via {settings.redis_url}"
     else:
@@ -123,10 +147,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         worker_task = asyncio.create_task(run_embedded(
             bus, settings.index_dir, settings=wsettings, metrics=wmetrics, ready=loaded))
         mode = f"embedded worker on {settings.index_dir}"
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = make_runner(app, settings)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    await start_site(runner, settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

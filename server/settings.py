@@ -7,6 +7,7 @@ environment; this module is where the service does.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,15 +37,25 @@ class Settings:
         The index: the embedded worker's, and the demo collection (titles, MIDI paths).
         ``MIDIMATCH_INDEX_DIR``, or ``MIDIMATCH_INDEX`` as the worker calls it.
     auth_token : str or None
-        When set, clients must send ``Authorization: Bearer <token>`` or ``?token=<token>``.
+        When set, clients must send ``Authorization: Bearer <token>`` or ``?token=<token>``
+        (server/auth.py says what it protects). Set but empty is an error, not "no auth".
     max_message_bytes : int
         Largest websocket message accepted, bytes (one PCM chunk or one JSON message).
     max_session_s : float
         Longest audio one session may send, s.
     max_sessions_per_address : int
-        Concurrent connections from one client address.
+        Concurrent websockets from one client address.
+    max_connections : int
+        Open TCP connections to this gateway, all addresses together (HTTP and websockets,
+        finished requests or not); past it a new connection is closed at once.
+    max_connections_per_address : int
+        Open TCP connections from one address, unfinished HTTP requests included.
     idle_timeout_s : float
-        A connection that sends nothing for this long is closed with ``timeout``.
+        A websocket that sends no audio for this long (pings and pongs do not count; the start
+        and the stop do) is closed with ``timeout``.
+    handshake_timeout_s : float
+        Longest wait for a complete HTTP request (the websocket handshake included) on a
+        connection, from its opening or from the previous response on it, s.
     resume_grace_s : float
         A dropped session stays resumable this long; after it, its stream is ended.
     result_poll_s : float
@@ -66,7 +77,10 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_session_s: float = 3600.0
     max_sessions_per_address: int = 8
+    max_connections: int = 1024
+    max_connections_per_address: int = 32
     idle_timeout_s: float = 30.0
+    handshake_timeout_s: float = 10.0
     resume_grace_s: float = 30.0
     result_poll_s: float = 1.0
     demo_seconds: float = 25.0
@@ -74,7 +88,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = ("port", "max_message_bytes", "max_session_s", "max_sessions_per_address",
-                    "idle_timeout_s", "result_poll_s", "demo_seconds")
+                    "max_connections", "max_connections_per_address", "idle_timeout_s",
+                    "handshake_timeout_s", "result_poll_s", "demo_seconds")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -82,6 +97,8 @@ class Settings:
             raise SettingsError(f"resume_grace_s must be ≥ 0, got {self.resume_grace_s!r}")
         if self.max_message_bytes < 1024:
             raise SettingsError("max_message_bytes must be at least 1024 (one JSON message)")
+        if self.auth_token is not None:
+            check_token(self.auth_token)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -92,6 +109,11 @@ class Settings:
         SettingsError
             A variable that does not parse as its field's type, or an out-of-range value.
         """
+        env = os.environ if env is None else env
+        if overrides.get("auth_token") is None and "MIDIMATCH_AUTH_TOKEN" in env:
+            # settings_from_env reads an empty variable as unset: for the token that would turn
+            # authentication off without a word.
+            check_token(env["MIDIMATCH_AUTH_TOKEN"], "MIDIMATCH_AUTH_TOKEN")
         return settings_from_env(cls, env, overrides, error=SettingsError,
                                  aliases={"index_dir": "MIDIMATCH_INDEX"})  # the worker's name
 
@@ -99,3 +121,19 @@ class Settings:
         """A copy with some fields changed (tests, the CLI)."""
         return replace(self, **changes)
 
+
+
+def check_token(token: str, name: str = "auth_token") -> None:
+    """A usable token: not empty, printable ASCII (an HTTP header carries it), no spaces.
+
+    Raises
+    ------
+    SettingsError
+        Naming the setting, never showing the value.
+    """
+    if not token:
+        raise SettingsError(f"{name} is set but empty: give a token, or unset it to serve "
+                            "without authentication")
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise SettingsError(f"{name} must be printable ASCII without spaces ({len(token)} "
+                            "characters given)")

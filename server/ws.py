@@ -10,64 +10,55 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
+import uuid
 from collections import Counter, deque
-from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from model.errors import MidimatchError
+from server.auth import authorized, unauthorized_response
 from server.metrics import GatewayMetrics
+from server.protocol import (
+    CLOSE_CODES,
+    MAX_TEXT_BYTES,
+    ProtocolError,
+    Start,
+    Stop,
+    parse_message,
+)
 from server.sessions import SessionState, SessionTable, bus_position
 from server.settings import Settings
-from worker.bus import PROTOCOL_VERSION, AudioChunk, Bus, BusError, StreamParams, result_id_key
+from worker.bus import PROTOCOL_VERSION, AudioChunk, Bus, BusError, StreamParams
 
 log = logging.getLogger(__name__)
 
-# One close code per error code; 4xxx mirror the HTTP status of the same meaning.
-CLOSE_CODES = {
-    "bad_request": 4400,
-    "unauthorized": 4401,
-    "timeout": 4408,
-    "too_large": 1009,  # RFC 6455 "message too big"; aiohttp uses it past the transport cap too
-    "busy": 1013,  # RFC 6455 "try again later"
-    "internal": 1011,  # RFC 6455 "internal error"
-}
+__all__ = ["CLOSE_CODES", "ProtocolError", "StreamHandler"]
+
 CLOSE_NORMAL = 1000  # the final result was sent
 CLOSE_REPLACED = 4409  # the session was resumed on another connection
 CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
 MAX_ARRIVALS = 65536  # audio messages remembered per connection for the result lag metric
+# BusError reasons that mean "the bus cannot serve now" (Redis down, the gateway closing its
+# bus), not a fault of this request: answered ``unavailable``, and the session stays resumable.
+UNAVAILABLE_REASONS = frozenset({"redis_unavailable", "closed"})
 
 
-class ProtocolError(MidimatchError):
-    """What a client did wrong (or what the service cannot do): becomes an ``error`` message.
-
-    ``code`` is the protocol's error code (a key of :data:`CLOSE_CODES`), ``reason`` a finer
-    stable detail (``odd_length``, ``binary_before_start``...).
-    """
-
-    def __init__(self, code: str, message: str, *, reason: str | None = None) -> None:
-        super().__init__(message, reason=reason or code)
-        self.code = code
-
-
-def bearer_token(request: web.Request) -> str | None:
-    """The token a client sent: ``Authorization: Bearer …`` or the ``token`` query parameter."""
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.query.get("token")
-
-
-def authorized(settings: Settings, request: web.Request) -> bool:
-    if not settings.auth_token:
-        return True
-    sent = bearer_token(request)
-    return sent is not None and hmac.compare_digest(sent.encode(), settings.auth_token.encode())
+def service_error(e: Exception, session_id: str | None) -> ProtocolError:
+    """The error a client gets for a failure of the service (not of its input): ``unavailable``
+    (retryable, nothing about the infrastructure in its words) when the bus cannot be reached,
+    else ``internal`` with a reference that finds the traceback in the log. Logs either."""
+    if isinstance(e, (ConnectionError, OSError, asyncio.TimeoutError)) or (
+            isinstance(e, BusError) and e.reason in UNAVAILABLE_REASONS):
+        log.warning("the bus is unavailable (session %s): %s: %s", session_id,
+                    type(e).__name__, e)
+        return ProtocolError("unavailable", "the service is temporarily unavailable; retry "
+                             "(resume the session) shortly", reason="bus_unavailable")
+    ref = uuid.uuid4().hex[:8]
+    log.error("internal error %s on session %s", ref, session_id, exc_info=e)
+    return ProtocolError("internal", f"internal error (logged as {ref})")
 
 
 class StreamHandler:
@@ -83,8 +74,10 @@ class StreamHandler:
         self.connections: set[web.WebSocketResponse] = set()
         self.pumps: set[asyncio.Task] = set()  # result pumps still running (strong refs)
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         s = self.settings
+        if not authorized(s, request):  # token_middleware answered already; kept as a guard
+            return unauthorized_response()
         # Above the protocol limit but bounded: messages up to this cap get a clear error from
         # us; past it aiohttp itself closes with 1009 (the same close code).
         ws = web.WebSocketResponse(max_msg_size=2 * s.max_message_bytes + 65536, heartbeat=20.0)
@@ -93,7 +86,7 @@ class StreamHandler:
         self.connections.add(ws)
         self.metrics.connections_active.inc()
         try:
-            await conn.run(authorized(s, request))
+            await conn.run()
         finally:
             self.connections.discard(ws)
             self.metrics.connections_active.dec()
@@ -123,14 +116,12 @@ class _Connection:
         self.stop_at: float | None = None
         self.sent_at = 0.0
         self.ended_by_error = False  # the session ended on an error: nothing to resume
+        self.deadline = 0.0  # loop time by which audio must arrive (set by _receive_loop)
 
-    async def run(self, auth_ok: bool) -> None:
+    async def run(self) -> None:
         h = self.h
         counted = False
         try:
-            if not auth_ok:
-                raise ProtocolError("unauthorized", "missing or wrong token: send "
-                                    "'Authorization: Bearer <token>' or ?token=<token>")
             if h.per_address[self.address] >= h.settings.max_sessions_per_address:
                 raise ProtocolError("busy", f"too many connections from {self.address} (limit "
                                     f"{h.settings.max_sessions_per_address})",
@@ -140,12 +131,8 @@ class _Connection:
             await self._receive_loop()
         except ProtocolError as e:
             await self._fail(e)
-        except (BusError, ConnectionError, OSError) as e:
-            log.exception("bus failure on session %s", self._sid())
-            await self._fail(ProtocolError("internal", f"the service failed: {e}"))
-        except Exception as e:  # never let one connection's bug take down others
-            log.exception("internal error on session %s", self._sid())
-            await self._fail(ProtocolError("internal", f"internal error: {type(e).__name__}"))
+        except Exception as e:  # never let one connection's failure take down others
+            await self._fail(service_error(e, self._sid()))
         finally:
             if counted:
                 h.per_address[self.address] -= 1
@@ -158,14 +145,21 @@ class _Connection:
 
     # ------------------------------------------------------------------ receiving
     async def _receive_loop(self) -> None:
+        """Messages until the client goes. Idle means no *audio*: the deadline moves on at the
+        start, at each non-empty audio message and at the stop, never for pings, pongs or
+        anything else, so a client that only answers the heartbeat is closed on time."""
         s = self.h.settings
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + s.idle_timeout_s
         while True:
             try:
-                msg = await self.ws.receive(timeout=s.idle_timeout_s)
-            except asyncio.TimeoutError:
+                # One timeout over the whole receive: aiohttp's own restarts at every ping/pong.
+                async with asyncio.timeout_at(self.deadline):
+                    msg = await self.ws.receive()
+            except TimeoutError:
                 if self.state is not None and self.state.done:
                     return
-                raise ProtocolError("timeout", f"nothing received for {s.idle_timeout_s:g} s"
+                raise ProtocolError("timeout", f"no audio received for {s.idle_timeout_s:g} s"
                                     ) from None
             if msg.type == WSMsgType.TEXT:
                 await self._on_text(msg.data)
@@ -177,35 +171,22 @@ class _Connection:
             else:  # CLOSE, CLOSING, CLOSED, ERROR: the client went away
                 return
 
+    def _touch(self) -> None:
+        """Audio (or a start, or a stop) arrived: the idle deadline starts again."""
+        self.deadline = asyncio.get_running_loop().time() + self.h.settings.idle_timeout_s
+
     async def _on_text(self, text: str) -> None:
-        if len(text.encode()) > self.h.settings.max_message_bytes:
-            raise ProtocolError("too_large", f"message of {len(text.encode())} bytes; the limit"
-                                f" is {self.h.settings.max_message_bytes}",
-                                reason="message_too_large")
-        try:
-            msg = json.loads(text)
-        except ValueError as e:
-            raise ProtocolError("bad_request", f"text message is not JSON: {e}",
-                                reason="bad_json") from e
-        if not isinstance(msg, dict):
-            raise ProtocolError("bad_request", "a message must be a JSON object",
-                                reason="bad_json")
-        if msg.get("v") != PROTOCOL_VERSION:
-            raise ProtocolError("bad_request", f"unsupported protocol version {msg.get('v')!r}; "
-                                f"this server speaks v {PROTOCOL_VERSION}",
-                                reason="bad_version")
-        kind = msg.get("type")
-        if kind == "start":
+        msg = parse_message(text)
+        if isinstance(msg, Start):
             await self._on_start(msg)
-        elif kind == "stop":
+            self._touch()
+        elif isinstance(msg, Stop):
             if self.state is None:
                 raise ProtocolError("bad_request", "stop before start", reason="stop_before_start")
             self.stopped = True
             self.stop_at = time.monotonic()
+            self._touch()
             await asyncio.shield(self.h.table.end(self.state))
-        else:
-            raise ProtocolError("bad_request", f"unknown message type {kind!r} (expected "
-                                "'start' or 'stop')", reason="unknown_type")
 
     async def _on_binary(self, pcm: bytes) -> None:
         s, st = self.h.settings, self.state
@@ -247,21 +228,17 @@ class _Connection:
             raise
         st.next_seq += 1
         st.audio_bytes += len(pcm)
+        self._touch()
         self.arrivals.append((begin_s, st.audio_s, arrived))
         self.h.metrics.audio_bytes_total.inc(len(pcm))
         self.h.metrics.audio_seconds_total.inc(st.params.seconds(len(pcm)))
 
-    async def _on_start(self, msg: dict) -> None:
+    async def _on_start(self, msg: Start) -> None:
         h = self.h
         if self.state is not None:
             raise ProtocolError("bad_request", "this connection already started a session",
                                 reason="already_started")
-        try:
-            params = StreamParams(msg.get("sample_rate"), msg.get("channels", 1),  # type: ignore
-                                  msg.get("encoding", "pcm_s16le"))
-        except BusError as e:
-            raise ProtocolError("bad_request", str(e), reason=e.reason) from e
-        resume = msg.get("session")
+        params, resume = msg.params, msg.session
         if resume is None:
             cap = await h.bus.capacity()
             if cap.saturated:
@@ -272,7 +249,7 @@ class _Connection:
             state = SessionState(sid, params)
             h.metrics.sessions_started_total.inc()
         else:
-            state = await self._resume(resume, params, msg.get("after"))
+            state = await self._resume(resume, params, msg.after)
             h.metrics.sessions_resumed_total.inc()
         old = state.conn
         h.table.attach(state, self.ws)
@@ -285,24 +262,18 @@ class _Connection:
                           "audio_bytes": state.audio_bytes,
                           "after": state.last_result,
                           "limits": {"max_message_bytes": h.settings.max_message_bytes,
-                                     "max_session_s": h.settings.max_session_s}})
+                                     "max_text_bytes": MAX_TEXT_BYTES,
+                                     "max_session_s": h.settings.max_session_s,
+                                     "idle_timeout_s": h.settings.idle_timeout_s}})
         self.pump = asyncio.create_task(self._pump_results())
         h.pumps.add(self.pump)
         self.pump.add_done_callback(h.pumps.discard)
 
-    async def _resume(self, sid: Any, params: StreamParams, after: Any) -> SessionState:
+    async def _resume(self, sid: str, params: StreamParams, after: str | None
+                      ) -> SessionState:
+        """The session ``sid`` to reattach (``sid`` and ``after`` were validated by
+        :func:`~server.protocol.parse_message`)."""
         h = self.h
-        if not isinstance(sid, str) or not sid:
-            raise ProtocolError("bad_request", "'session' must be a session id string",
-                                reason="bad_session")
-        if after is not None:
-            try:
-                if not isinstance(after, str):
-                    raise TypeError(type(after).__name__)
-                result_id_key(after)
-            except (BusError, TypeError) as e:
-                raise ProtocolError("bad_request", f"'after' must be a result id as sent in "
-                                    f"'result_id', got {after!r}", reason="bad_after") from e
         state = h.table.get(sid)
         if state is None:  # served by another gateway, or before a restart: ask the bus
             known = await h.bus.session_params(sid)
@@ -357,8 +328,7 @@ class _Connection:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.exception("result delivery failed for session %s", st.session_id)
-            await self._fail(ProtocolError("internal", f"result delivery failed: {e}"))
+            await self._fail(service_error(e, st.session_id))
 
     def _service_lag(self, result: dict) -> float | None:
         """Seconds from when ``result`` could be made to now, when it has just been sent: from
@@ -386,17 +356,17 @@ class _Connection:
 
     async def _fail(self, e: ProtocolError) -> None:
         self.h.metrics.errors_total.labels(e.code).inc()
-        if self.state is not None and e.code != "internal":
+        if self.state is not None and e.code not in ("internal", "unavailable"):
             # The client broke the protocol (or timed out): its stream is over, and the session
-            # is released when the connection goes (not kept for a resume).
+            # is released when the connection goes (not kept for a resume). After a failure of
+            # the service it stays resumable.
             self.ended_by_error = True
             with contextlib.suppress(Exception):
                 await self.h.table.end(self.state)
         if self.ws.closed:
             return
         with contextlib.suppress(Exception):
-            await self._send({"type": "error", "v": PROTOCOL_VERSION, "code": e.code,
-                              "reason": e.reason, "message": e.message})
+            await self._send(e.to_message())
             async with self.send_lock:
                 await self.ws.close(code=CLOSE_CODES[e.code], message=e.code.encode())
 

@@ -108,11 +108,12 @@ async def test_stream_a_file(aiohttp_client, tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_stream_reports_the_service_error(aiohttp_client):
+async def test_stream_reports_a_refused_token(aiohttp_client):
     client = await aiohttp_client(create_app(Settings(auth_token="k"), InProcessBus()))
-    with pytest.raises(StreamError, match="unauthorized"):
+    with pytest.raises(StreamError, match="unauthorized: the service needs a token") as e:
         await StreamClient(str(client.make_url("/v1/stream")), realtime=False).stream_array(
             np.zeros((100, 1), np.float32), 16000, lambda m: None)
+    assert e.value.reason == "unauthorized"
 
 
 @pytest.mark.asyncio

@@ -101,7 +101,12 @@ async def test_readiness_follows_redis(aiohttp_client, redis_server, prefix):
         ws = await client.ws_connect("/v1/stream")  # a new session gets a clear error
         await ws.send_str(start_msg())
         msgs, close = await drain(ws)
-        assert msgs[-1]["code"] == "internal" and close == 1011
+        # retryable, with a wait, and nothing about where Redis is (it said "Error 111
+        # connecting to 127.0.0.1:…" as an internal error)
+        assert msgs[-1]["code"] == "unavailable" and close == 1013
+        assert msgs[-1]["retry_after_s"] > 0 and "retry" in msgs[-1]["message"]
+        assert "127.0.0.1" not in msgs[-1]["message"] and str(redis_server.port) not in \
+            json.dumps(msgs)
         assert (await client.get("/healthz")).status == 200  # alive, just not ready
     finally:
         await worker_bus.close()

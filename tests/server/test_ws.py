@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ from tests.server.conftest import (
     send_audio,
     start_msg,
 )
-from worker.bus import InProcessBus
+from worker.bus import BusError, InProcessBus
 
 pytestmark = pytest.mark.asyncio
 
@@ -83,8 +84,26 @@ async def test_stream_results_and_final(aiohttp_client, bus):
     (start_msg(session="nope"), "unknown_session"),
     (start_msg(session="nope", after="yesterday"), "bad_after"),
     (start_msg(session="nope", after=7), "bad_after"),
+    # found by fuzzing (issue #20): each was accepted, or reached `internal` with a traceback
+    (json.dumps({"type": "start", "v": True, "sample_rate": 16000}), "bad_version"),
+    (json.dumps({"type": "start", "v": 1.0, "sample_rate": 16000}), "bad_version"),
+    (json.dumps({"type": "stop", "v": True}), "bad_version"),
+    (start_msg(channels=1.0), "bad_channels"),  # stored as "1.0", it poisoned worker claims
+    (start_msg(channels=True), "bad_channels"),
+    (start_msg(sample_rate=16000.0), "bad_sample_rate"),
+    (start_msg(sample_rate=True), "bad_sample_rate"),
+    (start_msg(sample_rate=96001), "bad_sample_rate"),
+    (start_msg(encoding=["pcm_s16le"]), "bad_encoding"),  # TypeError: unhashable
+    (start_msg(encoding={"pcm_s16le": 1}), "bad_encoding"),
+    ("[" * 1000 + "]" * 1000, "bad_json"),  # RecursionError in json.loads
+    ('{"type": "start", "v": 1, "x": ' + "[" * 1500 + "]" * 1500 + "}", "bad_json"),
+    (start_msg(session="nope", after=str(2 ** 64)), "bad_after"),  # Redis ResponseError
+    (start_msg(session="nope", after="1_000"), "bad_after"),
+    (start_msg(session="nope", after=" 12"), "bad_after"),
+    (start_msg(session="a b\u0000"), "bad_session"),
+    (start_msg(session=["x"]), "bad_session"),
 ])
-async def test_bad_first_message(aiohttp_client, bus, first, reason):
+async def test_bad_first_message(aiohttp_client, bus, first, reason, caplog):
     client = await client_for(aiohttp_client, bus)
     async with FakeWorker(bus):
         ws = await client.ws_connect("/v1/stream")
@@ -93,6 +112,71 @@ async def test_bad_first_message(aiohttp_client, bus, first, reason):
         else:
             await ws.send_str(first)
         await expect_error(ws, "bad_request", reason)
+    assert not [r for r in caplog.records if r.levelno >= 30 or r.exc_info]  # nothing logged
+    assert not bus._sessions  # answered before any session (or audio) was taken
+
+
+async def test_a_deep_or_long_text_message_is_refused_before_parsing(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus)
+    ws = await client.ws_connect("/v1/stream")
+    await ws.send_str('{"type": "start", "v": 1, "x": "' + "y" * 5000 + '"}')
+    err = await expect_error(ws, "too_large", "message_too_large")
+    assert "4096" in err["message"]
+
+
+async def test_any_integer_rate_in_the_range_is_taken(aiohttp_client, bus):
+    """The protocol promises 8000..96000 Hz, every integer: the gateway keeps no list."""
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus) as worker:
+        for rate in (8000, 91403, 96000):
+            ws = await client.ws_connect("/v1/stream")
+            await ws.send_str(start_msg(sample_rate=rate))
+            sid = (await receive_json(ws))["session"]
+            assert bus._sessions[sid].params.sample_rate == rate
+            await ws.close()
+    assert worker is not None
+
+
+async def test_pings_do_not_keep_an_idle_session_open(aiohttp_client, bus):
+    """Idle means no audio: a client that answers (or sends) pings is closed all the same."""
+    client = await client_for(aiohttp_client, bus, idle_timeout_s=0.5)
+    loop = asyncio.get_running_loop()
+    async with FakeWorker(bus):
+        for started in (False, True):
+            ws = await client.ws_connect("/v1/stream")
+            if started:
+                await ws.send_str(start_msg())
+                await receive_json(ws)
+                await ws.send_bytes(pcm_s16(0.1))
+
+            async def pinger(ws=ws, started=started):
+                while not ws.closed:
+                    await ws.ping()
+                    if started:
+                        await ws.send_bytes(b"")  # an empty message is no audio either
+                    await asyncio.sleep(0.05)
+
+            t0 = loop.time()
+            task = asyncio.create_task(pinger())
+            err = await expect_error(ws, "timeout")
+            took = loop.time() - t0
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert "no audio" in err["message"] and took < 3.0, took
+
+
+async def test_audio_keeps_a_session_open_past_the_idle_timeout(aiohttp_client, bus):
+    client = await client_for(aiohttp_client, bus, idle_timeout_s=0.5)
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        assert (await receive_json(ws))["limits"]["idle_timeout_s"] == 0.5
+        for _ in range(8):  # 1.6 s in all, audio every 0.2 s
+            await ws.send_bytes(pcm_s16(0.2))
+            await asyncio.sleep(0.2)
+        await ws.send_str(json.dumps({"type": "stop", "v": 1}))
+        msgs, close = await drain(ws)
+    assert close == 1000 and msgs[-1]["final"] and not any(m["type"] == "error" for m in msgs)
 
 
 @pytest.mark.parametrize("payload, reason", [
@@ -175,14 +259,18 @@ async def test_too_many_sessions_per_address_spares_the_others(aiohttp_client, b
 
 
 @pytest.mark.parametrize("how", ["header", "query"])
-async def test_token(aiohttp_client, bus, how):
-    client = await client_for(aiohttp_client, bus, auth_token="s3cret")
+async def test_token_is_checked_before_the_upgrade(aiohttp_client, bus, how):
+    app = create_app(Settings(auth_token="s3cret"), bus, close_bus=False)
+    client = await aiohttp_client(app)
     async with FakeWorker(bus):
-        ws = await client.ws_connect("/v1/stream")
-        await ws.send_str(start_msg())
-        await expect_error(ws, "unauthorized")
-        ws = await client.ws_connect("/v1/stream?token=wrong")
-        await expect_error(ws, "unauthorized")
+        for url in ("/v1/stream", "/v1/stream?token=wrong"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await client.ws_connect(url)
+            assert e.value.status == 401  # HTTP, before any websocket exists
+        reg = app[METRICS_KEY].registry
+        assert reg.get_sample_value("midimatch_gateway_errors_total",
+                                    {"code": "unauthorized"}) == 2
+        assert reg.get_sample_value("midimatch_gateway_connections_active") == 0
         if how == "header":
             ws = await client.ws_connect("/v1/stream",
                                          headers={"Authorization": "Bearer s3cret"})
@@ -223,16 +311,36 @@ async def test_idle_timeout(aiohttp_client, bus):
     assert bus._sessions[sid].ended
 
 
-async def test_internal_error_when_the_bus_fails(aiohttp_client, bus, monkeypatch):
+async def test_an_unreachable_bus_is_unavailable_and_retryable(aiohttp_client, bus, monkeypatch,
+                                                               caplog):
     client = await client_for(aiohttp_client, bus)
     async with FakeWorker(bus):
         async def broken(*a, **k):
-            raise ConnectionError("redis went away")
+            raise BusError("Redis failed: ConnectionError: Error 111 connecting to "
+                           "10.1.2.3:6379", reason="redis_unavailable")
         monkeypatch.setattr(bus, "create_session", broken)
         ws = await client.ws_connect("/v1/stream")
         await ws.send_str(start_msg())
+        err = await expect_error(ws, "unavailable", "bus_unavailable")
+    assert err["retry_after_s"] > 0 and "retry" in err["message"]
+    assert "10.1.2.3" not in json.dumps(err) and "6379" not in json.dumps(err)
+    assert not any(r.exc_info for r in caplog.records)  # an outage is not a traceback
+
+
+async def test_a_bug_is_internal_with_a_reference_to_the_log(aiohttp_client, bus, monkeypatch,
+                                                             caplog):
+    client = await client_for(aiohttp_client, bus)
+    async with FakeWorker(bus):
+        async def buggy(*a, **k):
+            raise KeyError("secret detail")
+        monkeypatch.setattr(bus, "create_session", buggy)
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
         err = await expect_error(ws, "internal")
-        assert "redis went away" in err["message"]
+    assert "secret detail" not in err["message"] and "retry_after_s" not in err
+    ref = err["message"].split("logged as ")[1].rstrip(")")
+    logged = [r for r in caplog.records if ref in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info  # the traceback is in the log, found by ref
 
 
 async def test_bad_clients_do_not_disturb_a_good_one(aiohttp_client, bus):
