@@ -32,3 +32,28 @@ def test_load_audio(tmp_path) -> None:
         with pytest.raises(AudioError) as e:
             load_audio(tmp_path / name)
         assert e.value.reason == reason, name
+
+
+def test_check_rate_takes_every_integer_rate_of_the_range() -> None:
+    from model.audio import MAX_RATE, MIN_RATE, check_rate
+
+    rates = np.arange(MIN_RATE, MAX_RATE + 1)
+    assert [check_rate(int(r)) for r in rates] == rates.tolist()
+    assert check_rate(np.int64(91403)) == 91403 and check_rate(44100.0) == 44100
+    for bad in (MIN_RATE - 1, MAX_RATE + 1, 44100.5, True, "44100", None):
+        with pytest.raises(AudioError, match="8000..96000") as e:
+            check_rate(bad)
+        assert e.value.reason == "unsupported_rate"
+
+
+def test_load_audio_at_an_odd_rate(tmp_path) -> None:
+    # 91,403 Hz: one of the rates the torchaudio resampler refused; read and framed now.
+    from model.features import audio_to_frames
+
+    x = _tone(57, 1.0, 91403)
+    sf.write(tmp_path / "odd.wav", np.stack([x, x], axis=1), 91403)
+    audio, rate = load_audio(tmp_path / "odd.wav")
+    assert rate == 91403 and audio.shape == (x.size, 2)
+    frames = audio_to_frames(audio, rate)
+    assert frames.shape == (1 + round(x.size * 22050 / 91403) // 1024, 48)
+    assert set(frames[3:-3].argmax(axis=1)) == {57 - 36}
