@@ -30,3 +30,19 @@ def test_environment_then_overrides():
 def test_bad_settings(env, kw, match):
     with pytest.raises(SettingsError, match=match):
         Settings.from_env(env, **kw)
+
+
+@pytest.mark.parametrize("env, kw", [
+    ({"MIDIMATCH_AUTH_TOKEN": ""}, {}),
+    ({}, {"auth_token": ""}),
+    ({"MIDIMATCH_AUTH_TOKEN": "two words"}, {}),
+    ({"MIDIMATCH_AUTH_TOKEN": "t\u00e9"}, {}),
+])
+def test_an_empty_or_unusable_token_is_a_startup_error(env, kw):
+    with pytest.raises(SettingsError, match="auth_token|AUTH_TOKEN") as e:
+        Settings.from_env(env, **kw)
+    assert "two words" not in str(e.value)  # the value is never shown
+
+
+def test_a_token_flag_beats_an_empty_variable():
+    assert Settings.from_env({"MIDIMATCH_AUTH_TOKEN": ""}, auth_token="x").auth_token == "x"

@@ -1,0 +1,88 @@
+"""The token: what it protects, what stays open, and that it never reaches the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+import pytest
+
+from server.app import create_app
+from server.listen import make_runner, start_site
+from server.settings import Settings
+from tests.redis_server import free_port
+from tests.server.conftest import FakeWorker, receive_json, start_msg
+from worker.bus import InProcessBus
+
+pytestmark = pytest.mark.asyncio
+TOKEN = "s3cret-Token"
+PROTECTED = ("/", "/v1/demo", "/v1/pieces/abc", "/metrics")
+
+
+@pytest.fixture
+def bus() -> InProcessBus:
+    return InProcessBus()
+
+
+async def test_what_the_token_protects(aiohttp_client, bus):
+    client = await aiohttp_client(create_app(Settings(auth_token=TOKEN), bus, close_bus=False))
+    async with FakeWorker(bus):
+        for path in PROTECTED:
+            r = await client.get(path)
+            assert r.status == 401, path
+            assert TOKEN not in await r.text()
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            assert (await client.get(path, params={"token": "wrong"})).status == 401
+            for ok in ({"params": {"token": TOKEN}},
+                       {"headers": {"Authorization": f"Bearer {TOKEN}"}}):
+                r = await client.get(path, **ok)
+                assert r.status in (200, 404), (path, r.status)  # 404: no demo collection
+        assert "token" in (await (await client.get("/")).text())  # the page says what to do
+        # open: liveness, the page's static files
+        assert (await client.get("/healthz")).status == 200
+        assert (await client.get("/static/app.js")).status == 200
+        assert (await client.get("/favicon.ico")).status == 200
+        # /readyz: the status for probes, the detail (sessions, workers) only with the token
+        r = await client.get("/readyz")
+        assert r.status == 200 and await r.json() == {"ready": True}
+        r = await client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status == 200 and "sessions" in (await r.json())["detail"]
+
+
+async def test_without_a_token_everything_is_open(aiohttp_client, bus):
+    client = await aiohttp_client(create_app(Settings(), bus, close_bus=False))
+    async with FakeWorker(bus):
+        for path in ("/", "/metrics", "/readyz"):
+            assert (await client.get(path)).status == 200
+        assert "detail" in await (await client.get("/readyz")).json()
+
+
+async def test_the_access_log_never_holds_the_token(bus, caplog):
+    """The page and browsers send ?token=: the access log writes it redacted (it had the token
+    in plain text, one line per request), with no Referer (the page's own address has it)."""
+    settings = Settings(auth_token=TOKEN, port=free_port())
+    runner = make_runner(create_app(settings, bus, close_bus=False), settings)
+    await runner.setup()
+    await start_site(runner, settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    try:
+        async with FakeWorker(bus), aiohttp.ClientSession() as http:
+            for path in ("/", "/metrics", "/v1/pieces/x"):
+                async with http.get(f"{base}{path}?token={TOKEN}&x=1",
+                                    headers={"Referer": f"{base}/?token={TOKEN}"}) as r:
+                    await r.read()
+            async with http.get(f"{base}/?%74oken={TOKEN}") as r:  # %74 is 't'
+                assert r.status == 200  # the decoded name counts, and is redacted too
+            async with http.ws_connect(f"{base}/v1/stream?token={TOKEN}") as ws:
+                await ws.send_str(start_msg())
+                assert (await receive_json(ws))["type"] == "ready"
+            await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert len(lines) >= 5, lines
+    assert not [line for line in lines if TOKEN in line]
+    assert sum("token=REDACTED" in line for line in lines) >= 5
+    assert any('"GET /metrics?token=REDACTED&x=1 HTTP/1.1" 200' in line for line in lines)
