@@ -52,8 +52,9 @@ def service_error(e: Exception, session_id: str | None) -> ProtocolError:
     else ``internal`` with a reference that finds the traceback in the log. Logs either."""
     if isinstance(e, (ConnectionError, OSError, asyncio.TimeoutError)) or (
             isinstance(e, BusError) and e.reason in UNAVAILABLE_REASONS):
-        log.warning("the bus is unavailable (session %s): %s: %s", session_id,
-                    type(e).__name__, e)
+        closing = isinstance(e, BusError) and e.reason == "closed"  # this gateway stops
+        log.log(logging.INFO if closing else logging.WARNING, "the bus is unavailable "
+                "(session %s): %s: %s", session_id, type(e).__name__, e)
         return ProtocolError("unavailable", "the service is temporarily unavailable; retry "
                              "(resume the session) shortly", reason="bus_unavailable")
     ref = uuid.uuid4().hex[:8]

@@ -23,7 +23,7 @@ from server.client import (
 )
 from server.settings import Settings
 from tests.server.conftest import FakeWorker
-from worker.bus import InProcessBus
+from worker.bus import BusError, InProcessBus
 
 
 def test_read_audio_file(tmp_path):
@@ -161,3 +161,74 @@ async def test_a_silent_file_says_so_like_identify(aiohttp_client, tmp_path, cap
     assert lines[-1].endswith("silent: nothing to identify" if silent
                               else "not in the collection")
     assert final["answer"]["kind"] == (SILENT if silent else NOT_IN_COLLECTION)
+
+
+def unavailable() -> BusError:
+    return BusError("Redis failed: ConnectionError: Error 111 connecting to 127.0.0.1:1",
+                    reason="redis_unavailable")
+
+
+@pytest.mark.asyncio
+async def test_the_client_retries_with_backoff_when_the_service_is_unavailable(aiohttp_client,
+                                                                               monkeypatch):
+    """Redis down at the start (twice) and once in the middle of the stream: the client waits
+    the error's retry_after_s, doubled each time, then starts, later resumes, and the stream
+    completes with every chunk once."""
+    bus = InProcessBus()
+    client = await aiohttp_client(create_app(Settings(), bus, close_bus=False))
+    fails = {"create": 2, "push": 1}
+    create, push = bus.create_session, bus.push_audio
+
+    async def flaky_create(*a, **k):
+        if fails["create"]:
+            fails["create"] -= 1
+            raise unavailable()
+        return await create(*a, **k)
+
+    async def flaky_push(sid, chunk):
+        if chunk.seq == 5 and fails["push"]:
+            fails["push"] -= 1
+            raise unavailable()
+        return await push(sid, chunk)
+
+    monkeypatch.setattr(bus, "create_session", flaky_create)
+    monkeypatch.setattr(bus, "push_audio", flaky_push)
+    waits: list[float] = []
+
+    async def no_wait(s: float) -> None:
+        waits.append(s)
+
+    seen: list[dict] = []
+    streamer = StreamClient(str(client.make_url("/v1/stream")), realtime=False, chunk_s=0.1)
+    streamer.sleep = no_wait
+    async with FakeWorker(bus) as worker:
+        final = await streamer.stream_array(np.full((16000, 1), 0.1, np.float32), 16000,
+                                            seen.append)
+    assert final is not None and final["final"] and final["audio_s"] == pytest.approx(1.0)
+    assert [m["code"] for m in seen if m["type"] == "error"] == ["unavailable"] * 3
+    assert waits == [2.0, 4.0, 8.0]
+    readies = [m for m in seen if m["type"] == "ready"]
+    assert [r["resumed"] for r in readies] == [False, True]
+    assert worker.seqs[readies[0]["session"]] == list(range(10))
+
+
+@pytest.mark.asyncio
+async def test_the_client_gives_up_after_its_retries(aiohttp_client, monkeypatch):
+    bus = InProcessBus()
+    client = await aiohttp_client(create_app(Settings(), bus, close_bus=False))
+
+    async def down(*a, **k):
+        raise unavailable()
+
+    monkeypatch.setattr(bus, "create_session", down)
+    streamer = StreamClient(str(client.make_url("/v1/stream")), realtime=False, max_retries=2)
+    waits: list[float] = []
+
+    async def no_wait(s: float) -> None:
+        waits.append(s)
+
+    streamer.sleep = no_wait
+    async with FakeWorker(bus):
+        with pytest.raises(StreamError, match="unavailable.*gave up after 2") as e:
+            await streamer.stream_array(np.zeros((1600, 1), np.float32), 16000, lambda m: None)
+    assert e.value.reason == "gave_up" and waits == [2.0, 4.0]

@@ -3,6 +3,7 @@ streaming, an error, resume through another gateway, and readiness following Red
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -110,3 +111,53 @@ async def test_readiness_follows_redis(aiohttp_client, redis_server, prefix):
         assert (await client.get("/healthz")).status == 200  # alive, just not ready
     finally:
         await worker_bus.close()
+
+
+async def test_a_hostile_after_never_reaches_redis(aiohttp_client, redis_server, prefix, caplog):
+    """A resume's ``after`` of 2**64 and more was a Redis ResponseError (internal, 1011, a
+    traceback); the largest id the gateway takes is still one Redis reads after."""
+    client = await gateway(aiohttp_client, redis_server, prefix)
+    worker_bus = RedisBus(redis_server.url, prefix=prefix)
+    try:
+        async with FakeWorker(worker_bus):
+            ws = await client.ws_connect("/v1/stream")
+            await ws.send_str(start_msg())
+            sid = (await receive_json(ws))["session"]
+            await ws.close()
+            for after in (str(2 ** 64), f"1-{2 ** 64}", f"{2 ** 64 - 1}-{2 ** 64 - 1}"):
+                ws = await client.ws_connect("/v1/stream")
+                await ws.send_str(start_msg(session=sid, after=after))
+                msgs, close = await drain(ws)
+                assert msgs[-1]["reason"] == "bad_after" and close == 4400, msgs
+            ws = await client.ws_connect("/v1/stream")
+            biggest = f"{2 ** 63 - 1}-{2 ** 63 - 1}"
+            await ws.send_str(start_msg(session=sid, after=biggest))
+            ready = await receive_json(ws)
+            assert ready["resumed"] and ready["after"] == biggest
+            await send_audio(ws, 1.0)  # the result pump reads Redis after it: no error (and
+            with pytest.raises(asyncio.TimeoutError):  # no result: theirs are all before it)
+                await ws.receive(timeout=1.5)
+            await ws.close()
+    finally:
+        await worker_bus.close()
+    assert not [r for r in caplog.records if r.levelno >= 30 or r.exc_info]
+
+
+async def test_the_gateway_bus_keeps_audio_and_sessions_as_the_workers_do(redis_server, prefix):
+    """The gateway appends the audio and sets the sessions' expiry: it must use the workers'
+    MIDIMATCH_RETAIN_S / MIDIMATCH_SESSION_TTL_S... (it used RedisBus's defaults)."""
+    from server.serve_cli import gateway_bus
+    from worker.bus import StreamParams
+
+    env = {"MIDIMATCH_RETAIN_S": "3.5", "MIDIMATCH_SESSION_TTL_S": "40",
+           "MIDIMATCH_RESULT_TTL_S": "9", "MIDIMATCH_MAX_RESULTS": "17",
+           "MIDIMATCH_LEASE_MS": "900"}
+    bus = gateway_bus(Settings(redis_url=redis_server.url, redis_prefix=prefix), env)
+    assert (bus.retain_s, bus.session_ttl_ms, bus.result_ttl_ms, bus.max_results,
+            bus.lease_ms, bus.prefix) == (3.5, 40000, 9000, 17, 900, prefix)
+
+    try:
+        sid = await bus.create_session(StreamParams(16000))
+        assert 30000 < int(await bus.r.pttl(bus.meta_key(sid))) <= 40000
+    finally:
+        await bus.close()
