@@ -18,6 +18,7 @@ from collections import Counter, deque
 
 import numpy as np
 from aiohttp import WSMsgType, web
+from redis.exceptions import ResponseError
 
 from server.auth import authorized, unauthorized_response
 from server.metrics import GatewayMetrics
@@ -51,7 +52,8 @@ def service_error(e: Exception, session_id: str | None) -> ProtocolError:
     (retryable, nothing about the infrastructure in its words) when the bus cannot be reached,
     else ``internal`` with a reference that finds the traceback in the log. Logs either."""
     if isinstance(e, (ConnectionError, OSError, asyncio.TimeoutError)) or (
-            isinstance(e, BusError) and e.reason in UNAVAILABLE_REASONS):
+            isinstance(e, BusError) and e.reason in UNAVAILABLE_REASONS
+            and not isinstance(e.__cause__, ResponseError)):  # Redis refused a command: a bug
         closing = isinstance(e, BusError) and e.reason == "closed"  # this gateway stops
         log.log(logging.INFO if closing else logging.WARNING, "the bus is unavailable "
                 "(session %s): %s: %s", session_id, type(e).__name__, e)
@@ -226,6 +228,10 @@ class _Connection:
             if e.reason == "unknown_session":
                 raise ProtocolError("bad_request", "the session expired",
                                     reason="unknown_session") from e
+            if e.reason == "bad_seq":  # the bus lost audio it had taken (Redis restarted)
+                raise ProtocolError("unavailable", "the service lost the last audio it received "
+                                    "(its bus restarted): resume the session and send again from "
+                                    "ready.audio_bytes", reason="audio_lost") from e
             raise
         st.next_seq += 1
         st.audio_bytes += len(pcm)
@@ -276,6 +282,20 @@ class _Connection:
         :func:`~server.protocol.parse_message`)."""
         h = self.h
         state = h.table.get(sid)
+        if state is not None and not state.ended:
+            # The bus is the truth: a Redis restart may have lost the session, or the last audio
+            # this gateway pushed (persistence that lags); then the client sends again from the
+            # bus's position (ready.audio_bytes).
+            try:
+                seq, end_bytes = await bus_position(h.bus, sid, state.params)
+            except BusError as e:
+                if e.reason != "unknown_session":
+                    raise
+                h.table.forget(sid)
+                state = None
+            else:
+                if seq < state.next_seq:
+                    state.next_seq, state.audio_bytes = seq, end_bytes
         if state is None:  # served by another gateway, or before a restart: ask the bus
             known = await h.bus.session_params(sid)
             if known is None:

@@ -327,12 +327,22 @@ async def test_an_unreachable_bus_is_unavailable_and_retryable(aiohttp_client, b
     assert not any(r.exc_info for r in caplog.records)  # an outage is not a traceback
 
 
+@pytest.mark.parametrize("bug", ["key", "redis_refused"])
 async def test_a_bug_is_internal_with_a_reference_to_the_log(aiohttp_client, bus, monkeypatch,
-                                                             caplog):
+                                                             caplog, bug):
+    """A bug, or Redis refusing a command (a ResponseError: Redis answered, so it is not an
+    outage), is ``internal``: not retryable, its detail only in the log."""
+    from redis.exceptions import ResponseError
+
     client = await client_for(aiohttp_client, bus)
     async with FakeWorker(bus):
         async def buggy(*a, **k):
-            raise KeyError("secret detail")
+            if bug == "key":
+                raise KeyError("secret detail")
+            try:
+                raise ResponseError("ERR secret detail")
+            except ResponseError as e:  # as worker/redis_bus.py wraps every RedisError
+                raise BusError(f"Redis failed: {e}", reason="redis_unavailable") from e
         monkeypatch.setattr(bus, "create_session", buggy)
         ws = await client.ws_connect("/v1/stream")
         await ws.send_str(start_msg())
