@@ -30,7 +30,8 @@ from prometheus_client import (
 
 disable_created_metrics()
 
-ERROR_CODES = ("bad_request", "unauthorized", "too_large", "busy", "timeout", "internal")
+ERROR_CODES = ("bad_request", "unauthorized", "too_large", "busy", "timeout", "unavailable",
+               "internal")
 _LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _DECIDE_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
 

@@ -167,3 +167,9 @@ def test_fuzz_any_bytes_decoded_as_text(raw):
 
 def test_depth_bound_is_below_the_recursion_limit():
     assert MAX_DEPTH < 100
+
+
+def test_every_error_code_has_its_metric_series():
+    from server.metrics import ERROR_CODES
+
+    assert set(ERROR_CODES) == set(CLOSE_CODES)
