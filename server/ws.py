@@ -1,9 +1,12 @@
 """Protocol v1 at ``/v1/stream``: one websocket per stream (docs/protocol.md is the reference).
 
-The handler validates everything a client sends, turns PCM messages into numbered bus chunks,
-and forwards the worker's results. It never computes anything: the worker does, behind the bus.
+The handler validates everything a client sends (text messages by
+:func:`server.protocol.parse_message`), turns PCM messages into numbered bus chunks, and
+forwards the worker's results. It never computes anything: the worker does, behind the bus.
 Every error is answered with an ``error`` message and a close code, and touches only its own
-connection.
+connection: the client's mistakes as ``bad_request``/``too_large``/``timeout``, an unreachable
+bus as ``unavailable`` (retryable), anything else as ``internal`` with a reference to the log.
+The token was checked before the upgrade (``server.app.token_middleware``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
 const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token");
 const tokenQuery = token ? `?token=${encodeURIComponent(token)}` : "";
+// With a token, everything the page asks for carries it (the service answers 401 without it):
+// its fetches and its websocket below, and the footer's links.
+for (const a of document.querySelectorAll("a[data-token]")) a.href += tokenQuery;
 const pieces = new Map(); // id → {title, duration_s} from /v1/pieces/{id}, or null
 
 // Below this much audio a leading candidate is noise: the page still says "listening".

@@ -15,7 +15,6 @@ from tests.redis_server import free_port
 from tests.server.conftest import FakeWorker, receive_json, start_msg
 from worker.bus import InProcessBus
 
-pytestmark = pytest.mark.asyncio
 TOKEN = "s3cret-Token"
 PROTECTED = ("/", "/v1/demo", "/v1/pieces/abc", "/metrics")
 
@@ -25,6 +24,7 @@ def bus() -> InProcessBus:
     return InProcessBus()
 
 
+@pytest.mark.asyncio
 async def test_what_the_token_protects(aiohttp_client, bus):
     client = await aiohttp_client(create_app(Settings(auth_token=TOKEN), bus, close_bus=False))
     async with FakeWorker(bus):
@@ -50,6 +50,7 @@ async def test_what_the_token_protects(aiohttp_client, bus):
         assert r.status == 200 and "sessions" in (await r.json())["detail"]
 
 
+@pytest.mark.asyncio
 async def test_without_a_token_everything_is_open(aiohttp_client, bus):
     client = await aiohttp_client(create_app(Settings(), bus, close_bus=False))
     async with FakeWorker(bus):
@@ -58,6 +59,7 @@ async def test_without_a_token_everything_is_open(aiohttp_client, bus):
         assert "detail" in await (await client.get("/readyz")).json()
 
 
+@pytest.mark.asyncio
 async def test_the_access_log_never_holds_the_token(bus, caplog):
     """The page and browsers send ?token=: the access log writes it redacted (it had the token
     in plain text, one line per request), with no Referer (the page's own address has it)."""
@@ -86,3 +88,19 @@ async def test_the_access_log_never_holds_the_token(bus, caplog):
     assert not [line for line in lines if TOKEN in line]
     assert sum("token=REDACTED" in line for line in lines) >= 5
     assert any('"GET /metrics?token=REDACTED&x=1 HTTP/1.1" 200' in line for line in lines)
+
+
+def test_the_page_forwards_its_token_to_everything_it_asks_for():
+    """The page is opened as /?token=…: each fetch, the websocket and the footer's links to
+    protected routes must carry it (a browser test runs the page without a token)."""
+    import re
+    from pathlib import Path
+
+    static = Path(__file__).parents[2] / "server" / "static"
+    js = (static / "app.js").read_text()
+    asks = re.findall(r"(?:fetch|new WebSocket)\((`[^`]*`)", js)
+    assert len(asks) >= 3 and all("${tokenQuery}" in a for a in asks), asks
+    html = (static / "index.html").read_text()
+    links = re.findall(r'<a href="(/[^"]*)"([^>]*)>', html)
+    assert links and all("data-token" in rest for _, rest in links), links
+    assert 'querySelectorAll("a[data-token]")' in js
