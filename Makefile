@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint bench clean train
+.PHONY: install test lint bench clean train images locks
 
 # Re-install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -18,8 +18,16 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# checkov (the policy check of k8s/, tests/k8s/test_policy.py) has many pinned dependencies of
+# its own, so it lives in a venv of its own inside .venv.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(VENV)/checkov/bin/checkov
+$(CHECKOV):
+	test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/python -m pip install -q checkov==$(CHECKOV_VERSION)
+
 # pytest exits 5 when no test ran, which fails this target as it should.
-test: $(STAMP) lint
+test: $(STAMP) lint $(CHECKOV)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -56,3 +64,18 @@ DEMO_INDEX ?= $${MIDIMATCH_CACHE:-$$HOME/.cache/midimatch}/demo-index
 serve: $(STAMP)
 	test -f "$(DEMO_INDEX)/CURRENT" || $(BIN)/midimatch demo prepare --index "$(DEMO_INDEX)"
 	$(BIN)/midimatch serve --index "$(DEMO_INDEX)" --host $(SERVE_HOST) --port $(SERVE_PORT)
+
+# Container images for k8s/ (docs/deploy.md): the gateway (no torch), the worker with CUDA and
+# its CPU variant. DOCKER=podman or buildah-bud also work; BASE= a local base image if no
+# registry is reachable. `make locks` rewrites k8s/images/*.lock from the .venv.
+DOCKER ?= docker
+IMAGE_REPO ?= midimatch
+IMAGE_TAG ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+BASE ?= python:3.11-slim-bookworm
+images:
+	$(DOCKER) build -f k8s/images/gateway.Dockerfile --build-arg BASE=$(BASE) -t $(IMAGE_REPO)/gateway:$(IMAGE_TAG) .
+	$(DOCKER) build -f k8s/images/worker.Dockerfile --build-arg BASE=$(BASE) -t $(IMAGE_REPO)/worker:$(IMAGE_TAG) .
+	$(DOCKER) build -f k8s/images/worker.Dockerfile --build-arg BASE=$(BASE) --build-arg TORCH=cpu -t $(IMAGE_REPO)/worker:$(IMAGE_TAG)-cpu .
+
+locks: $(STAMP)
+	$(BIN)/python k8s/images/lock.py
