@@ -14,6 +14,8 @@ paths. Degenerate cases are defined instead of NaN:
 * a path of one cell has ``s = 1`` (``c = 0``): one frame is no evidence;
 * a submatrix whose mean is 0 (all its frames identical) has ``s = 0`` when the cost is 0 too
   (a perfect match, ``c = 1``) and ``s = inf`` (``c = 0``) when the cost is all penalties.
+
+The kernels release the GIL (``nogil=True``), as :mod:`index.hashdtw_kernels`' do.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Alignment:
     ref_end: int
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sdtw_kernel(cost, penalty, traceback, last_row, last_row_len, last_col, last_col_len):
     """Subsequence DTW on a dense cost matrix, keeping two rows of D.
 
@@ -117,7 +119,7 @@ def _sdtw_kernel(cost, penalty, traceback, last_row, last_row_len, last_col, las
     last_row_len[:] = l_prev
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _select_end(last_row, last_col, g):
     """End cell past the gully, as in the original: (end_i, end_j), last row on a tie."""
     m = last_col.shape[0]
@@ -131,7 +133,7 @@ def _select_end(last_row, last_col, g):
     return m - 1, bj
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _traceback_path(traceback, end_i, end_j):
     p = np.empty(end_i + end_j + 1, np.int64)
     q = np.empty(end_i + end_j + 1, np.int64)

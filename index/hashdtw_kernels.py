@@ -15,6 +15,14 @@ AVX-512 VPOPCNTDQ, ``popcnt`` elsewhere). A block needs only the
 row above it, which is also how :class:`index.hashdtw.IncrementalHashDTW` extends a query without
 recomputing.
 
+Every kernel that can run long is compiled with ``nogil=True``: a long query against many
+references takes hundreds of milliseconds, and holding the GIL that long stalled the worker's
+lease timer and, in ``make serve``, the gateway's event loop (tested: a Python thread keeps
+ticking while a kernel runs). The kernels touch only the arrays they are given, so threads share
+nothing unless a caller shares those (an :class:`index.hashdtw.IncrementalHashDTW` is one
+stream's). Two threads may now launch the ``prange`` kernels at once: numba's ``omp`` and ``tbb``
+threading layers take that; its ``workqueue`` fallback (no libgomp / tbb installed) does not.
+
 The cost field has 29 bits and the length field 32: :func:`_penalty_keys` refuses a problem
 whose cost could overflow (the bound is in :mod:`index.hashdtw`'s docstring).
 """
@@ -82,7 +90,7 @@ def _diagonal(k, q, ref, top, pu, pl, cur, up1, up2):
     top[max(k - n_rows + 1, 0)] = cur[n_rows]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sweep(q, ref, top, col, row0, pu, pl):
     """Advance the DP of one reference by the query rows ``q``.
 
@@ -123,7 +131,7 @@ def _sweep(q, ref, top, col, row0, pu, pl):
             col[row0 + b0 + i] = src[i + 1]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _select_end(top, col, m, n, g):
     """Best end on the last row / column past the gully; returns (cost, length, end_i, end_j)."""
     short = min(m, n)
@@ -147,7 +155,7 @@ def _select_end(top, col, m, n, g):
     return key >> _SHIFT, key & _LENGTH_MASK, end_i, end_j
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pair(q, ref, pu, pl, g):
     """Whole DP of one non-empty pair; returns (cost, length, end_i, end_j)."""
     top = np.zeros(ref.shape[0], np.int64)
@@ -156,7 +164,7 @@ def _pair(q, ref, pu, pl, g):
     return _select_end(top, col, q.shape[0], ref.shape[0], g)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _batch_kernel(q, refs, offsets, pu, pl, g, scores, end_j, end_i, lengths):
     for k in prange(offsets.shape[0] - 1):
         ref = refs[offsets[k]:offsets[k + 1]]
@@ -173,7 +181,7 @@ def _batch_kernel(q, refs, offsets, pu, pl, g, scores, end_j, end_i, lengths):
         lengths[k] = length
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _append_kernel(q, refs, offsets, pu, pl, g, tops, cols, m0, scores, end_j, end_i, lengths):
     m = m0 + q.shape[0]
     for k in prange(offsets.shape[0] - 1):

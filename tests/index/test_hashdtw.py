@@ -283,3 +283,74 @@ def test_median_hamming_is_the_lower_median() -> None:
         flat = np.sort(hamming_matrix(q, r).ravel())
         assert median_hamming(q, r) == flat[(flat.size - 1) // 2]
     assert median_hamming(np.array([0], np.uint16), np.array([0, 3], np.uint16)) == 0
+
+
+# --- the GIL ------------------------------------------------------------------------------------
+
+def longest_stall(fn, *, min_s: float = 0.15) -> tuple[float, float]:
+    """Run ``fn`` on a thread while this one ticks in Python; (fn's seconds, longest tick gap
+    within them). A kernel that holds the GIL stalls the ticks for its whole run, as it would the
+    worker's lease timer or the gateway's event loop."""
+    import threading
+    import time
+
+    span: list[float] = []
+
+    def run() -> None:
+        span.append(time.perf_counter())
+        fn()
+        span.append(time.perf_counter())
+
+    t = threading.Thread(target=run)
+    ticks = [time.perf_counter()]
+    t.start()
+    while t.is_alive():
+        time.sleep(0.001)
+        ticks.append(time.perf_counter())
+    t0, t1 = span
+    inside = [t0] + [x for x in ticks if t0 < x < t1] + [t1]
+    assert t1 - t0 >= min_s, f"the kernel ran {t1 - t0:.3f} s: too short to tell"
+    return t1 - t0, float(np.diff(inside).max())
+
+
+@pytest.mark.parametrize("kind", ["pair", "batch", "incremental"])
+def test_the_kernels_release_the_gil(kind: str) -> None:
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 1 << 16, 1000, dtype=np.uint16)
+    r = rng.integers(0, 1 << 16, 400_000, dtype=np.uint16)
+    offsets = np.array([0, 200_000, 400_000])
+    calls = {"pair": lambda: hash_dtw(q, r, penalty=4),
+             "batch": lambda: hash_dtw_batch(q, r, offsets, penalty=4),
+             "incremental": lambda: IncrementalHashDTW(r, offsets, penalty=4).append(q)}
+    small = {"pair": lambda: hash_dtw(q[:5], r[:50], penalty=4),
+             "batch": lambda: hash_dtw_batch(q[:5], r[:50], offsets // 8000, penalty=4),
+             "incremental": lambda: IncrementalHashDTW(r[:50], offsets // 8000,
+                                                       penalty=4).append(q[:5])}
+    small[kind]()  # compiled (or loaded from the cache) before the timing
+    seconds, stall = longest_stall(calls[kind])
+    assert stall < 0.5 * seconds, f"ticks stalled {stall:.3f} s of a {seconds:.3f} s kernel"
+
+
+def test_two_threads_run_the_parallel_kernels_at_once() -> None:
+    # nogil lets two threads launch the prange kernels together (the worker's tick and another
+    # thread); numba's omp/tbb layers take that, its workqueue layer would abort the process.
+    import threading
+
+    rng = np.random.default_rng(6)
+    q = rng.integers(0, 1 << 16, 300, dtype=np.uint16)
+    r = rng.integers(0, 1 << 16, 60_000, dtype=np.uint16)
+    offsets = np.linspace(0, r.size, 13).astype(np.int64)
+    want = hash_dtw_batch(q, r, offsets, penalty=3)
+    got: list = [None] * 4
+
+    def run(i: int) -> None:
+        got[i] = hash_dtw_batch(q, r, offsets, penalty=3)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g in got:
+        for a, b in zip(g, want, strict=True):
+            np.testing.assert_array_equal(a, b)
