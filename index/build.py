@@ -1,18 +1,16 @@
 """Build or update an index from folders of MIDI files.
 
 ``build_index`` walks the given paths for ``.mid``/``.midi``/``.kar`` files, renders and encodes
-new or changed ones in parallel worker processes, reuses unchanged ones from the existing index,
-and writes a new generation atomically (see :mod:`index.store`). Every file that cannot be used is
-listed in the build report with its reason; one bad file never stops the build.
+new or changed ones in parallel worker processes (:mod:`index.build_pool`, which survives a
+worker's death), reuses unchanged ones from the existing index, and writes a new generation
+atomically (see :mod:`index.store`). Every file that cannot be used is listed in the build report
+with its reason; one bad file, even one that kills its worker process, never stops the build.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import multiprocessing as mp
 import re
-import signal
 import struct
 import time
 from collections.abc import Iterable, Sequence
@@ -23,8 +21,6 @@ import numpy as np
 
 from index import store
 from model.errors import MidimatchError, ModelMismatchError
-
-logger = logging.getLogger(__name__)
 
 MIDI_SUFFIXES = (".mid", ".midi", ".kar")
 MIN_FRAMES = 8  # two hash frames; anything shorter cannot be matched
@@ -93,29 +89,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- worker processes
-_ENCODER = None
-_OPTS: BuildOptions | None = None
-
-
-def _init_worker(opts: BuildOptions) -> None:
-    import torch
-
-    global _ENCODER, _OPTS
-    torch.set_num_threads(1)  # one process per core; threads would only fight
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _ENCODER = _load_encoder(opts)
-    _OPTS = opts
-
-
-class _FileTimeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):  # noqa: ARG001
-    raise _FileTimeout
-
-
+# --------------------------------------------------------------------------- one file
 def encode_file(path: Path, encoder, method: str = "fast") -> tuple[dict, np.ndarray,
                                                                     np.ndarray, np.ndarray]:
     """Parse, render and encode one MIDI file.
@@ -287,28 +261,6 @@ def _varlen(data: bytes, pos: int) -> tuple[int, int]:
     return value, pos
 
 
-def _encode_task(task: tuple[str, str, int, float]):
-    path, sha, size, mtime = task
-    assert _OPTS is not None
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, _OPTS.file_timeout_s)
-    try:
-        ref, hashes, emb, starts = encode_file(Path(path), _ENCODER, _OPTS.method)
-        ref.update(sha256=sha, size_bytes=size, mtime=mtime)
-        return "ok", ref, hashes, emb, starts
-    except _FileTimeout:
-        return "skip", {"path": path, "reason": "timeout",
-                        "message": f"gave up after {_OPTS.file_timeout_s:.0f} s"}
-    except MidimatchError as e:
-        return "skip", {"path": path, "reason": e.reason, "message": e.message}
-    except Exception as e:  # one bad file must never take the build down
-        logger.exception("unexpected failure on %s", path)
-        return "skip", {"path": path, "reason": "internal", "message": f"{type(e).__name__}: {e}"}
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 # --------------------------------------------------------------------------- the build
 def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions | None = None
                 ) -> dict:
@@ -375,8 +327,9 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
             removed += 1
 
     new_parts: dict[str, tuple] = {}
+    deaths = 0
     if todo:
-        new_parts, failed = _run_pool(todo, opts)
+        new_parts, failed, deaths = _run_pool(todo, opts)
         skipped.extend(failed)
         for p in (t[0] for t in todo):  # a changed file that now fails is dropped, not kept stale
             if p in kept and p not in new_parts:
@@ -400,6 +353,7 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
         "seconds": round(elapsed, 3),
         "files_per_s": round(len(todo) / elapsed, 2) if todo else None,
         "workers": opts.workers,
+        "worker_deaths": deaths,
     }
     report["bytes_per_ref"] = round(data.nbytes() / len(parts)) if parts else None
     store.write_index(out, data, report)
@@ -407,34 +361,29 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
 
 
 def _run_pool(todo: list[tuple[str, str, int, float]], opts: BuildOptions
-              ) -> tuple[dict[str, tuple], list[dict]]:
+              ) -> tuple[dict[str, tuple], list[dict], int]:
+    """Encode ``todo`` (see :mod:`index.build_pool`): (parts by path in input order, skipped
+    files, worker deaths survived)."""
     from tqdm import tqdm
+
+    from index.build_pool import run_tasks
 
     done: dict[str, tuple] = {}
     failed: list[dict] = []
     bar = tqdm(total=len(todo), unit="file", desc="indexing", disable=not opts.progress)
 
-    def collect(results) -> None:
-        for res in results:
-            if res[0] == "ok":
-                done[res[1]["path"]] = res[1:]
-            else:
-                failed.append(res[1])
-            bar.update()
-            bar.set_postfix(skipped=len(failed), refresh=False)
+    def collect(res) -> None:
+        if res[0] == "ok":
+            done[res[1]["path"]] = res[1:]
+        else:
+            failed.append(res[1])
+        bar.update()
+        bar.set_postfix(skipped=len(failed), refresh=False)
 
-    workers = max(1, min(opts.workers, len(todo)))
-    if workers == 1:  # in this process: no start-up cost, and easy to debug
-        global _ENCODER, _OPTS
-        _ENCODER, _OPTS = _load_encoder(opts), opts
-        collect(map(_encode_task, todo))
-    else:
-        # spawn, not fork: the parent has torch (and its thread pools) loaded already
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(opts,),
-                      maxtasksperchild=500) as pool:
-            collect(pool.imap_unordered(_encode_task, todo, chunksize=4))
-    bar.close()
+    try:
+        deaths = run_tasks(todo, opts, collect)
+    finally:
+        bar.close()
     # keep the input order so that reference numbers do not depend on scheduling
     order = {t[0]: i for i, t in enumerate(todo)}
-    return dict(sorted(done.items(), key=lambda kv: order[kv[0]])), failed
+    return dict(sorted(done.items(), key=lambda kv: order[kv[0]])), failed, deaths

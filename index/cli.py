@@ -131,6 +131,10 @@ def _build(args: argparse.Namespace) -> int:
           + (f", {report['files_per_s']:.1f} files/s" if report["files_per_s"] else "")
           + (f", {report['bytes_per_ref'] / 1024:.1f} KB/reference"
              if report["bytes_per_ref"] else ""))
+    if report.get("worker_deaths"):
+        print(f"{report['worker_deaths']} worker process(es) died during the build and were "
+              "replaced; the files they were encoding were retried alone (reason worker_died "
+              "for a file that killed its worker twice)")
     reasons: dict[str, int] = {}
     for s in report["skipped"]:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1

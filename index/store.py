@@ -17,11 +17,14 @@ Layout (format ``midimatch-index``, version 1)::
 Arrays are plain ``.npy`` files opened with ``mmap_mode="r"``, so loading 100k references costs
 reading ``refs.jsonl`` and mapping the arrays, not copying them. A build writes a whole new
 generation folder and only then replaces ``CURRENT`` (write a temp file, ``os.replace``): a crash
-at any point leaves the previous generation as the one that loads.
+at any point leaves the previous generation as the one that loads. A write that fails (a full
+disk: ENOSPC) removes what it wrote of the new generation and raises :class:`IndexWriteError`
+(reason ``disk_full``), the previous generation still live.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import IndexFormatError, ModelMismatchError
+from model.errors import IndexFormatError, MidimatchError, ModelMismatchError
 
 FORMAT = "midimatch-index"
 VERSION = 1
@@ -180,33 +183,38 @@ def write_index(root: str | Path, data: IndexData, report: dict | None = None) -
 
     Returns the new generation folder. Older generations and abandoned temp folders are removed
     after the switch.
+
+    Raises
+    ------
+    IndexWriteError
+        The new generation could not be written (``disk_full``: no space left or over quota;
+        ``write_failed``: any other OS error). What was written of it is removed, and the
+        previous generation stays the live one, untouched.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IndexWriteError.of(root, e) from e
     existing = sorted(p.name for p in root.glob("gen-*") if p.is_dir())
     number = 1 + max((int(n.split("-")[1]) for n in existing), default=0)
     name = f"gen-{number:06d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    meta = dict(data.meta, format=FORMAT, version=VERSION, n_refs=len(data.refs),
-                written_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    _write_file(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
-    _write_file(tmp / "refs.jsonl", _refs_jsonl(data.refs))
-    for n in _ARRAYS:
-        arr = np.ascontiguousarray(getattr(data, n))
-        with open(tmp / f"{n}.npy", "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-    if report is not None:
-        _write_file(tmp / "build_report.json", json.dumps(report, indent=2, sort_keys=True))
-    _fsync_dir(tmp)
-    final = root / name
-    tmp.rename(final)
-    _write_file(root / "CURRENT.tmp", name + "\n")
-    os.replace(root / "CURRENT.tmp", root / "CURRENT")  # the commit point
+    tmp, final = root / f".tmp-{name}-{os.getpid()}", root / name
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_generation(tmp, data, report)
+        tmp.rename(final)
+        _write_file(root / "CURRENT.tmp", name + "\n")
+        os.replace(root / "CURRENT.tmp", root / "CURRENT")  # the commit point
+    except OSError as e:
+        # Before the commit point: give the space back (a full disk stays full otherwise)
+        # and leave CURRENT as it was.
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        (root / "CURRENT.tmp").unlink(missing_ok=True)
+        raise IndexWriteError.of(root, e) from e
     _fsync_dir(root)
     for old in root.iterdir():
         if old.is_dir() and old.name != name and (
@@ -214,6 +222,43 @@ def write_index(root: str | Path, data: IndexData, report: dict | None = None) -
         ):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class IndexWriteError(MidimatchError, OSError):
+    """A new index generation could not be written; the previous one is still live.
+
+    Also an ``OSError`` (with the cause's ``errno``), so that code catching the OS error the
+    write raised before still catches it.
+    """
+
+    reason = "write_failed"
+
+    @classmethod
+    def of(cls, root: Path, e: OSError) -> IndexWriteError:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "no space left on the device" if full else (e.strerror or str(e))
+        where = f" ({e.filename})" if e.filename else ""
+        err = cls(f"cannot write the index at {root}: {what}{where}; the previous index, if "
+                  "any, is unchanged and still the live one",
+                  reason="disk_full" if full else "write_failed")
+        err.errno = e.errno
+        return err
+
+
+def _write_generation(folder: Path, data: IndexData, report: dict | None) -> None:
+    meta = dict(data.meta, format=FORMAT, version=VERSION, n_refs=len(data.refs),
+                written_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _write_file(folder / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+    _write_file(folder / "refs.jsonl", _refs_jsonl(data.refs))
+    for n in _ARRAYS:
+        arr = np.ascontiguousarray(getattr(data, n))
+        with open(folder / f"{n}.npy", "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+    if report is not None:
+        _write_file(folder / "build_report.json", json.dumps(report, indent=2, sort_keys=True))
+    _fsync_dir(folder)
 
 
 def concat(

@@ -129,6 +129,211 @@ def test_cli_build_and_info(midi_folder, tmp_path, capsys):
     assert "no CURRENT" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------- faults: dead workers, disk
+def _bounded(fn, timeout_s: float):
+    """fn() on a daemon thread; fail (instead of hanging the suite) past ``timeout_s``."""
+    import threading
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"still running after {timeout_s} s: hung"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _dies_on_poison(task):
+    """Stands in for ``index.build_pool._encode_task`` in the pool's processes: SIGKILL, as the
+    out-of-memory killer sends it, whenever it is handed poison.mid."""
+    import os
+    import signal
+
+    from index import build_pool
+
+    if task[0].endswith("poison.mid"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return build_pool._encode_task(task)
+
+
+def _init_dies(opts, marks):  # noqa: ARG001
+    import os
+
+    os._exit(3)  # a worker that cannot even start (say, the model cannot be loaded)
+
+
+def test_a_file_that_kills_its_worker_twice_is_skipped_and_the_build_ends(
+        midi_folder, tmp_path, monkeypatch):
+    from index import build_pool
+
+    # A valid MIDI file, so only its worker's death can keep it out.
+    (midi_folder / "poison.mid").write_bytes((midi_folder / "piece2.mid").read_bytes())
+    monkeypatch.setattr(build_pool, "_encode_task", _dies_on_poison)
+    out = tmp_path / "idx"
+    report = _bounded(lambda: build_index(out, [midi_folder],
+                                          BuildOptions(workers=2, progress=False)), 300)
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in report["skipped"]}
+    assert reasons == {"fake.mid": "not_midi", "truncated.mid": reasons["truncated.mid"],
+                       "empty.mid": "no_notes", "poison.mid": "worker_died"}
+    # every good file, the ones in flight beside poison.mid included, is in
+    assert report["n_refs"] == report["encoded"] == 5
+    assert report["worker_deaths"] == 2  # once in the shared pool, once alone
+    assert "died twice" in next(s["message"] for s in report["skipped"]
+                                if s["reason"] == "worker_died")
+    assert store.load_index(out).report == report
+
+
+def test_workers_that_die_before_any_file_stop_the_build_with_a_clear_error(
+        midi_folder, tmp_path, monkeypatch):
+    from index import build_pool
+    from model.errors import MidimatchError
+
+    out = tmp_path / "idx"
+    build_index(out, [midi_folder / "piece0.mid"], OPTS)
+    monkeypatch.setattr(build_pool, "_init_worker", _init_dies)
+    with pytest.raises(MidimatchError, match="without getting through any file") as e:
+        _bounded(lambda: build_index(out, [midi_folder], BuildOptions(
+            workers=2, rebuild=True, progress=False)), 300)
+    assert e.value.reason == "workers_died"
+    assert len(store.load_index(out)) == 1  # the previous index is still the live one
+
+
+def _pool_workers(parent: int) -> list[int]:
+    """Pids of ``parent``'s multiprocessing workers (its resource tracker left out)."""
+    from pathlib import Path
+
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"spawn_main" in cmd:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_sigkill_of_a_pool_worker_mid_rebuild_is_survived(tmp_path):
+    # The issue's reproduction: `midimatch index build --rebuild` with a pool process killed
+    # mid-build (as the out-of-memory killer would) ran forever at ~0 % CPU.
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    n = 60
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for i in range(n):
+        make_piece(300 + i, duration_s=20.0, drums=False).write(str(songs / f"s{i:03d}.mid"))
+    out = tmp_path / "idx"
+    cmd = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
+           "index", "build", str(out), str(songs), "--rebuild", "--workers", "2", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[2])
+    err = bytearray()
+
+    def read_stderr() -> None:
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            err.extend(chunk)
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    killed = None
+    deadline = time.monotonic() + 240
+    try:
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            done = [int(m) for m in re.findall(rb"(\d+)/%d" % n, bytes(err))]
+            if done and max(done) >= 3:  # encoding is under way (tqdm's k/n)
+                workers = _pool_workers(proc.pid)
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = workers[0]
+            time.sleep(0.02)
+        stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "the build ended before a worker could be killed"
+    assert proc.returncode == 0, bytes(err).decode(errors="replace")[-2000:]
+    report = json.loads(stdout)
+    assert report["worker_deaths"] == 1
+    assert report["encoded"] == report["n_refs"] == n and report["skipped"] == []
+
+
+_DISK_FULL_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+from index import store
+from index.build import BuildOptions, build_index
+from server.cli import main
+
+songs, disk = Path(sys.argv[1]), Path(sys.argv[2])
+out = disk / "idx"
+first = build_index(out, [songs / "s000.mid"], BuildOptions(workers=1, progress=False))
+filler = open(disk / "filler", "wb", buffering=0)
+try:  # fill the disk, then give back a little: the new generation starts and cannot finish
+    while True:
+        filler.write(b"\0" * 4096)
+except OSError:
+    pass
+filler.close()
+os.truncate(disk / "filler", os.path.getsize(disk / "filler") - 48 * 1024)
+free = os.statvfs(disk).f_bavail
+code = main(["index", "build", str(out), str(songs), "--rebuild", "--workers", "1",
+             "--no-progress"])
+idx = store.load_index(out)
+print(json.dumps({"code": code, "first_refs": first["n_refs"], "refs": len(idx),
+                  "gen": idx.path.name, "left": sorted(p.name for p in out.iterdir()),
+                  "free_before": free, "free_after": os.statvfs(disk).f_bavail}))
+"""
+
+
+def test_a_full_disk_fails_the_build_clearly_and_keeps_the_previous_index(tmp_path):
+    # A real ENOSPC from a small tmpfs, mounted in a user namespace of its own
+    # (unshare -rm: no privileges needed where user namespaces are allowed).
+    import shutil as sh
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not sh.which("unshare") or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespaces here to mount a small tmpfs in")
+    songs, disk = tmp_path / "songs", tmp_path / "disk"
+    songs.mkdir()
+    disk.mkdir()
+    for i in range(12):
+        make_piece(400 + i, duration_s=30.0).write(str(songs / f"s{i:03d}.mid"))
+    script = tmp_path / "disk_full.py"
+    script.write_text(_DISK_FULL_SCRIPT)
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c",
+         f'mount -t tmpfs -o size=2m none "{disk}" && exec "{sys.executable}" "{script}" '
+         f'"{songs}" "{disk}"'],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res["code"] == 2  # the CLI's error exit, no traceback
+    assert "midimatch: error: cannot write the index" in run.stderr
+    assert "no space left on the device" in run.stderr and "Traceback" not in run.stderr
+    assert res["refs"] == res["first_refs"] == 1 and res["gen"] == "gen-000001"
+    assert res["left"] == ["CURRENT", "gen-000001"]  # the partial generation is gone
+    assert res["free_after"] >= res["free_before"]  # and its space given back
+
+
 # ------------------------------------------------------------------------------------ titles
 def _with_first_track_meta(src, dst, *metas: mido.MetaMessage, fmt: int | None = None):
     """``src`` (a pretty_midi file) with ``metas`` at tick 0 of its first track; ``fmt=0``
