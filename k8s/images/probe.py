@@ -1,7 +1,8 @@
 """Health checks for the images (Dockerfile HEALTHCHECK) and Kubernetes exec probes.
 
 ``python /app/probe.py gateway``       the gateway answers ``/healthz`` on its port
-``python /app/probe.py worker-live``   the worker's Prometheus endpoint answers (process alive)
+``python /app/probe.py worker-live``   the worker's Prometheus endpoint answers and it does not
+                                        report a hung tick (``midimatch_worker_stalled``)
 ``python /app/probe.py worker-ready``  the worker's heartbeat key is in Redis: it sets the key
                                         once its engine (model + index) is loaded and renews it
                                         every lease/3, so this is "loaded, and its lease task runs"
@@ -17,26 +18,38 @@ import os
 import sys
 import urllib.request
 
+STALLED = "midimatch_worker_stalled"
 
-def _get(port: int, path: str) -> bool:
+
+def _get(port: int, path: str) -> bytes | None:
+    """The body of a 2xx answer, else None."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
-            return 200 <= r.status < 300
+            return r.read() if 200 <= r.status < 300 else None
     except OSError:
-        return False
+        return None
 
 
 def gateway() -> bool:
     from server.settings import Settings
 
-    return _get(Settings.from_env().port, "/healthz")
+    return _get(Settings.from_env().port, "/healthz") is not None
 
 
 def worker_live() -> bool:
     from worker.settings import WorkerSettings
 
     port = WorkerSettings.from_env().metrics_port
-    return port == 0 or _get(port, "/metrics")
+    if port == 0:
+        return True
+    body = _get(port, "/metrics")
+    if body is None:
+        return False
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith(STALLED + " ") and float(line.split()[1]) > 0:
+            print("the worker reports a hung tick", file=sys.stderr)
+            return False
+    return True
 
 
 def worker_ready() -> bool:

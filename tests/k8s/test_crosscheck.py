@@ -278,3 +278,29 @@ def test_keda_reads_the_stream_and_group_the_workers_use():
     for t in triggers:
         target = int(t["metadata"].get("streamLength") or t["metadata"]["pendingEntriesCount"])
         assert 0 < target <= max_sessions
+
+
+def test_probe_reads_a_metric_the_worker_exports():
+    sys.path.insert(0, str(K8S / "images"))
+    try:
+        import probe
+    finally:
+        sys.path.pop(0)
+    names, _ = exported_metrics()
+    assert probe.STALLED in names
+
+
+def test_prometheus_sends_the_token_when_the_gateway_guards_metrics():
+    """With MIDIMATCH_AUTH_TOKEN set (the Secret's auth-token), the gateway answers /metrics
+    only with the token unless the code leaves /metrics open."""
+    from server import app
+
+    docs = render("overlays/prod")
+    pm = one(docs, "PodMonitor", "midimatch-gateway")
+    gw = one(docs, "Deployment", "midimatch-gateway")
+    sets_token = "MIDIMATCH_AUTH_TOKEN" in json.dumps(gw)
+    guarded = "/metrics" not in getattr(app, "OPEN_PATHS", {"/metrics"})
+    for ep in pm["spec"]["podMetricsEndpoints"]:
+        if sets_token and guarded:
+            cred = ep["authorization"]["credentials"]
+            assert (cred["name"], cred["key"]) == ("midimatch-secrets", "auth-token")

@@ -57,8 +57,11 @@ ROWS = [
         ("Claims and takeovers per s", "ops", [
             ("sum(rate(midimatch_worker_sessions_claimed_total[5m]))", "claimed (new)"),
             ("sum(rate(midimatch_worker_sessions_reclaimed_total[5m]))", "taken over")]),
-        ("Degraded ticks per s", "ops", [
-            ("sum(rate(midimatch_worker_degraded_ticks_total[5m]))", "degraded")]),
+        ("Degraded ticks per s, stalled workers", "short", [
+            ("sum(rate(midimatch_worker_degraded_ticks_total[5m]))", "degraded ticks/s"),
+            ("sum(midimatch_worker_stalled)", "stalled workers"),
+            ("sum(rate(midimatch_worker_audio_skipped_seconds_total[5m]))",
+             "audio skipped, s/s")]),
     ]),
     ("Errors", [
         ("Gateway errors by code per s", "ops", [
