@@ -146,11 +146,17 @@ class Claim:
 
     ``reclaimed`` is True when another worker held it before (it died or handed it back): the
     new owner rebuilds its state from the retained audio (``read_audio(after_seq=-1)``).
+
+    ``error`` is set (and ``params`` is None) when the session cannot be served: its stored
+    parameters do not parse (``bad_params``). It is claimed all the same, so that one bad
+    session never holds up the others of the batch: the worker fails it with an error result
+    to its client and finishes it (which acks its hand-out entry).
     """
 
     session_id: str
-    params: StreamParams
+    params: StreamParams | None
     reclaimed: bool = False
+    error: BusError | None = None
 
 
 @dataclass(frozen=True)
@@ -170,12 +176,33 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class Workload:
+    """What a worker needs for its fair share of the sessions (``worker.runner.fair_share``)."""
+
+    sessions: int  # sessions held or waiting for a worker (approximately: expired ones linger)
+    capacity: int  # sum of the alive workers' advertised capacity
+
+
+@dataclass(frozen=True)
 class AudioBatch:
     """What :meth:`Bus.read_audio` returns: chunks in ``seq`` order and whether the stream ended
-    after the last of them (the client said stop, or its grace period ran out)."""
+    after the last of them (the client said stop, or its grace period ran out).
+
+    ``missing`` counts the chunks after ``after_seq`` that are no longer retained: the reader
+    fell more than the retained window behind (a client sending faster than real time), so
+    ``chunks`` starts later than asked. Always 0 for ``after_seq=-1`` (reading what is retained
+    is the point of it)."""
 
     chunks: list[AudioChunk]
     ended: bool
+    missing: int = 0
+
+
+def missing_after(after_seq: int, chunks: list[AudioChunk]) -> int:
+    """Chunks between ``after_seq`` and the first of ``chunks`` (read after it) that are gone."""
+    if after_seq < 0 or not chunks:
+        return 0
+    return max(0, chunks[0].seq - after_seq - 1)
 
 
 class Bus(ABC):
@@ -240,8 +267,16 @@ class Bus(ABC):
         """Chunks with ``seq > after_seq`` still retained, in order (-1: all retained)."""
 
     @abstractmethod
-    async def publish_result(self, session_id: str, result: dict) -> str:
-        """Publish one result; returns its result id."""
+    async def workload(self) -> Workload:
+        """Sessions to serve and the alive workers' capacity, cheaply (every claim asks)."""
+
+    @abstractmethod
+    async def publish_result(self, session_id: str, result: dict,
+                             owner: str | None = None) -> str | None:
+        """Publish one result; returns its result id. With ``owner`` (a worker always gives
+        it) the result is published only while that worker owns the session, checked in the
+        same atomic step: None when it does not (its lease lapsed and another worker took the
+        session, or it was finished), and nothing is stored."""
 
     @abstractmethod
     async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:
@@ -255,6 +290,14 @@ class Bus(ABC):
     async def finish(self, worker_id: str, session_id: str) -> None:
         """The session is over and its final result published: forget it (results stay
         readable for the resume grace period)."""
+
+    async def retire(self, worker_id: str) -> None:  # noqa: B027 - nothing to do in process
+        """A worker shutting down cleanly, after ``release``: forget it (its consumer in the
+        group) unless it still holds something."""
+
+    async def reap(self, idle_s: float) -> int:
+        """Forget workers dead for over ``idle_s`` that hold nothing; returns how many."""
+        return 0
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to do in process
         """Release connections."""

@@ -41,8 +41,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from worker.metrics import WorkerMetrics
     from worker.redis_bus import RedisBus
-    from worker.runner import Worker, build_engine
+    from worker.runner import Worker
     from worker.settings import WorkerSettings, WorkerSettingsError
+    from worker.startup import build_engine
 
     settings = WorkerSettings.from_env(
         index=args.index, redis_url=args.redis_url, device=args.device, weights=args.weights,
@@ -61,10 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         start_http_server(settings.metrics_port, registry=metrics.registry)
 
     async def main() -> None:
-        bus = RedisBus(settings.redis_url, prefix=settings.redis_prefix,
-                       lease_ms=settings.lease_ms, retain_s=settings.retain_s,
-                       max_results=settings.max_results, session_ttl_s=settings.session_ttl_s,
-                       result_ttl_s=settings.result_ttl_s)
+        bus = RedisBus.from_settings(settings.bus)  # the gateways build theirs the same way
         worker = Worker(bus, lambda: build_engine(settings, metrics), settings, metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

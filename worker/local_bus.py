@@ -17,7 +17,9 @@ from worker.bus import (
     Capacity,
     Claim,
     StreamParams,
+    Workload,
     distinct,
+    missing_after,
     new_session_id,
     result_id_key,
 )
@@ -216,10 +218,21 @@ class InProcessBus(Bus):
         s = self._get(session_id)
         chunks = [c for c in s.audio if c.seq > after_seq][:max_chunks]
         last = chunks[-1].seq if chunks else after_seq
-        return AudioBatch(chunks, s.ended and last >= s.next_seq - 1)
+        return AudioBatch(chunks, s.ended and last >= s.next_seq - 1,
+                          missing_after(after_seq, chunks))
 
-    async def publish_result(self, session_id: str, result: dict) -> str:
+    async def workload(self) -> Workload:
+        self._expire()
+        now = time.monotonic()
+        return Workload(sum(1 for s in self._sessions.values() if not s.finished),
+                        sum(cap for t, cap, _, _ in self._workers.values()
+                            if now - t <= self.lease_s))
+
+    async def publish_result(self, session_id: str, result: dict,
+                             owner: str | None = None) -> str | None:
         s = self._get(session_id)
+        if owner is not None and (s.owner != owner or s.finished):
+            return None
         rid = f"{next(self._ids)}-0"
         s.results.append((rid, result))
         s.touched = time.monotonic()
@@ -245,6 +258,9 @@ class InProcessBus(Bus):
             if s is not None and s.owner == worker_id:
                 s.owner, s.lease_until = None, 0.0
         await self._notify()
+
+    async def retire(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
 
     async def finish(self, worker_id: str, session_id: str) -> None:
         s = self._sessions.get(session_id)

@@ -23,7 +23,10 @@ disable_created_metrics()
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 STAGES = ("features", "networks", "prune", "verify", "confirm", "tick")
-ERROR_KINDS = ("bad_audio", "internal", "bus", "lease_lost", "audio_dropped")
+# bad_session: a claimed session whose stored parameters do not parse (failed alone);
+# audio_gap: audio trimmed from the bus before the worker read it; stalled: a hung tick.
+ERROR_KINDS = ("bad_audio", "internal", "bus", "lease_lost", "audio_dropped", "bad_session",
+               "audio_gap", "stalled")
 
 
 class WorkerMetrics:
@@ -66,6 +69,14 @@ class WorkerMetrics:
         self.degraded_ticks_total = Counter(
             "midimatch_worker_degraded_ticks_total",
             "Ticks that skipped verification for some sessions because the worker fell behind",
+            registry=r)
+        self.audio_skipped_seconds_total = Counter(
+            "midimatch_worker_audio_skipped_seconds_total",
+            "Stream time trimmed from the bus before this worker read it (it fell more than the "
+            "retained window behind), s", registry=r)
+        self.stalled = Gauge(
+            "midimatch_worker_stalled",
+            "1 while a tick has run past stall_s: leases are left to lapse for other workers",
             registry=r)
         self.errors_total = Counter(
             "midimatch_worker_errors_total", "Errors by kind", ["kind"], registry=r)

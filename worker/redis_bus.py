@@ -1,34 +1,24 @@
-"""The bus over Redis streams: any number of gateways and workers. Every Redis key is named here.
+"""The bus over Redis streams: any number of gateways and workers.
 
-Key layout (``P`` is the prefix, ``mm`` by default; ``{id}`` a session id)
-----------------------------------------------------------------------------
-``P:sessions``            stream, the hand-out queue; consumer group ``workers``, one consumer
-                          per worker id. Entry ``{s: id}``. A session's current entry id is in
-                          its meta hash (``x``); while a worker owns the session the entry sits
-                          in that worker's pending list (PEL).
-``P:s:{id}:meta``         hash: ``sr ch enc`` (stream parameters), ``x`` (hand-out entry),
-                          ``n`` (times claimed: > 1 means reclaimed), ``o`` (last owner),
-                          ``e`` (ended), ``d`` (done: finished, results kept for resuming).
-``P:s:{id}:audio``        stream of chunks. Entry id ``{t_ms}-{seq + 1}`` (stream time in ms,
-                          then the sequence number), fields ``t`` (t_s, exact) and ``p`` (PCM);
-                          trimmed with ``MINID ~`` to the last ``retain_s`` of *stream* time,
-                          whatever the chunk size. The end marker is one more entry, field ``e``.
-``P:s:{id}:results``      stream of results, field ``r`` (JSON), ``MAXLEN ~ max_results``; the
-                          Redis entry ids are the result ids a reconnecting client resumes from.
-``P:active``              set of session ids created and not finished (pruned of expired ones).
-``P:workers``             set of worker ids; ``P:w:{worker}`` their heartbeat, value = capacity,
-                          expiring after ``lease_ms`` (Redis's clock, so no skew between hosts);
-                          beside it, with the same expiry, ``P:w:{worker}:notes`` (JSON list of
-                          notes for the operator) and ``P:w:{worker}:calibration`` (JSON: the
-                          calibration it decides with), both read by ``/readyz``.
+Every key is named in :mod:`worker.redis_keys` (the layout is documented there); audio reads are
+:mod:`worker.redis_audio`'s, result reads :mod:`worker.redis_results`'s, every check-and-act on a
+session a Lua script of :mod:`worker.redis_scripts`.
 
 Leases. The lease is the PEL entry's idle time: the owner resets it with ``XCLAIM … 0 … JUSTID``
 (``renew``, a Lua script that first checks the entry is still in *its* PEL, so a worker whose
 lease lapsed and was taken over can never steal it back). A worker that stops renewing loses the
 entry to the next ``claim`` by anyone (``XAUTOCLAIM`` with min-idle ``lease_ms``). ``release``
 acks the entry and queues a fresh one so another worker claims it at once; ``finish`` acks and
-deletes it. Ownership checks and their effects run in one Lua script each, atomically
-(:mod:`worker.redis_scripts`).
+deletes it. Ownership checks and their effects run in one Lua script each, atomically, and
+``publish_result`` is one of them (fenced): a worker whose lease was taken over cannot publish,
+even before its next ``renew`` tells it.
+
+A session whose stored parameters do not parse is claimed all the same, as a ``Claim`` with an
+``error``, so the rest of the batch goes on; the worker fails it (an error result) and finishes it.
+
+Consumers. A worker that shuts down cleanly calls ``retire``: its heartbeat keys go at once (its
+capacity leaves ``/readyz``) and its consumer is deleted from the group if its PEL is empty.
+``reap`` deletes the consumers of dead workers (no heartbeat) idle for long, PEL empty.
 
 Sequence numbers. ``push_audio`` (a Lua script) appends only the next ``seq``: a duplicate is
 ignored (returns False; a client re-sending after a reconnect is harmless), a gap is an error.
@@ -44,20 +34,14 @@ drop them; the consumer group is re-created on the next ``claim``. While Redis i
 every call raises :class:`~worker.bus.BusError` with reason ``redis_unavailable``; redis-py
 reconnects by itself once it is back.
 
-Result reads (gateway side). ``read_results`` does not hold a connection per waiting session:
-its first look (``EXISTS`` meta + ``XRANGE`` results) is batched with every other look made at
-the same time into one pipeline, and a call that has to wait registers with the bus's
-:class:`~worker.redis_results.ResultsDispatcher`, whose one background task issues a single
-short ``XREAD BLOCK`` (100 ms) over every watched results key (1000 keys per XREAD, chunks read
-concurrently) and hands each waiter the entries after its own ``after``. So a gateway's result
-reads use one connection for looks and one per 1000 waiting streams (redis-py 8's pool holds
-at most 100 by default); the task stops when nothing is watched and ``close`` ends it (waiters
-get ``closed``). A Redis error in it reaches its waiters as ``redis_unavailable``.
+Result reads (gateway side) go through one :class:`~worker.redis_results.ResultsDispatcher`
+per bus: looks batched into one pipeline, waits served by one shared short ``XREAD BLOCK``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -77,15 +61,18 @@ from worker.bus import (
     Capacity,
     Claim,
     StreamParams,
+    Workload,
     distinct,
     new_session_id,
     result_id_key,
 )
+from worker.redis_audio import AudioReader, seq_of
+from worker.redis_keys import GROUP, RedisKeys
 from worker.redis_results import ResultsDispatcher
+from worker.settings import BusSettings
 
-GROUP = "workers"
-_MAX_BACKWARD = 4096  # entries fetched newest-first to find a chunk without a cursor
-_MAX_CURSORS = 4096  # sessions whose read position this client remembers
+logger = logging.getLogger(__name__)
+_DEFAULTS = BusSettings()
 
 
 @contextmanager
@@ -99,13 +86,15 @@ def _redis_errors() -> Iterator[None]:
                        reason="redis_unavailable") from e
 
 
-def _seq_of(entry_id: bytes | str) -> int:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(s.split("-")[1]) - 1
+def _params(sr: bytes | None, ch: bytes | None, enc: bytes | None) -> StreamParams:
+    """Stream parameters as stored in a meta hash. Raises ``BusError`` ``bad_params``."""
+    return StreamParams.from_dict({"sample_rate": sr, "channels": ch or 1,
+                                   "encoding": (enc or b"pcm_s16le").decode(errors="replace")})
 
 
-class RedisBus(Bus):
-    """:class:`~worker.bus.Bus` over Redis streams (layout in the module docstring).
+class RedisBus(RedisKeys, Bus):
+    """:class:`~worker.bus.Bus` over Redis streams (module docstring; keys in
+    :mod:`worker.redis_keys`).
 
     Parameters
     ----------
@@ -126,11 +115,17 @@ class RedisBus(Bus):
         A finished session's results stay readable this long.
     client : redis.asyncio.Redis | None
         An existing client (``decode_responses=False``); one is made from ``url`` otherwise.
+
+    The defaults are :class:`~worker.settings.BusSettings`'s; a process builds its bus with
+    :meth:`from_settings`, so gateways and workers use the same values.
     """
 
-    def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str = "mm",
-                 lease_ms: int = 5000, retain_s: float = 20.0, max_results: int = 1000,
-                 session_ttl_s: float = 300.0, result_ttl_s: float = 120.0,
+    def __init__(self, url: str = "redis://localhost:6379/0", *,
+                 prefix: str = _DEFAULTS.redis_prefix,
+                 lease_ms: int = _DEFAULTS.lease_ms, retain_s: float = _DEFAULTS.retain_s,
+                 max_results: int = _DEFAULTS.max_results,
+                 session_ttl_s: float = _DEFAULTS.session_ttl_s,
+                 result_ttl_s: float = _DEFAULTS.result_ttl_s,
                  client: aioredis.Redis | None = None) -> None:
         if lease_ms <= 0 or retain_s <= 0 or max_results <= 0:
             raise BusError("lease_ms, retain_s and max_results must be positive",
@@ -152,44 +147,22 @@ class RedisBus(Bus):
         self._finish = self.r.register_script(lua.FINISH)
         self._adopt = self.r.register_script(lua.ADOPT)
         self._create = self.r.register_script(lua.CREATE)
+        self._publish = self.r.register_script(lua.PUBLISH)
+        self._forget = self.r.register_script(lua.FORGET)
         self.dispatcher = ResultsDispatcher(self.r)  # every read_results of this client
+        self.audio = AudioReader(self.r)  # every read_audio of this client
         self._group_ready = False
-        self._cursor: dict[str, tuple[int, bytes]] = {}  # session → (last seq read, entry id)
 
-    # ------------------------------------------------------------------ key names
-    @property
-    def sessions_key(self) -> str:
-        return f"{self.prefix}:sessions"
-
-    @property
-    def active_key(self) -> str:
-        return f"{self.prefix}:active"
-
-    @property
-    def workers_key(self) -> str:
-        return f"{self.prefix}:workers"
-
-    def worker_key(self, worker_id: str) -> str:
-        return f"{self.prefix}:w:{worker_id}"
-
-    def notes_key(self, worker_id: str) -> str:
-        return f"{self.prefix}:w:{worker_id}:notes"
-
-    def calibration_key(self, worker_id: str) -> str:
-        return f"{self.prefix}:w:{worker_id}:calibration"
-
-    def meta_key(self, sid: str) -> str:
-        return f"{self.prefix}:s:{sid}:meta"
-
-    def audio_key(self, sid: str) -> str:
-        return f"{self.prefix}:s:{sid}:audio"
-
-    def results_key(self, sid: str) -> str:
-        return f"{self.prefix}:s:{sid}:results"
-
-    def session_keys(self, sid: str) -> list[str]:
-        """Every key of one session."""
-        return [self.meta_key(sid), self.audio_key(sid), self.results_key(sid)]
+    @classmethod
+    def from_settings(cls, settings: BusSettings, *, client: aioredis.Redis | None = None
+                      ) -> RedisBus:
+        """The bus ``settings`` describe (``redis_url`` must be set unless ``client`` is)."""
+        if settings.redis_url is None and client is None:
+            raise BusError("no Redis URL in the bus settings", reason="bad_settings")
+        return cls(settings.redis_url or "", prefix=settings.redis_prefix,
+                   lease_ms=settings.lease_ms, retain_s=settings.retain_s,
+                   max_results=settings.max_results, session_ttl_s=settings.session_ttl_s,
+                   result_ttl_s=settings.result_ttl_s, client=client)
 
     # ------------------------------------------------------------------ gateway side
     async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
@@ -206,10 +179,7 @@ class RedisBus(Bus):
     async def session_params(self, session_id: str) -> StreamParams | None:
         with _redis_errors():
             m = await self.r.hmget(self.meta_key(session_id), "sr", "ch", "enc")
-        if m[0] is None:
-            return None
-        return StreamParams.from_dict({"sample_rate": m[0], "channels": m[1] or 1,
-                                       "encoding": (m[2] or b"pcm_s16le").decode()})
+        return None if m[0] is None else _params(*m)
 
     async def _push_entry(self, session_id: str, seq: int, t_s: float, pcm: bytes,
                           is_end: bool) -> tuple[int, int]:
@@ -250,7 +220,7 @@ class RedisBus(Bus):
             raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
         if not last:
             return -1
-        seq = _seq_of(last[0][0])
+        seq = seq_of(last[0][0])
         return seq - 1 if b"e" in last[0][1] else seq
 
     async def read_results(self, session_id: str, after: str = "0",
@@ -267,26 +237,29 @@ class RedisBus(Bus):
                     got = await self.dispatcher.wait(key, after, timeout_s)
         return [(eid.decode(), json.loads(f[b"r"])) for eid, f in got]
 
+    async def _live_workers(self) -> tuple[list[str], list[bytes | None]]:
+        """Registered workers and their heartbeats (None: dead, dropped from the set)."""
+        workers = [w.decode() for w in await self.r.smembers(self.workers_key)]
+        caps = await self.r.mget([self.worker_key(w) for w in workers]) if workers else []
+        dead = [w for w, c in zip(workers, caps, strict=True) if c is None]
+        if dead:
+            await self.r.srem(self.workers_key, *dead)
+        return workers, caps
+
     async def capacity(self) -> Capacity:
         with _redis_errors():
-            workers = [w.decode() for w in await self.r.smembers(self.workers_key)]
-            caps = await self.r.mget([self.worker_key(w) for w in workers]) if workers else []
+            workers, caps = await self._live_workers()
             said = await self.r.mget([self.notes_key(w) for w in workers]) if workers else []
             cals = (await self.r.mget([self.calibration_key(w) for w in workers])
                     if workers else [])
-            dead = [w for w, c in zip(workers, caps, strict=True) if c is None]
             active = [s.decode() for s in await self.r.smembers(self.active_key)]
             async with self.r.pipeline(transaction=False) as p:
                 for sid in active:
                     p.exists(self.meta_key(sid))
                 alive = await p.execute()
             gone = [s for s, a in zip(active, alive, strict=True) if not a]
-            async with self.r.pipeline(transaction=False) as p:
-                if dead:
-                    p.srem(self.workers_key, *dead)
-                if gone:
-                    p.srem(self.active_key, *gone)
-                await p.execute()
+            if gone:
+                await self.r.srem(self.active_key, *gone)
         live = [int(c) for c in caps if c is not None]
         notes = tuple(dict.fromkeys(n for c, raw in zip(caps, said, strict=True)
                                     if c is not None and raw for n in json.loads(raw)))
@@ -307,6 +280,14 @@ class RedisBus(Bus):
                           px=self.lease_ms)
                 p.sadd(self.workers_key, worker_id)
                 await p.execute()
+
+    async def workload(self) -> Workload:
+        # The hand-out stream holds one entry per session waiting or held (stale entries of
+        # expired sessions linger until a claim drops them): cheap, and close enough.
+        with _redis_errors():
+            _, caps = await self._live_workers()
+            waiting_or_held = await self.r.xlen(self.sessions_key)
+        return Workload(int(waiting_or_held), sum(int(c) for c in caps if c is not None))
 
     async def _ensure_group(self, force: bool = False) -> None:
         if self._group_ready and not force:
@@ -350,86 +331,41 @@ class RedisBus(Bus):
                 await self._ensure_group(force=True)  # Redis restarted empty
                 entries = await self._take(worker_id, max_n, block_s)
             claims = []
-            for eid, sid in entries:
-                n = await self._adopt(keys=[self.sessions_key, self.meta_key(sid)],
-                                      args=[GROUP, eid, worker_id])
-                params = await self.session_params(sid) if n else None
-                if params is None:
+            for eid, sid in entries:  # each on its own: one bad session holds up no other
+                try:
+                    n, *stored = await self._adopt(keys=[self.sessions_key, self.meta_key(sid)],
+                                                   args=[GROUP, eid, worker_id])
+                except ResponseError as e:
+                    if "WRONGTYPE" not in str(e):
+                        raise
+                    logger.warning("session %s: its meta key is not a hash; dropping it", sid)
+                    await self.r.xack(self.sessions_key, GROUP, eid)
+                    await self.r.xdel(self.sessions_key, eid)
                     continue
-                self._cursor.pop(sid, None)
-                claims.append(Claim(sid, params, reclaimed=int(n) > 1))
+                if not int(n):
+                    continue
+                self.audio.forget(sid)
+                try:
+                    claims.append(Claim(sid, _params(*stored), reclaimed=int(n) > 1))
+                except BusError as e:
+                    claims.append(Claim(sid, None, reclaimed=int(n) > 1, error=e))
         return claims
 
     async def read_audio(self, session_id: str, after_seq: int, max_chunks: int = 256
                          ) -> AudioBatch:
-        key = self.audio_key(session_id)
-        cur = self._cursor.get(session_id)
-        hit = cur is not None and cur[0] == after_seq
-        chunks: list[AudioChunk] = []
-        ended, last_eid = False, b""
         with _redis_errors():
-            async with self.r.pipeline(transaction=False) as p:  # one round trip when idle
-                p.exists(self.meta_key(session_id))
-                if hit:
-                    p.xrange(key, min=b"(" + cur[1], count=max_chunks + 1)
-                elif after_seq < 0:
-                    p.xrange(key, min="-", count=max_chunks + 1)
-                else:
-                    p.xrevrange(key, count=1)
-                exists, page = await p.execute()
-            if not exists:
-                raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
-            if not hit and after_seq >= 0:
-                page = await self._page_after(key, after_seq, page, max_chunks)
-            while True:
-                for eid, f in page:
-                    if b"e" in f:
-                        ended = True
-                        break
-                    seq = _seq_of(eid)
-                    if seq > after_seq:
-                        if len(chunks) == max_chunks:
-                            break
-                        chunks.append(AudioChunk(seq, float(f[b"t"]), bytes(f[b"p"])))
-                        last_eid = eid
-                if ended or len(chunks) >= max_chunks or len(page) <= max_chunks:
-                    break
-                page = await self.r.xrange(key, min=b"(" + page[-1][0], count=max_chunks + 1)
-        if chunks:
-            self._remember(session_id, chunks[-1].seq, last_eid)
-        return AudioBatch(chunks, ended)
+            return await self.audio.read(session_id, self.meta_key(session_id),
+                                         self.audio_key(session_id), after_seq, max_chunks)
 
-    async def _page_after(self, key: str, after_seq: int, newest: list, max_chunks: int) -> list:
-        """Entries from the first chunk after ``after_seq`` on, found from the newest entry
-        (chunks are contiguous, so they are the newest ``last seq − after_seq``): a reader
-        without a cursor (a gateway resuming, another process) fetches only what it needs."""
-        if not newest:
-            return []
-        has_end = int(b"e" in newest[0][1])
-        last_chunk = _seq_of(newest[0][0]) - has_end  # the end marker takes the next seq
-        n = last_chunk - after_seq + has_end  # entries after chunk ``after_seq``
-        if last_chunk <= after_seq:
-            return newest if has_end else []
-        if n <= _MAX_BACKWARD:
-            return list(reversed(await self.r.xrevrange(key, count=n)))
-        return await self.r.xrange(key, min="-", count=max(max_chunks + 1, _MAX_BACKWARD))
-
-    def _remember(self, session_id: str, seq: int, eid: bytes) -> None:
-        self._cursor.pop(session_id, None)
-        self._cursor[session_id] = (seq, eid)
-        if len(self._cursor) > _MAX_CURSORS:  # a gateway reads many sessions once: bound it
-            del self._cursor[next(iter(self._cursor))]
-
-    async def publish_result(self, session_id: str, result: dict) -> str:
-        key = self.results_key(session_id)
+    async def publish_result(self, session_id: str, result: dict,
+                             owner: str | None = None) -> str | None:
         with _redis_errors():
-            async with self.r.pipeline(transaction=True) as p:
-                p.xadd(key, {"r": json.dumps(result, separators=(",", ":"))},
-                       maxlen=self.max_results, approximate=True)
-                p.pexpire(key, self.session_ttl_ms)
-                p.pexpire(self.meta_key(session_id), self.session_ttl_ms)
-                eid = (await p.execute())[0]
-        return eid.decode()
+            eid = await self._publish(
+                keys=[self.sessions_key, self.meta_key(session_id),
+                      self.results_key(session_id)],
+                args=[GROUP, owner or "", json.dumps(result, separators=(",", ":")),
+                      self.max_results, self.session_ttl_ms])
+        return eid.decode() if eid else None
 
     async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:
         if not session_ids:
@@ -440,7 +376,7 @@ class RedisBus(Bus):
                                      args=[GROUP, worker_id])
         out = [session_ids[int(i) - 1] for i in lost]
         for sid in out:
-            self._cursor.pop(sid, None)
+            self.audio.forget(sid)
         return out
 
     async def release(self, worker_id: str, session_ids: list[str]) -> None:
@@ -448,14 +384,36 @@ class RedisBus(Bus):
             for sid in session_ids:
                 await self._release(keys=[self.sessions_key, self.meta_key(sid)],
                                     args=[GROUP, worker_id, sid])
-                self._cursor.pop(sid, None)
+                self.audio.forget(sid)
 
     async def finish(self, worker_id: str, session_id: str) -> None:
         with _redis_errors():
             await self._finish(keys=[self.sessions_key, *self.session_keys(session_id),
                                      self.active_key],
                                args=[GROUP, worker_id, session_id, self.result_ttl_ms])
-        self._cursor.pop(session_id, None)
+        self.audio.forget(session_id)
+
+    async def retire(self, worker_id: str) -> None:
+        with _redis_errors():
+            async with self.r.pipeline(transaction=False) as p:
+                p.delete(*self.worker_keys(worker_id))
+                p.srem(self.workers_key, worker_id)
+                await p.execute()
+            with _no_group():
+                await self._forget(keys=[self.sessions_key, self.worker_key(worker_id)],
+                                   args=[GROUP, worker_id])
+
+    async def reap(self, idle_s: float) -> int:
+        reaped = 0
+        with _redis_errors(), _no_group():
+            for c in await self.r.xinfo_consumers(self.sessions_key, GROUP):
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if c["pending"] or c["idle"] < idle_s * 1000:
+                    continue
+                reaped += int(await self._forget(keys=[self.sessions_key,
+                                                       self.worker_key(name)],
+                                                 args=[GROUP, name]))
+        return reaped
 
     async def ping(self) -> bool:
         """True when Redis answers (for readiness probes)."""
@@ -467,3 +425,13 @@ class RedisBus(Bus):
     async def close(self) -> None:
         await self.dispatcher.close()  # its waiters get BusError ``closed``
         await self.r.aclose()
+
+
+@contextmanager
+def _no_group() -> Iterator[None]:
+    """No consumer group (nothing claimed since Redis started empty): no consumer to forget."""
+    try:
+        yield
+    except ResponseError as e:
+        if "NOGROUP" not in str(e) and "no such key" not in str(e):
+            raise

@@ -1,8 +1,9 @@
 """The Lua scripts of :mod:`worker.redis_bus`: each check-and-act on a session runs atomically.
 
-They name no key: every key comes in ``KEYS`` from ``worker.redis_bus``, where the key layout is
-documented (the hand-out stream, a session's meta hash, audio and results streams...). Audio
-entry ids are ``{t_ms}-{seq + 1}``, so the last entry's id gives the next expected ``seq``.
+They name no key: every key comes in ``KEYS`` from ``worker.redis_bus``; the key layout (the
+hand-out stream, a session's meta hash, audio and results streams...) is documented in
+``worker.redis_keys``. Audio entry ids are ``{t_ms}-{seq + 1}``, so the last entry's id gives
+the next expected ``seq``.
 """
 
 from __future__ import annotations
@@ -89,14 +90,36 @@ return 1
 """
 
 ADOPT = """
--- KEYS sessions meta; ARGV group entry worker. Returns the claim count, or 0 for a stale entry
--- (session expired, finished, or handed out again under a newer entry), which is dropped.
-local m = redis.call('HMGET', KEYS[2], 'x', 'd')
+-- KEYS sessions meta; ARGV group entry worker. Returns {claim count, sr, ch, enc}, or {0} for a
+-- stale entry (session expired, finished, or handed out again under a newer entry), which is
+-- dropped. The parameters are returned as stored: the caller parses them, and fails the session
+-- alone when they do not parse.
+local m = redis.call('HMGET', KEYS[2], 'x', 'd', 'sr', 'ch', 'enc')
 if m[1] ~= ARGV[2] or m[2] then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[1], ARGV[2])
-  return 0
+  return {0}
 end
 redis.call('HSET', KEYS[2], 'o', ARGV[3])
-return redis.call('HINCRBY', KEYS[2], 'n', 1)
+return {redis.call('HINCRBY', KEYS[2], 'n', 1), m[3], m[4], m[5]}
+"""
+
+PUBLISH = OWNED + """
+-- KEYS sessions meta results; ARGV group worker result max_results ttl_ms. The fence: a worker
+-- publishes only while the session's entry is in its own PEL (an empty worker: no check, for
+-- tools and tests that play a worker). Returns the result id, or false when not the owner.
+if ARGV[2] ~= '' and not owned(KEYS[2], ARGV[2]) then return false end
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return id
+"""
+
+FORGET = """
+-- KEYS sessions heartbeat; ARGV group worker. Deletes the worker's consumer when it is not alive
+-- (no heartbeat) and holds nothing (an empty PEL: deleting a consumer discards its PEL).
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
 """

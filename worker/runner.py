@@ -3,7 +3,9 @@
 
 One asyncio loop, two tasks:
 
-* the **main loop**: claim sessions up to capacity (new ones, and ones whose owner died); read
+* the **main loop**: claim sessions up to this worker's fair share (:func:`fair_share`: its part
+  of every session waiting or held, by advertised capacity, so sessions that arrive together
+  spread over the workers; new ones, and ones whose owner died); read
   each owned session's audio after the last chunk it applied and ``feed`` it (a session is
   opened at its first chunk, with ``t0_s`` = that chunk's stream time, so a takeover that
   rebuilds from the retained window keeps stream time); ``end`` it when the bus says the stream
@@ -11,7 +13,12 @@ One asyncio loop, two tasks:
   free meanwhile); publish the results; ``finish`` a session after its final result;
 * the **lease task**: every ``lease_ms / 3`` the heartbeat and ``renew``, on its own timer, so a
   long tick never lets leases lapse; sessions ``renew`` reports lost are dropped by the main loop
-  between ticks, and no result of theirs is published after that.
+  between ticks. Publishing is fenced by the bus (only the owner's results are stored), so a
+  result of a session lost meanwhile is never published either. A **watchdog** on the tick: one
+  running past ``stall_s`` counts as hung, and the lease task stops renewing and advertises no
+  capacity (``midimatch_worker_stalled``), so other workers take the sessions over; when the
+  tick returns, ``renew`` and the fence tell which sessions are still ours. Every fifth of
+  ``reap_after_s`` it also reaps the consumers of long-dead workers.
 
 After a takeover the new owner recomputes results for the retained audio; those at or before
 the last result the client already has (``audio_s``) are not published again, so the client sees
@@ -19,12 +26,21 @@ a short gap, never a replay.
 
 A session with bad data (PCM that is not whole frames, NaN...) gets one final result carrying
 ``"error": {"code", "message"}``, is finished and counted in ``errors_total{kind}``; the other
-sessions carry on. A bus failure (Redis unreachable) is counted (``bus``) and retried with a
-back-off; the sessions stay held as long as their leases do.
+sessions carry on. So does a session the worker cannot take on at all (stored parameters that do
+not parse, ``bad_session``): the rest of its claim batch is adopted as usual.
+
+Falling behind the retained audio: when the chunks after the last one applied were trimmed
+before this worker read them (a client sending faster than real time while a tick ran long),
+the session is rebuilt from what is retained, as after a takeover; its results from then on
+carry ``audio_skipped_s`` (the stream time never analysed, in total), and
+``errors_total{audio_gap}`` and ``audio_skipped_seconds_total`` count it.
+
+A bus failure (Redis unreachable) is counted (``bus``) and retried with a back-off; the sessions
+stay held as long as their leases do.
 
 Shutdown (:meth:`Worker.stop`, wired to SIGTERM by ``midimatch worker``): stop claiming, let the
 running tick finish and publish, then ``release`` every session so another worker takes it at
-once, and return.
+once, ``retire`` (its heartbeat and its consumer in the group go), and return.
 """
 
 from __future__ import annotations
@@ -32,14 +48,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from model.errors import MidimatchError
-from worker.bus import AudioBatch, Bus, BusError, Claim, StreamParams
+from worker.bus import AudioBatch, Bus, BusError, Claim, StreamParams, Workload
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
@@ -53,11 +69,23 @@ class _Owned:
     """What the runner knows of one session it holds."""
 
     params: StreamParams
+    reclaimed: bool = False  # another worker held it before
     applied_seq: int = -1  # last chunk fed to the engine
     opened: bool = False
     ended: bool = False  # engine.end() called
     resume_after_s: float = -1.0  # results up to this audio_s were published by a previous owner
     audio_s: float = 0.0  # stream time after the last chunk read
+    published_s: float = -1.0  # audio_s of the last result published
+    skipped_s: float = 0.0  # stream time trimmed before this worker read it, s
+
+
+def fair_share(load: Workload, capacity: int) -> int:
+    """Sessions a worker of ``capacity`` should hold: its part, by capacity, of every session
+    waiting or held, rounded up (so the alive workers' shares cover them all), at most
+    ``capacity``. All of ``capacity`` when no capacity is advertised (nothing to share with)."""
+    if load.capacity <= 0:
+        return capacity
+    return min(capacity, math.ceil(load.sessions * capacity / load.capacity))
 
 
 def error_result(code: str, message: str, audio_s: float = 0.0) -> dict:
@@ -92,6 +120,8 @@ class Worker:
         self.owned: dict[str, _Owned] = {}
         self._lost: set[str] = set()
         self._claimed_at = 0.0
+        self._tick_started: float | None = None  # time.monotonic() of the running tick's start
+        self._reaped_at = time.monotonic()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once the engine is loaded and the first heartbeat sent
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -100,6 +130,12 @@ class Worker:
     def capacity(self) -> int:
         engine_max = getattr(getattr(self.engine, "settings", None), "max_sessions", None)
         return min(self.settings.max_sessions, engine_max or self.settings.max_sessions)
+
+    @property
+    def stalled(self) -> bool:
+        """A tick has been running for over ``stall_s`` (the engine looks hung)."""
+        started = self._tick_started
+        return started is not None and time.monotonic() - started > self.settings.stall_s
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -160,6 +196,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await leases
             await self._hand_back()
+            await self._bus_call(self.bus.retire(self.worker_id))
             self._executor.shutdown(wait=True)
 
     async def _sleep(self, seconds: float) -> None:
@@ -169,13 +206,13 @@ class Worker:
     async def _step(self) -> bool:
         """One pass: claim, read, tick, publish. True when there was work (loop again at once)."""
         self._apply_lost()
-        free = self.capacity - len(self.owned)
         now = time.monotonic()
-        if free > 0 and not self._stopping.is_set() and (
-                not self.owned or now - self._claimed_at >= self.settings.claim_every_s):
+        if (self.capacity > len(self.owned) and not self._stopping.is_set()
+                and (not self.owned or now - self._claimed_at >= self.settings.claim_every_s)):
             self._claimed_at = now
             block_s = self.settings.claim_every_s if not self.owned else 0.0
-            for c in await self.bus.claim(self.worker_id, free, block_s=block_s):
+            n = await self._claimable()
+            for c in await self.bus.claim(self.worker_id, n, block_s=block_s):
                 await self._adopt(c)
         fed = await self._read_all()
         results = await self._tick()
@@ -184,11 +221,21 @@ class Worker:
             await self._publish(sid, result)
         return fed or bool(results)
 
+    async def _claimable(self) -> int:
+        """How many sessions to claim now: up to the fair share, and at least one when idle (a
+        worker with none always takes the next, so a burst starts on every idle worker)."""
+        free = self.capacity - len(self.owned)
+        share = fair_share(await self.bus.workload(), self.capacity)
+        return min(free, max(share - len(self.owned), 0 if self.owned else 1))
+
     async def _adopt(self, c: Claim) -> None:
+        if c.error is not None:
+            await self._reject(c)
+            return
         if c.session_id in self.owned:  # its lease lapsed (a stall) and it came back to us
             self._lost.discard(c.session_id)
             return
-        own = _Owned(c.params)
+        own = _Owned(c.params, reclaimed=c.reclaimed)
         if c.reclaimed:
             self.metrics.sessions_reclaimed_total.inc()
             seen = await self.bus.read_results(c.session_id, "0", timeout_s=0)
@@ -214,9 +261,42 @@ class Worker:
             fed |= await self._feed(sid, batch)
         return fed
 
+    async def _reject(self, c: Claim) -> None:
+        """A session this worker cannot take on: an error result to its client, and finish it
+        (which acks its hand-out entry), so no worker claims it again."""
+        self.metrics.errors_total.labels("bad_session").inc()
+        logger.warning("session %s cannot be served (%s); failing it", c.session_id, c.error)
+        await self.bus.publish_result(c.session_id, error_result(c.error.reason, str(c.error)),
+                                      owner=self.worker_id)
+        await self.bus.finish(self.worker_id, c.session_id)
+
+    def _skip_gap(self, sid: str, own: _Owned, batch: AudioBatch) -> None:
+        """When audio this session needs was trimmed before it was read, restart it from what is
+        retained (as a takeover does) and count the stream time lost."""
+        first = batch.chunks[0]
+        if own.opened and batch.missing:
+            gap_s = first.t_s - own.audio_s
+        elif not own.opened and not own.reclaimed and first.seq > 0:
+            gap_s = first.t_s  # trimmed before any worker took the session
+        else:
+            return
+        gap_s = max(0.0, gap_s)
+        own.skipped_s += gap_s
+        self.metrics.errors_total.labels("audio_gap").inc()
+        self.metrics.audio_skipped_seconds_total.inc(gap_s)
+        logger.warning("session %s: %.2f s of audio trimmed before it was read (chunks %d-%d);"
+                       " restarting from the retained audio", sid, gap_s,
+                       first.seq - max(batch.missing, 1), first.seq - 1)
+        if own.opened:
+            self.engine.drop(sid)
+            own.opened = False
+            own.resume_after_s = max(own.resume_after_s, own.published_s)
+
     async def _feed(self, sid: str, batch: AudioBatch) -> bool:
         own, now = self.owned[sid], time.monotonic()
         try:
+            if batch.chunks:
+                self._skip_gap(sid, own, batch)
             if batch.chunks and not own.opened:
                 self.engine.open(sid, own.params, t0_s=batch.chunks[0].t_s)
                 own.opened = True
@@ -248,7 +328,11 @@ class Worker:
         if not self.engine.sessions:
             return []
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.tick)
+        self._tick_started = time.monotonic()
+        try:
+            return await loop.run_in_executor(self._executor, self.engine.tick)
+        finally:
+            self._tick_started = None
 
     async def _publish(self, sid: str, result: dict) -> None:
         own = self.owned.get(sid)
@@ -256,7 +340,13 @@ class Worker:
             return
         if not result.get("final") and result.get("audio_s", 0.0) <= own.resume_after_s:
             return  # the client had this one from the previous owner
-        await self.bus.publish_result(sid, result)
+        if own.skipped_s:
+            result = {**result, "audio_skipped_s": round(own.skipped_s, 3)}
+        if await self.bus.publish_result(sid, result, owner=self.worker_id) is None:
+            self._lost.add(sid)  # fenced: another worker owns it now
+            self._apply_lost()
+            return
+        own.published_s = float(result.get("audio_s", own.published_s))
         if result.get("final"):
             await self.bus.finish(self.worker_id, sid)
             self.owned.pop(sid, None)
@@ -266,7 +356,8 @@ class Worker:
         if self.engine is not None:
             self.engine.drop(sid)
         await self.bus.publish_result(sid, error_result(code, message,
-                                                        own.audio_s if own else 0.0))
+                                                        own.audio_s if own else 0.0),
+                                      owner=self.worker_id)
         await self.bus.finish(self.worker_id, sid)
 
     def _forget(self, sid: str, why: str) -> None:
@@ -283,17 +374,37 @@ class Worker:
 
     # ------------------------------------------------------------------ leases
     async def _lease_loop(self) -> None:
+        was_stalled = False
         while True:
             await asyncio.sleep(self.settings.renew_s)
+            stalled = self.stalled
+            if stalled != was_stalled:
+                self._watchdog(stalled)
+                was_stalled = stalled
             try:
-                await self.bus.heartbeat(self.worker_id, self.capacity, self.notes,
-                                         self.calibration)
+                await self.bus.heartbeat(self.worker_id, 0 if stalled else self.capacity,
+                                         self.notes, self.calibration)
                 held = list(self.owned)
-                if held:
+                if held and not stalled:
                     self._lost.update(await self.bus.renew(self.worker_id, held))
+                if time.monotonic() - self._reaped_at > self.settings.reap_after_s / 5:
+                    self._reaped_at = time.monotonic()
+                    if n := await self.bus.reap(self.settings.reap_after_s):
+                        logger.info("reaped %d consumers of dead workers", n)
             except BusError as e:
                 self.metrics.errors_total.labels("bus").inc()
                 logger.warning("lease renewal failed: %s", e)
+
+    def _watchdog(self, stalled: bool) -> None:
+        """The tick passed ``stall_s`` (leases are left to lapse), or it returned."""
+        self.metrics.stalled.set(int(stalled))
+        if stalled:
+            self.metrics.errors_total.labels("stalled").inc()
+            logger.error("a tick has run for over %.0f s: the engine looks hung; no longer "
+                         "renewing the leases of %d sessions, so other workers take them over",
+                         self.settings.stall_s, len(self.owned))
+        else:
+            logger.warning("the hung tick returned; renewing leases again")
 
     async def _hand_back(self) -> None:
         held = list(self.owned)
@@ -311,76 +422,11 @@ class Worker:
             logger.warning("bus failed: %s", e)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; others unchanged."""
-    if device != "auto":
-        return device
-    import torch
+def __getattr__(name: str) -> object:
+    # Building an engine and the embedded worker live in worker/startup.py (one job per module);
+    # importing them from here keeps working, lazily, because startup imports this module.
+    if name in ("build_engine", "resolve_device", "run_embedded"):
+        from worker import startup
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_engine(settings: WorkerSettings, metrics: WorkerMetrics):
-    """Load the index and model named by ``settings`` and make the engine (blocking: seconds).
-
-    Raises
-    ------
-    WorkerSettingsError
-        No index given. Loading errors (``IndexError_``, ``ModelMismatchError``...) pass through.
-    """
-    from index.search import Cascade
-    from worker.engine import Engine
-    from worker.engine_settings import EngineSettings
-    from worker.settings import WorkerSettingsError
-
-    if settings.index is None:
-        raise WorkerSettingsError("no index: give --index DIR or MIDIMATCH_INDEX")
-    cascade = Cascade.open(settings.index, settings.weights,
-                           device=resolve_device(settings.device))
-    engine_settings = EngineSettings(window_s=settings.window_s,
-                                     result_every_s=settings.result_every_s,
-                                     max_sessions=settings.max_sessions,
-                                     tick_budget_s=settings.tick_budget_s,
-                                     prune_parts=settings.prune_parts,
-                                     max_pending_s=max(30.0, settings.retain_s))
-    return Engine(cascade, engine_settings, metrics)
-
-
-async def run_embedded(bus: Bus, index_dir: str | Path, *,
-                       settings: WorkerSettings | None = None,
-                       metrics: WorkerMetrics | None = None,
-                       ready: asyncio.Event | None = None) -> None:
-    """Run one worker in this process against ``bus`` (an InProcessBus) until cancelled or
-    stopped; the gateway's ``midimatch serve`` without Redis runs it as a task.
-
-    Parameters
-    ----------
-    bus : Bus
-    index_dir : str or Path
-    settings : WorkerSettings, optional
-        Default: ``WorkerSettings(worker_id="embedded", metrics_port=0)``; ``index`` is set to
-        ``index_dir``. No metrics server is started here (the gateway serves ``/metrics``).
-    metrics : WorkerMetrics, optional
-        Register them in the gateway's registry to expose them there.
-    ready : asyncio.Event, optional
-        Set once the engine is loaded and the worker has announced itself on the bus.
-    """
-    settings = (settings or WorkerSettings(worker_id="embedded", metrics_port=0)).with_(
-        index=Path(index_dir))
-    metrics = metrics or WorkerMetrics()
-    worker = Worker(bus, lambda: build_engine(settings, metrics), settings, metrics)
-    task = asyncio.create_task(worker.run(), name="embedded-worker")
-    if ready is not None:
-        waiter = asyncio.create_task(worker.ready.wait())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if waiter in done:
-            ready.set()
-        else:
-            waiter.cancel()
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        worker.stop()  # hand sessions back, then let the cancellation through
-        with contextlib.suppress(Exception):
-            await task
-        raise
+        return getattr(startup, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,12 @@ Every field ``f`` is read from ``MIDIMATCH_<F>`` (upper case): ``MIDIMATCH_INDEX
 ``MIDIMATCH_MAX_SESSIONS``, ``MIDIMATCH_LEASE_MS``, ``MIDIMATCH_RETAIN_S``... The index may also
 be given as ``MIDIMATCH_INDEX_DIR`` (the gateway's name for it), so one deployment environment
 serves both. ``midimatch worker`` flags override the environment.
+
+:class:`BusSettings` are the bus's part (Redis URL and prefix, lease, audio retention, result
+retention, expiries): the same variables, read the same way by the gateway and by the worker, so
+a gateway's ``RedisBus`` trims audio and expires sessions exactly as the workers expect
+(``RedisBus.from_settings(BusSettings.from_env(...))``). ``WorkerSettings.bus`` gives the
+worker's; their defaults are :class:`BusSettings`'s, written once.
 """
 
 from __future__ import annotations
@@ -35,6 +41,61 @@ def default_worker_id() -> str:
 
 
 @dataclass(frozen=True)
+class BusSettings:
+    """What a gateway and a worker must agree on about the bus (every field ``MIDIMATCH_<F>``).
+
+    Attributes
+    ----------
+    redis_url : str or None
+        ``redis://host:port/db``.
+    redis_prefix : str
+        First part of every Redis key.
+    lease_ms : int
+        A session whose owner has not renewed for this long goes to another worker, ms; a worker
+        whose heartbeat is older counts as dead.
+    retain_s : float
+        Audio retained per session, s of stream time (what a takeover rebuilds from; a worker
+        further behind than this loses audio, and says so).
+    max_results : int
+        Results retained per session for resuming clients.
+    session_ttl_s, result_ttl_s : float
+        Expiry of an abandoned session, and of a finished session's results, s.
+    """
+
+    redis_url: str | None = None
+    redis_prefix: str = "mm"
+    lease_ms: int = 5000
+    retain_s: float = 20.0
+    max_results: int = 120
+    session_ttl_s: float = 300.0
+    result_ttl_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("lease_ms", "retain_s", "max_results", "session_ttl_s", "result_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise WorkerSettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lease_ms < 300:
+            raise WorkerSettingsError(f"lease_ms must be ≥ 300 (renewed every third), got "
+                                      f"{self.lease_ms!r}")
+        if not self.redis_prefix:
+            raise WorkerSettingsError("redis_prefix must not be empty")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> BusSettings:
+        """Settings from ``MIDIMATCH_*`` variables, then ``overrides`` (``None`` = not given).
+
+        Raises
+        ------
+        WorkerSettingsError
+            A variable that does not parse, an unknown override, or an out-of-range value.
+        """
+        return settings_from_env(cls, env, overrides, error=WorkerSettingsError)
+
+
+_BUS = BusSettings()
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """What one worker process needs to know.
 
@@ -55,16 +116,8 @@ class WorkerSettings:
         Port of the Prometheus ``/metrics`` endpoint; 0: none.
     max_sessions : int
         Sessions this worker holds at once (its advertised capacity).
-    lease_ms : int
-        A session whose owner has not renewed for this long goes to another worker, ms.
-    retain_s : float
-        Audio retained per session in Redis, s of stream time (what a takeover rebuilds from).
-    max_results : int
-        Results retained per session for resuming clients.
-    session_ttl_s, result_ttl_s : float
-        Expiry of an abandoned session, and of a finished session's results, s.
-    redis_prefix : str
-        First part of every Redis key.
+    lease_ms, retain_s, max_results, session_ttl_s, result_ttl_s, redis_prefix
+        The bus's settings (:class:`BusSettings`, :attr:`bus`).
     window_s, result_every_s, tick_budget_s : float
         The engine's query window, result period and per-tick time budget, s.
     prune_parts : int
@@ -75,6 +128,13 @@ class WorkerSettings:
     claim_every_s : float
         How often a worker holding sessions looks for more (one without waits this long in a
         blocking claim), s.
+    stall_s : float
+        A tick running longer than this counts as hung: the worker stops renewing its leases
+        (other workers take its sessions over) and advertises no capacity until the tick
+        returns, s. Above any honest tick (a tick is budgeted ``tick_budget_s``).
+    reap_after_s : float
+        A dead worker's consumer in the group, holding nothing, is deleted this long after its
+        last interaction with Redis, s (every worker looks about every fifth of it).
     """
 
     index: Path | None = None
@@ -84,25 +144,27 @@ class WorkerSettings:
     worker_id: str = field(default_factory=default_worker_id)
     metrics_port: int = 9101
     max_sessions: int = 64
-    lease_ms: int = 5000
-    retain_s: float = 20.0
-    max_results: int = 120
-    session_ttl_s: float = 300.0
-    result_ttl_s: float = 120.0
-    redis_prefix: str = "mm"
+    lease_ms: int = _BUS.lease_ms
+    retain_s: float = _BUS.retain_s
+    max_results: int = _BUS.max_results
+    session_ttl_s: float = _BUS.session_ttl_s
+    result_ttl_s: float = _BUS.result_ttl_s
+    redis_prefix: str = _BUS.redis_prefix
     window_s: float = 10.0
     result_every_s: float = 1.0
     tick_budget_s: float = 0.5
     prune_parts: int = 2
     poll_s: float = 0.05
     claim_every_s: float = 0.25
+    stall_s: float = 30.0
+    reap_after_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise WorkerSettingsError(f"device must be one of {DEVICES}, got {self.device!r}")
-        positive = ("max_sessions", "lease_ms", "retain_s", "max_results", "session_ttl_s",
-                    "result_ttl_s", "window_s", "result_every_s", "tick_budget_s", "poll_s",
-                    "claim_every_s")
+        self.bus  # noqa: B018 - validates the bus's part
+        positive = ("max_sessions", "window_s", "result_every_s", "tick_budget_s", "poll_s",
+                    "claim_every_s", "stall_s", "reap_after_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise WorkerSettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -111,12 +173,15 @@ class WorkerSettings:
         if not 0 <= self.metrics_port <= 65535:
             raise WorkerSettingsError(f"metrics_port must be in 0..65535, got "
                                       f"{self.metrics_port!r}")
-        if self.lease_ms < 300:
-            raise WorkerSettingsError(f"lease_ms must be ≥ 300 (renewed every third), got "
-                                      f"{self.lease_ms!r}")
         if not self.worker_id or any(c.isspace() for c in self.worker_id):
             raise WorkerSettingsError(f"worker_id must be non-empty without spaces, got "
                                       f"{self.worker_id!r}")
+
+    @property
+    def bus(self) -> BusSettings:
+        """The bus's part of these settings."""
+        return BusSettings(self.redis_url, self.redis_prefix, self.lease_ms, self.retain_s,
+                           self.max_results, self.session_ttl_s, self.result_ttl_s)
 
     @property
     def renew_s(self) -> float:

@@ -10,9 +10,18 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from worker.bus import AudioBatch, AudioChunk, Bus, BusError, StreamParams, result_id_key
+from worker.bus import (
+    AudioBatch,
+    AudioChunk,
+    Bus,
+    BusError,
+    StreamParams,
+    Workload,
+    result_id_key,
+)
 from worker.local_bus import InProcessBus
 from worker.redis_bus import RedisBus
+from worker.redis_keys import GROUP
 
 pytestmark = pytest.mark.asyncio
 P = StreamParams(16000)
@@ -243,8 +252,13 @@ async def test_retention_keeps_the_newest_window(make_bus: Callable[..., Bus]) -
     assert seqs == list(range(seqs[0], n))  # contiguous, newest last
     assert kept[0].t_s <= kept[-1].t_s - 1.0 + 1e-9  # at least the window...
     assert len(kept) <= 50 + 101  # ...and at most one Redis stream node (100 entries) more
-    later = await bus.read_audio(sid, after_seq=10, max_chunks=10_000)  # 10 was trimmed
-    assert later.chunks == kept
+    assert (await bus.read_audio(sid, after_seq=-1)).missing == 0  # the window, as asked
+    # A reader at chunk 10 fell behind: what follows 10 is gone up to the retained window, and
+    # the batch says so (it used to come back as if nothing were missing).
+    later = await bus.read_audio(sid, after_seq=10, max_chunks=10_000)
+    assert later.chunks == kept and later.missing == kept[0].seq - 11 > 0
+    assert (await bus.read_audio(sid, after_seq=kept[0].seq - 1)).missing == 0
+    assert (await bus.read_audio(sid, after_seq=kept[3].seq)).missing == 0
     for i in range(200):
         await bus.publish_result(sid, {"i": i})
     res = await bus.read_results(sid, "0", timeout_s=0)
@@ -269,6 +283,38 @@ async def test_no_chunk_lost_or_repeated_across_a_takeover(bus: Bus) -> None:
     batch = await bus.read_audio(sid, applied[-1])
     applied += [x.seq for x in batch.chunks]
     assert applied == list(range(15)) and batch.ended
+
+
+async def test_publishing_is_fenced_by_ownership(bus: Bus) -> None:
+    sid = await bus.create_session(P)
+    await bus.claim("a", 1)
+    first = await bus.publish_result(sid, {"audio_s": 1.0}, owner="a")
+    assert first is not None
+    assert await bus.publish_result(sid, {"audio_s": 1.5}, owner="b") is None  # not its own
+    await asyncio.sleep(LEASE_S * 1.5)  # "a" hangs; "b" takes the session over
+    [c] = await bus.claim("b", 1)
+    assert c.reclaimed
+    # "a" has not renewed since, so it does not know yet: the fence stops it all the same
+    assert await bus.publish_result(sid, {"audio_s": 2.0, "by": "a"}, owner="a") is None
+    assert await bus.publish_result(sid, {"audio_s": 2.0, "by": "b"}, owner="b") is not None
+    await bus.finish("b", sid)
+    assert await bus.publish_result(sid, {"audio_s": 3.0}, owner="b") is None  # finished
+    got = [r for _, r in await bus.read_results(sid, "0", timeout_s=0)]
+    assert got == [{"audio_s": 1.0}, {"audio_s": 2.0, "by": "b"}]
+
+
+async def test_workload_counts_sessions_and_live_capacity(bus: Bus) -> None:
+    assert await bus.workload() == Workload(0, 0)
+    await bus.heartbeat("a", 8)
+    await bus.heartbeat("b", 4)
+    sids = [await bus.create_session(P) for _ in range(3)]
+    await bus.claim("a", 2)
+    assert await bus.workload() == Workload(3, 12)  # claimed or waiting alike
+    await bus.publish_result(sids[0], {"final": True}, owner="a")
+    await bus.finish("a", sids[0])
+    await asyncio.sleep(LEASE_S * 1.5)
+    await bus.heartbeat("b", 4)
+    assert await bus.workload() == Workload(2, 4)  # "a" is dead
 
 
 async def test_abandoned_sessions_expire(make_bus: Callable[..., Bus]) -> None:
@@ -349,6 +395,92 @@ async def test_redis_restart_loses_sessions_and_recovers(redis_server) -> None:
         assert [c.session_id for c in await bus.claim("a", 1)] == [new]
     finally:
         await bus.close()
+
+
+async def test_a_session_with_unparsable_params_is_claimed_alone(redis_server) -> None:
+    """Issue #20: channels stored as "1.0" made int() raise inside claim, which lost the whole
+    batch (the other sessions starved) and left the entry to be redelivered forever."""
+    bus = RedisBus(redis_server.url, lease_ms=300)
+    try:
+        poison = await bus.create_session(P)
+        await bus.r.hset(bus.meta_key(poison), "ch", "1.0")
+        good = await bus.create_session(P)
+        claims = {c.session_id: c for c in await bus.claim("a", 5)}
+        assert claims[good].params == P and claims[good].error is None
+        assert claims[poison].params is None and claims[poison].error.reason == "bad_params"
+        assert await bus.publish_result(poison, {"final": True, "error": {}}, owner="a")
+        await bus.finish("a", poison)  # acks its hand-out entry: nobody gets it again
+        pending = await bus.r.xpending(bus.sessions_key, GROUP)
+        assert pending["pending"] == 1  # the good one only
+        await asyncio.sleep(0.5)  # "a" stops renewing: only the good one is handed out again
+        assert [c.session_id for c in await bus.claim("b", 5)] == [good]
+    finally:
+        await bus.close()
+
+
+async def test_a_session_whose_meta_is_not_a_hash_is_dropped(redis_server) -> None:
+    bus = RedisBus(redis_server.url, lease_ms=300)
+    try:
+        broken = await bus.create_session(P)
+        await bus.r.delete(bus.meta_key(broken))
+        await bus.r.set(bus.meta_key(broken), "junk")
+        good = await bus.create_session(P)
+        assert [c.session_id for c in await bus.claim("a", 5)] == [good]
+        assert await bus.r.xlen(bus.sessions_key) == 1  # its entry is gone
+    finally:
+        await bus.close()
+
+
+async def test_consumers_are_retired_and_reaped(redis_server) -> None:
+    bus = RedisBus(redis_server.url, lease_ms=300)
+
+    async def consumers() -> dict[str, int]:
+        return {c["name"].decode(): c["pending"]
+                for c in await bus.r.xinfo_consumers(bus.sessions_key, GROUP)}
+
+    try:
+        await bus.retire("nobody")  # no group yet: nothing to do, no error
+        assert await bus.reap(0) == 0
+        sid, *others = [await bus.create_session(P) for _ in range(3)]
+        for w in ("a", "b", "c"):  # a consumer is made when it is first handed something
+            await bus.heartbeat(w, 4)
+            await bus.claim(w, 1)
+        for w, other in zip("bc", others, strict=True):
+            await bus.release(w, [other])
+        await bus.claim("d", 2)  # "d" takes them (it has no heartbeat: it is dead)
+        assert await consumers() == {"a": 1, "b": 0, "c": 0, "d": 2}
+        await bus.retire("a")  # it still holds a session: its consumer stays (the PEL is the lease)
+        assert await consumers() == {"a": 1, "b": 0, "c": 0, "d": 2}
+        assert (await bus.capacity()).workers == 2  # but its heartbeat went at once
+        await bus.release("a", [sid])
+        await bus.retire("a")
+        assert "a" not in await consumers()
+        await asyncio.sleep(0.4)  # "b" and "c" die (heartbeats expire); "c" comes back
+        await bus.heartbeat("c", 4)
+        assert await bus.reap(10.0) == 0  # not idle for long enough
+        assert await bus.reap(0.2) == 1
+        assert await consumers() == {"c": 0, "d": 2}  # alive, or holding sessions: kept
+    finally:
+        await bus.close()
+
+
+async def test_bus_settings_reach_the_bus(redis_server) -> None:
+    from worker.settings import BusSettings, WorkerSettings
+
+    s = BusSettings.from_env({"MIDIMATCH_RETAIN_S": "2.5", "MIDIMATCH_SESSION_TTL_S": "40",
+                              "MIDIMATCH_REDIS_PREFIX": "t9"}, redis_url=redis_server.url)
+    bus = RedisBus.from_settings(s)
+    try:
+        assert (bus.retain_s, bus.session_ttl_ms, bus.prefix, bus.max_results) == (
+            2.5, 40_000, "t9", BusSettings().max_results)
+        sid = await bus.create_session(P)
+        assert 30_000 < await bus.r.pttl(bus.meta_key(sid)) <= 40_000
+    finally:
+        await bus.close()
+    assert WorkerSettings(retain_s=7.0, redis_url="redis://x").bus == BusSettings(
+        redis_url="redis://x", retain_s=7.0)
+    with pytest.raises(BusError):
+        RedisBus.from_settings(BusSettings())  # no URL
 
 
 async def test_redis_keys_are_prefixed_and_bounded(redis_server) -> None:

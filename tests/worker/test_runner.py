@@ -377,3 +377,101 @@ async def test_the_heartbeat_carries_the_calibration_and_its_provenance() -> Non
     assert said["provenance"]["queries"]["renderers"] == ["timidity-freepats"]
     assert said["provenance"]["streams"] == "not fitted"
     assert "992 in / 1100 out-of-collection queries" in said["summary"]
+
+
+# ---------------------------------------------------------------------- issue #20
+class GatedEngine(RecordingEngine):
+    """A RecordingEngine whose ticks wait for ``gate`` (a hung engine while it is clear)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.gate, self.waiting = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def tick(self) -> list[tuple[str, dict]]:
+        self.waiting.set()
+        self.gate.wait(20)
+        self.waiting.clear()
+        return super().tick()
+
+
+async def wait_for(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_a_worker_behind_the_retained_window_says_what_it_skipped() -> None:
+    """A client sending faster than real time while a tick runs long: the audio after the last
+    chunk the worker applied is trimmed before it reads it. It used to read on past the hole
+    as if nothing were missing (positions shifted, nobody told); now the session restarts from
+    the retained audio, with stream time kept, and every later result says what was skipped."""
+    bus, engine = InProcessBus(retain_s=1.0), GatedEngine(every_s=0.5)
+    run = Running(Worker(bus, engine, settings()))
+    try:
+        sid = await bus.create_session(P)
+        await send(bus, sid, range(10))  # 1 s
+        await wait_for(lambda: engine.fed.get(sid, [])[-1:] == [9])
+        engine.gate.clear()
+        await wait_for(engine.waiting.is_set)  # the worker is stuck in a tick
+        await send(bus, sid, range(10, 50), end=True)  # 4 s more; about 1 s retained
+        first = (await bus.read_audio(sid, -1)).chunks[0]
+        assert first.seq > 30
+        engine.gate.set()
+        results = await final_of(bus, sid)
+        assert engine.opened == [(sid, 0.0), (sid, first.t_s)]
+        assert engine.fed[sid] == list(range(10)) + list(range(first.seq, 50))
+        before = [r for r in results if "audio_skipped_s" not in r]
+        after = [r for r in results if "audio_skipped_s" in r]
+        assert [r["audio_s"] for r in before] == [0.5, 1.0]
+        # stream time kept: results every 0.5 s from the retained audio's start, then the final
+        assert [r["audio_s"] for r in after[:-1]] == pytest.approx(
+            np.arange(first.t_s + 0.5, 5.0 + 1e-9, 0.5))
+        assert after[-1]["final"] and after[-1]["audio_s"] == pytest.approx(5.0)
+        gap_s = first.t_s - 1.0
+        assert all(r["audio_skipped_s"] == pytest.approx(gap_s) for r in after)
+        assert engine.metrics.errors_total.labels("audio_gap")._value.get() == 1
+        assert engine.metrics.audio_skipped_seconds_total._value.get() == pytest.approx(gap_s)
+    finally:
+        await run.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_hung_tick_lets_the_leases_lapse_and_publishes_nothing_after() -> None:
+    bus, engine = InProcessBus(lease_s=0.6), GatedEngine()
+    sid = await bus.create_session(P)
+    await send(bus, sid, range(15))  # 1.5 s: a result is due in the tick that hangs
+    engine.gate.clear()
+    run = Running(Worker(bus, engine, settings(lease_ms=600, stall_s=0.5)))
+    try:
+        await wait_for(engine.waiting.is_set)
+        t0 = time.monotonic()
+        while not (taken := await bus.claim("thief", 1)):
+            assert time.monotonic() - t0 < 5, "the hung worker kept its lease"
+            await asyncio.sleep(0.05)
+        assert taken[0].session_id == sid and taken[0].reclaimed
+        assert engine.metrics.stalled._value.get() == 1
+        assert engine.metrics.errors_total.labels("stalled")._value.get() == 1
+        assert (await bus.capacity()).sessions_max == 0  # it advertises no capacity
+        engine.gate.set()  # the tick returns with a result for a session it no longer owns
+        await wait_for(lambda: sid in engine.dropped)
+        assert await bus.read_results(sid, "0", timeout_s=0.3) == []  # fenced
+        assert engine.metrics.errors_total.labels("lease_lost")._value.get() == 1
+        await wait_for(lambda: engine.metrics.stalled._value.get() == 0)
+        assert (await bus.capacity()).sessions_max == 8
+    finally:
+        await run.stop()
+
+
+def test_fair_share() -> None:
+    from worker.bus import Workload
+    from worker.runner import fair_share
+
+    assert fair_share(Workload(20, 3 * 64), 64) == 7  # 7 + 7 + 7 >= 20
+    assert fair_share(Workload(20, 2 * 64), 64) == 10
+    assert fair_share(Workload(0, 128), 64) == 0
+    assert (fair_share(Workload(40, 66), 2), fair_share(Workload(40, 66), 64)) == (2, 39)
+    assert fair_share(Workload(100, 16), 8) == 8  # more than everyone can hold
+    assert fair_share(Workload(5, 0), 8) == 8  # no capacity advertised: nothing to share

@@ -1,0 +1,109 @@
+"""Workers (the real loop, a recording engine) over RedisBus on a real redis-server (issue #20):
+a poison session fails alone, sessions that arrive together spread over the workers, a stopped
+worker hands its sessions back and leaves the consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+
+from tests.worker.test_runner import P, RecordingEngine, Running, chunk, settings
+from worker.redis_bus import RedisBus
+from worker.redis_keys import GROUP
+from worker.runner import Worker
+
+pytestmark = pytest.mark.asyncio
+
+
+async def results_of(bus: RedisBus, sid: str, timeout_s: float = 10.0) -> list[dict]:
+    """Every result of a session, once its final one is there."""
+    got: list[tuple[str, dict]] = []
+    deadline = time.monotonic() + timeout_s
+    while not (got and got[-1][1]["final"]):
+        assert time.monotonic() < deadline, f"no final result for {sid}: {got}"
+        got += await bus.read_results(sid, got[-1][0] if got else "0", timeout_s=0.2)
+    return [r for _, r in got]
+
+
+async def test_a_poison_session_fails_alone_and_the_others_are_served(redis_server) -> None:
+    """Issue #20, found: a session stored with channels "1.0" made every claim batch raise, so
+    the sessions created after it got no result in 40 s, and the poison client no answer."""
+    bus = RedisBus(redis_server.url, lease_ms=600)
+    poison = await bus.create_session(P)
+    await bus.r.hset(bus.meta_key(poison), "ch", "1.0")  # as the lax gateway stored it
+    good = await bus.create_session(P)  # created together: the same claim batch
+    for i in range(20):
+        await bus.push_audio(good, chunk(i))
+    await bus.end_session(good)
+    engine = RecordingEngine()
+    run = Running(Worker(RedisBus(redis_server.url, lease_ms=600), engine, settings()))
+    try:
+        t0 = time.monotonic()
+        assert [r["audio_s"] for r in await results_of(bus, good)] == [1.0, 2.0, 2.0]
+        assert time.monotonic() - t0 < 5.0  # on time (it used to get nothing for minutes)
+        [err] = await results_of(bus, poison)
+        assert err["final"] and err["error"]["code"] == "bad_params"
+        assert "channels" in err["error"]["message"]
+        assert engine.metrics.errors_total.labels("bad_session")._value.get() == 1
+        assert poison not in engine.opened and engine.fed[good] == list(range(20))
+        # its claim entry is acked and gone: nobody is handed it again
+        assert (await bus.r.xpending(bus.sessions_key, GROUP))["pending"] == 0
+        assert await bus.r.xlen(bus.sessions_key) == 0
+    finally:
+        await run.stop()
+        await run.worker.bus.close()
+        await bus.close()
+
+
+async def test_sessions_that_arrive_together_spread_over_the_workers(redis_server) -> None:
+    """Issue #20, found: 9/1, 9/1 and 20/0 over two workers. Each worker now claims up to its
+    fair share (its part, by capacity, of the sessions waiting or held)."""
+    bus = RedisBus(redis_server.url, lease_ms=600)
+    workers = [Worker(RedisBus(redis_server.url, lease_ms=600), RecordingEngine(max_sessions=64),
+                      settings(worker_id=f"w{i}", max_sessions=64)) for i in range(3)]
+    runs = [Running(w) for w in workers]
+    try:
+        for w in workers:
+            await asyncio.wait_for(w.ready.wait(), 10)
+        sids = await asyncio.gather(*(bus.create_session(P) for _ in range(20)))
+        deadline = time.monotonic() + 10
+        while sum(len(w.owned) for w in workers) < 20:
+            assert time.monotonic() < deadline, [len(w.owned) for w in workers]
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few more claim rounds: nothing moves
+        held = Counter({w.worker_id: len(w.owned) for w in workers})
+        assert sum(held.values()) == 20 and set().union(*(w.owned for w in workers)) == set(sids)
+        assert max(held.values()) <= 12, held  # no worker over 60 %
+        assert min(held.values()) >= 1, held  # every worker has a part
+    finally:
+        for r in runs:
+            await r.stop()
+            await r.worker.bus.close()
+        await bus.close()
+
+
+async def test_a_stopped_worker_hands_back_and_leaves_the_group(redis_server) -> None:
+    bus = RedisBus(redis_server.url, lease_ms=5000)
+    engine = RecordingEngine()
+    run = Running(Worker(RedisBus(redis_server.url, lease_ms=5000), engine,
+                         settings(lease_ms=5000)))
+    sid = await bus.create_session(P)
+    await bus.push_audio(sid, chunk(0))
+    try:
+        while not engine.fed.get(sid):
+            await asyncio.sleep(0.02)
+        assert (await bus.capacity()).workers == 1
+    finally:
+        await run.stop()
+        await run.worker.bus.close()
+    try:
+        [c] = await bus.claim("other", 4)  # at once, not after the 5 s lease
+        assert c.session_id == sid and c.reclaimed
+        names = [c["name"] for c in await bus.r.xinfo_consumers(bus.sessions_key, GROUP)]
+        assert names == [b"other"]  # "w1" is gone from the group...
+        assert (await bus.capacity()).workers == 0  # ...and from the workers at once
+    finally:
+        await bus.close()
