@@ -58,3 +58,30 @@ def test_bench_imports_are_declared_with_the_dev_extras():
     missing = {name: sorted(files) for name, files in third_party_imports(("bench",)).items()
                if DIST_OF.get(name, name).lower().replace("_", "-") not in deps}
     assert not missing, f"bench/ imports packages nobody installs: {missing}"
+
+
+def test_a_wheel_carries_every_data_file_the_code_reads(tmp_path):
+    # a non-editable install (the gateway image) crashed at start: server/static was not in
+    # the wheel, only in the checkout. Every non-Python file under the packages is data the
+    # code reads (the page, the weights, the Csound orchestras): all must be in the wheel.
+    import shutil
+    import subprocess
+    import zipfile
+
+    # built from a copy of the tracked files: in the checkout, the editable install's
+    # *.egg-info/SOURCES.txt would add files the configuration leaves out
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "pyproject.toml", "README.md",
+                              *PACKAGES], check=True, capture_output=True, text=True).stdout.split()
+    src = tmp_path / "src"
+    for rel in tracked:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, src / rel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(src)], check=True, timeout=300,
+                   capture_output=True)
+    (wheel,) = tmp_path.glob("midimatch-*.whl")
+    inside = set(zipfile.ZipFile(wheel).namelist())
+    data = [p for p in tracked if p.startswith(tuple(f"{d}/" for d in PACKAGES))
+            and not p.endswith(".py")]
+    assert "server/static/index.html" in data and "model/weights/default.pt" in data
+    assert [p for p in data if p not in inside] == []
