@@ -118,6 +118,9 @@ class Engine:
                                     self.metrics, self._sessions, self._lock)
         self._ticks = 0
         self._verified_in_tick = False
+        # time.monotonic() when the last round of a tick ended: the runner's watchdog reads it
+        # (from another thread) to tell a long tick that progresses from a hung one
+        self.progress_at = time.monotonic()
 
     # ------------------------------------------------------------------ the runner's calls
     @property
@@ -202,6 +205,7 @@ class Engine:
                 break
             rounds = True
             degraded |= self._round(work, times, out, t_start)
+            self.progress_at = time.monotonic()
         if rounds:
             self._observe(times, out, degraded, time.perf_counter() - t_start)
         for s, r in out:

@@ -76,7 +76,8 @@ class WorkerMetrics:
             "retained window behind), s", registry=r)
         self.stalled = Gauge(
             "midimatch_worker_stalled",
-            "1 while a tick has run past stall_s: leases are left to lapse for other workers",
+            "1 while a tick has made no progress for stall_s: leases are left to lapse for "
+            "other workers",
             registry=r)
         self.errors_total = Counter(
             "midimatch_worker_errors_total", "Errors by kind", ["kind"], registry=r)

@@ -15,10 +15,11 @@ One asyncio loop, two tasks:
   long tick never lets leases lapse; sessions ``renew`` reports lost are dropped by the main loop
   between ticks. Publishing is fenced by the bus (only the owner's results are stored), so a
   result of a session lost meanwhile is never published either. A **watchdog** on the tick: one
-  running past ``stall_s`` counts as hung, and the lease task stops renewing and advertises no
-  capacity (``midimatch_worker_stalled``), so other workers take the sessions over; when the
-  tick returns, ``renew`` and the fence tell which sessions are still ours. Every fifth of
-  ``reap_after_s`` it also reaps the consumers of long-dead workers.
+  that made no progress (no round of the engine ended) for ``stall_s`` counts as hung, and the
+  lease task stops renewing and advertises no capacity (``midimatch_worker_stalled``), so other
+  workers take the sessions over; when the tick moves again, ``renew`` and the fence tell which
+  sessions are still ours. Every fifth of ``reap_after_s`` it also reaps the consumers of
+  long-dead workers.
 
 After a takeover the new owner recomputes results for the retained audio; those at or before
 the last result the client already has (``audio_s``) are not published again, so the client sees
@@ -133,9 +134,13 @@ class Worker:
 
     @property
     def stalled(self) -> bool:
-        """A tick has been running for over ``stall_s`` (the engine looks hung)."""
+        """A tick has made no progress for over ``stall_s`` (the engine looks hung): no round
+        ended (``engine.progress_at``, when the engine says) since it started or the last."""
         started = self._tick_started
-        return started is not None and time.monotonic() - started > self.settings.stall_s
+        if started is None:
+            return False
+        progress = max(started, getattr(self.engine, "progress_at", started))
+        return time.monotonic() - progress > self.settings.stall_s
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -400,8 +405,9 @@ class Worker:
         self.metrics.stalled.set(int(stalled))
         if stalled:
             self.metrics.errors_total.labels("stalled").inc()
-            logger.error("a tick has run for over %.0f s: the engine looks hung; no longer "
-                         "renewing the leases of %d sessions, so other workers take them over",
+            logger.error("a tick has made no progress for %.0f s: the engine looks hung; no "
+                         "longer renewing the leases of %d sessions, so other workers take them "
+                         "over",
                          self.settings.stall_s, len(self.owned))
         else:
             logger.warning("the hung tick returned; renewing leases again")

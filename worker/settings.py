@@ -129,9 +129,10 @@ class WorkerSettings:
         How often a worker holding sessions looks for more (one without waits this long in a
         blocking claim), s.
     stall_s : float
-        A tick running longer than this counts as hung: the worker stops renewing its leases
-        (other workers take its sessions over) and advertises no capacity until the tick
-        returns, s. Above any honest tick (a tick is budgeted ``tick_budget_s``).
+        A tick that made no progress (no round of the engine ended) for this long counts as
+        hung: the worker stops renewing its leases (other workers take its sessions over) and
+        advertises no capacity until the tick progresses again, s. Well above any honest round
+        (a tick is budgeted ``tick_budget_s``; a cold start's first rounds compile kernels).
     reap_after_s : float
         A dead worker's consumer in the group, holding nothing, is deleted this long after its
         last interaction with Redis, s (every worker looks about every fifth of it).

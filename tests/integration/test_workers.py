@@ -16,6 +16,7 @@ from tests.integration.conftest import RATE
 from tests.redis_server import free_port
 from worker.bus import AudioChunk, BusError, StreamParams
 from worker.redis_bus import RedisBus
+from worker.redis_keys import GROUP
 
 pytestmark = pytest.mark.asyncio
 P = StreamParams(RATE)
@@ -126,7 +127,11 @@ async def test_restart_loses_no_chunk(redis_server, start_worker, index_and_audi
         await stream(bus, sid, pcm, 0, 30, speed=2.0, end=False)  # 3 s
         while not results:
             await asyncio.sleep(0.05)
-        assert w.terminate() == 0  # graceful: hands the session back
+        assert w.terminate() == 0  # graceful: hands the session back...
+        assert (await bus.capacity()).workers == 0  # ...and leaves at once (issue #20)
+        consumers = await bus.r.xinfo_consumers(bus.sessions_key, GROUP)
+        assert [c["name"] for c in consumers] == []  # its consumer held nothing: deleted
+        assert (await bus.r.xpending(bus.sessions_key, GROUP))["pending"] == 0
         w = start_worker(redis_server.url, "w1")  # the same worker, started again
         await stream(bus, sid, pcm, 30, speed=2.0)  # the rest arrives meanwhile
         await asyncio.wait_for(reader, 60)

@@ -273,7 +273,7 @@ def test_settings_from_env_with_overrides() -> None:
 
 def test_prune_parts_reach_the_engine(small_index: tuple[Path, Path]) -> None:
     from model.encoder import QUERY_PARTS
-    from worker.runner import build_engine
+    from worker.startup import build_engine
 
     # the setting's default is the cascade's (settings.py cannot import the model to share it)
     assert WorkerSettings().prune_parts == QUERY_PARTS
@@ -461,6 +461,33 @@ async def test_a_hung_tick_lets_the_leases_lapse_and_publishes_nothing_after() -
         assert engine.metrics.errors_total.labels("lease_lost")._value.get() == 1
         await wait_for(lambda: engine.metrics.stalled._value.get() == 0)
         assert (await bus.capacity()).sessions_max == 8
+    finally:
+        await run.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_long_tick_that_progresses_is_not_a_stall() -> None:
+    class Progressing(RecordingEngine):
+        """A 2 s tick whose rounds end every 0.1 s (as a loaded engine's)."""
+
+        progress_at = 0.0
+
+        def tick(self) -> list[tuple[str, dict]]:
+            for _ in range(20):
+                time.sleep(0.1)
+                self.progress_at = time.monotonic()
+            return super().tick()
+
+    bus, engine = InProcessBus(lease_s=0.6), Progressing()
+    run = Running(Worker(bus, engine, settings(lease_ms=600, stall_s=0.5)))
+    try:
+        sid = await bus.create_session(P)
+        await send(bus, sid, range(3))
+        await wait_for(lambda: run.worker._tick_started is not None)
+        for _ in range(10):  # 1.5 s of a tick, 3 stall_s
+            assert await bus.claim("thief", 1) == []
+            await asyncio.sleep(0.15)
+        assert engine.metrics.errors_total.labels("stalled")._value.get() == 0
     finally:
         await run.stop()
 
