@@ -23,6 +23,7 @@ from worker.bus import (
     new_session_id,
     result_id_key,
 )
+from worker.settings import BusSettings
 
 
 @dataclass
@@ -76,6 +77,14 @@ class InProcessBus(Bus):
         # later waiters unwoken after a cancellation (seen in the gateway's tests).
         self._waiters: set[asyncio.Future] = set()
         self._ids = itertools.count(1)
+
+    @classmethod
+    def from_settings(cls, settings: BusSettings) -> InProcessBus:
+        """The bus ``settings`` describe (as ``RedisBus.from_settings``; the URL and prefix are
+        not used in process)."""
+        return cls(lease_s=settings.lease_ms / 1000, retain_s=settings.retain_s,
+                   max_results=settings.max_results, session_ttl_s=settings.session_ttl_s,
+                   result_ttl_s=settings.result_ttl_s)
 
     async def _notify(self) -> None:
         waiters, self._waiters = self._waiters, set()

@@ -481,6 +481,9 @@ async def test_bus_settings_reach_the_bus(redis_server) -> None:
         redis_url="redis://x", retain_s=7.0)
     with pytest.raises(BusError):
         RedisBus.from_settings(BusSettings())  # no URL
+    local = InProcessBus.from_settings(s)
+    assert (local.retain_s, local.session_ttl_s, local.lease_s, local.max_results) == (
+        2.5, 40.0, 5.0, 120)
 
 
 async def test_redis_keys_are_prefixed_and_bounded(redis_server) -> None:
