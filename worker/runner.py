@@ -280,18 +280,17 @@ class Worker:
         retained (as a takeover does) and count the stream time lost."""
         first = batch.chunks[0]
         if own.opened and batch.missing:
-            gap_s = first.t_s - own.audio_s
+            gap_s, gone = first.t_s - own.audio_s, first.seq - batch.missing
         elif not own.opened and not own.reclaimed and first.seq > 0:
-            gap_s = first.t_s  # trimmed before any worker took the session
+            gap_s, gone = first.t_s, 0  # trimmed before any worker took the session
         else:
             return
         gap_s = max(0.0, gap_s)
         own.skipped_s += gap_s
         self.metrics.errors_total.labels("audio_gap").inc()
         self.metrics.audio_skipped_seconds_total.inc(gap_s)
-        logger.warning("session %s: %.2f s of audio trimmed before it was read (chunks %d-%d);"
-                       " restarting from the retained audio", sid, gap_s,
-                       first.seq - max(batch.missing, 1), first.seq - 1)
+        logger.warning("session %s: %.2f s of audio (chunks %d-%d) trimmed before it was read;"
+                       " going on from the retained audio", sid, gap_s, gone, first.seq - 1)
         if own.opened:
             self.engine.drop(sid)
             own.opened = False

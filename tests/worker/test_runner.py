@@ -439,6 +439,22 @@ async def test_a_worker_behind_the_retained_window_says_what_it_skipped() -> Non
 
 
 @pytest.mark.asyncio
+async def test_a_session_trimmed_before_any_worker_took_it_says_so() -> None:
+    bus, engine = InProcessBus(retain_s=1.0), RecordingEngine()
+    sid = await bus.create_session(P)
+    await send(bus, sid, range(30), end=True)  # 3 s while every worker was busy
+    first = (await bus.read_audio(sid, -1)).chunks[0]
+    run = Running(Worker(bus, engine, settings()))
+    try:
+        results = await final_of(bus, sid)
+        assert engine.opened == [(sid, first.t_s)]  # stream time kept
+        assert all(r["audio_skipped_s"] == pytest.approx(first.t_s) for r in results)
+        assert engine.metrics.errors_total.labels("audio_gap")._value.get() == 1
+    finally:
+        await run.stop()
+
+
+@pytest.mark.asyncio
 async def test_a_hung_tick_lets_the_leases_lapse_and_publishes_nothing_after() -> None:
     bus, engine = InProcessBus(lease_s=0.6), GatedEngine()
     sid = await bus.create_session(P)
