@@ -90,3 +90,39 @@ def start_worker(tmp_path: Path, index_and_audio) -> Iterator[Callable[..., Work
     for w in started:
         if w.proc.poll() is None:
             w.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            index_and_audio):
+    """Real processes on loopback (bench/rel_cluster.py): one redis-server and the gateways and
+    workers a module asks for with ``CLUSTER = {"gateways": G, "workers": W, "gateway_env":
+    {...}}``, on the integration index, warmed up (each worker's first ticks load numba's
+    cached kernels). Killed at the end of the module; on a failure its logs are printed."""
+    import asyncio
+
+    from bench.rel_cluster import Cluster
+    from bench.rel_scenarios import warm_up
+
+    spec = getattr(request.module, "CLUSTER", {})
+    c = Cluster(tmp_path_factory.mktemp("cluster"), index_and_audio[0], lease_ms=2000,
+                gateway_env=spec.get("gateway_env"))
+    try:
+        c.start(n_gateways=spec.get("gateways", 1), n_workers=spec.get("workers", 2))
+        asyncio.run(warm_up(c, index_and_audio[1]))
+        yield c
+    finally:
+        c.close()
+
+
+def audio_pool(pcm: np.ndarray, n: int, seconds: float) -> list[np.ndarray]:
+    """``n`` different ``seconds``-long excerpts of ``pcm`` (int16 at :data:`RATE`)."""
+    length = int(seconds * RATE)
+    starts = np.linspace(0, len(pcm) - length, n).astype(int)
+    return [pcm[s:s + length] for s in starts]
+
+
+def no_problems(report: dict) -> str:
+    """The assertion message of a scenario report: its problems, one a line, and its figures."""
+    figures = {k: v for k, v in report.items() if k not in ("problems", "cases")}
+    return "\n".join([f"{report['name']}:", *report["problems"], f"figures: {figures}"])
