@@ -1,8 +1,9 @@
 """The bus over Redis streams: any number of gateways and workers.
 
 Every key is named in :mod:`worker.redis_keys` (the layout is documented there); audio reads are
-:mod:`worker.redis_audio`'s, result reads :mod:`worker.redis_results`'s, every check-and-act on a
-session a Lua script of :mod:`worker.redis_scripts`.
+:mod:`worker.redis_audio`'s, result reads :mod:`worker.redis_results`'s, the workers' heartbeats and
+consumers :mod:`worker.redis_workers`'s, every check-and-act on a session a Lua script of
+:mod:`worker.redis_scripts`.
 
 Leases. The lease is the PEL entry's idle time: the owner resets it with ``XCLAIM … 0 … JUSTID``
 (``renew``, a Lua script that first checks the entry is still in *its* PEL, so a worker whose
@@ -62,13 +63,13 @@ from worker.bus import (
     Claim,
     StreamParams,
     Workload,
-    distinct,
     new_session_id,
     result_id_key,
 )
 from worker.redis_audio import AudioReader, seq_of
 from worker.redis_keys import GROUP, RedisKeys
 from worker.redis_results import ResultsDispatcher
+from worker.redis_workers import WorkerRegistry
 from worker.settings import BusSettings
 
 logger = logging.getLogger(__name__)
@@ -148,9 +149,9 @@ class RedisBus(RedisKeys, Bus):
         self._adopt = self.r.register_script(lua.ADOPT)
         self._create = self.r.register_script(lua.CREATE)
         self._publish = self.r.register_script(lua.PUBLISH)
-        self._forget = self.r.register_script(lua.FORGET)
         self.dispatcher = ResultsDispatcher(self.r)  # every read_results of this client
         self.audio = AudioReader(self.r)  # every read_audio of this client
+        self.registry = WorkerRegistry(self.r, self, self.lease_ms)
         self._group_ready = False
 
     @classmethod
@@ -237,57 +238,41 @@ class RedisBus(RedisKeys, Bus):
                     got = await self.dispatcher.wait(key, after, timeout_s)
         return [(eid.decode(), json.loads(f[b"r"])) for eid, f in got]
 
-    async def _live_workers(self) -> tuple[list[str], list[bytes | None]]:
-        """Registered workers and their heartbeats (None: dead, dropped from the set)."""
-        workers = [w.decode() for w in await self.r.smembers(self.workers_key)]
-        caps = await self.r.mget([self.worker_key(w) for w in workers]) if workers else []
-        dead = [w for w, c in zip(workers, caps, strict=True) if c is None]
-        if dead:
-            await self.r.srem(self.workers_key, *dead)
-        return workers, caps
-
     async def capacity(self) -> Capacity:
         with _redis_errors():
-            workers, caps = await self._live_workers()
-            said = await self.r.mget([self.notes_key(w) for w in workers]) if workers else []
-            cals = (await self.r.mget([self.calibration_key(w) for w in workers])
-                    if workers else [])
+            alive = await self.registry.alive()
             active = [s.decode() for s in await self.r.smembers(self.active_key)]
             async with self.r.pipeline(transaction=False) as p:
                 for sid in active:
                     p.exists(self.meta_key(sid))
-                alive = await p.execute()
-            gone = [s for s, a in zip(active, alive, strict=True) if not a]
+                exist = await p.execute()
+            gone = [s for s, e in zip(active, exist, strict=True) if not e]
             if gone:
                 await self.r.srem(self.active_key, *gone)
-        live = [int(c) for c in caps if c is not None]
-        notes = tuple(dict.fromkeys(n for c, raw in zip(caps, said, strict=True)
-                                    if c is not None and raw for n in json.loads(raw)))
-        calibrations = distinct(json.loads(raw) for c, raw in zip(caps, cals, strict=True)
-                                if c is not None and raw)
-        return Capacity(len(live), len(active) - len(gone), sum(live), notes, calibrations)
+        return Capacity(alive.workers, len(active) - len(gone), alive.capacity, alive.notes,
+                        alive.calibrations)
 
     # ------------------------------------------------------------------ worker side
     async def heartbeat(self, worker_id: str, max_sessions: int,
                         notes: tuple[str, ...] = (), calibration: dict | None = None) -> None:
         with _redis_errors():
-            async with self.r.pipeline(transaction=False) as p:
-                p.set(self.worker_key(worker_id), int(max_sessions), px=self.lease_ms)
-                if notes:
-                    p.set(self.notes_key(worker_id), json.dumps(list(notes)), px=self.lease_ms)
-                if calibration:
-                    p.set(self.calibration_key(worker_id), json.dumps(calibration),
-                          px=self.lease_ms)
-                p.sadd(self.workers_key, worker_id)
-                await p.execute()
+            await self.registry.heartbeat(worker_id, max_sessions, notes, calibration)
 
     async def workload(self) -> Workload:
         # The hand-out stream holds one entry per session waiting or held (stale entries of
         # expired sessions linger until a claim drops them): cheap, and close enough.
         with _redis_errors():
-            _, caps = await self._live_workers()
+            capacity = await self.registry.capacity()
             waiting_or_held = await self.r.xlen(self.sessions_key)
-        return Workload(int(waiting_or_held), sum(int(c) for c in caps if c is not None))
+        return Workload(int(waiting_or_held), capacity)
+
+    async def retire(self, worker_id: str) -> None:
+        with _redis_errors():
+            await self.registry.retire(worker_id)
+
+    async def reap(self, idle_s: float) -> int:
+        with _redis_errors():
+            return await self.registry.reap(idle_s)
 
     async def _ensure_group(self, force: bool = False) -> None:
         if self._group_ready and not force:
@@ -393,28 +378,6 @@ class RedisBus(RedisKeys, Bus):
                                args=[GROUP, worker_id, session_id, self.result_ttl_ms])
         self.audio.forget(session_id)
 
-    async def retire(self, worker_id: str) -> None:
-        with _redis_errors():
-            async with self.r.pipeline(transaction=False) as p:
-                p.delete(*self.worker_keys(worker_id))
-                p.srem(self.workers_key, worker_id)
-                await p.execute()
-            with _no_group():
-                await self._forget(keys=[self.sessions_key, self.worker_key(worker_id)],
-                                   args=[GROUP, worker_id])
-
-    async def reap(self, idle_s: float) -> int:
-        reaped = 0
-        with _redis_errors(), _no_group():
-            for c in await self.r.xinfo_consumers(self.sessions_key, GROUP):
-                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-                if c["pending"] or c["idle"] < idle_s * 1000:
-                    continue
-                reaped += int(await self._forget(keys=[self.sessions_key,
-                                                       self.worker_key(name)],
-                                                 args=[GROUP, name]))
-        return reaped
-
     async def ping(self) -> bool:
         """True when Redis answers (for readiness probes)."""
         try:
@@ -426,12 +389,3 @@ class RedisBus(RedisKeys, Bus):
         await self.dispatcher.close()  # its waiters get BusError ``closed``
         await self.r.aclose()
 
-
-@contextmanager
-def _no_group() -> Iterator[None]:
-    """No consumer group (nothing claimed since Redis started empty): no consumer to forget."""
-    try:
-        yield
-    except ResponseError as e:
-        if "NOGROUP" not in str(e) and "no such key" not in str(e):
-            raise
