@@ -208,9 +208,12 @@ class Engine:
             self.progress_at = time.monotonic()
         if rounds:
             self._observe(times, out, degraded, time.perf_counter() - t_start)
+        min_frames = self.cascade.config.min_query_frames
         for s, r in out:
             if r.get("final"):
-                r["answer"] = answer(stream_answer(r.get("decision") is not None, _silent(s)))
+                # too short: the whole stream is shorter than a query (identify's too_short)
+                r["answer"] = answer(stream_answer(r.get("decision") is not None, _silent(s),
+                                                   too_short=s.n_frames < min_frames))
         with self._lock:
             for s, _ in out:
                 if s.finalised:

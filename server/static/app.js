@@ -16,12 +16,13 @@ const pieces = new Map(); // id → {title, duration_s} from /v1/pieces/{id}, or
 
 // Below this much audio a leading candidate is noise: the page still says "listening".
 const LEAD_MIN_S = 3;
-// A stream that ends with less audio than this and no decision was too short to judge: the page
-// does not call it "not in the collection" (the service needs a median 6-7 s to decide).
+// A service without `answer` in its final result: a stream that ends with less audio than this
+// and no decision was too short to judge (the page does not call it "not in the collection").
 const TELL_MIN_S = 5;
 // The final result carries the service's answer, {kind, text} (index/answers.py): identified,
-// not_in_collection or silent, in the words `midimatch identify` and `midimatch stream` use.
-// The page shows those words (sentence case) as the label of an ended stream.
+// not_in_collection, silent or too_short, in the words `midimatch identify` and `midimatch
+// stream` use. The page's state follows that kind and shows those words (sentence case) as the
+// label of an ended stream: one answer everywhere.
 const sentence = (t) => t.charAt(0).toUpperCase() + t.slice(1);
 const NEED = "usually 5–10 s";
 
@@ -103,8 +104,11 @@ function stateOf(r) {
   if (!r.stream) return "starting";
   if (r.decision) return "identified";
   const m = r.result;
-  if (r.done && m && m.answer && m.answer.kind === "silent") return "silent";
+  const kind = r.done && m && m.answer ? m.answer.kind : null;
+  if (kind === "silent") return "silent";
+  if (kind === "too_short") return "short";
   if (r.before) return "lost";
+  if (kind === "not_in_collection") return "absent";
   if (r.done) return m && m.audio_s >= TELL_MIN_S ? "absent" : "short";
   if (m && m.matches.length && m.audio_s >= LEAD_MIN_S) return "leading";
   return "listening";
@@ -200,9 +204,8 @@ function render() {
   }
   const answer = r && r.done && !r.error && m ? m.answer : null;
   $("answer").dataset.state = st;
-  // an ended stream is labelled with the service's answer, but for "too short to tell"
-  $("state-label").textContent = answer && answer.text && st !== "short"
-    ? sentence(answer.text) : LABELS[st];
+  // an ended stream is labelled with the service's answer
+  $("state-label").textContent = answer && answer.text ? sentence(answer.text) : LABELS[st];
   $("decision-title").textContent = head;
   $("decision-detail").textContent = detail;
   $("decided-after").textContent = since;

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from index.answers import IDENTIFIED, NOT_IN_COLLECTION, SILENT, answer
+from index.answers import IDENTIFIED, NOT_IN_COLLECTION, SILENT, TOO_SHORT, answer
 from tests.e2e.conftest import TARGET, TITLES, running
 from tests.redis_server import free_port
 
@@ -324,12 +324,25 @@ def test_not_in_the_collection_and_too_short(server, collection, pieces):
         page.click("#mic")  # stopped after 2 s: too short to say "not in the collection"
         ws = wait_sockets(page, 2)[1]
         ws.result(1.0, [(a, 0.1)])
-        ws.result(2.0, [(a, 0.1)], None, final=True)
+        ws.result(2.0, [(a, 0.1)], None, final=True, answer=None)  # a service without it
         expect_state(page, "short", "e2e-state-9-too-short", title="Too short to tell",
                      detail="Only 2.0 s of audio")
 
-        page.click("#mic")  # silence: the service's answer, whatever the length
+        page.click("#mic")  # the service's answer decides, whatever the length: too short...
         ws = wait_sockets(page, 3)[2]
+        ws.result(1.5, [], None, final=True, answer=answer(TOO_SHORT))
+        s = expect_state(page, "short", "e2e-state-9a-too-short-answer",
+                         title="Too short to tell", detail="Only 1.5 s of audio")
+        assert s["label"] == "Too short to identify: under 2 s of audio"  # identify's words
+        page.click("#mic")  # ...or not in the collection after 3 s of searched audio
+        ws = wait_sockets(page, 4)[3]
+        ws.result(3.0, [(a, 0.1)], None, final=True, answer=answer(NOT_IN_COLLECTION))
+        s = expect_state(page, "absent", "e2e-state-9a-absent-answer",
+                         title="Best guess “alpha” (10 %): not confident")
+        assert s["label"] == "Not in the collection"
+
+        page.click("#mic")  # silence: the service's answer, whatever the length
+        ws = wait_sockets(page, 5)[4]
         ws.result(1.0, [])
         ws.result(3.0, [], None, final=True, answer=answer(SILENT))
         s = expect_state(page, "silent", "e2e-state-9b-silent", title="Too quiet to search",
@@ -337,7 +350,7 @@ def test_not_in_the_collection_and_too_short(server, collection, pieces):
         assert s["label"] == "Silent: nothing to identify"  # identify's and stream's words
 
         page.click("#mic")  # the worker gave the stream up
-        ws = wait_sockets(page, 4)[3]
+        ws = wait_sockets(page, 6)[5]
         ws.result(1.0, [], None, final=True,
                   error={"code": "bad_request", "message": "the audio could not be used"})
         s = expect_state(page, "error", "e2e-state-10-error", title="No answer",

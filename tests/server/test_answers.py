@@ -1,6 +1,6 @@
 """One answer everywhere: ``midimatch identify`` and ``midimatch stream`` (the client, through the
 gateway, to an embedded worker with the real engine, on the same index) give the same answer kind
-in the same words on the same audio, silent or out of the collection; and that gateway's
+in the same words on the same audio, silent, out of the collection or too short; and that gateway's
 ``/readyz`` shows the calibration the worker decides with, with its provenance."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from index.answers import ANSWERS, NOT_IN_COLLECTION, SILENT, answer, answer_line
+from index.answers import ANSWERS, NOT_IN_COLLECTION, SILENT, TOO_SHORT, answer, answer_line
 from index.build import BuildOptions, build_index
 from model.training.render import render
 from server.app import create_app
@@ -40,6 +40,7 @@ def collection(tmp_path_factory):
                       sample_rate=RATE)
     sf.write(root / "outsider.wav", outsider[8 * RATE:20 * RATE], RATE)
     sf.write(root / "silent.wav", np.zeros(6 * RATE, np.float32), RATE)
+    sf.write(root / "short.wav", outsider[8 * RATE:9 * RATE], RATE)  # music, under a query's 2 s
     return root
 
 
@@ -51,7 +52,7 @@ def identify(capsys, root, name: str, *flags: str) -> tuple[int, str]:
 @pytest.mark.asyncio
 async def test_identify_and_stream_give_the_same_answer(collection, capsys, aiohttp_client):
     said = {}
-    for name in ("silent.wav", "outsider.wav"):
+    for name in ("silent.wav", "outsider.wav", "short.wav"):
         code, out = identify(capsys, collection, name, "--json")
         assert code == 0  # an answer, not a failure
         said[name] = json.loads(out)
@@ -75,7 +76,8 @@ async def test_identify_and_stream_give_the_same_answer(collection, capsys, aioh
         with pytest.raises(asyncio.CancelledError):
             await worker
 
-    for name, kind in (("silent.wav", SILENT), ("outsider.wav", NOT_IN_COLLECTION)):
+    for name, kind in (("silent.wav", SILENT), ("outsider.wav", NOT_IN_COLLECTION),
+                       ("short.wav", TOO_SHORT)):
         offline, stream = said[name], finals[name]
         assert offline["answer"] == stream["answer"] == answer(kind), name
         assert offline["decision"] == kind
