@@ -280,13 +280,19 @@ async def redis_restart(cluster: Cluster, pool: list[np.ndarray], n: int, *,
                 problems.append(f"{log.name}: internal error: {msg}")
             if "127.0.0.1" in msg or "Error 111" in msg or "redis://" in msg:
                 problems.append(f"{log.name}: the error leaks an address: {msg}")
-    if persistent:
+    if persistent:  # AOF, stopped cleanly: every session resumes and finishes
         problems += _check(logs, tap, every_s=None)
-    else:
+    else:  # gone: `unavailable` while Redis is down, then `unknown_session` (protocol.md)
         for log in logs:
-            codes = [e.get("code") for e in log.errors + log.retried]
-            if log.final is None and not codes and log.exception is None:
-                problems.append(f"{log.name}: neither finished nor told why")
+            seen = {f"{e.get('code')}/{e.get('reason')}" for e in log.errors + log.retried}
+            if log.final is None and not seen:
+                problems.append(f"{log.name}: neither finished nor told why "
+                                f"({log.exception}, closes {log.closes})")
+            odd = {c for c in seen if not c.startswith("unavailable/")
+                   and c != "bad_request/unknown_session"}
+            if odd:
+                problems.append(f"{log.name}: errors {sorted(odd)} (expected unavailable, then "
+                                "unknown_session)")
     cluster.wait_workers(len([w for w in cluster.workers if w.alive]), 60)
     after, tap2, _ = await streams(cluster, pool, 1, timeout_s=120)
     problems += [f"after the restart: {p}" for p in _check(after, tap2, every_s=None)]
