@@ -98,19 +98,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def gateway_bus(settings: Settings, env: Mapping[str, str] | None = None) -> RedisBus:
-    """The gateway's RedisBus, with the retention and expiry the workers use: the worker's
-    settings (``MIDIMATCH_RETAIN_S``, ``MIDIMATCH_SESSION_TTL_S``, ``MIDIMATCH_RESULT_TTL_S``,
-    ``MIDIMATCH_MAX_RESULTS``, ``MIDIMATCH_LEASE_MS``) read from the same environment. The
-    gateway trims the audio it appends and sets the session keys' expiry, so these govern
-    there, not only in the worker."""
+    """The gateway's RedisBus, with the retention and expiry the workers use: the bus settings
+    (:class:`worker.settings.BusSettings`: ``MIDIMATCH_RETAIN_S``, ``MIDIMATCH_SESSION_TTL_S``,
+    ``MIDIMATCH_RESULT_TTL_S``, ``MIDIMATCH_MAX_RESULTS``, ``MIDIMATCH_LEASE_MS``) read from the
+    same environment as the workers'. The gateway trims the audio it appends and sets the
+    session keys' expiry, so these govern there, not only in the worker. Only the bus's
+    variables are read: a worker-only one (``MIDIMATCH_DEVICE``...) never stops a gateway."""
     from worker.redis_bus import RedisBus
-    from worker.settings import WorkerSettings
+    from worker.settings import BusSettings
 
-    w = WorkerSettings.from_env(env)
     assert settings.redis_url is not None
-    return RedisBus(settings.redis_url, prefix=settings.redis_prefix, lease_ms=w.lease_ms,
-                    retain_s=w.retain_s, max_results=w.max_results,
-                    session_ttl_s=w.session_ttl_s, result_ttl_s=w.result_ttl_s)
+    return RedisBus.from_settings(BusSettings.from_env(
+        env, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix))
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:

@@ -33,7 +33,8 @@ Redis restart (no persistence): every session is gone. Gateways get ``unknown_se
 ``push_audio``/``read_results``, workers get all their sessions back from ``renew`` as lost and
 drop them; the consumer group is re-created on the next ``claim``. While Redis is unreachable
 every call raises :class:`~worker.bus.BusError` with reason ``redis_unavailable``; redis-py
-reconnects by itself once it is back.
+reconnects by itself once it is back. A command Redis answers with an error (``ResponseError``:
+a bug, not an outage) raises reason ``redis_error``.
 
 Result reads (gateway side) go through one :class:`~worker.redis_results.ResultsDispatcher`
 per bus: looks batched into one pipeline, waits served by one shared short ``XREAD BLOCK``.
@@ -82,7 +83,9 @@ def _redis_errors() -> Iterator[None]:
         yield
     except BusError:
         raise
-    except RedisError as e:
+    except ResponseError as e:  # Redis answered and refused the command: a bug, not an outage
+        raise BusError(f"Redis refused a command: {e}", reason="redis_error") from e
+    except RedisError as e:  # unreachable, timed out, loading: retry later
         raise BusError(f"Redis failed: {type(e).__name__}: {e}",
                        reason="redis_unavailable") from e
 

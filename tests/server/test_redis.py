@@ -151,7 +151,8 @@ async def test_the_gateway_bus_keeps_audio_and_sessions_as_the_workers_do(redis_
 
     env = {"MIDIMATCH_RETAIN_S": "3.5", "MIDIMATCH_SESSION_TTL_S": "40",
            "MIDIMATCH_RESULT_TTL_S": "9", "MIDIMATCH_MAX_RESULTS": "17",
-           "MIDIMATCH_LEASE_MS": "900"}
+           "MIDIMATCH_LEASE_MS": "900",
+           "MIDIMATCH_DEVICE": "tpu"}  # a worker-only variable the gateway must not read
     bus = gateway_bus(Settings(redis_url=redis_server.url, redis_prefix=prefix), env)
     assert (bus.retain_s, bus.session_ttl_ms, bus.result_ttl_ms, bus.max_results,
             bus.lease_ms, bus.prefix) == (3.5, 40000, 9000, 17, 900, prefix)

@@ -397,6 +397,20 @@ async def test_redis_restart_loses_sessions_and_recovers(redis_server) -> None:
         await bus.close()
 
 
+async def test_a_refused_command_is_not_an_outage(redis_server) -> None:
+    # Redis answering with an error (here WRONGTYPE) is a bug to log, not "unavailable, retry"
+    bus = RedisBus(redis_server.url)
+    try:
+        sid = await bus.create_session(P)
+        await bus.r.delete(bus.meta_key(sid))
+        await bus.r.set(bus.meta_key(sid), "not a hash")
+        with pytest.raises(BusError) as e:
+            await bus.session_params(sid)
+        assert e.value.reason == "redis_error" and "WRONGTYPE" in str(e.value)
+    finally:
+        await bus.close()
+
+
 async def test_a_session_with_unparsable_params_is_claimed_alone(redis_server) -> None:
     """Issue #20: channels stored as "1.0" made int() raise inside claim, which lost the whole
     batch (the other sessions starved) and left the entry to be redelivered forever."""
