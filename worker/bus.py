@@ -73,10 +73,10 @@ class StreamParams:
                 or not MIN_RATE <= self.sample_rate <= MAX_RATE):
             raise BusError(f"sample_rate must be an integer in {MIN_RATE}..{MAX_RATE} Hz, "
                            f"got {self.sample_rate!r}", reason="bad_sample_rate")
-        if self.channels not in (1, 2) or isinstance(self.channels, bool):
+        if type(self.channels) is not int or self.channels not in (1, 2):  # not 1.0, not True
             raise BusError(f"channels must be 1 or 2, got {self.channels!r}",
                            reason="bad_channels")
-        if self.encoding not in ENCODINGS:
+        if not isinstance(self.encoding, str) or self.encoding not in ENCODINGS:
             raise BusError(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}",
                            reason="bad_encoding")
 

@@ -63,6 +63,18 @@ async def bus(make_bus: Callable[..., Bus]) -> Bus:
     return make_bus()
 
 
+@pytest.mark.parametrize("bad", [
+    dict(sample_rate=16000.0), dict(sample_rate=True), dict(sample_rate=7999),
+    dict(sample_rate=16000, channels=1.0), dict(sample_rate=16000, channels=True),
+    dict(sample_rate=16000, channels=3), dict(sample_rate=16000, encoding=["pcm_s16le"]),
+    dict(sample_rate=16000, encoding="mp3")])
+async def test_stream_params_take_exact_types_only(bad: dict) -> None:
+    # channels=1.0 was stored as "1.0" and then failed every worker's claim (issue #20)
+    with pytest.raises(BusError) as e:
+        StreamParams(**bad)
+    assert e.value.reason.startswith("bad_")
+
+
 async def test_create_and_params(bus: Bus) -> None:
     sid = await bus.create_session(StreamParams(44100, 2, "pcm_f32le"))
     assert await bus.session_params(sid) == StreamParams(44100, 2, "pcm_f32le")
