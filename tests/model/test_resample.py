@@ -75,7 +75,7 @@ def test_samples_are_the_signal_at_their_times(rate: int) -> None:
        sizes=st.lists(st.integers(1, 3000), min_size=20, max_size=60))
 def test_output_waits_no_longer_than_the_lookahead(rate: int, sizes: list[int]) -> None:
     rs = StreamingResampler(rate, OUT)
-    assert 0.0 < rs.lookahead_s < 0.1
+    assert 0.0 <= rs.lookahead_s < 0.1  # 0 at 22,050 Hz: passed through
     rng = np.random.default_rng(rate)
     for n in sizes:
         rs.push(rng.standard_normal(n))
