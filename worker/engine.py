@@ -210,6 +210,7 @@ class Engine:
             self._observe(times, out, degraded, time.perf_counter() - t_start)
         min_frames = self.cascade.config.min_query_frames
         for s, r in out:
+            self._count_decision(s, r)
             if r.get("final"):
                 # too short: the whole stream is shorter than a query (identify's too_short)
                 r["answer"] = answer(stream_answer(r.get("decision") is not None, _silent(s),
@@ -310,6 +311,16 @@ class Engine:
                 logger.debug("session %s: the music changed at %.1f s", s.id, s.audio_s)
                 s.restart_recent(self.cascade)
         return degraded
+
+    def _count_decision(self, s: Session, r: dict) -> None:
+        """``decisions_total``: how this result's decision differs from the session's last."""
+        now = r["decision"]["id"] if r.get("decision") else None
+        if now == s.announced:
+            return
+        event = ("made" if s.announced is None else "replaced" if now is not None
+                 else "dropped_at_end" if r.get("final") else "withdrawn")
+        self.metrics.decisions_total.labels(event).inc()
+        s.announced = now
 
     def _fail(self, s: Session, out: list[tuple[Session, dict]]) -> None:
         """A bug hit one session: log it, count it, end that session with an empty final

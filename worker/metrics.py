@@ -27,6 +27,8 @@ STAGES = ("features", "networks", "prune", "verify", "confirm", "tick")
 # audio_gap: audio trimmed from the bus before the worker read it; stalled: a hung tick.
 ERROR_KINDS = ("bad_audio", "internal", "bus", "lease_lost", "audio_dropped", "bad_session",
                "audio_gap", "stalled")
+# how a session's decision changed from one result to the next (WorkerMetrics.decisions_total)
+DECISION_EVENTS = ("made", "replaced", "withdrawn", "dropped_at_end")
 
 
 class WorkerMetrics:
@@ -81,6 +83,14 @@ class WorkerMetrics:
             registry=r)
         self.errors_total = Counter(
             "midimatch_worker_errors_total", "Errors by kind", ["kind"], registry=r)
+        self.decisions_total = Counter(
+            "midimatch_worker_decisions_total",
+            "Changes of a session's decision between its results: made (a piece named where "
+            "none was), replaced (another piece), withdrawn (none any more, stream going on), "
+            "dropped_at_end (a final result without the decision the result before it had)",
+            ["event"], registry=r)
+        for e in DECISION_EVENTS:
+            self.decisions_total.labels(e)
         for s in STAGES:
             self.stage_seconds.labels(s)
         for k in ERROR_KINDS:

@@ -131,6 +131,7 @@ class Session:
         self.candidates = np.zeros(0, np.int64)  # the last prune's references, nearest first
         self.prune_asked: float | None = None  # time.monotonic() of a pending refresh request
         self.pruned_audio_s = 0.0  # audio_s of the embedding behind the current candidates
+        self.announced: int | None = None  # the piece the last published result decided
 
     # ------------------------------------------------------------------ audio in
     @property

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from index.answers import IDENTIFIED, NOT_IN_COLLECTION, SILENT, answer
+from index.answers import IDENTIFIED, NOT_IN_COLLECTION, SILENT, TOO_SHORT, answer
 from index.build import BuildOptions, build_index
 from index.cascade_types import CascadeConfig
 from index.search import Cascade
@@ -157,6 +157,31 @@ def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> N
     assert results[-1]["decision"]["title"] == "song7"
 
 
+def test_decision_changes_are_counted_as_the_results_show_them(cascade: Cascade) -> None:
+    # midimatch_worker_decisions_total (the alert on decisions dropped, k8s/) against the
+    # events read off the published results: piece A decided, then B after a change of music,
+    # then the stream goes on into a long silence and ends
+    from worker.metrics import DECISION_EVENTS
+    from worker.session import HOLD_QUIET_S
+
+    eng = Engine(cascade, EngineSettings(window_s=10.0, change_s=3.0, **EXACT))
+    eng.open("s", StreamParams(SR))
+    clip = np.concatenate([audio_of(10, 0.0, 12.0), audio_of(3, 5.0, 25.0),
+                           np.zeros(int((HOLD_QUIET_S + 3) * SR), np.float32)])
+    results = stream(eng, "s", clip, 0.5)
+    expected, last = dict.fromkeys(DECISION_EVENTS, 0), None
+    for r in results:
+        now = r["decision"]["id"] if r["decision"] else None
+        if now != last:
+            expected["made" if last is None else "replaced" if now is not None
+                     else "dropped_at_end" if r["final"] else "withdrawn"] += 1
+        last = now
+    got = {e: eng.metrics.registry.get_sample_value("midimatch_worker_decisions_total",
+                                                    {"event": e}) for e in DECISION_EVENTS}
+    assert got == expected
+    assert expected["made"] >= 1 and expected["withdrawn"] >= 1  # the silence withdrew it
+
+
 def test_t0_puts_results_in_stream_time(cascade: Cascade) -> None:
     eng = Engine(cascade, EngineSettings(**EXACT))
     eng.open("late", StreamParams(SR), t0_s=100.0)
@@ -217,7 +242,9 @@ def test_not_in_collection_gives_no_decision(cascade: Cascade, kind: str) -> Non
 @pytest.mark.parametrize("audio,kind", [
     (np.zeros(0, np.float32), SILENT),  # a stream without audio: nothing to identify
     (np.zeros(SR // 10, np.float32), SILENT),  # too short for a hash frame: no audio counted
-    (None, NOT_IN_COLLECTION),  # 0.1 s of music: too short to search, not silent
+    (None, TOO_SHORT),  # 0.1 s of music: too short to search, not silent (identify's words)
+    (audio_of(3, 5.0, 6.5), TOO_SHORT),  # 1.5 s of music: under the 2 s a query needs
+    (audio_of(3, 5.0, 7.5), NOT_IN_COLLECTION),  # 2.5 s: searched, not confident yet
     (np.concatenate([audio_of(3, 5.0, 15.0), np.zeros(3 * SR, np.float32)]), IDENTIFIED),
 ])
 def test_the_final_answer(cascade: Cascade, audio: np.ndarray | None, kind: str) -> None:
