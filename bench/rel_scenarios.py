@@ -529,7 +529,7 @@ def index_disk_full(workdir: Path, midi: list[Path], *, size_mb: int = 24,
     try:
         out = mnt / "index"
         build_small_index(out, midi[:2])
-        before = sorted(r["id"] for r in load_index(out).refs)
+        before = sorted(r["sha256"] for r in load_index(out).refs)
         cmd = [_midimatch(), "index", "build", "--workers", "1", "--no-progress", "--rebuild",
                str(out), *map(str, midi)]
         t0 = time.monotonic()
@@ -560,7 +560,7 @@ def index_disk_full(workdir: Path, midi: list[Path], *, size_mb: int = 24,
         if filler is not None:
             filler.unlink()
         try:
-            after = sorted(r["id"] for r in load_index(out).refs)
+            after = sorted(r["sha256"] for r in load_index(out).refs)
             if after != before:
                 problems.append(f"the old index changed: {len(before)} → {len(after)} refs")
         except Exception as e:  # noqa: BLE001 - reported
