@@ -100,10 +100,13 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     {...}}``, on the integration index, warmed up (each worker's first ticks load numba's
     cached kernels). Killed at the end of the module; on a failure its logs are printed."""
     import asyncio
+    import shutil
 
     from bench.rel_cluster import Cluster
     from bench.rel_scenarios import warm_up
 
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     spec = getattr(request.module, "CLUSTER", {})
     c = Cluster(tmp_path_factory.mktemp("cluster"), index_and_audio[0], lease_ms=2000,
                 gateway_env=spec.get("gateway_env"))
