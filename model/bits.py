@@ -55,7 +55,7 @@ def unpack_bits(hashes: np.ndarray) -> np.ndarray:
     return (hashes[:, None] >> np.arange(n_bits, dtype=hashes.dtype)) & 1 == 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hamming_kernel(q, r, out):
     for i in range(q.shape[0]):
         qi = np.uint32(q[i])
@@ -63,7 +63,7 @@ def _hamming_kernel(q, r, out):
             out[i, j] = _popcount(qi ^ np.uint32(r[j]))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hamming_histogram_kernel(q, r, counts):
     for i in range(q.shape[0]):
         qi = np.uint32(q[i])

@@ -25,10 +25,10 @@ Look-ahead
 Frame ``t`` depends on samples up to ``t * HOP + HALF_WINDOW - 1`` and not beyond: the analysis
 window is cut to the longest filter, so the frame is final as soon as those samples arrive.
 At 22,050 Hz input that is ``HALF_WINDOW`` = 2,922 samples = **132.5 ms** (``LOOKAHEAD_MS``).
-Other input rates add the streaming resampler's tail (its filter half-width plus one polyphase
-block, see :func:`lookahead_ms`): 0.3 ms at 44.1 kHz, 7.0 ms at 48 kHz, 3.5 ms at 96 kHz,
-20.9 ms at 8 kHz. A frame is emitted at hop boundaries, so a sample waits at most one more hop
-(46.4 ms) on top of that.
+Other input rates add the streaming resampler's look-ahead (libsoxr's filter delay, see
+:func:`lookahead_ms`): 22.3 ms at 44.1 kHz, 20.5 ms at 48 kHz, 20.6 ms at 96 kHz, 1.4 ms at
+16 kHz, 2.8 ms at 8 kHz, up to about 58 ms at odd rates under 11 kHz. A frame is emitted at hop
+boundaries, so a sample waits at most one more hop (46.4 ms) on top of that.
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ class StreamingCQT:
     Parameters
     ----------
     sample_rate : int
-        Input rate, 8,000..96,000 Hz; resampled to 22,050 Hz as ``torchaudio.functional.resample``.
+        Input rate, 8,000..96,000 Hz; resampled to 22,050 Hz by :mod:`model.resample`
+        (libsoxr, any integer rate).
     channels : int
         Channels of the input PCM, downmixed to mono by their mean.
     device : torch.device or str, optional

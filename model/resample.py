@@ -19,7 +19,6 @@ compare with those of the torchaudio sinc resampler it replaces is in the commit
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
 import numpy as np
 import soxr
@@ -100,14 +99,6 @@ class StreamingResampler:
     def nbytes(self) -> int:
         """Bytes of this stream's resampling state (libsoxr's, bounded as measured)."""
         return _STATE_BYTES
-
-    # worker/session.py's _cqt_nbytes sums ``buf._a.nbytes`` and the kernel's size (the
-    # torchaudio resampler's FIFO and taps) until it reads ``nbytes``: the same count here.
-    @property
-    def buf(self) -> SimpleNamespace:
-        return SimpleNamespace(_a=SimpleNamespace(nbytes=self.nbytes))
-
-    kernel = SimpleNamespace(element_size=lambda: 0, nelement=lambda: 0)
 
     def push(self, x: np.ndarray) -> np.ndarray:
         """Add samples, shape (n,); return the output samples they complete, float64."""

@@ -61,8 +61,9 @@ def _extend(q, hashes, starts, lengths, top_off, tops, cols, from_row, pu, pl, g
 # The same loop serial and parallel over candidates: a typical live call (5 new rows against
 # 100 references of ~1,000 frames, 0.5 M cells, ~0.25 ms) costs less than waking a thread team,
 # which on shared cores took up to ~10 ms; a restart of the whole window is worth splitting.
-_extend_serial = njit(cache=True)(_extend)
-_extend_parallel = njit(cache=True, parallel=True)(_extend)
+# nogil: a long extension must not stall the lease timer and the event loop (issue #20)
+_extend_serial = njit(cache=True, nogil=True)(_extend)
+_extend_parallel = njit(cache=True, parallel=True, nogil=True)(_extend)
 PARALLEL_CELLS = 4_000_000
 
 

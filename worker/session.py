@@ -421,11 +421,10 @@ class Session:
 
 def _cqt_nbytes(cqt: StreamingCQT) -> int:
     """Buffers of a StreamingCQT (it has no ``nbytes`` of its own yet): its sample FIFO and, at
-    rates other than 22,050 Hz, the resampler's FIFO and its per-stream kernel copy."""
+    rates other than 22,050 Hz, the resampler's state (libsoxr's, :mod:`model.resample`)."""
     total = cqt._buf._a.nbytes
-    rs = cqt._rs
-    if rs is not None:
-        total += rs.buf._a.nbytes + rs.kernel.element_size() * rs.kernel.nelement()
+    if cqt._rs is not None:
+        total += cqt._rs.nbytes
     return int(total)
 
 
