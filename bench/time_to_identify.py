@@ -150,9 +150,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=25, help="sessions open at once")
     ap.add_argument("--index", type=Path, help="default: $MIDIMATCH_CACHE/eval/index")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--renderer", default="timidity-freepats",
+    ap.add_argument("--renderer", default="timidity-freepats", metavar="NAME[,NAME...]",
                     help="render the streams with this renderer (`midimatch data renderers`; "
-                    "default the held-out timidity-freepats)")
+                    "default the held-out timidity-freepats); several, comma-separated: every "
+                    "piece's streams once per renderer, pooled (e.g. a calibration across "
+                    "engines)")
     ap.add_argument("--render-threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the rows and every stream's outcome")
     ap.add_argument("--half", choices=("test", "calib", "all"), default=None,
@@ -206,8 +208,11 @@ def main() -> None:
     pieces = pick_pieces(collection, id_of_path, args.n_in, args.n_out, args.seconds, args.seed,
                          half=half, starts=args.starts)
     cache_dir = _cache() / "bench" / "tti"
+    renderers = [r for r in args.renderer.split(",") if r]
+    # one stream per piece and renderer, the renderer named in the piece (outcomes, provenance)
+    pieces = [{**p, "renderer": r} for r in renderers for p in pieces]
     with ThreadPoolExecutor(max(1, args.render_threads)) as pool:
-        clips = list(pool.map(lambda p: clean_audio(p, args.seconds, cache_dir, args.renderer),
+        clips = list(pool.map(lambda p: clean_audio(p, args.seconds, cache_dir, p["renderer"]),
                               pieces))
     kept = [(p, c) for p, c in zip(pieces, clips, strict=True) if c is not None]
     pieces, clean = [p for p, _ in kept], [c for _, c in kept]
@@ -335,7 +340,8 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
         print(table([{k: v for k, v in cal.stream["evidence"].items() if k != "params"}]))
     if args.save_calibration:
         cal = cal.with_fit("streams", Fit.now(
-            renderers=[args.renderer], conditions=list(detail), n_in=len(ins), n_out=len(outs),
+            renderers=args.renderer.split(","), conditions=list(detail), n_in=len(ins),
+            n_out=len(outs),
             index_refs=len(cascade.index), command=" ".join(["python", *sys.argv])))
         print(f"# saved to {save_calibration(cal)}")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 import index.calibration
 from bench.time_to_identify import calibrate
 from index.calibration import Calibration, Fit, Provenance
@@ -15,12 +17,13 @@ def trace(top: str, conf: float, n: int = 6) -> list[tuple]:
     return [(float(i + 1), top, conf, 10.0 + i) for i in range(n)]
 
 
-def test_the_saved_stream_calibration_records_its_provenance(monkeypatch, capsys):
+@pytest.mark.parametrize("renderer", ["csound-fm", "timidity-freepats,adplay-opl3"])
+def test_the_saved_stream_calibration_records_its_provenance(monkeypatch, capsys, renderer):
     saved = []
     monkeypatch.setattr(index.calibration, "save_calibration",
                         lambda cal, path=None: saved.append(cal) or "cal.json")
     monkeypatch.setattr(sys, "argv", ["bench/time_to_identify.py", "--calibrate",
-                                      "--save-calibration", "--renderer", "csound-fm"])
+                                      "--save-calibration", "--renderer", renderer])
     queries = Fit(renderers=("timidity-freepats",), n_in=992, n_out=1100)
     cascade = SimpleNamespace(index=[None] * 7, calibration=Calibration(
         "m", threshold=0.6, n_in=992, n_out=1100, provenance=Provenance(queries=queries)))
@@ -31,15 +34,17 @@ def test_the_saved_stream_calibration_records_its_provenance(monkeypatch, capsys
                 {"in_collection": False, "duplicate": False, "trace": trace("x", 0.3)},
                 {"in_collection": False, "duplicate": True, "trace": trace("a", 0.99)},
                 {"in_collection": False, "duplicate": False, "trace": trace("y", 0.4)}]
-    args = SimpleNamespace(starts=2, seconds=20.0, renderer="csound-fm", keep_step=False,
+    args = SimpleNamespace(starts=2, seconds=20.0, renderer=renderer, keep_step=False,
                            save_calibration=True)
     calibrate(cascade, pieces, {"clean": outcomes, "room_noise": outcomes}, args, "calib")
     (cal,) = saved
     s = cal.provenance.streams
-    assert s.renderers == ("csound-fm",) and s.conditions == ("clean", "room_noise")
+    # every renderer the streams were pooled from (--renderer A,B: a calibration across engines)
+    assert s.renderers == tuple(sorted(renderer.split(",")))
+    assert s.conditions == ("clean", "room_noise")
     assert (s.n_in, s.n_out, s.index_refs) == (4, 4, 7)  # the duplicate is no outsider
     assert s.command == ("python bench/time_to_identify.py --calibrate --save-calibration "
-                         "--renderer csound-fm") and s.date_utc
+                         f"--renderer {renderer}") and s.date_utc
     assert cal.provenance.queries == queries  # the single-query part is kept
     assert cal.stream_threshold is not None  # a stream fit was made
     assert "saved to cal.json" in capsys.readouterr().out
