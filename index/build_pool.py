@@ -24,7 +24,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -38,7 +37,11 @@ logger = logging.getLogger(__name__)
 Task = tuple[str, str, int, float]
 #: ("ok", ref, hashes, embeddings, starts) or ("skip", {"path", "reason", "message"}).
 Result = tuple
-_MAX_TASKS_PER_CHILD = 500  # a fresh process now and then bounds any slow leak in a worker
+# A fresh pool after this many files per worker bounds any slow leak in a worker. Not
+# ProcessPoolExecutor's max_tasks_per_child: on CPython 3.11-3.13 (before gh-115634's fix) a
+# pool whose workers retire stops replacing them and hangs with no process left — an index
+# build of the eval set stopped at 1,000 of 2,133 files that way.
+_MAX_TASKS_PER_CHILD = 500
 
 # --------------------------------------------------------------------------- in the workers
 _ENCODER = None
@@ -126,13 +129,16 @@ def run_tasks(todo: list[Task], opts, on_result: Callable[[Result], None]) -> in
         return 0
     deaths = fruitless = 0
     queue, suspects = list(todo), []
+    per_pool = workers * _MAX_TASKS_PER_CHILD
     while queue or suspects:
         alone = bool(suspects)
-        broken = _pass(suspects if alone else queue, 1 if alone else workers, opts, on_result)
+        batch, rest = (suspects, []) if alone else (queue[:per_pool], queue[per_pool:])
+        broken = _pass(batch, 1 if alone else workers, opts, on_result)
         if broken is None:
-            suspects, queue = ([], queue) if alone else (suspects, [])
+            suspects, queue = ([], queue) if alone else (suspects, rest)
             continue
         in_flight, not_started, n_done = broken
+        not_started += rest
         deaths += 1
         if alone:
             for path, *_ in in_flight:
@@ -163,10 +169,9 @@ def _pass(tasks: list[Task], workers: int, opts, on_result: Callable[[Result], N
     (the tasks in flight, the tasks not started or whose result was lost, results received)."""
     ctx = mp.get_context("spawn")
     marks = ctx.RawArray("q", len(tasks))
-    kwargs = {"max_tasks_per_child": _MAX_TASKS_PER_CHILD} if sys.version_info >= (3, 11) else {}
     n_done, lost = 0, []
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(opts, marks), **kwargs) as pool:
+                             initargs=(opts, marks)) as pool:
         # _encode_task looked up here, at submission, so a test can swap it for one that dies.
         futures = {pool.submit(_marked, _encode_task, i, t): i for i, t in enumerate(tasks)}
         for fut in as_completed(futures):

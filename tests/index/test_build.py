@@ -191,6 +191,26 @@ def test_a_file_that_kills_its_worker_twice_is_skipped_and_the_build_ends(
     assert store.load_index(out).report == report
 
 
+def test_workers_are_recycled_by_fresh_pools_without_hanging(midi_folder, tmp_path,
+                                                             monkeypatch):
+    # ProcessPoolExecutor(max_tasks_per_child=...) hangs on CPython 3.11-3.13 once its workers
+    # retire (gh-115634): the eval set's build stopped at 1,000 of 2,133 files. Workers are
+    # recycled by starting a fresh pool every workers x _MAX_TASKS_PER_CHILD files instead.
+    from index import build_pool
+
+    monkeypatch.setattr(build_pool, "_MAX_TASKS_PER_CHILD", 2)  # the old pool hung at this
+    sizes = []
+    real_pass = build_pool._pass
+    monkeypatch.setattr(build_pool, "_pass", lambda tasks, *a: sizes.append(len(tasks))
+                        or real_pass(tasks, *a))
+    out = tmp_path / "idx"
+    report = _bounded(lambda: build_index(out, [midi_folder],
+                                          BuildOptions(workers=2, progress=False)), 300)
+    assert report["n_refs"] == report["encoded"] == 5 and len(report["skipped"]) == 3
+    assert sizes == [4, 4] and report["worker_deaths"] == 0  # 8 files, 2 x 2 per pool
+    assert store.load_index(out).report == report
+
+
 def test_workers_that_die_before_any_file_stop_the_build_with_a_clear_error(
         midi_folder, tmp_path, monkeypatch):
     from index import build_pool
