@@ -112,6 +112,21 @@ def generate(n_conversations: int, seed: int = 0) -> list[list[tuple]]:
     return out
 
 
+def describe(conv: list[tuple], limit: int = 600) -> str:
+    """A conversation in short: texts and sizes (to reproduce a failure by hand)."""
+    parts = []
+    for a in conv:
+        if a[0] == "json":
+            parts.append(json.dumps(a[1], allow_nan=True)[:200])
+        elif a[0] == "text":
+            parts.append(f"text({len(a[1])}): {a[1][:60]!r}")
+        elif a[0] == "bin":
+            parts.append(f"bin({len(a[1])})")
+        else:
+            parts.append(f"{a[0]}({a[1] if len(a) > 1 else ''})")
+    return " | ".join(parts)[:limit]
+
+
 def n_messages(conv: list[tuple]) -> int:
     return sum(a[0] not in ("sleep",) for a in conv)
 

@@ -360,7 +360,9 @@ async def hostile(cluster: Cluster, pool: list[np.ndarray], n_conversations: int
     problems += report["poison"]["problems"]
     internal = [o for o in report["outcomes"] if o.problems()]
     for o in internal[:20]:
-        problems.append(f"generated {o.name}: {'; '.join(o.problems())} (sent {o.sent})")
+        problems.append(f"generated {o.name}: {'; '.join(o.problems())} (sent {o.sent}, got "
+                        f"{[m.get('type') for m in o.received]}, close {o.close_code}, "
+                        f"{o.seconds:.1f} s): {H.describe(convs[int(o.name[3:])])}")
     if len(internal) > 20:
         problems.append(f"... {len(internal) - 20} more generated connections with problems")
     for seconds, o in report["idle"]:
