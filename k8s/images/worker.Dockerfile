@@ -19,6 +19,14 @@ ARG TORCH=cuda
 LABEL org.opencontainers.image.title="midimatch-worker" \
       org.opencontainers.image.description="midimatch streaming worker and index builder" \
       midimatch.torch="${TORCH}"
+# libgomp1: numba's OpenMP threading layer. Without it numba falls back to its workqueue layer,
+# which aborts the process when two threads launch parallel kernels at once (the kernels release
+# the GIL, so they can); NUMBA_THREADING_LAYER=omp below makes a missing library an error at the
+# first parallel kernel instead.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 COPY server /app/server
 COPY worker /app/worker
@@ -36,6 +44,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib \
     NUMBA_CACHE_DIR=/var/cache/numba \
+    NUMBA_THREADING_LAYER=omp \
     MIDIMATCH_CACHE=/tmp/midimatch-cache \
     MIDIMATCH_METRICS_PORT=9101
 USER 10001:10001
