@@ -45,6 +45,9 @@ CLOSE_NORMAL = 1000  # the final result was sent
 CLOSE_REPLACED = 4409  # the session was resumed on another connection
 CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
 MAX_ARRIVALS = 65536  # audio messages remembered per connection for the result lag metric
+# Audio keeps a session open only if enough of it comes: at least this share of the idle timeout
+# (1.5 s of audio per 30 s), so a client trickling a sample at a time is closed as idle.
+MIN_AUDIO_SHARE = 0.05
 # BusError reasons that mean "the bus cannot serve now" (Redis down, the gateway closing its
 # bus), not a fault of this request: answered ``unavailable``, and the session stays resumable.
 UNAVAILABLE_REASONS = frozenset({"redis_unavailable", "closed"})
@@ -123,6 +126,7 @@ class _Connection:
         self.sent_at = 0.0
         self.ended_by_error = False  # the session ended on an error: nothing to resume
         self.deadline = 0.0  # loop time by which audio must arrive (set by _receive_loop)
+        self.audio_since_touch_s = 0.0  # audio received since the deadline last moved on
 
     async def run(self) -> None:
         h = self.h
@@ -152,8 +156,9 @@ class _Connection:
     # ------------------------------------------------------------------ receiving
     async def _receive_loop(self) -> None:
         """Messages until the client goes. Idle means no *audio*: the deadline moves on at the
-        start, at each non-empty audio message and at the stop, never for pings, pongs or
-        anything else, so a client that only answers the heartbeat is closed on time."""
+        start, at the stop and whenever ``MIN_AUDIO_SHARE`` of the idle timeout's worth of audio
+        has arrived since it last moved, never for pings, pongs or anything else, so a client
+        that only answers the heartbeat, or trickles a sample at a time, is closed on time."""
         s = self.h.settings
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + s.idle_timeout_s
@@ -165,8 +170,11 @@ class _Connection:
             except TimeoutError:
                 if self.state is not None and self.state.done:
                     return
-                raise ProtocolError("timeout", f"no audio received for {s.idle_timeout_s:g} s"
-                                    ) from None
+                got = (f"{self.audio_since_touch_s:.3g} s of audio" if self.audio_since_touch_s
+                       else "no audio")
+                raise ProtocolError("timeout", f"{got} received in {s.idle_timeout_s:g} s (at "
+                                    f"least {MIN_AUDIO_SHARE * s.idle_timeout_s:.3g} s keeps a "
+                                    "session open)") from None
             if msg.type == WSMsgType.TEXT:
                 await self._on_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
@@ -177,8 +185,14 @@ class _Connection:
             else:  # CLOSE, CLOSING, CLOSED, ERROR: the client went away
                 return
 
-    def _touch(self) -> None:
-        """Audio (or a start, or a stop) arrived: the idle deadline starts again."""
+    def _touch(self, audio_s: float | None = None) -> None:
+        """A start or a stop (``audio_s`` None), or ``audio_s`` of audio, arrived: the idle
+        deadline starts again, for audio once enough of it has come since it last did."""
+        if audio_s is not None:
+            self.audio_since_touch_s += audio_s
+            if self.audio_since_touch_s < MIN_AUDIO_SHARE * self.h.settings.idle_timeout_s:
+                return
+        self.audio_since_touch_s = 0.0
         self.deadline = asyncio.get_running_loop().time() + self.h.settings.idle_timeout_s
 
     async def _on_text(self, text: str) -> None:
@@ -238,7 +252,7 @@ class _Connection:
             raise
         st.next_seq += 1
         st.audio_bytes += len(pcm)
-        self._touch()
+        self._touch(st.params.seconds(len(pcm)))
         self.arrivals.append((begin_s, st.audio_s, arrived))
         self.h.metrics.audio_bytes_total.inc(len(pcm))
         self.h.metrics.audio_seconds_total.inc(st.params.seconds(len(pcm)))

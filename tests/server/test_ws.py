@@ -165,6 +165,29 @@ async def test_pings_do_not_keep_an_idle_session_open(aiohttp_client, bus):
             assert "no audio" in err["message"] and took < 3.0, took
 
 
+async def test_a_trickle_of_audio_does_not_keep_a_session_open(aiohttp_client, bus):
+    """One sample every 0.1 s (a slowloris of audio) is idle: it was kept open for ever."""
+    client = await client_for(aiohttp_client, bus, idle_timeout_s=1.0)
+    loop = asyncio.get_running_loop()
+    async with FakeWorker(bus):
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        await receive_json(ws)
+
+        async def trickle():
+            while not ws.closed:
+                await ws.send_bytes(b"\x00\x00")  # one 16-bit sample
+                await asyncio.sleep(0.1)
+
+        t0 = loop.time()
+        task = asyncio.create_task(trickle())
+        err = await expect_error(ws, "timeout")
+        took = loop.time() - t0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert "s of audio received in 1 s" in err["message"] and took < 3.0, (err, took)
+
+
 async def test_audio_keeps_a_session_open_past_the_idle_timeout(aiohttp_client, bus):
     client = await client_for(aiohttp_client, bus, idle_timeout_s=0.5)
     async with FakeWorker(bus):
