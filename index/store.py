@@ -25,6 +25,7 @@ disk: ENOSPC) removes what it wrote of the new generation and raises :class:`Ind
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -194,25 +195,37 @@ def write_index(root: str | Path, data: IndexData, report: dict | None = None) -
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".write.lock", "a")  # held (flock) for the whole write
     except OSError as e:
         raise IndexWriteError.of(root, e) from e
+    with lock:
+        # One writer at a time: two builds of one index numbered their generations alike,
+        # and one's clean-up deleted the other's live generation. Readers take no lock.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _write_locked(root, data, report)
+
+
+def _write_locked(root: Path, data: IndexData, report: dict | None) -> Path:
     existing = sorted(p.name for p in root.glob("gen-*") if p.is_dir())
     number = 1 + max((int(n.split("-")[1]) for n in existing), default=0)
     name = f"gen-{number:06d}"
     tmp, final = root / f".tmp-{name}-{os.getpid()}", root / name
+    renamed = False
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         _write_generation(tmp, data, report)
         tmp.rename(final)
+        renamed = True
         _write_file(root / "CURRENT.tmp", name + "\n")
         os.replace(root / "CURRENT.tmp", root / "CURRENT")  # the commit point
     except OSError as e:
         # Before the commit point: give the space back (a full disk stays full otherwise)
-        # and leave CURRENT as it was.
+        # and leave CURRENT as it was. Only what this call made is removed.
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
+        if renamed:
+            shutil.rmtree(final, ignore_errors=True)
         (root / "CURRENT.tmp").unlink(missing_ok=True)
         raise IndexWriteError.of(root, e) from e
     _fsync_dir(root)

@@ -51,6 +51,40 @@ def test_new_generation_replaces_old_and_cleans_up(tmp_path):
     assert len(store.load_index(root)) == 5
 
 
+def test_two_writers_of_one_index_take_turns(tmp_path, monkeypatch):
+    # Two builds of one folder numbered their generations alike and one's clean-up deleted the
+    # other's live generation (CURRENT named a folder that was gone). Writers now take turns.
+    import threading
+
+    root = tmp_path / "idx"
+    store.write_index(root, store.concat(META, _parts(1), np.dtype(np.uint32)))
+    real = store._write_generation
+    inside, go = threading.Event(), threading.Event()
+
+    def slow_first(path, data, report):
+        if not inside.is_set():
+            inside.set()
+            assert go.wait(30)
+        real(path, data, report)
+
+    monkeypatch.setattr(store, "_write_generation", slow_first)
+    a = threading.Thread(target=store.write_index,
+                         args=(root, store.concat(META, _parts(2), np.dtype(np.uint32))))
+    b = threading.Thread(target=store.write_index,
+                         args=(root, store.concat(META, _parts(3), np.dtype(np.uint32))))
+    a.start()
+    assert inside.wait(30)  # A is writing its generation
+    b.start()
+    b.join(0.5)
+    assert b.is_alive()  # B waits for A instead of writing the same generation beside it
+    go.set()
+    a.join(30)
+    b.join(30)
+    assert not a.is_alive() and not b.is_alive()
+    assert len(store.load_index(root)) == 3  # B committed last, and its generation is there
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["gen-000003"]
+
+
 def test_crash_before_commit_leaves_previous_generation_loadable(tmp_path, monkeypatch):
     root = tmp_path / "idx"
     store.write_index(root, store.concat(META, _parts(3), np.dtype(np.uint32)))
