@@ -112,6 +112,18 @@ def gateway_bus(settings: Settings, env: Mapping[str, str] | None = None) -> Red
         env, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix))
 
 
+def embedded_bus(env: Mapping[str, str] | None = None):
+    """``midimatch serve`` without Redis: the embedded worker's settings and its in-process bus,
+    built from the same bus settings (``MIDIMATCH_LEASE_MS``, ``MIDIMATCH_RETAIN_S``, the
+    TTLs...). The bus's defaults were used before, so a longer ``MIDIMATCH_LEASE_MS`` made the
+    embedded worker's heartbeat lapse between beats: every start was answered busy."""
+    from worker.local_bus import InProcessBus
+    from worker.settings import WorkerSettings
+
+    wsettings = WorkerSettings.from_env(env, worker_id="embedded", metrics_port=0)
+    return InProcessBus.from_settings(wsettings.bus), wsettings
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run the service until SIGINT/SIGTERM (or ``stop``); raises if the embedded worker dies."""
     from server.app import create_app
@@ -132,17 +144,14 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         app = create_app(settings, bus, demo=demo)
         mode = f"gateway only, workers via {settings.redis_url}"
     else:
-        from worker.local_bus import InProcessBus
         from worker.metrics import WorkerMetrics
         from worker.runner import run_embedded  # torch is imported later, by its engine factory
-        from worker.settings import WorkerSettings
 
-        bus = InProcessBus()
+        bus, wsettings = embedded_bus()
         loaded = asyncio.Event()
         wmetrics = WorkerMetrics()
         app = create_app(settings, bus, local_ready=loaded.is_set, registries=[wmetrics.registry],
                          demo=demo)
-        wsettings = WorkerSettings.from_env(worker_id="embedded", metrics_port=0)
         worker_task = asyncio.create_task(run_embedded(
             bus, settings.index_dir, settings=wsettings, metrics=wmetrics, ready=loaded))
         mode = f"embedded worker on {settings.index_dir}"
