@@ -203,6 +203,8 @@ class _Connection:
         elif isinstance(msg, Stop):
             if self.state is None:
                 raise ProtocolError("bad_request", "stop before start", reason="stop_before_start")
+            if self.stopped:  # a repeated stop changes nothing: above all not the idle wait
+                return
             self.stopped = True
             self.stop_at = time.monotonic()
             self._touch()

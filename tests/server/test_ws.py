@@ -232,6 +232,32 @@ async def test_audio_after_stop(aiohttp_client, bus):
     await expect_error(ws, "bad_request", "audio_after_stop")
 
 
+async def test_repeated_stops_do_not_hold_a_session_open(aiohttp_client, bus):
+    """Only the first stop restarts the idle wait; later ones are ignored. A stop every 0.3 s
+    (no audio, a worker that never finishes) kept a session open for ever."""
+    client = await client_for(aiohttp_client, bus, idle_timeout_s=1.0)
+    loop = asyncio.get_running_loop()
+    ws = await client.ws_connect("/v1/stream")
+    async with FakeWorker(bus):
+        await ws.send_str(start_msg())
+        sid = (await receive_json(ws))["session"]
+    # the worker stopped: nobody finishes the session, the final result never comes
+
+    async def stop_spam():
+        while not ws.closed:
+            await ws.send_str(json.dumps({"type": "stop", "v": 1}))
+            await asyncio.sleep(0.3)
+
+    t0 = loop.time()
+    task = asyncio.create_task(stop_spam())
+    err = await expect_error(ws, "timeout")
+    took = loop.time() - t0
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert 0.9 < took < 2.0, (err, took)  # timed from the first stop
+    assert bus._sessions[sid].ended
+
+
 async def test_oversized_messages(aiohttp_client, bus):
     client = await client_for(aiohttp_client, bus, max_message_bytes=4096)
     async with FakeWorker(bus):
