@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from server.auth import authorized, unauthorized_response
+from server.auth import authorized, install_log_redaction, unauthorized_response
 from server.demo import DemoCollection, DemoError
 from server.metrics import GatewayMetrics
 from server.sessions import SessionTable
@@ -88,6 +88,7 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     close_bus : bool
         Close the bus when the app shuts down.
     """
+    install_log_redaction()  # aiohttp logs a malformed request line, ?token= and all
     metrics = GatewayMetrics()
     app = web.Application(client_max_size=1 << 16,
                           middlewares=[token_middleware(settings, metrics)])

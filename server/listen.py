@@ -12,7 +12,8 @@ Guards a client meets before any handler runs (the protocol's own limits are in 
   ``max_connections`` or ``max_connections_per_address`` gets ``503`` and is closed before
   aiohttp sees it. aiohttp has no such option: the site wraps each connection's protocol.
 
-The access log is :class:`~server.auth.RedactingAccessLogger` (no token in it).
+The access log is :class:`~server.auth.RedactingAccessLogger` (no token in it); aiohttp's error
+log (``aiohttp.server``) gets :class:`~server.auth.RedactingServerLogFilter` from ``create_app``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from server.app import create_app
+from server.auth import redact
 from server.listen import make_runner, start_site
 from server.settings import Settings
 from tests.redis_server import free_port
@@ -88,6 +89,45 @@ async def test_the_access_log_never_holds_the_token(bus, caplog):
     assert not [line for line in lines if TOKEN in line]
     assert sum("token=REDACTED" in line for line in lines) >= 5
     assert any('"GET /metrics?token=REDACTED&x=1 HTTP/1.1" 200' in line for line in lines)
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_request_line_puts_no_token_and_no_traceback_in_the_log(bus, caplog):
+    """aiohttp logs a request it cannot parse ("Error handling request", at ERROR) with the
+    exception, whose text quotes the raw request line: ``?token=`` and all, plus a traceback."""
+    settings = Settings(auth_token=TOKEN, port=free_port())
+    runner = make_runner(create_app(settings, bus, close_bus=False), settings)
+    await runner.setup()
+    await start_site(runner, settings)
+    caplog.set_level(logging.DEBUG)
+    try:
+        for line in (f"GET /metrics?token={TOKEN} HTTP/9.9",  # BadStatusLine
+                     f"GET /metrics?x=1&token={TOKEN}\x01 HTTP/1.1",  # InvalidURLError
+                     f"GET /metrics?%74oken={TOKEN}\x01 HTTP/1.1"):  # %74 is 't'
+            reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+            writer.write(line.encode("latin-1") + b"\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.read(4096), 5)).startswith(b"HTTP/1.")
+            writer.close()
+        await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert sum("Error handling request" in r.getMessage() for r in logged) == 3, logged
+    assert any("BadStatusLine" in r.getMessage() for r in logged)
+    assert any("InvalidURLError" in r.getMessage() for r in logged)
+    assert not [r for r in logged if r.exc_info or r.exc_text]  # a client's error: no traceback
+    assert TOKEN not in caplog.text
+    assert not [r for r in caplog.records if TOKEN in r.getMessage()]
+    assert sum("REDACTED" in r.getMessage() for r in logged) == 3
+
+
+def test_redact():
+    assert redact(f"GET /?a=1&token={TOKEN}&b=2 x") == "GET /?a=1&token=REDACTED&b=2 x"
+    assert redact(f"b'GET /?TOKEN={TOKEN}\\x01 HTTP/1.1'") == "b'GET /?TOKEN=REDACTED HTTP/1.1'"
+    assert redact(f"/?%74oken%3D{TOKEN}") == "/?%74oken%3DREDACTED"
+    assert redact(f"Authorization: Bearer {TOKEN}") == "Authorization: Bearer REDACTED"
+    assert redact("tokens: none here") == "tokens: none here"
 
 
 def test_the_page_forwards_its_token_to_everything_it_asks_for():
