@@ -33,7 +33,10 @@ Redis restart (no persistence): every session is gone. Gateways get ``unknown_se
 ``push_audio``/``read_results``, workers get all their sessions back from ``renew`` as lost and
 drop them; the consumer group is re-created on the next ``claim``. While Redis is unreachable
 every call raises :class:`~worker.bus.BusError` with reason ``redis_unavailable``; redis-py
-reconnects by itself once it is back. A command Redis answers with an error (``ResponseError``:
+reconnects by itself once it is back. A command not answered within ``timeout_s`` (a frozen Redis,
+a dead host) fails the same way, after that long and without a retry; blocking reads (the
+claim's ``XREADGROUP BLOCK``, the dispatcher's ``XREAD BLOCK``) block for at most half of it, so
+they never time out while Redis is well. A command Redis answers with an error (``ResponseError``:
 a bug, not an outage) raises reason ``redis_error``.
 
 Result reads (gateway side) go through one :class:`~worker.redis_results.ResultsDispatcher`
@@ -52,7 +55,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import redis_scripts as lua
 from worker.bus import (
@@ -69,7 +71,7 @@ from worker.bus import (
 )
 from worker.redis_audio import AudioReader, seq_of
 from worker.redis_keys import GROUP, RedisKeys
-from worker.redis_results import ResultsDispatcher
+from worker.redis_results import BLOCK_MS, ResultsDispatcher
 from worker.redis_workers import WorkerRegistry
 from worker.settings import BusSettings
 
@@ -117,6 +119,10 @@ class RedisBus(RedisKeys, Bus):
         Session keys expire this long after the last gateway activity.
     result_ttl_s : float
         A finished session's results stay readable this long.
+    timeout_s : float
+        Socket (read, write and connect) timeout of the client made from ``url``: a call Redis
+        does not answer within it raises ``BusError`` ``redis_unavailable``. Blocking reads block
+        for at most half of it.
     client : redis.asyncio.Redis | None
         An existing client (``decode_responses=False``); one is made from ``url`` otherwise.
 
@@ -130,16 +136,23 @@ class RedisBus(RedisKeys, Bus):
                  max_results: int = _DEFAULTS.max_results,
                  session_ttl_s: float = _DEFAULTS.session_ttl_s,
                  result_ttl_s: float = _DEFAULTS.result_ttl_s,
+                 timeout_s: float = _DEFAULTS.redis_timeout_s,
                  client: aioredis.Redis | None = None) -> None:
-        if lease_ms <= 0 or retain_s <= 0 or max_results <= 0:
-            raise BusError("lease_ms, retain_s and max_results must be positive",
+        if lease_ms <= 0 or retain_s <= 0 or max_results <= 0 or not timeout_s > 0:
+            raise BusError("lease_ms, retain_s, max_results and timeout_s must be positive",
                            reason="bad_settings")
         # A dropped connection (Redis restarted, a network blip) is retried on a new one, so
         # the first call after an outage does not fail. The audio, lease and finish scripts are
         # safe to repeat; a repeated publish whose first reply was lost stores a result twice.
+        # A timeout is not retried: Redis did not answer for ``timeout_s``, so the call fails
+        # after that long (not four times that).
+        self.timeout_s = float(timeout_s)
         self.r = client or aioredis.Redis.from_url(
-            url, decode_responses=False, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError])
+            url, decode_responses=False, socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3,
+                        supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError])
         self.url = url
         self.prefix, self.lease_ms, self.retain_s = prefix, int(lease_ms), float(retain_s)
         self.max_results = int(max_results)
@@ -152,7 +165,8 @@ class RedisBus(RedisKeys, Bus):
         self._adopt = self.r.register_script(lua.ADOPT)
         self._create = self.r.register_script(lua.CREATE)
         self._publish = self.r.register_script(lua.PUBLISH)
-        self.dispatcher = ResultsDispatcher(self.r)  # every read_results of this client
+        # every read_results of this client; its XREAD blocks well within the socket timeout
+        self.dispatcher = ResultsDispatcher(self.r, block_ms=min(BLOCK_MS, self._block_ms(1.0)))
         self.audio = AudioReader(self.r)  # every read_audio of this client
         self.registry = WorkerRegistry(self.r, self, self.lease_ms)
         self._group_ready = False
@@ -166,7 +180,8 @@ class RedisBus(RedisKeys, Bus):
         return cls(settings.redis_url or "", prefix=settings.redis_prefix,
                    lease_ms=settings.lease_ms, retain_s=settings.retain_s,
                    max_results=settings.max_results, session_ttl_s=settings.session_ttl_s,
-                   result_ttl_s=settings.result_ttl_s, client=client)
+                   result_ttl_s=settings.result_ttl_s, timeout_s=settings.redis_timeout_s,
+                   client=client)
 
     # ------------------------------------------------------------------ gateway side
     async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
@@ -287,6 +302,11 @@ class RedisBus(RedisKeys, Bus):
                 raise
         self._group_ready = True
 
+    def _block_ms(self, block_s: float) -> int:
+        """A blocking read's block, ms: ``block_s``, at most half the socket timeout (a block
+        longer than the timeout would fail as an outage while Redis is fine)."""
+        return max(1, int(min(block_s, self.timeout_s / 2) * 1000))
+
     async def _take(self, worker_id: str, max_n: int, block_s: float) -> list[tuple[bytes, str]]:
         """Hand-out entries (id, session id) for this worker: lapsed ones, then new ones."""
         got: list[tuple[bytes, str]] = []
@@ -299,7 +319,7 @@ class RedisBus(RedisKeys, Bus):
             if start == "0-0" or len(got) >= max_n:
                 break
         if len(got) < max_n:
-            block = int(block_s * 1000) if block_s > 0 and not got else None
+            block = self._block_ms(block_s) if block_s > 0 and not got else None
             res = await self.r.xreadgroup(GROUP, worker_id, {self.sessions_key: ">"},
                                           count=max_n - len(got), block=block)
             got += [(eid, f[b"s"].decode()) for _, entries in (res or []) for eid, f in entries

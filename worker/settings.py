@@ -60,6 +60,10 @@ class BusSettings:
         Results retained per session for resuming clients.
     session_ttl_s, result_ttl_s : float
         Expiry of an abandoned session, and of a finished session's results, s.
+    redis_timeout_s : float
+        A Redis command (or connection attempt) not answered within this long fails as
+        ``BusError`` ``redis_unavailable`` (a frozen Redis hangs nothing for ever), s. Blocking
+        reads block for less than this.
     """
 
     redis_url: str | None = None
@@ -69,9 +73,11 @@ class BusSettings:
     max_results: int = 120
     session_ttl_s: float = 300.0
     result_ttl_s: float = 120.0
+    redis_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("lease_ms", "retain_s", "max_results", "session_ttl_s", "result_ttl_s"):
+        for name in ("lease_ms", "retain_s", "max_results", "session_ttl_s", "result_ttl_s",
+                     "redis_timeout_s"):
             if getattr(self, name) <= 0:
                 raise WorkerSettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.lease_ms < 300:
@@ -116,7 +122,7 @@ class WorkerSettings:
         Port of the Prometheus ``/metrics`` endpoint; 0: none.
     max_sessions : int
         Sessions this worker holds at once (its advertised capacity).
-    lease_ms, retain_s, max_results, session_ttl_s, result_ttl_s, redis_prefix
+    lease_ms, retain_s, max_results, session_ttl_s, result_ttl_s, redis_prefix, redis_timeout_s
         The bus's settings (:class:`BusSettings`, :attr:`bus`).
     window_s, result_every_s, tick_budget_s : float
         The engine's query window, result period and per-tick time budget, s.
@@ -151,6 +157,7 @@ class WorkerSettings:
     session_ttl_s: float = _BUS.session_ttl_s
     result_ttl_s: float = _BUS.result_ttl_s
     redis_prefix: str = _BUS.redis_prefix
+    redis_timeout_s: float = _BUS.redis_timeout_s
     window_s: float = 10.0
     result_every_s: float = 1.0
     tick_budget_s: float = 0.5
@@ -182,7 +189,8 @@ class WorkerSettings:
     def bus(self) -> BusSettings:
         """The bus's part of these settings."""
         return BusSettings(self.redis_url, self.redis_prefix, self.lease_ms, self.retain_s,
-                           self.max_results, self.session_ttl_s, self.result_ttl_s)
+                           self.max_results, self.session_ttl_s, self.result_ttl_s,
+                           self.redis_timeout_s)
 
     @property
     def renew_s(self) -> float:
