@@ -11,8 +11,9 @@ One asyncio loop, two tasks:
   rebuilds from the retained window keeps stream time); ``end`` it when the bus says the stream
   ended; run ``engine.tick()`` in a one-thread executor (never two at once, and the loop stays
   free meanwhile); publish the results; ``finish`` a session after its final result;
-* the **lease task**: every ``lease_ms / 3`` the heartbeat and ``renew``, on its own timer, so a
-  long tick never lets leases lapse; sessions ``renew`` reports lost are dropped by the main loop
+* the **lease task** (:mod:`worker.runner_leases`; it never dies of an error): every
+  ``lease_ms / 3`` the heartbeat and ``renew``, on its own timer, so a long tick never lets
+  leases lapse; sessions ``renew`` reports lost are dropped by the main loop
   between ticks. Publishing is fenced by the bus (only the owner's results are stored), so a
   result of a session lost meanwhile is never published either. A **watchdog** on the tick: one
   that made no progress (no round of the engine ended) for ``stall_s`` counts as hung, and the
@@ -28,7 +29,8 @@ a short gap, never a replay.
 A session with bad data (PCM that is not whole frames, NaN...) gets one final result carrying
 ``"error": {"code", "message"}``, is finished and counted in ``errors_total{kind}``; the other
 sessions carry on. So does a session the worker cannot take on at all (stored parameters that do
-not parse, ``bad_session``): the rest of its claim batch is adopted as usual.
+not parse, ``bad_session``): the rest of its claim batch is adopted as usual; one whose adoption
+fails (the bus, a bug) is released at once for another try.
 
 Falling behind the retained audio: when the chunks after the last one applied were trimmed
 before this worker read them (a client sending faster than real time while a tick ran long),
@@ -37,7 +39,9 @@ carry ``audio_skipped_s`` (the stream time never analysed, in total), and
 ``errors_total{audio_gap}`` and ``audio_skipped_seconds_total`` count it.
 
 A bus failure (Redis unreachable) is counted (``bus``) and retried with a back-off; the sessions
-stay held as long as their leases do.
+stay held as long as their leases do. Results wait on their session until published, in order,
+with its ``finish`` after the final: one failed publish delays that session's results to the next
+step and loses nothing, and the other sessions' go out all the same.
 
 Shutdown (:meth:`Worker.stop`, wired to SIGTERM by ``midimatch worker``): stop claiming, let the
 running tick finish and publish, then ``release`` every session so another worker takes it at
@@ -53,31 +57,17 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from model.errors import MidimatchError
-from worker.bus import AudioBatch, Bus, BusError, Claim, StreamParams, Workload
+from worker.bus import AudioBatch, Bus, BusError, Claim, Workload
 from worker.metrics import WorkerMetrics
+from worker.owned import Owned
+from worker.runner_leases import LeaseTask
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 MAX_CHUNKS_PER_READ = 512
-
-
-@dataclass
-class _Owned:
-    """What the runner knows of one session it holds."""
-
-    params: StreamParams
-    reclaimed: bool = False  # another worker held it before
-    applied_seq: int = -1  # last chunk fed to the engine
-    opened: bool = False
-    ended: bool = False  # engine.end() called
-    resume_after_s: float = -1.0  # results up to this audio_s were published by a previous owner
-    audio_s: float = 0.0  # stream time after the last chunk read
-    published_s: float = -1.0  # audio_s of the last result published
-    skipped_s: float = 0.0  # stream time trimmed before this worker read it, s
 
 
 def fair_share(load: Workload, capacity: int) -> int:
@@ -95,7 +85,7 @@ def error_result(code: str, message: str, audio_s: float = 0.0) -> dict:
             "decision": None, "error": {"code": code, "message": message}}
 
 
-class Worker:
+class Worker(LeaseTask):
     """One worker: a bus, an engine, a loop (module docstring).
 
     Parameters
@@ -118,7 +108,7 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or getattr(self.engine, "metrics", None) or WorkerMetrics()
         self.worker_id = settings.worker_id
-        self.owned: dict[str, _Owned] = {}
+        self.owned: dict[str, Owned] = {}
         self._lost: set[str] = set()
         self._claimed_at = 0.0
         self._tick_started: float | None = None  # time.monotonic() of the running tick's start
@@ -131,16 +121,6 @@ class Worker:
     def capacity(self) -> int:
         engine_max = getattr(getattr(self.engine, "settings", None), "max_sessions", None)
         return min(self.settings.max_sessions, engine_max or self.settings.max_sessions)
-
-    @property
-    def stalled(self) -> bool:
-        """A tick has made no progress for over ``stall_s`` (the engine looks hung): no round
-        ended (``engine.progress_at``, when the engine says) since it started or the last."""
-        started = self._tick_started
-        if started is None:
-            return False
-        progress = max(started, getattr(self.engine, "progress_at", started))
-        return time.monotonic() - progress > self.settings.stall_s
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -175,7 +155,7 @@ class Worker:
         await self._bus_call(self.bus.heartbeat(self.worker_id, self.capacity, self.notes,
                                                 self.calibration))
         self.ready.set()
-        leases = asyncio.create_task(self._lease_loop(), name=f"leases-{self.worker_id}")
+        self._start_leases()
         try:
             backoff = 0.0
             while not self._stopping.is_set():
@@ -197,9 +177,7 @@ class Worker:
                 if not busy:
                     await self._sleep(self.settings.poll_s)
         finally:
-            leases.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await leases
+            await self._stop_leases()
             await self._hand_back()
             await self._bus_call(self.bus.retire(self.worker_id))
             self._executor.shutdown(wait=True)
@@ -217,13 +195,12 @@ class Worker:
             self._claimed_at = now
             block_s = self.settings.claim_every_s if not self.owned else 0.0
             n = await self._claimable()
-            for c in await self.bus.claim(self.worker_id, n, block_s=block_s):
-                await self._adopt(c)
+            await self._adopt_all(await self.bus.claim(self.worker_id, n, block_s=block_s))
         fed = await self._read_all()
         results = await self._tick()
         self._apply_lost()
-        for sid, result in results:
-            await self._publish(sid, result)
+        self._queue(results)
+        await self._publish_all()
         return fed or bool(results)
 
     async def _claimable(self) -> int:
@@ -233,6 +210,22 @@ class Worker:
         share = fair_share(await self.bus.workload(), self.capacity)
         return min(free, max(share - len(self.owned), 0 if self.owned else 1))
 
+    async def _adopt_all(self, claims: list[Claim]) -> None:
+        """Adopt each claimed session on its own: one that fails (the bus, a bug) is released
+        for another try at once, and the rest of the batch is adopted all the same."""
+        failed = []
+        for c in claims:
+            try:
+                await self._adopt(c)
+            except Exception as e:  # noqa: BLE001 - counted and logged; the others go on
+                failed.append(c.session_id)
+                self.metrics.errors_total.labels(
+                    "bus" if isinstance(e, BusError) else "internal").inc()
+                logger.warning("session %s: adopting it failed (%s); releasing it",
+                               c.session_id, e, exc_info=not isinstance(e, BusError))
+        if failed:
+            await self._bus_call(self.bus.release(self.worker_id, failed))
+
     async def _adopt(self, c: Claim) -> None:
         if c.error is not None:
             await self._reject(c)
@@ -240,7 +233,7 @@ class Worker:
         if c.session_id in self.owned:  # its lease lapsed (a stall) and it came back to us
             self._lost.discard(c.session_id)
             return
-        own = _Owned(c.params, reclaimed=c.reclaimed)
+        own = Owned(c.params, reclaimed=c.reclaimed)
         if c.reclaimed:
             self.metrics.sessions_reclaimed_total.inc()
             seen = await self.bus.read_results(c.session_id, "0", timeout_s=0)
@@ -252,7 +245,7 @@ class Worker:
         logger.info("claimed %s%s", c.session_id, " (taken over)" if c.reclaimed else "")
 
     async def _read_all(self) -> bool:
-        sids = [s for s, o in self.owned.items() if not o.ended]
+        sids = [s for s, o in self.owned.items() if not o.closing]
         batches = await asyncio.gather(*(self.bus.read_audio(s, self.owned[s].applied_seq,
                                                              MAX_CHUNKS_PER_READ)
                                           for s in sids), return_exceptions=True)
@@ -275,7 +268,7 @@ class Worker:
                                       owner=self.worker_id)
         await self.bus.finish(self.worker_id, c.session_id)
 
-    def _skip_gap(self, sid: str, own: _Owned, batch: AudioBatch) -> None:
+    def _skip_gap(self, sid: str, own: Owned, batch: AudioBatch) -> None:
         """When audio this session needs was trimmed before it was read, restart it from what is
         retained (as a takeover does) and count the stream time lost."""
         first = batch.chunks[0]
@@ -338,31 +331,67 @@ class Worker:
         finally:
             self._tick_started = None
 
-    async def _publish(self, sid: str, result: dict) -> None:
+    def _queue(self, results: list[tuple[str, dict]]) -> None:
+        """Queue a tick's results on their sessions (publishing may fail: they wait there)."""
+        for sid, result in results:
+            own = self.owned.get(sid)
+            if own is None or sid in self._lost:  # lost or failed meanwhile
+                continue
+            if not result.get("final") and result.get("audio_s", 0.0) <= own.resume_after_s:
+                continue  # the client had this one from the previous owner
+            if own.skipped_s:
+                result = {**result, "audio_skipped_s": round(own.skipped_s, 3)}
+            own.unsent.append(result)
+
+    async def _publish_all(self) -> None:
+        """Publish every session's queued results, then finish those whose final went out. Each
+        session on its own: one whose publish fails keeps its results (and its finish) queued
+        for the next step, and the others go on. Redis unavailable ends the pass (every call
+        would wait out the same timeout) and is raised, for :meth:`run`'s back-off; nothing
+        queued is lost."""
+        for sid in [s for s, o in self.owned.items() if o.unsent or o.finishing]:
+            try:
+                await self._flush(sid)
+            except BusError as e:
+                if e.reason == "redis_unavailable":
+                    raise
+                self.metrics.errors_total.labels("bus").inc()
+                logger.warning("session %s: publishing failed (%s); trying again next step",
+                               sid, e)
+            except Exception as e:  # a bug with this session's results: end it, keep the others
+                self.metrics.errors_total.labels("internal").inc()
+                logger.exception("session %s: publishing failed; ending it", sid)
+                await self._fail(sid, "internal", f"{type(e).__name__}: {e}")
+
+    async def _flush(self, sid: str) -> None:
         own = self.owned.get(sid)
-        if own is None or sid in self._lost:  # lost or failed meanwhile
+        if own is None:  # lost meanwhile
             return
-        if not result.get("final") and result.get("audio_s", 0.0) <= own.resume_after_s:
-            return  # the client had this one from the previous owner
-        if own.skipped_s:
-            result = {**result, "audio_skipped_s": round(own.skipped_s, 3)}
-        if await self.bus.publish_result(sid, result, owner=self.worker_id) is None:
-            self._lost.add(sid)  # fenced: another worker owns it now
-            self._apply_lost()
-            return
-        own.published_s = float(result.get("audio_s", own.published_s))
-        if result.get("final"):
+        while own.unsent:
+            result = own.unsent[0]
+            if await self.bus.publish_result(sid, result, owner=self.worker_id) is None:
+                self._lost.add(sid)  # fenced: another worker owns it now
+                self._apply_lost()
+                return
+            own.unsent.pop(0)
+            own.published_s = float(result.get("audio_s", own.published_s))
+            if result.get("final"):
+                own.finishing, own.unsent = True, []
+        if own.finishing:
             await self.bus.finish(self.worker_id, sid)
             self.owned.pop(sid, None)
 
     async def _fail(self, sid: str, code: str, message: str) -> None:
-        own = self.owned.pop(sid, None)
+        """End a session on an error: out of the engine, an error final to its client, finish
+        it (queued like any result, so a bus failure retries it at the next step)."""
         if self.engine is not None:
             self.engine.drop(sid)
-        await self.bus.publish_result(sid, error_result(code, message,
-                                                        own.audio_s if own else 0.0),
-                                      owner=self.worker_id)
-        await self.bus.finish(self.worker_id, sid)
+        own = self.owned.get(sid)
+        if own is None:
+            return
+        own.ended, own.finishing = True, False
+        own.unsent = [error_result(code, message, own.audio_s)]
+        await self._flush(sid)
 
     def _forget(self, sid: str, why: str) -> None:
         if self.owned.pop(sid, None) is not None:
@@ -375,41 +404,6 @@ class Worker:
         for sid in lost:
             self.metrics.errors_total.labels("lease_lost").inc()
             self._forget(sid, "lease lost")
-
-    # ------------------------------------------------------------------ leases
-    async def _lease_loop(self) -> None:
-        was_stalled = False
-        while True:
-            await asyncio.sleep(self.settings.renew_s)
-            stalled = self.stalled
-            if stalled != was_stalled:
-                self._watchdog(stalled)
-                was_stalled = stalled
-            try:
-                await self.bus.heartbeat(self.worker_id, 0 if stalled else self.capacity,
-                                         self.notes, self.calibration)
-                held = list(self.owned)
-                if held and not stalled:
-                    self._lost.update(await self.bus.renew(self.worker_id, held))
-                if time.monotonic() - self._reaped_at > self.settings.reap_after_s / 5:
-                    self._reaped_at = time.monotonic()
-                    if n := await self.bus.reap(self.settings.reap_after_s):
-                        logger.info("reaped %d consumers of dead workers", n)
-            except BusError as e:
-                self.metrics.errors_total.labels("bus").inc()
-                logger.warning("lease renewal failed: %s", e)
-
-    def _watchdog(self, stalled: bool) -> None:
-        """The tick passed ``stall_s`` (leases are left to lapse), or it returned."""
-        self.metrics.stalled.set(int(stalled))
-        if stalled:
-            self.metrics.errors_total.labels("stalled").inc()
-            logger.error("a tick has made no progress for %.0f s: the engine looks hung; no "
-                         "longer renewing the leases of %d sessions, so other workers take them "
-                         "over",
-                         self.settings.stall_s, len(self.owned))
-        else:
-            logger.warning("the hung tick returned; renewing leases again")
 
     async def _hand_back(self) -> None:
         held = list(self.owned)
