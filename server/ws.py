@@ -70,6 +70,16 @@ def service_error(e: Exception, session_id: str | None) -> ProtocolError:
     return ProtocolError("internal", f"internal error (logged as {ref})")
 
 
+class _Replaced(Exception):
+    """The bus already holds the audio ``seq`` this connection was about to push: the session
+    was resumed on another connection, through another gateway, since this one read its
+    position. This connection is stale and closes with ``CLOSE_REPLACED``."""
+
+    def __init__(self, session_id: str, seq: int) -> None:
+        super().__init__(f"session {session_id} was resumed elsewhere (its audio seq {seq} is "
+                         "stored already)")
+
+
 class StreamHandler:
     """The ``/v1/stream`` route: one instance per app, one :meth:`handle` call per connection."""
 
@@ -127,6 +137,7 @@ class _Connection:
         self.ended_by_error = False  # the session ended on an error: nothing to resume
         self.deadline = 0.0  # loop time by which audio must arrive (set by _receive_loop)
         self.audio_since_touch_s = 0.0  # audio received since the deadline last moved on
+        self.replaced = False  # the session was resumed through another gateway: not ours
 
     async def run(self) -> None:
         h = self.h
@@ -139,6 +150,12 @@ class _Connection:
             h.per_address[self.address] += 1
             counted = True
             await self._receive_loop()
+        except _Replaced as e:
+            log.info("closing a stale connection: %s", e)
+            self.replaced = True
+            with contextlib.suppress(Exception):
+                async with self.send_lock:
+                    await self.ws.close(code=CLOSE_REPLACED, message=b"session resumed elsewhere")
         except ProtocolError as e:
             await self._fail(e)
         except Exception as e:  # never let one connection's failure take down others
@@ -238,7 +255,7 @@ class _Connection:
         try:
             # Shielded: aiohttp cancels the handler when the client's TCP goes, and a bus call
             # cut in the middle must not leave the bus half-updated (or its lock held).
-            await asyncio.shield(self.h.bus.push_audio(st.session_id, chunk))
+            fresh = await asyncio.shield(self.h.bus.push_audio(st.session_id, chunk))
         except BusError as e:
             if e.reason == "ended":
                 raise ProtocolError("bad_request", "audio after the stream ended (stop, or its "
@@ -252,6 +269,11 @@ class _Connection:
                                     "(its bus restarted): resume the session and send again from "
                                     "ready.audio_bytes", reason="audio_lost") from e
             raise
+        if not fresh:
+            # The bus holds this seq already: since this connection read the session's position
+            # (start or resume), another connection resumed it through another gateway (which
+            # cannot close this one) and sent audio. This audio is not taken: close as replaced.
+            raise _Replaced(st.session_id, st.next_seq)
         st.next_seq += 1
         st.audio_bytes += len(pcm)
         self._touch(st.params.seconds(len(pcm)))
@@ -313,7 +335,10 @@ class _Connection:
                 h.table.forget(sid)
                 state = None
             else:
-                if seq < state.next_seq:
+                # Behind (a Redis restart lost audio) or ahead (another gateway served it since:
+                # A -> B -> A): either way the bus's position. end_bytes is 0 when its audio is
+                # gone (the stream finished): then ours stands.
+                if seq != state.next_seq or end_bytes:
                     state.next_seq, state.audio_bytes = seq, end_bytes
         if state is None:  # served by another gateway, or before a restart: ask the bus
             known = await h.bus.session_params(sid)
@@ -418,7 +443,7 @@ class _Connection:
         # within ``result_poll_s``.
         self.closing = True
         if self.state is not None:
-            if self.ended_by_error and self.state.conn is self.ws:
+            if (self.ended_by_error or self.replaced) and self.state.conn is self.ws:
                 self.h.table.forget(self.state.session_id)
             else:
                 self.h.table.detach(self.state, self.ws)

@@ -9,9 +9,10 @@ import uuid
 
 import pytest
 
-from server.app import create_app
+from server.app import TABLE_KEY, create_app
 from server.settings import Settings
-from tests.server.conftest import FakeWorker, drain, receive_json, send_audio, start_msg
+from server.ws import CLOSE_REPLACED
+from tests.server.conftest import FakeWorker, drain, pcm_s16, receive_json, send_audio, start_msg
 from worker.redis_bus import RedisBus
 
 pytestmark = pytest.mark.asyncio
@@ -162,3 +163,89 @@ async def test_the_gateway_bus_keeps_audio_and_sessions_as_the_workers_do(redis_
         assert 30000 < int(await bus.r.pttl(bus.meta_key(sid))) <= 40000
     finally:
         await bus.close()
+
+
+async def test_resume_a_b_a_takes_the_bus_position(aiohttp_client, redis_server, prefix):
+    """A session served by gateway one, resumed on two, then on one again: one's table still
+    held its old position (in the grace period) and kept it, as ``ready.audio_bytes`` too, so a
+    client resending from there had its audio dropped as duplicates, silently."""
+    one = await gateway(aiohttp_client, redis_server, prefix)
+    two = await gateway(aiohttp_client, redis_server, prefix)
+    worker_bus = RedisBus(redis_server.url, prefix=prefix)
+    audio = pcm_s16(1.5)  # the client's recording; it sends from wherever ready says
+    try:
+        async with FakeWorker(worker_bus) as worker:
+            ws = await one.ws_connect("/v1/stream")
+            await ws.send_str(start_msg())
+            sid = (await receive_json(ws))["session"]
+            await send_pcm(ws, audio[:16000])  # 0.5 s
+            seen = await receive_json(ws)
+            assert seen["audio_s"] == pytest.approx(0.5)
+            await ws.close()
+            ws = await two.ws_connect("/v1/stream")
+            await ws.send_str(start_msg(session=sid, after=seen["result_id"]))
+            assert (await receive_json(ws))["audio_bytes"] == 16000
+            await send_pcm(ws, audio[16000:32000])
+            seen = await receive_json(ws)
+            assert seen["audio_s"] == pytest.approx(1.0)
+            await ws.close()
+            ws = await one.ws_connect("/v1/stream")
+            await ws.send_str(start_msg(session=sid, after=seen["result_id"]))
+            ready = await receive_json(ws)
+            assert ready["resumed"] and ready["audio_bytes"] == 32000  # the bus's, not one's
+            assert ready["audio_s"] == pytest.approx(1.0)
+            await ws.send_bytes(audio[ready["audio_bytes"]:])  # the rest, in one message
+            await ws.send_str(STOP)
+            msgs, close = await drain(ws)
+    finally:
+        await worker_bus.close()
+    assert close == 1000 and msgs[-1]["final"] and msgs[-1]["audio_s"] == pytest.approx(1.5)
+    assert worker.seqs[sid] == [0, 1, 2, 3, 4] and worker.audio_s[sid] == pytest.approx(1.5)
+
+
+async def test_a_connection_left_behind_by_a_resume_elsewhere_is_closed(aiohttp_client,
+                                                                        redis_server, prefix):
+    """The session is resumed through gateway two while its connection to gateway one is still
+    open (two cannot close it). The old connection's next audio is a seq the bus holds already:
+    it used to be counted and dropped in silence; now that connection closes with 4409 and
+    gateway one forgets the session (a later resume there reads the bus)."""
+    one = await gateway(aiohttp_client, redis_server, prefix)
+    two = await gateway(aiohttp_client, redis_server, prefix)
+    worker_bus = RedisBus(redis_server.url, prefix=prefix)
+
+    async def until_applied(n: int) -> None:
+        while len(worker.seqs[sid]) < n:
+            await asyncio.sleep(0.01)
+
+    try:
+        async with FakeWorker(worker_bus) as worker:
+            old = await one.ws_connect("/v1/stream")
+            await old.send_str(start_msg())
+            sid = (await receive_json(old))["session"]
+            await old.send_bytes(pcm_s16(0.25))
+            await asyncio.wait_for(until_applied(1), 5)
+            new = await two.ws_connect("/v1/stream")
+            await new.send_str(start_msg(session=sid))
+            assert (await receive_json(new))["audio_bytes"] == 8000
+            await new.send_bytes(pcm_s16(0.25))
+            await asyncio.wait_for(until_applied(2), 5)
+            await old.send_bytes(pcm_s16(0.25))  # seq 1 again: the bus has new's
+            msgs, close = await drain(old)
+            assert close == CLOSE_REPLACED and not [m for m in msgs if m["type"] == "error"]
+            for _ in range(100):  # the handler's cleanup runs after the close
+                if one.server.app[TABLE_KEY].get(sid) is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert one.server.app[TABLE_KEY].get(sid) is None
+            await new.send_bytes(pcm_s16(0.25))
+            await new.send_str(STOP)
+            msgs, close = await drain(new)
+    finally:
+        await worker_bus.close()
+    assert close == 1000 and msgs[-1]["final"] and msgs[-1]["audio_s"] == pytest.approx(0.75)
+    assert worker.seqs[sid] == [0, 1, 2]
+
+
+async def send_pcm(ws, data: bytes, chunk: int = 8000) -> None:
+    for i in range(0, len(data), chunk):
+        await ws.send_bytes(data[i:i + chunk])
