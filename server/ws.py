@@ -20,7 +20,7 @@ import uuid
 from collections import Counter, deque
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import ClientConnectionResetError, WSMsgType, web
 from redis.exceptions import ResponseError
 
 from server.auth import authorized, unauthorized_response
@@ -159,7 +159,8 @@ class _Connection:
         except ProtocolError as e:
             await self._fail(e)
         except Exception as e:  # never let one connection's failure take down others
-            await self._fail(service_error(e, self._sid()))
+            if not self._client_gone(e, "handler"):
+                await self._fail(service_error(e, self._sid()))
         finally:
             if counted:
                 h.per_address[self.address] -= 1
@@ -169,6 +170,18 @@ class _Connection:
 
     def _sid(self) -> str | None:
         return self.state.session_id if self.state else None
+
+    def _client_gone(self, e: Exception, where: str) -> bool:
+        """``e`` is this websocket failing because the client went away (aiohttp's
+        ``ClientConnectionResetError`` is only ever this connection's: the bus is not aiohttp;
+        or a connection error once the websocket is closed or closing): nothing to tell anyone,
+        and not the bus being unavailable. Logged at DEBUG."""
+        gone = isinstance(e, ClientConnectionResetError) or (
+            isinstance(e, (ConnectionError, OSError)) and (self.ws.closed or self.closing))
+        if gone:
+            log.debug("session %s: the client went away (%s): %s: %s", self._sid(), where,
+                      type(e).__name__, e)
+        return gone
 
     # ------------------------------------------------------------------ receiving
     async def _receive_loop(self) -> None:
@@ -393,7 +406,8 @@ class _Connection:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            await self._fail(service_error(e, st.session_id))
+            if not self._client_gone(e, "results"):
+                await self._fail(service_error(e, st.session_id))
 
     def _service_lag(self, result: dict) -> float | None:
         """Seconds from when ``result`` could be made to now, when it has just been sent: from

@@ -4,14 +4,22 @@ streaming, an error, resume through another gateway, and readiness following Red
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
+import os
+import socket
+import struct
 import uuid
 
 import pytest
+import redis.asyncio
 
-from server.app import TABLE_KEY, create_app
+from server.app import METRICS_KEY, TABLE_KEY, create_app
+from server.listen import make_runner, start_site
 from server.settings import Settings
 from server.ws import CLOSE_REPLACED
+from tests.redis_server import free_port
 from tests.server.conftest import FakeWorker, drain, pcm_s16, receive_json, send_audio, start_msg
 from worker.redis_bus import RedisBus
 
@@ -244,6 +252,56 @@ async def test_a_connection_left_behind_by_a_resume_elsewhere_is_closed(aiohttp_
         await worker_bus.close()
     assert close == 1000 and msgs[-1]["final"] and msgs[-1]["audio_s"] == pytest.approx(0.75)
     assert worker.seqs[sid] == [0, 1, 2]
+
+
+async def test_a_client_that_goes_is_not_a_redis_outage(redis_server, prefix, caplog):
+    """A client that sends ``start`` and resets its TCP connection while the gateway waits on
+    Redis (held by ``CLIENT PAUSE``): the gateway's ``ready`` then meets a closed transport
+    (aiohttp's ClientConnectionResetError, a ConnectionError), which was logged as "the bus is
+    unavailable" (a WARNING) and counted as errors_total{code="unavailable"}. Served as in
+    production (``make_runner``: aiohttp does not cancel a handler whose client went; its test
+    server does)."""
+    settings = Settings(redis_url=redis_server.url, port=free_port())
+    app = create_app(settings, RedisBus(redis_server.url, prefix=prefix))
+    runner = make_runner(app, settings)
+    await runner.setup()
+    await start_site(runner, settings)
+    worker_bus = RedisBus(redis_server.url, prefix=prefix)
+    admin = redis.asyncio.from_url(redis_server.url)
+    frame = start_msg().encode()
+    mask = os.urandom(4)
+    frame = (bytes([0x81, 0x80 | len(frame)]) + mask
+             + bytes(b ^ mask[i % 4] for i, b in enumerate(frame)))
+    metrics = app[METRICS_KEY].registry
+    try:
+        async with FakeWorker(worker_bus):
+            reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write(f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                         "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            await admin.execute_command("CLIENT", "PAUSE", 600, "ALL")
+            writer.write(frame)
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the gateway has the start and waits on Redis
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # RST: the client is gone
+            for _ in range(200):
+                if (metrics.get_sample_value("midimatch_gateway_connections_active") == 0
+                        and metrics.get_sample_value("midimatch_gateway_sessions_started_total")):
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await admin.aclose()
+        await worker_bus.close()
+        await runner.cleanup()
+    assert metrics.get_sample_value("midimatch_gateway_sessions_started_total") == 1
+    assert metrics.get_sample_value("midimatch_gateway_connections_active") == 0
+    assert not metrics.get_sample_value("midimatch_gateway_errors_total", {"code": "unavailable"})
+    assert not metrics.get_sample_value("midimatch_gateway_errors_total", {"code": "internal"})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 async def send_pcm(ws, data: bytes, chunk: int = 8000) -> None:
