@@ -350,7 +350,8 @@ def test_a_full_disk_fails_the_build_clearly_and_keeps_the_previous_index(tmp_pa
     assert "midimatch: error: cannot write the index" in run.stderr
     assert "no space left on the device" in run.stderr and "Traceback" not in run.stderr
     assert res["refs"] == res["first_refs"] == 1 and res["gen"] == "gen-000001"
-    assert res["left"] == ["CURRENT", "gen-000001"]  # the partial generation is gone
+    # the partial generation is gone (.write.lock: the writers' lock, index/store.py)
+    assert res["left"] == [".write.lock", "CURRENT", "gen-000001"]
     assert res["free_after"] >= res["free_before"]  # and its space given back
 
 
