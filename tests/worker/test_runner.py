@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.bus import AudioChunk, StreamParams
+from worker.bus import AudioChunk, Bus, StreamParams
 from worker.local_bus import InProcessBus
 from worker.metrics import WorkerMetrics
 from worker.runner import Worker, error_result, run_embedded
@@ -97,7 +97,7 @@ async def send(bus: InProcessBus, sid: str, seqs: range, end: bool = False) -> N
         await bus.end_session(sid)
 
 
-async def final_of(bus: InProcessBus, sid: str, timeout_s: float = 10.0) -> list[dict]:
+async def final_of(bus: Bus, sid: str, timeout_s: float = 10.0) -> list[dict]:
     """Every result of a session, once its final one is there."""
     got: list[tuple[str, dict]] = []
     deadline = time.monotonic() + timeout_s

@@ -10,22 +10,12 @@ from collections import Counter
 
 import pytest
 
-from tests.worker.test_runner import P, RecordingEngine, Running, chunk, settings
+from tests.worker.test_runner import P, RecordingEngine, Running, chunk, final_of, settings
 from worker.redis_bus import RedisBus
 from worker.redis_keys import GROUP
 from worker.runner import Worker
 
 pytestmark = pytest.mark.asyncio
-
-
-async def results_of(bus: RedisBus, sid: str, timeout_s: float = 10.0) -> list[dict]:
-    """Every result of a session, once its final one is there."""
-    got: list[tuple[str, dict]] = []
-    deadline = time.monotonic() + timeout_s
-    while not (got and got[-1][1]["final"]):
-        assert time.monotonic() < deadline, f"no final result for {sid}: {got}"
-        got += await bus.read_results(sid, got[-1][0] if got else "0", timeout_s=0.2)
-    return [r for _, r in got]
 
 
 async def test_a_poison_session_fails_alone_and_the_others_are_served(redis_server) -> None:
@@ -42,9 +32,9 @@ async def test_a_poison_session_fails_alone_and_the_others_are_served(redis_serv
     run = Running(Worker(RedisBus(redis_server.url, lease_ms=600), engine, settings()))
     try:
         t0 = time.monotonic()
-        assert [r["audio_s"] for r in await results_of(bus, good)] == [1.0, 2.0, 2.0]
+        assert [r["audio_s"] for r in await final_of(bus, good)] == [1.0, 2.0, 2.0]
         assert time.monotonic() - t0 < 5.0  # on time (it used to get nothing for minutes)
-        [err] = await results_of(bus, poison)
+        [err] = await final_of(bus, poison)
         assert err["final"] and err["error"]["code"] == "bad_params"
         assert "channels" in err["error"]["message"]
         assert engine.metrics.errors_total.labels("bad_session")._value.get() == 1
