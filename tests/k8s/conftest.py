@@ -70,6 +70,16 @@ def one(docs: list[dict], kind: str, name: str) -> dict:
     return got[0]
 
 
+def dockerfile_env(name: str) -> dict[str, str]:
+    """The ENV values a Dockerfile of k8s/images sets (KEY=VALUE form)."""
+    text = (K8S / "images" / name).read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(re.findall(r"(\w+)=(\S+)", line[4:]))
+    return env
+
+
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
     """(kind/name, pod spec) of every workload."""
     out = []

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.k8s.conftest import K8S, ROOT, find, one, render
+from tests.k8s.conftest import K8S, ROOT, dockerfile_env, find, one, render
 
 METRIC = re.compile(r"\bmidimatch_[a-z0-9_]+\b")
 MATCHER = re.compile(r'\b(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
@@ -86,15 +86,6 @@ def containers(docs):
 
 def config(docs) -> dict[str, str]:
     return one(docs, "ConfigMap", "midimatch-config")["data"]
-
-
-def dockerfile_env(name: str) -> dict[str, str]:
-    text = (K8S / "images" / name).read_text().replace("\\\n", " ")
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("ENV "):
-            env.update(re.findall(r"(\w+)=(\S+)", line[4:]))
-    return env
 
 
 def all_exprs() -> list[tuple[str, str]]:

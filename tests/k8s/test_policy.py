@@ -5,14 +5,13 @@ with the skips below, each with its reason."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.k8s.conftest import K8S, ROOT, pod_specs, render
+from tests.k8s.conftest import ROOT, dockerfile_env, pod_specs, render
 
 CHECKOV = ROOT / ".venv" / "checkov" / "bin" / "checkov"
 # checkov checks that do not fit, and why
@@ -33,16 +32,6 @@ def _containers(spec: dict):
         yield c, True
     for c in spec["containers"]:
         yield c, False
-
-
-def _dockerfile_env(name: str) -> dict[str, str]:
-    """The ENV values a Dockerfile sets (KEY=VALUE form)."""
-    text = (K8S / "images" / name).read_text().replace("\\\n", " ")
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("ENV "):
-            env.update(re.findall(r"(\w+)=(\S+)", line[4:]))
-    return env
 
 
 def _image_file(container: dict) -> str | None:
@@ -88,7 +77,7 @@ def test_every_path_the_images_write_is_a_volume(target_):
             dockerfile = _image_file(c)
             if dockerfile is None or c.get("command", ["python"])[0] != "python":
                 continue  # not the image's own program (the index copy is a shell's cp)
-            env = _dockerfile_env(dockerfile)
+            env = dockerfile_env(dockerfile)
             writes = {"/tmp"} | {env[k] for k in ("HOME", "MPLCONFIGDIR", "NUMBA_CACHE_DIR",
                                                   "MIDIMATCH_CACHE") if k in env}
             mounts = [(m["mountPath"], m.get("readOnly", False))
