@@ -18,7 +18,6 @@ from tests.worker.test_runner import (
     settings,
     wait_for,
 )
-from tests.worker.test_runner_redis import results_of
 from worker.bus import BusError, Claim
 from worker.local_bus import InProcessBus
 from worker.redis_bus import RedisBus
@@ -113,7 +112,7 @@ async def test_a_failed_final_publish_is_retried_over_redis(redis_server) -> Non
         for sid in sids:
             await gateway.end_session(sid)
         for sid in sids:
-            assert [r["audio_s"] for r in await results_of(gateway, sid, 5)] == [0.8]
+            assert [r["audio_s"] for r in await final_of(gateway, sid, 5)] == [0.8]
         await wait_for(lambda: not run.worker.owned)
         assert fail["publish_final"] == 0
         for sid in sids:  # finished: gone from the active set, its hand-out entry acked
