@@ -6,7 +6,11 @@ the token), ``/favicon.ico`` and ``/static/`` answers 401 without it, the websoc
 upgrade (:func:`token_middleware`, server/auth.py).
 
 :func:`create_app` wires a :class:`~worker.bus.Bus` (in-process or Redis) to the protocol
-handler. It imports neither torch nor numba (tests/server/test_light.py checks it in a fresh
+handler. The workers' capacity (for ``/readyz`` and a ``start``'s ``busy`` check) is computed at
+most once per ``capacity_cache_s`` per gateway (:class:`CapacityCache`): with Redis it costs a
+command per active session, and ``/readyz`` is open without the token.
+
+It imports neither torch nor numba (tests/server/test_light.py checks it in a fresh
 interpreter): the embedded worker is started by ``server.serve_cli``, which hands in a readiness
 predicate and the worker's metric registry.
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,7 +35,7 @@ from server.metrics import GatewayMetrics
 from server.sessions import SessionTable
 from server.settings import Settings
 from server.ws import StreamHandler
-from worker.bus import Bus, Capacity
+from worker.bus import Bus, Capacity, StreamParams
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -45,6 +51,73 @@ OPEN_PREFIXES = ("/static/",)
 _PAGE_401 = ("<!doctype html><html><head><meta charset=utf-8><title>midimatch: token needed"
              "</title></head><body><p>This midimatch service needs a token: open "
              "<code>/?token=&lt;token&gt;</code>.</p></body></html>")
+
+
+class CapacityCache:
+    """The workers' capacity, computed at most once per ``ttl_s``; concurrent callers share the
+    one computation in flight (cancelling a caller does not cancel it). A failure is not kept:
+    the next caller computes again.
+
+    Parameters
+    ----------
+    compute : callable
+        The computation (``bus.capacity``, looked up on every call).
+    ttl_s : float
+        How long an answer is reused, from when it was computed, s (0: never reused).
+    clock : callable
+        Seconds, monotonic (tests may step it).
+    """
+
+    def __init__(self, compute: Callable[[], Awaitable[Capacity]], ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.compute, self.ttl_s, self.clock = compute, ttl_s, clock
+        self._value: Capacity | None = None
+        self._at = 0.0
+        self._pending: asyncio.Future[Capacity] | None = None
+
+    async def get(self) -> Capacity:
+        if self._value is not None and self.clock() - self._at < self.ttl_s:
+            return self._value
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._refresh())
+            # retrieved even when every caller was cancelled (no "never retrieved" warning)
+            self._pending.add_done_callback(
+                lambda f: None if f.cancelled() else f.exception())
+        return await asyncio.shield(self._pending)
+
+    async def _refresh(self) -> Capacity:
+        try:
+            value = await self.compute()
+            self._value, self._at = value, self.clock()
+            return value
+        finally:
+            self._pending = None
+
+    def count_started(self) -> None:
+        """This gateway created a session: count it in the answer kept, so that starts within
+        one period cannot all be admitted past the workers' capacity."""
+        if self._value is not None:
+            self._value = replace(self._value, sessions_active=self._value.sessions_active + 1)
+
+
+class _CapacityCachedBus:
+    """The bus as the protocol handler sees it: every attribute is the bus's, but
+    ``capacity()`` answers from the gateway's :class:`CapacityCache` (server/ws.py asks it on
+    every new ``start``) and ``create_session`` counts the session in it."""
+
+    def __init__(self, bus: Bus, cache: CapacityCache) -> None:
+        self._bus, self._cache = bus, cache
+
+    def __getattr__(self, name: str):
+        return getattr(self._bus, name)
+
+    async def capacity(self) -> Capacity:
+        return await self._cache.get()
+
+    async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
+        sid = await self._bus.create_session(params, session_id)
+        self._cache.count_started()
+        return sid
 
 
 def token_middleware(settings: Settings, metrics: GatewayMetrics) -> Callable:
@@ -93,13 +166,15 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     app = web.Application(client_max_size=1 << 16,
                           middlewares=[token_middleware(settings, metrics)])
     table = SessionTable(bus, settings.resume_grace_s, metrics.sessions_detached.set)
-    handler = StreamHandler(settings, bus, metrics, table)
+    capacity = CapacityCache(lambda: bus.capacity(), settings.capacity_cache_s)
+    handler = StreamHandler(settings, _CapacityCachedBus(bus, capacity),  # type: ignore[arg-type]
+                            metrics, table)
     app[SETTINGS_KEY], app[BUS_KEY], app[METRICS_KEY] = settings, bus, metrics
     app[HANDLER_KEY], app[TABLE_KEY] = handler, table
     all_registries = [metrics.registry, *registries]
 
     async def readyz(request: web.Request) -> web.Response:
-        ok, why, cap = await _readiness(bus, local_ready)
+        ok, why, cap = await _readiness(bus, capacity, local_ready)
         if not authorized(settings, request):  # a probe: the status, nothing about the service
             return web.json_response({"ready": ok}, status=200 if ok else 503)
         return web.json_response({"ready": ok, "detail": why,
@@ -169,7 +244,7 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
     return app
 
 
-async def _readiness(bus: Bus, local_ready: Callable[[], bool] | None
+async def _readiness(bus: Bus, capacity: CapacityCache, local_ready: Callable[[], bool] | None
                      ) -> tuple[bool, str, Capacity | None]:
     """Ready when the bus answers, a worker is alive, and the local condition (if any) holds;
     with the alive workers' capacity: their warnings (an uncalibrated model), which do not make
@@ -180,7 +255,7 @@ async def _readiness(bus: Bus, local_ready: Callable[[], bool] | None
         ping = getattr(bus, "ping", None)
         if ping is not None and not await asyncio.wait_for(ping(), 2.0):
             return False, "redis does not answer", None
-        cap = await asyncio.wait_for(bus.capacity(), 2.0)
+        cap = await asyncio.wait_for(capacity.get(), 2.0)
     except Exception as e:  # readiness must answer, whatever failed
         return False, f"the bus failed: {type(e).__name__}: {e}", None
     if cap.workers == 0:

@@ -10,20 +10,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import functools
 import logging
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from server.settings import Settings
+from model.errors import MidimatchError
+from server.settings import MAX_PORT, Settings
 
 if TYPE_CHECKING:
     from worker.redis_bus import RedisBus
 
 log = logging.getLogger(__name__)
 DEMO_WORKS = 200
+
+
+class ListenError(MidimatchError):
+    """The gateway cannot listen where it was told to (the port is taken, the address is not
+    this machine's...)."""
+
+    reason = "cannot_listen"
+
+
+def port_number(text: str) -> int:
+    """``--port``: an integer 1-65535 (argparse reports anything else as a usage error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be 1-{MAX_PORT}, got {port}")
+    return port
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", type=Path, help="index folder (embedded worker; demo pieces)")
     p.add_argument("--redis", metavar="URL", help="redis://host:port/db: gateway only")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="listen port (default 8080)")
+    p.add_argument("--port", type=port_number, help="listen port, 1-65535 (default 8080)")
     p.add_argument("--token", help="require this bearer token (MIDIMATCH_AUTH_TOKEN)")
     p.add_argument("--max-session-s", type=float, metavar="S", help="longest session, s")
     p.add_argument("--max-sessions-per-address", type=int, metavar="N")
@@ -125,7 +146,16 @@ def embedded_bus(env: Mapping[str, str] | None = None):
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
-    """Run the service until SIGINT/SIGTERM (or ``stop``); raises if the embedded worker dies."""
+    """Run the service until SIGINT/SIGTERM (or ``stop``); raises if the embedded worker dies.
+
+    It listens first and starts the embedded worker (index and model loading) only then, so a
+    port it cannot have stops it before anything else runs.
+
+    Raises
+    ------
+    ListenError
+        It cannot listen on ``settings.host``:``settings.port`` (in use, not an address here).
+    """
     from server.app import create_app
     from server.demo import DemoCollection, DemoError
     from server.listen import make_runner, start_site
@@ -139,6 +169,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
                 raise
             log.warning("no demo collection: %s", e)
     worker_task: asyncio.Task | None = None
+    embedded: Callable[[], Coroutine[Any, Any, None]] | None = None  # started once listening
     if settings.redis_url is not None:
         bus = gateway_bus(settings)
         app = create_app(settings, bus, demo=demo)
@@ -152,12 +183,18 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         wmetrics = WorkerMetrics()
         app = create_app(settings, bus, local_ready=loaded.is_set, registries=[wmetrics.registry],
                          demo=demo)
-        worker_task = asyncio.create_task(run_embedded(
-            bus, settings.index_dir, settings=wsettings, metrics=wmetrics, ready=loaded))
+        embedded = functools.partial(run_embedded, bus, settings.index_dir, settings=wsettings,
+                                     metrics=wmetrics, ready=loaded)
         mode = f"embedded worker on {settings.index_dir}"
     runner = make_runner(app, settings)
     await runner.setup()
-    await start_site(runner, settings)
+    try:
+        await start_site(runner, settings)
+    except (OSError, OverflowError) as e:
+        await runner.cleanup()  # closes the bus too
+        raise ListenError(cannot_listen(settings, e)) from e
+    if embedded is not None:
+        worker_task = asyncio.create_task(embedded())
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -176,6 +213,20 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         await runner.cleanup()
     if worker_task is not None and worker_task in done and worker_task.exception():
         raise worker_task.exception()  # type: ignore[misc]
+
+
+def cannot_listen(settings: Settings, e: OSError | OverflowError) -> str:
+    """One line saying why the gateway cannot listen, and what to do about it."""
+    where = f"{settings.host}:{settings.port}"
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: address already in use; is another midimatch serve "
+                "running? Stop it, or give another --port")
+    if code == errno.EACCES:
+        return (f"cannot listen on {where}: permission denied (ports below 1024 need "
+                "privileges); give another --port")
+    why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    return f"cannot listen on {where}: {why} (check --host and --port)"
 
 
 # --------------------------------------------------------------------------------------- stream

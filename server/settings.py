@@ -16,6 +16,8 @@ from typing import Any
 from model.env import settings_from_env
 from model.errors import MidimatchError
 
+MAX_PORT = 65535
+
 
 class SettingsError(MidimatchError):
     """A setting with a value that cannot be used."""
@@ -60,6 +62,11 @@ class Settings:
         A dropped session stays resumable this long; after it, its stream is ended.
     result_poll_s : float
         Longest wait of one ``read_results`` call (bounds how late a close is noticed), s.
+    capacity_cache_s : float
+        How long this gateway reuses the workers' capacity (alive workers, sessions active) for
+        ``/readyz`` and for a ``start``'s ``busy`` check, s; concurrent callers share one
+        computation. Counting the active sessions costs Redis work per session, and ``/readyz``
+        is open without the token. 0: computed on every call (tests).
     demo_seconds : float
         Length of a rendered demo excerpt, s.
     redis_prefix : str
@@ -83,18 +90,22 @@ class Settings:
     handshake_timeout_s: float = 10.0
     resume_grace_s: float = 30.0
     result_poll_s: float = 1.0
+    capacity_cache_s: float = 1.0
     demo_seconds: float = 25.0
     redis_prefix: str = "mm"
 
     def __post_init__(self) -> None:
-        positive = ("port", "max_message_bytes", "max_session_s", "max_sessions_per_address",
+        if not 1 <= self.port <= MAX_PORT:
+            raise SettingsError(f"port must be 1-{MAX_PORT}, got {self.port!r}")
+        positive = ("max_message_bytes", "max_session_s", "max_sessions_per_address",
                     "max_connections", "max_connections_per_address", "idle_timeout_s",
                     "handshake_timeout_s", "result_poll_s", "demo_seconds")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.resume_grace_s < 0:
-            raise SettingsError(f"resume_grace_s must be ≥ 0, got {self.resume_grace_s!r}")
+        for name in ("resume_grace_s", "capacity_cache_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be ≥ 0, got {getattr(self, name)!r}")
         if self.max_message_bytes < 1024:
             raise SettingsError("max_message_bytes must be at least 1024 (one JSON message)")
         if self.auth_token is not None:

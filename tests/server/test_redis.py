@@ -90,7 +90,7 @@ async def test_resume_through_another_gateway_over_redis(aiohttp_client, redis_s
 
 
 async def test_readiness_follows_redis(aiohttp_client, redis_server, prefix):
-    client = await gateway(aiohttp_client, redis_server, prefix)
+    client = await gateway(aiohttp_client, redis_server, prefix, capacity_cache_s=0)  # as it is
     r = await client.get("/readyz")
     assert r.status == 503 and "no worker" in (await r.json())["detail"]
     worker_bus = RedisBus(redis_server.url, prefix=prefix)

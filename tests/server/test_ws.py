@@ -330,7 +330,9 @@ async def test_token_is_checked_before_the_upgrade(aiohttp_client, bus, how):
 
 
 async def test_busy_when_saturated_or_no_worker(aiohttp_client, bus):
-    client = await client_for(aiohttp_client, bus)
+    # capacity_cache_s=0: each start sees the workers as they are now (tests/server/
+    # test_capacity_cache.py checks the cache)
+    client = await client_for(aiohttp_client, bus, capacity_cache_s=0)
     ws = await client.ws_connect("/v1/stream")
     await ws.send_str(start_msg())
     await expect_error(ws, "busy", "saturated")  # no worker alive
@@ -427,7 +429,7 @@ async def test_bad_clients_do_not_disturb_a_good_one(aiohttp_client, bus):
 
 
 async def test_http_endpoints(aiohttp_client, bus):
-    client = await client_for(aiohttp_client, bus)
+    client = await client_for(aiohttp_client, bus, capacity_cache_s=0)  # readiness as it is now
     r = await client.get("/healthz")
     assert r.status == 200 and (await r.json())["ok"] is True
     r = await client.get("/readyz")
