@@ -9,7 +9,13 @@ from a wide space, so the network has to key on pitch and rhythm:
   partial, sometimes a weak fundamental), a little inharmonicity (stiff strings), partials
   that decay faster the higher they are (plucks) or not (organs, pads), an envelope drawn
   between percussive and sustained, and a slight detune;
-* drums, when the piece has them, are noise bursts and pitch-swept thumps at their keys.
+* drums, when the piece has them, are noise bursts and pitch-swept thumps at their keys;
+* in ``P_ENSEMBLE`` of the renders the whole ensemble plays **one** bright timbre
+  (:func:`draw_ensemble_timbre`: many strong partials, odd ones dominating half the time) at
+  flat dynamics, with the low parts as loud as the melody or louder. GM sound sets keep the
+  accompaniment soft and dark under the tune; many synthesisers (one patch for every part, an
+  organ, chip music) do not, and a model that heard only GM balance reads the bass's upper
+  partials as chord tones.
 
 It is **additive synthesis only** (no frequency modulation, no filters of a sawtooth, no
 Karplus-Strong), written here in numpy: none of the held-out engines (Csound, adplay's OPL3,
@@ -31,6 +37,8 @@ from model.errors import RenderError
 MAX_PARTIALS = 24
 MAX_NOTE_S = 8.0  # a note's sound is cut this long after its onset (plus its release)
 NYQUIST_MARGIN = 0.45  # partials above this fraction of the sample rate are dropped
+P_ENSEMBLE = 0.5  # renders where every pitched part plays one bright timbre at flat dynamics
+LOW_PART_MIDI = 52  # a part whose median pitch is below this (E3) is a low part
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,27 @@ def draw_timbre(rng: np.random.Generator) -> Timbre:
     )
 
 
+def draw_ensemble_timbre(rng: np.random.Generator) -> Timbre:
+    """A bright timbre for a whole ensemble: 8-24 partials falling slowly (slope 0.2-1.0),
+    the even ones weakened to 0-40 % half the time (hollow, clarinet- or square-like), sustained
+    more often than not."""
+    base = draw_timbre(rng)
+    k = np.arange(1, MAX_PARTIALS + 1, dtype=np.float64)
+    amps = k ** -rng.uniform(0.2, 1.0)
+    amps *= np.exp(rng.normal(0.0, rng.uniform(0.1, 0.5), MAX_PARTIALS))
+    amps[rng.integers(8, MAX_PARTIALS + 1):] = 0.0
+    if rng.random() < 0.5:
+        amps[1::2] *= rng.uniform(0.0, 0.4)  # partials 2, 4, 6, ...
+    amps /= amps.max()
+    percussive = rng.random() < 0.25
+    return Timbre(
+        amps=amps, inharmonicity=0.0,
+        partial_decay=float(rng.uniform(0.3, 1.0)) if percussive else 0.0,
+        attack_s=float(10 ** rng.uniform(-2.7, -1.5)), decay_s=base.decay_s,
+        sustain=0.0 if percussive else float(rng.uniform(0.6, 1.0)),
+        release_s=base.release_s, detune_cents=base.detune_cents)
+
+
 def _envelope(t: np.ndarray, dur: float, tb: Timbre) -> np.ndarray:
     rise = np.clip(t / tb.attack_s, 0.0, 1.0)
     level = tb.sustain + (1.0 - tb.sustain) * np.exp(-np.maximum(t - tb.attack_s, 0.0)
@@ -82,7 +111,8 @@ def _envelope(t: np.ndarray, dur: float, tb: Timbre) -> np.ndarray:
     return env
 
 
-def _note(pitch: int, velocity: int, dur: float, tb: Timbre, sr: int) -> np.ndarray:
+def _note(pitch: int, velocity: int, dur: float, tb: Timbre, sr: int,
+          velocity_power: float = 1.5) -> np.ndarray:
     f0 = 440.0 * 2.0 ** ((pitch - 69) / 12.0)
     dur = min(dur, MAX_NOTE_S)
     n = int((dur + 4.0 * tb.release_s) * sr)
@@ -99,7 +129,7 @@ def _note(pitch: int, velocity: int, dur: float, tb: Timbre, sr: int) -> np.ndar
             if tb.partial_decay:
                 part *= np.exp(-t * kk ** tb.partial_decay / (4.0 * tb.decay_s))
             out += part
-    out *= _envelope(t, dur, tb) * (velocity / 127.0) ** 1.5 / len(voices)
+    out *= _envelope(t, dur, tb) * (velocity / 127.0) ** velocity_power / len(voices)
     return out
 
 
@@ -122,7 +152,8 @@ def _drum(key: int, velocity: int, sr: int, rng: np.random.Generator) -> np.ndar
 
 def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n: int,
                      timeout_s: float = 60.0) -> np.ndarray:
-    """``pm`` played with a random timbre per track (drawn from ``seed``), ``n`` samples.
+    """``pm`` played with a random timbre per track, or one bright timbre for every track
+    (``P_ENSEMBLE`` of the seeds; see the module's docstring), ``n`` samples.
 
     Sample ``i`` is time ``i / sample_rate`` of the MIDI: notes start at their onsets.
     Not normalised (the caller scales the peak).
@@ -139,9 +170,16 @@ def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n:
         raise RenderError(f"randsynth: note pitch {bad[0]} is outside MIDI's 0-127",
                           reason="failed")
     rng = np.random.default_rng(seed)
+    ensemble = draw_ensemble_timbre(rng) if rng.random() < P_ENSEMBLE else None
+    # flat dynamics in an ensemble: velocity ** 0-0.5 instead of ** 1.5
+    power = float(rng.uniform(0.0, 0.5)) if ensemble is not None else 1.5
     out = np.zeros(n)
     for inst in pm.instruments:
-        timbre = None if inst.is_drum else draw_timbre(rng)
+        timbre = None if inst.is_drum else (ensemble if ensemble is not None else draw_timbre(rng))
+        gain = 1.0
+        if ensemble is not None and not inst.is_drum and inst.notes and \
+                np.median([nt.pitch for nt in inst.notes]) < LOW_PART_MIDI:
+            gain = 10.0 ** (rng.uniform(0.0, 6.0) / 20.0)  # the bass as loud as the tune, or more
         for note in inst.notes:
             if time.monotonic() > deadline:
                 raise RenderError(f"randsynth took over {timeout_s:g} s", reason="timeout")
@@ -151,7 +189,8 @@ def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n:
             if timbre is None:
                 x = _drum(note.pitch, note.velocity, sample_rate, rng)
             else:
-                x = _note(note.pitch, note.velocity, note.end - note.start, timbre, sample_rate)
+                x = gain * _note(note.pitch, note.velocity, note.end - note.start, timbre,
+                                 sample_rate, power)
             stop = min(n, start + x.size)
             out[start:stop] += x[: stop - start]
     return out.astype(np.float32)

@@ -7,7 +7,13 @@ import pretty_midi
 import pytest
 
 from model.training import render as R
-from model.training.randsynth import MAX_PARTIALS, draw_timbre, render_randsynth
+from model.training.randsynth import (
+    MAX_PARTIALS,
+    P_ENSEMBLE,
+    draw_ensemble_timbre,
+    draw_timbre,
+    render_randsynth,
+)
 
 SR = 22050
 
@@ -73,3 +79,59 @@ def test_drums_sound_and_the_registry_offers_it_for_training_only_as_other() -> 
     a = R.render(_piece(), "randsynth", seed=5)
     assert np.max(np.abs(a)) == pytest.approx(R.PEAK, rel=1e-5)
     assert not np.array_equal(a, R.render(_piece(), "randsynth", seed=6))
+
+
+def _two_parts(low: int = 40, high: int = 76) -> pretty_midi.PrettyMIDI:
+    """A low part and a high part, one note each at the same velocity, one after the other."""
+    pm = pretty_midi.PrettyMIDI()
+    for i, pitch in enumerate((low, high)):
+        inst = pretty_midi.Instrument(0)
+        inst.notes = [pretty_midi.Note(90, pitch, 0.2 + 1.2 * i, 1.2 + 1.2 * i)]
+        pm.instruments.append(inst)
+    return pm
+
+
+def _partial_levels(a: np.ndarray, f0: float, start_s: float) -> np.ndarray:
+    seg = a[int(start_s * SR): int((start_s + 0.8) * SR)].astype(np.float64)
+    spec = np.abs(np.fft.rfft(seg * np.hanning(seg.size)))
+    hz = np.fft.rfftfreq(seg.size, 1 / SR)
+    levels = np.array([spec[np.abs(hz - f0 * k) < 8].max() for k in range(1, 7)])
+    return levels / levels.max()
+
+
+def test_ensemble_renders_play_every_part_with_one_bright_timbre_and_the_bass_up() -> None:
+    """Half the seeds: one timbre for every part (same partial levels on the low and the high
+    note), at flat dynamics with the low part at least as loud; the other half: a timbre per
+    part, as before."""
+    pm = _two_parts()
+    ensemble, compared, per_part = 0, 0, 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        is_ensemble = rng.random() < P_ENSEMBLE  # the first two draws of render_randsynth
+        steady = is_ensemble and (tb := draw_ensemble_timbre(rng)).detune_cents == 0 \
+            and tb.partial_decay == 0  # (two detuned voices beat; plucks change as they ring)
+        a = render_randsynth(pm, seed, SR, 3 * SR)
+        low = _partial_levels(a, pretty_midi.note_number_to_hz(40), 0.3)
+        high = _partial_levels(a, pretty_midi.note_number_to_hz(76), 1.5)
+        same = np.abs(low - high).max() < 0.12
+        if is_ensemble:
+            ensemble += 1
+            if steady:
+                compared += 1
+                assert same, (seed, low, high)
+            rms = [np.sqrt(np.mean(a[int(s * SR): int((s + 0.8) * SR)] ** 2)) for s in (0.3, 1.5)]
+            assert rms[0] > 0.8 * rms[1], (seed, rms)  # the bass not under the tune
+        else:
+            per_part += not same
+    assert 10 <= ensemble <= 30 and compared >= 5  # P_ENSEMBLE = 0.5 of 40 seeds
+    assert per_part >= 0.8 * (40 - ensemble)  # per-part timbres mostly differ
+
+
+def test_ensemble_timbres_are_bright_and_half_of_them_hollow() -> None:
+    rng = np.random.default_rng(1)
+    draws = [draw_ensemble_timbre(rng) for _ in range(200)]
+    assert all((t.amps > 0).sum() >= 8 and t.amps.max() == pytest.approx(1.0) for t in draws)
+    # bright: the 5th partial at least a tenth of the loudest in most draws
+    assert sum(t.amps[4] > 0.1 for t in draws) > 150
+    hollow = sum(t.amps[1::2][:4].sum() < 0.5 * t.amps[0::2][:4].sum() for t in draws)
+    assert 60 <= hollow <= 140
