@@ -5,6 +5,12 @@ A session outlives its websocket. When a connection drops without ``stop``, the 
 reattaches it (same gateway: from this table; another gateway or after a restart: rebuilt from
 the bus). When the grace period runs out the stream is ended, so the worker publishes its final
 result and forgets it.
+
+Several gateways may hold the same session detached: the client went from gateway A to B (and
+perhaps back). Each attach is recorded on the bus (``Bus.attach``, an atomic counter per
+session), and a grace timer ends the stream only if its gateway's attach is still the latest
+(``Bus.end_detached``, checked and done in one step): a client resumed elsewhere, silent for a
+while (a pause, a resume only to collect results), keeps its session.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ class SessionState:
         The final result was delivered; nothing left to resume.
     conn : Any
         The websocket serving it now, ``None`` while detached.
+    attach : int | None
+        The bus's attach generation of this gateway's last attach (``Bus.attach``); None until
+        recorded, or when recording it failed.
     """
 
     session_id: str
@@ -48,7 +57,9 @@ class SessionState:
     done: bool = False
     decided: bool = False
     conn: Any = None
+    attach: int | None = None
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    attaching: asyncio.Task | None = field(default=None, repr=False)  # recording ``attach``
 
     @property
     def audio_s(self) -> float:
@@ -116,13 +127,26 @@ class SessionTable:
         self._sessions[state.session_id] = state
 
     def attach(self, state: SessionState, conn: Any) -> None:
-        """Make ``conn`` the connection of ``state`` (stops its grace timer)."""
+        """Make ``conn`` the connection of ``state`` (stops its grace timer) and record the
+        attach on the bus (in the background; a grace expiry waits for it)."""
         if state.expiry is not None:
             state.expiry.cancel()
             state.expiry = None
         state.conn = conn
+        state.attach = None
         self._sessions[state.session_id] = state
+        state.attaching = self._spawn(self._record_attach(state))
         self._report()
+
+    async def _record_attach(self, state: SessionState) -> None:
+        me = asyncio.current_task()
+        try:
+            gen = await self.bus.attach(state.session_id)
+        except Exception as e:  # noqa: BLE001 - then the expiry falls back on the audio check
+            log.info("could not record the attach of session %s: %s", state.session_id, e)
+            return
+        if state.attaching is me:  # not overtaken by a later attach on this gateway
+            state.attach = gen
 
     def detach(self, state: SessionState, conn: Any) -> None:
         """``conn`` is gone. Keep ``state`` resumable for the grace period, then end it."""
@@ -157,21 +181,32 @@ class SessionTable:
         state.expiry = None
         self.forget(state.session_id)
         try:
-            if not state.ended:
-                # Another gateway may have resumed it and pushed audio since: then it is not ours
-                # to end.
-                seq, _ = await bus_position(self.bus, state.session_id, state.params)
-                if seq <= state.next_seq:
-                    await self.end(state)
+            if state.attaching is not None and not state.attaching.done():
+                await asyncio.shield(state.attaching)  # grace 0: the attach is still on its way
+            if state.ended:
+                return
+            # Another gateway may have resumed it since: then it is not ours to end. A gateway
+            # of an older version records no attach, but the audio it pushed shows.
+            seq, _ = await bus_position(self.bus, state.session_id, state.params)
+            if seq > state.next_seq:
+                return
+            if state.attach is None:  # the attach was not recorded (the bus failed then)
+                await self.end(state)
+            elif await self.bus.end_detached(state.session_id, state.attach):
+                state.ended = True
+            else:
+                log.info("session %s was resumed elsewhere: its grace period here ends without"
+                         " ending it", state.session_id)
         except BusError as e:  # already expired on the bus, or the bus is down: its own
             log.info("could not end expired session %s: %s", state.session_id, e)  # expiry
         except Exception:  # cleans up either way
             log.exception("could not end expired session %s", state.session_id)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _report(self) -> None:
         self._on_detached(sum(1 for s in self._sessions.values() if s.conn is None))

@@ -239,6 +239,26 @@ class Bus(ABC):
         """No more audio will come; the owner flushes and publishes a ``final`` result."""
 
     @abstractmethod
+    async def attach(self, session_id: str) -> int:
+        """A gateway gave the session a client connection (``start`` or a resume): bump the
+        session's *attach generation* atomically and return it (1 at the first attach). A
+        gateway whose detached session's grace period runs out ends it with
+        :meth:`end_detached` and the generation of its own last attach, so a session resumed
+        through another gateway meanwhile (which attached it later) is not ended under it.
+
+        Raises
+        ------
+        BusError
+            ``unknown_session``.
+        """
+
+    @abstractmethod
+    async def end_detached(self, session_id: str, attach: int) -> bool:
+        """:meth:`end_session`, only if ``attach`` is still the session's latest attach
+        generation, in the same atomic step. True when this call ended the stream; False when
+        another attach came since, or the session had already ended or is unknown."""
+
+    @abstractmethod
     async def read_results(self, session_id: str, after: str = "0",
                            timeout_s: float = 1.0) -> list[tuple[str, dict]]:
         """Results published after result id ``after``, waiting up to ``timeout_s`` for one."""

@@ -165,6 +165,7 @@ class RedisBus(RedisKeys, Bus):
         self._adopt = self.r.register_script(lua.ADOPT)
         self._create = self.r.register_script(lua.CREATE)
         self._publish = self.r.register_script(lua.PUBLISH)
+        self._attach = self.r.register_script(lua.ATTACH)
         # every read_results of this client; its XREAD blocks well within the socket timeout
         self.dispatcher = ResultsDispatcher(self.r, block_ms=min(BLOCK_MS, self._block_ms(1.0)))
         self.audio = AudioReader(self.r)  # every read_audio of this client
@@ -201,13 +202,14 @@ class RedisBus(RedisKeys, Bus):
         return None if m[0] is None else _params(*m)
 
     async def _push_entry(self, session_id: str, seq: int, t_s: float, pcm: bytes,
-                          is_end: bool) -> tuple[int, int]:
+                          is_end: bool, attach: int | None = None) -> tuple[int, int]:
         t_ms = int(t_s * 1000)
         cut_ms = max(0, t_ms - int(self.retain_s * 1000))
         with _redis_errors():
             code, n = await self._push(
                 keys=self.session_keys(session_id),
-                args=[seq, t_ms, pcm, cut_ms, self.session_ttl_ms, int(is_end), repr(t_s)])
+                args=[seq, t_ms, pcm, cut_ms, self.session_ttl_ms, int(is_end), repr(t_s),
+                      "" if attach is None else int(attach)])
         return int(code), int(n)
 
     async def push_audio(self, session_id: str, chunk: AudioChunk) -> bool:
@@ -228,6 +230,17 @@ class RedisBus(RedisKeys, Bus):
 
     async def end_session(self, session_id: str) -> None:
         await self._push_entry(session_id, 0, 0.0, b"", True)
+
+    async def attach(self, session_id: str) -> int:
+        with _redis_errors():
+            n = int(await self._attach(keys=[self.meta_key(session_id)]))
+        if n < 0:
+            raise BusError(f"unknown session {session_id!r}", reason="unknown_session")
+        return n
+
+    async def end_detached(self, session_id: str, attach: int) -> bool:
+        code, _ = await self._push_entry(session_id, 0, 0.0, b"", True, attach=attach)
+        return code == 1
 
     async def last_seq(self, session_id: str) -> int:
         with _redis_errors():

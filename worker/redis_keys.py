@@ -9,7 +9,9 @@ Key layout (``P`` is the prefix, ``mm`` by default; ``{id}`` a session id)
                           session the entry sits in that worker's pending list (PEL).
 ``P:s:{id}:meta``         hash: ``sr ch enc`` (stream parameters), ``x`` (hand-out entry),
                           ``n`` (times claimed: > 1 means reclaimed), ``o`` (last owner),
-                          ``e`` (ended), ``d`` (done: finished, results kept for resuming).
+                          ``e`` (ended), ``d`` (done: finished, results kept for resuming),
+                          ``a`` (attach generation: bumped by each gateway attach, ``HINCRBY``;
+                          a grace expiry ends the session only while its attach is the latest).
 ``P:s:{id}:audio``        stream of chunks. Entry id ``{t_ms}-{seq + 1}`` (stream time in ms,
                           then the sequence number), fields ``t`` (t_s, exact) and ``p`` (PCM);
                           trimmed with ``MINID ~`` to the last ``retain_s`` of *stream* time,

@@ -9,9 +9,14 @@ the next expected ``seq``.
 from __future__ import annotations
 
 PUSH = """
--- KEYS meta audio results; ARGV seq t_ms pcm cut_ms ttl_ms is_end t_s
+-- KEYS meta audio results; ARGV seq t_ms pcm cut_ms ttl_ms is_end t_s attach. With is_end and an
+-- attach generation (not ''), the end is written only while that is the session's latest
+-- attach (meta ``a``): -5 otherwise (a gateway's grace expiry of a session resumed elsewhere).
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 if redis.call('HEXISTS', KEYS[1], 'e') == 1 then return {-2, 0} end
+if ARGV[6] == '1' and ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'a') ~= ARGV[8] then
+  return {-5, 0}
+end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local ms, nxt = 0, 0
 if #last > 0 then
@@ -77,6 +82,12 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('SREM', KEYS[5], ARGV[3])
 return 1
+"""
+
+ATTACH = """
+-- KEYS meta. The session's new attach generation, or -1 when it is unknown.
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], 'a', 1)
 """
 
 CREATE = """
