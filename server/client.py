@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ MARKERS = {
 RETRYABLE = ("unavailable", "busy")  # error codes that say "try again later"
 MAX_BACKOFF_S = 30.0
 RETRY_503_S = 5.0  # first wait after the gateway refused the connection (its Retry-After)
+TOO_LARGE_CLOSE = 1009  # websocket close code: message too big
 log = logging.getLogger(__name__)
 LEGEND = ("markers: " + "   ".join(f"{k} {v}" for k, v in MARKERS.items())
           + ";  times m:ss (stream time, then position in the piece)")
@@ -92,6 +94,17 @@ class _Retry(Exception):
         self.after_s = after_s
 
 
+def chunk_seconds(text: str) -> float:
+    """``--chunk-s``: a finite number of seconds above 0 (argparse ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds above 0")
+    return value
+
+
 class StreamClient:
     """Parameters
     ----------
@@ -100,7 +113,8 @@ class StreamClient:
     token : str, optional
         Sent as ``Authorization: Bearer``.
     chunk_s : float
-        Audio per binary message, s.
+        Audio per binary message, s (finite, > 0): at most what the server's
+        ``ready.limits.max_message_bytes`` holds in whole sample frames.
     realtime : bool
         Pace the audio at its real duration (True) or send as fast as the socket takes it.
     max_resumes : int
@@ -113,6 +127,9 @@ class StreamClient:
 
     def __init__(self, url: str, *, token: str | None = None, chunk_s: float = 0.25,
                  realtime: bool = True, max_resumes: int = 5, max_retries: int = 6) -> None:
+        if not (isinstance(chunk_s, (int, float)) and math.isfinite(chunk_s) and chunk_s > 0):
+            raise StreamError(f"chunk_s must be a finite number of seconds above 0, got "
+                              f"{chunk_s!r}", reason="bad_chunk")
         self.url, self.token, self.chunk_s = url, token, chunk_s
         self.realtime, self.max_resumes, self.max_retries = realtime, max_resumes, max_retries
         self.sleep = asyncio.sleep  # the backoff's wait (tests shorten it)
@@ -144,7 +161,7 @@ class StreamClient:
         pcm = np.ascontiguousarray(x, dtype="<f4").tobytes()
         channels = int(x.shape[1]) if x.ndim == 2 else 1
         frame = 4 * channels
-        step = max(1, int(self.chunk_s * rate)) * frame
+        frames = max(1, int(min(self.chunk_s * rate, len(pcm) // frame + 1)))
         start = {"type": "start", "v": PROTOCOL_VERSION, "sample_rate": rate,
                  "channels": channels, "encoding": "pcm_f32le"}
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -159,6 +176,7 @@ class StreamClient:
                         ready = await self._expect_ready(ws, on_message)
                         session = ready["session"]
                         sent = int(ready.get("audio_bytes", 0))
+                        step = _step_bytes(frames, frame, ready)
                         sender = asyncio.create_task(self._send(ws, pcm, sent, step,
                                                                 rate * frame))
                         try:
@@ -176,6 +194,11 @@ class StreamClient:
                         finally:
                             sender.cancel()
                             await asyncio.gather(sender, return_exceptions=True)
+                        if final is None and ws.close_code == TOO_LARGE_CLOSE:
+                            # The transport refused a message without an error message: sending
+                            # it again would fail the same way (and the session has ended).
+                            raise StreamError("too_large: the service closed the connection "
+                                              "(1009: a message too large)", reason="too_large")
                 except _Retry as r:
                     retries += 1
                     await self._backoff(r, retries)
@@ -235,6 +258,19 @@ class StreamClient:
                     await asyncio.sleep(delay)
             await ws.send_bytes(pcm[i:i + step])
         await ws.send_str(json.dumps({"type": "stop", "v": PROTOCOL_VERSION}))
+
+
+def _step_bytes(frames: int, frame: int, ready: dict) -> int:
+    """Bytes per audio message: ``frames`` whole frames of ``frame`` bytes, at most the
+    server's ``ready.limits.max_message_bytes`` (when it says one)."""
+    limits = ready.get("limits")
+    cap = limits.get("max_message_bytes") if isinstance(limits, dict) else None
+    if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0:
+        if cap < frame:
+            raise StreamError(f"the service takes at most {cap} bytes per message, less than "
+                              f"one {frame}-byte sample frame", reason="too_large")
+        frames = min(frames, cap // frame)
+    return frames * frame
 
 
 def _raise_for(error: dict) -> None:
@@ -316,3 +352,7 @@ def describe_stream_command(p: argparse.ArgumentParser) -> None:
     for action in p._actions:
         if action.dest == "file" and not action.help:
             action.help = "audio file (WAV, FLAC, Ogg, MP3: anything libsndfile reads)"
+        if action.dest == "chunk_s":  # nan, inf, 0 or less: a usage error, not a traceback
+            action.type = chunk_seconds
+            action.help = ((action.help or "seconds per message") + "; capped to the service's "
+                           "max_message_bytes")

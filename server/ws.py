@@ -20,7 +20,7 @@ import uuid
 from collections import Counter, deque
 
 import numpy as np
-from aiohttp import ClientConnectionResetError, WSMsgType, web
+from aiohttp import ClientConnectionResetError, WebSocketError, WSCloseCode, WSMsgType, web
 from redis.exceptions import ResponseError
 
 from server.auth import authorized, unauthorized_response
@@ -44,7 +44,17 @@ __all__ = ["CLOSE_CODES", "ProtocolError", "StreamHandler"]
 CLOSE_NORMAL = 1000  # the final result was sent
 CLOSE_REPLACED = 4409  # the session was resumed on another connection
 CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
-MAX_ARRIVALS = 65536  # audio messages remembered per connection for the result lag metric
+# Audio messages shorter than this are merged, in order, into one bus chunk (and one entry of
+# ``arrivals``) until this much audio has come, so a client sending a frame at a time costs the
+# gateway and the bus per 40 ms of audio, not per message. The page's 4096-frame blocks (43 ms
+# even at 96 kHz) and the usual 0.1-0.5 s messages go through as they are.
+MIN_CHUNK_S = 0.04
+# Merged audio waits at most this long (wall time) for more before it goes to the bus anyway: a
+# client sending slower than real time, or pausing, still has all its audio analysed.
+MAX_HOLD_S = 0.1
+# Entries of ``arrivals`` (each at least MIN_CHUNK_S of audio but the last): 164 s of audio
+# ahead of the results, far more than the worker retains (20 s); about 0.6 MB at most.
+MAX_ARRIVALS = 4096
 # Audio keeps a session open only if enough of it comes: at least this share of the idle timeout
 # (1.5 s of audio per 30 s), so a client trickling a sample at a time is closed as idle.
 MIN_AUDIO_SHARE = 0.05
@@ -68,6 +78,14 @@ def service_error(e: Exception, session_id: str | None) -> ProtocolError:
     ref = uuid.uuid4().hex[:8]
     log.error("internal error %s on session %s", ref, session_id, exc_info=e)
     return ProtocolError("internal", f"internal error (logged as {ref})")
+
+
+def _session_gone() -> ProtocolError:
+    """The session vanished from the bus under a live connection: it expired, or the bus lost
+    it (Redis restarted without persistence, or was flushed). The same answer a resume of it
+    gets (docs/protocol.md): there is nothing left to resume, start a new session."""
+    return ProtocolError("bad_request", "the session expired or the service lost it (its bus "
+                         "restarted); start a new session", reason="unknown_session")
 
 
 class _Replaced(Exception):
@@ -127,11 +145,17 @@ class _Connection:
         self.send_lock = asyncio.Lock()
         self.pump: asyncio.Task | None = None
         self.closing = False
-        # For the result lag metric: (stream time at the start and at the end of a message,
-        # when it arrived: time.monotonic()) of the audio this connection pushed that no
-        # result covers yet (bounded: past the cap the oldest go, and results they completed
-        # are not observed); when this connection's stop arrived and its last result was sent.
+        # For the result lag metric: (stream time at the start and at the end of some audio,
+        # when its first message arrived: time.monotonic()) of the audio this connection pushed
+        # that no result covers yet, at least MIN_CHUNK_S of audio per entry but the last
+        # (bounded: past the cap the oldest go, and results they completed are not observed);
+        # when this connection's stop arrived and its last result was sent.
         self.arrivals: deque[tuple[float, float, float]] = deque(maxlen=MAX_ARRIVALS)
+        # Short messages not yet on the bus (MIN_CHUNK_S), when the first of them arrived
+        # (time.monotonic()) and the loop time by which they go to the bus anyway (MAX_HOLD_S).
+        self.held = bytearray()
+        self.held_since = 0.0
+        self.flush_at = float("inf")
         self.stop_at: float | None = None
         self.sent_at = 0.0
         self.ended_by_error = False  # the session ended on an error: nothing to resume
@@ -195,9 +219,12 @@ class _Connection:
         while True:
             try:
                 # One timeout over the whole receive: aiohttp's own restarts at every ping/pong.
-                async with asyncio.timeout_at(self.deadline):
+                async with asyncio.timeout_at(min(self.deadline, self.flush_at)):
                     msg = await self.ws.receive()
             except TimeoutError:
+                if self.held and loop.time() >= self.flush_at:
+                    await self._flush()  # held audio waited long enough: to the bus
+                    continue
                 if self.state is not None and self.state.done:
                     return
                 got = (f"{self.audio_since_touch_s:.3g} s of audio" if self.audio_since_touch_s
@@ -209,11 +236,18 @@ class _Connection:
                 await self._on_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await self._on_binary(msg.data)
-            elif msg.type == WSMsgType.ERROR and self.ws.close_code == 1009:
-                self.h.metrics.errors_total.labels("too_large").inc()
-                return
+            elif msg.type == WSMsgType.ERROR and isinstance(msg.data, WebSocketError) \
+                    and msg.data.code == WSCloseCode.MESSAGE_TOO_BIG:
+                # Past the transport's cap aiohttp has already closed with 1009 (no room for an
+                # error message; ws.close_code then says how the close went, 1006 if the client
+                # did not answer it): still the client's too_large, which ends the session.
+                raise ProtocolError("too_large", "a message over twice the limit of "
+                                    f"{s.max_message_bytes} bytes", reason="message_too_large")
             else:  # CLOSE, CLOSING, CLOSED, ERROR: the client went away
+                await self._flush()  # what it sent is the session's, for a resume
                 return
+            if self.held and loop.time() >= self.flush_at:
+                await self._flush()
 
     def _touch(self, audio_s: float | None = None) -> None:
         """A start or a stop (``audio_s`` None), or ``audio_s`` of audio, arrived: the idle
@@ -235,6 +269,7 @@ class _Connection:
                 raise ProtocolError("bad_request", "stop before start", reason="stop_before_start")
             if self.stopped:  # a repeated stop changes nothing: above all not the idle wait
                 return
+            await self._flush()  # the stream ends after all of its audio
             self.stopped = True
             self.stop_at = time.monotonic()
             self._touch()
@@ -255,7 +290,7 @@ class _Connection:
                                 f"{st.params.bytes_per_frame}-byte sample frames "
                                 f"({st.params.encoding}, {st.params.channels} ch)",
                                 reason="odd_length")
-        if st.params.seconds(st.audio_bytes + len(pcm)) > s.max_session_s:
+        if st.params.seconds(st.audio_bytes + len(self.held) + len(pcm)) > s.max_session_s:
             raise ProtocolError("too_large", f"session longer than {s.max_session_s:g} s of audio",
                                 reason="session_too_long")
         if not pcm:
@@ -263,8 +298,44 @@ class _Connection:
         if st.params.encoding == "pcm_f32le" and not np.isfinite(np.frombuffer(pcm, "<f4")).all():
             raise ProtocolError("bad_request", "the audio contains NaN or infinite samples "
                                 "(pcm_f32le must be finite, -1..1)", reason="bad_audio")
-        arrived, begin_s = time.monotonic(), st.audio_s
-        chunk = AudioChunk(st.next_seq, st.audio_s, bytes(pcm))
+        arrived, audio_s = time.monotonic(), st.params.seconds(len(pcm))
+        self._touch(audio_s)
+        self.h.metrics.audio_bytes_total.inc(len(pcm))
+        self.h.metrics.audio_seconds_total.inc(audio_s)
+        if audio_s >= MIN_CHUNK_S:  # long enough to be a chunk of its own
+            await self._flush()  # after the short ones before it, in order
+            await self._push(bytes(pcm), arrived)
+            return
+        if not self.held:
+            self.held_since = arrived
+            self.flush_at = asyncio.get_running_loop().time() + MAX_HOLD_S
+        self.held += pcm
+        if st.params.seconds(len(self.held)) >= MIN_CHUNK_S:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Push the held short messages as one chunk (nothing when none are held, or when the
+        session has ended: then there is no stream left to take them; or has moved to another
+        connection)."""
+        st = self.state
+        if not self.held or st is None or st.ended:
+            return
+        if st.conn is not self.ws:  # resumed on another connection of this gateway, whose
+            self.held.clear()  # ready.audio_bytes left this out: the client sends it again
+            self.flush_at = float("inf")
+            return
+        pcm = bytes(self.held)
+        self.held.clear()
+        self.flush_at = float("inf")
+        await self._push(pcm, self.held_since)
+
+    async def _push(self, pcm: bytes, arrived: float) -> None:
+        """Append ``pcm`` (validated, whole frames; its first message arrived at ``arrived``,
+        time.monotonic()) to the session's audio on the bus as its next chunk."""
+        st = self.state
+        assert st is not None
+        begin_s = st.audio_s
+        chunk = AudioChunk(st.next_seq, begin_s, pcm)
         try:
             # Shielded: aiohttp cancels the handler when the client's TCP goes, and a bus call
             # cut in the middle must not leave the bus half-updated (or its lock held).
@@ -275,8 +346,7 @@ class _Connection:
                                     "resume grace period ran out)", reason="audio_after_stop"
                                     ) from e
             if e.reason == "unknown_session":
-                raise ProtocolError("bad_request", "the session expired",
-                                    reason="unknown_session") from e
+                raise _session_gone() from e
             if e.reason == "bad_seq":  # the bus lost audio it had taken (Redis restarted)
                 raise ProtocolError("unavailable", "the service lost the last audio it received "
                                     "(its bus restarted): resume the session and send again from "
@@ -289,10 +359,18 @@ class _Connection:
             raise _Replaced(st.session_id, st.next_seq)
         st.next_seq += 1
         st.audio_bytes += len(pcm)
-        self._touch(st.params.seconds(len(pcm)))
-        self.arrivals.append((begin_s, st.audio_s, arrived))
-        self.h.metrics.audio_bytes_total.inc(len(pcm))
-        self.h.metrics.audio_seconds_total.inc(st.params.seconds(len(pcm)))
+        self._arrived(begin_s, st.audio_s, arrived)
+
+    def _arrived(self, begin_s: float, end_s: float, arrived: float) -> None:
+        """Remember for the lag metric that the audio from ``begin_s`` to ``end_s`` (stream time,
+        s) arrived at ``arrived``: merged into the last entry while that one holds less than
+        MIN_CHUNK_S of audio (the entry keeps its first arrival), so the entries are bounded by
+        audio time, not by how many messages brought it."""
+        a = self.arrivals
+        if a and a[-1][1] - a[-1][0] < MIN_CHUNK_S and a[-1][1] >= begin_s - 1e-9:
+            a[-1] = (a[-1][0], end_s, a[-1][2])
+        else:
+            a.append((begin_s, end_s, arrived))
 
     async def _on_start(self, msg: Start) -> None:
         h = self.h
@@ -405,6 +483,12 @@ class _Connection:
                         return
         except asyncio.CancelledError:
             raise
+        except BusError as e:
+            if e.reason == "unknown_session":  # as for audio (_push): not a bug of ours
+                log.info("session %s vanished from the bus: %s", st.session_id, e)
+                await self._fail(_session_gone())
+            elif not self._client_gone(e, "results"):
+                await self._fail(service_error(e, st.session_id))
         except Exception as e:
             if not self._client_gone(e, "results"):
                 await self._fail(service_error(e, st.session_id))
