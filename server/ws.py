@@ -1,8 +1,9 @@
 """Protocol v1 at ``/v1/stream``: one websocket per stream (docs/protocol.md is the reference).
 
 The handler validates everything a client sends (text messages by
-:func:`server.protocol.parse_message`), turns PCM messages into numbered bus chunks, and
-forwards the worker's results. It never computes anything: the worker does, behind the bus.
+:func:`server.protocol.parse_message`), turns PCM messages into numbered bus chunks
+(:mod:`server.audio_in`), and forwards the worker's results. It never computes anything: the
+worker does, behind the bus.
 Every error is answered with an ``error`` message and a close code, and touches only its own
 connection: the client's mistakes as ``bad_request``/``too_large``/``timeout``, an unreachable
 bus as ``unavailable`` (retryable), anything else as ``internal`` with a reference to the log.
@@ -17,12 +18,12 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 
-import numpy as np
 from aiohttp import ClientConnectionResetError, WebSocketError, WSCloseCode, WSMsgType, web
 from redis.exceptions import ResponseError
 
+from server.audio_in import MAX_HOLD_S, MIN_CHUNK_S, AudioIn, Replaced, session_gone
 from server.auth import authorized, unauthorized_response
 from server.metrics import GatewayMetrics
 from server.protocol import (
@@ -35,26 +36,16 @@ from server.protocol import (
 )
 from server.sessions import SessionState, SessionTable, bus_position
 from server.settings import Settings
-from worker.bus import PROTOCOL_VERSION, AudioChunk, Bus, BusError, StreamParams
+from worker.bus import PROTOCOL_VERSION, Bus, BusError, StreamParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLOSE_CODES", "ProtocolError", "StreamHandler"]
+# MAX_HOLD_S, MIN_CHUNK_S: server.audio_in's, importable from here as before it existed
+__all__ = ["CLOSE_CODES", "MAX_HOLD_S", "MIN_CHUNK_S", "ProtocolError", "StreamHandler"]
 
 CLOSE_NORMAL = 1000  # the final result was sent
 CLOSE_REPLACED = 4409  # the session was resumed on another connection
 CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
-# Audio messages shorter than this are merged, in order, into one bus chunk (and one entry of
-# ``arrivals``) until this much audio has come, so a client sending a frame at a time costs the
-# gateway and the bus per 40 ms of audio, not per message. The page's 4096-frame blocks (43 ms
-# even at 96 kHz) and the usual 0.1-0.5 s messages go through as they are.
-MIN_CHUNK_S = 0.04
-# Merged audio waits at most this long (wall time) for more before it goes to the bus anyway: a
-# client sending slower than real time, or pausing, still has all its audio analysed.
-MAX_HOLD_S = 0.1
-# Entries of ``arrivals`` (each at least MIN_CHUNK_S of audio but the last): 164 s of audio
-# ahead of the results, far more than the worker retains (20 s); about 0.6 MB at most.
-MAX_ARRIVALS = 4096
 # Audio keeps a session open only if enough of it comes: at least this share of the idle timeout
 # (1.5 s of audio per 30 s), so a client trickling a sample at a time is closed as idle.
 MIN_AUDIO_SHARE = 0.05
@@ -78,24 +69,6 @@ def service_error(e: Exception, session_id: str | None) -> ProtocolError:
     ref = uuid.uuid4().hex[:8]
     log.error("internal error %s on session %s", ref, session_id, exc_info=e)
     return ProtocolError("internal", f"internal error (logged as {ref})")
-
-
-def _session_gone() -> ProtocolError:
-    """The session vanished from the bus under a live connection: it expired, or the bus lost
-    it (Redis restarted without persistence, or was flushed). The same answer a resume of it
-    gets (docs/protocol.md): there is nothing left to resume, start a new session."""
-    return ProtocolError("bad_request", "the session expired or the service lost it (its bus "
-                         "restarted); start a new session", reason="unknown_session")
-
-
-class _Replaced(Exception):
-    """The bus already holds the audio ``seq`` this connection was about to push: the session
-    was resumed on another connection, through another gateway, since this one read its
-    position. This connection is stale and closes with ``CLOSE_REPLACED``."""
-
-    def __init__(self, session_id: str, seq: int) -> None:
-        super().__init__(f"session {session_id} was resumed elsewhere (its audio seq {seq} is "
-                         "stored already)")
 
 
 class StreamHandler:
@@ -136,7 +109,8 @@ class StreamHandler:
 
 
 class _Connection:
-    """State of one websocket: at most one session, the result pump, the send lock."""
+    """State of one websocket: at most one session, the result pump, the send lock, and its
+    audio on the way in (``audio``: :class:`server.audio_in.AudioIn`)."""
 
     def __init__(self, h: StreamHandler, ws: web.WebSocketResponse, address: str) -> None:
         self.h, self.ws, self.address = h, ws, address
@@ -145,23 +119,15 @@ class _Connection:
         self.send_lock = asyncio.Lock()
         self.pump: asyncio.Task | None = None
         self.closing = False
-        # For the result lag metric: (stream time at the start and at the end of some audio,
-        # when its first message arrived: time.monotonic()) of the audio this connection pushed
-        # that no result covers yet, at least MIN_CHUNK_S of audio per entry but the last
-        # (bounded: past the cap the oldest go, and results they completed are not observed);
-        # when this connection's stop arrived and its last result was sent.
-        self.arrivals: deque[tuple[float, float, float]] = deque(maxlen=MAX_ARRIVALS)
-        # Short messages not yet on the bus (MIN_CHUNK_S), when the first of them arrived
-        # (time.monotonic()) and the loop time by which they go to the bus anyway (MAX_HOLD_S).
-        self.held = bytearray()
-        self.held_since = 0.0
-        self.flush_at = float("inf")
-        self.stop_at: float | None = None
-        self.sent_at = 0.0
+        self.audio = AudioIn(h.settings, h.bus, h.metrics, ws)
         self.ended_by_error = False  # the session ended on an error: nothing to resume
         self.deadline = 0.0  # loop time by which audio must arrive (set by _receive_loop)
         self.audio_since_touch_s = 0.0  # audio received since the deadline last moved on
         self.replaced = False  # the session was resumed through another gateway: not ours
+
+    # The audio state as it was named here before server.audio_in (tests look at it).
+    arrivals = property(lambda self: self.audio.arrivals)
+    held = property(lambda self: self.audio.held)
 
     async def run(self) -> None:
         h = self.h
@@ -174,7 +140,7 @@ class _Connection:
             h.per_address[self.address] += 1
             counted = True
             await self._receive_loop()
-        except _Replaced as e:
+        except Replaced as e:
             log.info("closing a stale connection: %s", e)
             self.replaced = True
             with contextlib.suppress(Exception):
@@ -219,11 +185,11 @@ class _Connection:
         while True:
             try:
                 # One timeout over the whole receive: aiohttp's own restarts at every ping/pong.
-                async with asyncio.timeout_at(min(self.deadline, self.flush_at)):
+                async with asyncio.timeout_at(min(self.deadline, self.audio.flush_at)):
                     msg = await self.ws.receive()
             except TimeoutError:
-                if self.held and loop.time() >= self.flush_at:
-                    await self._flush()  # held audio waited long enough: to the bus
+                if self.audio.due(loop.time()):
+                    await self.audio.flush(self.state)  # held audio waited long enough: to the bus
                     continue
                 if self.state is not None and self.state.done:
                     return
@@ -244,10 +210,10 @@ class _Connection:
                 raise ProtocolError("too_large", "a message over twice the limit of "
                                     f"{s.max_message_bytes} bytes", reason="message_too_large")
             else:  # CLOSE, CLOSING, CLOSED, ERROR: the client went away
-                await self._flush()  # what it sent is the session's, for a resume
+                await self.audio.flush(self.state)  # what it sent is the session's, for a resume
                 return
-            if self.held and loop.time() >= self.flush_at:
-                await self._flush()
+            if self.audio.due(loop.time()):
+                await self.audio.flush(self.state)
 
     def _touch(self, audio_s: float | None = None) -> None:
         """A start or a stop (``audio_s`` None), or ``audio_s`` of audio, arrived: the idle
@@ -269,108 +235,24 @@ class _Connection:
                 raise ProtocolError("bad_request", "stop before start", reason="stop_before_start")
             if self.stopped:  # a repeated stop changes nothing: above all not the idle wait
                 return
-            await self._flush()  # the stream ends after all of its audio
+            await self.audio.stop(self.state)  # after all of its audio
             self.stopped = True
-            self.stop_at = time.monotonic()
             self._touch()
             await asyncio.shield(self.h.table.end(self.state))
 
     async def _on_binary(self, pcm: bytes) -> None:
-        s, st = self.h.settings, self.state
+        st = self.state
         if st is None:
             raise ProtocolError("bad_request", "audio before start: send a 'start' message first",
                                 reason="binary_before_start")
         if self.stopped or st.ended:
             raise ProtocolError("bad_request", "audio after stop", reason="audio_after_stop")
-        if len(pcm) > s.max_message_bytes:
-            raise ProtocolError("too_large", f"audio message of {len(pcm)} bytes; the limit is "
-                                f"{s.max_message_bytes}", reason="message_too_large")
-        if len(pcm) % st.params.bytes_per_frame:
-            raise ProtocolError("bad_request", f"{len(pcm)} bytes is not a whole number of "
-                                f"{st.params.bytes_per_frame}-byte sample frames "
-                                f"({st.params.encoding}, {st.params.channels} ch)",
-                                reason="odd_length")
-        if st.params.seconds(st.audio_bytes + len(self.held) + len(pcm)) > s.max_session_s:
-            raise ProtocolError("too_large", f"session longer than {s.max_session_s:g} s of audio",
-                                reason="session_too_long")
+        self.audio.check(st, pcm)
         if not pcm:
             return
-        if st.params.encoding == "pcm_f32le" and not np.isfinite(np.frombuffer(pcm, "<f4")).all():
-            raise ProtocolError("bad_request", "the audio contains NaN or infinite samples "
-                                "(pcm_f32le must be finite, -1..1)", reason="bad_audio")
-        arrived, audio_s = time.monotonic(), st.params.seconds(len(pcm))
-        self._touch(audio_s)
-        self.h.metrics.audio_bytes_total.inc(len(pcm))
-        self.h.metrics.audio_seconds_total.inc(audio_s)
-        if audio_s >= MIN_CHUNK_S:  # long enough to be a chunk of its own
-            await self._flush()  # after the short ones before it, in order
-            await self._push(bytes(pcm), arrived)
-            return
-        if not self.held:
-            self.held_since = arrived
-            self.flush_at = asyncio.get_running_loop().time() + MAX_HOLD_S
-        self.held += pcm
-        if st.params.seconds(len(self.held)) >= MIN_CHUNK_S:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        """Push the held short messages as one chunk (nothing when none are held, or when the
-        session has ended: then there is no stream left to take them; or has moved to another
-        connection)."""
-        st = self.state
-        if not self.held or st is None or st.ended:
-            return
-        if st.conn is not self.ws:  # resumed on another connection of this gateway, whose
-            self.held.clear()  # ready.audio_bytes left this out: the client sends it again
-            self.flush_at = float("inf")
-            return
-        pcm = bytes(self.held)
-        self.held.clear()
-        self.flush_at = float("inf")
-        await self._push(pcm, self.held_since)
-
-    async def _push(self, pcm: bytes, arrived: float) -> None:
-        """Append ``pcm`` (validated, whole frames; its first message arrived at ``arrived``,
-        time.monotonic()) to the session's audio on the bus as its next chunk."""
-        st = self.state
-        assert st is not None
-        begin_s = st.audio_s
-        chunk = AudioChunk(st.next_seq, begin_s, pcm)
-        try:
-            # Shielded: aiohttp cancels the handler when the client's TCP goes, and a bus call
-            # cut in the middle must not leave the bus half-updated (or its lock held).
-            fresh = await asyncio.shield(self.h.bus.push_audio(st.session_id, chunk))
-        except BusError as e:
-            if e.reason == "ended":
-                raise ProtocolError("bad_request", "audio after the stream ended (stop, or its "
-                                    "resume grace period ran out)", reason="audio_after_stop"
-                                    ) from e
-            if e.reason == "unknown_session":
-                raise _session_gone() from e
-            if e.reason == "bad_seq":  # the bus lost audio it had taken (Redis restarted)
-                raise ProtocolError("unavailable", "the service lost the last audio it received "
-                                    "(its bus restarted): resume the session and send again from "
-                                    "ready.audio_bytes", reason="audio_lost") from e
-            raise
-        if not fresh:
-            # The bus holds this seq already: since this connection read the session's position
-            # (start or resume), another connection resumed it through another gateway (which
-            # cannot close this one) and sent audio. This audio is not taken: close as replaced.
-            raise _Replaced(st.session_id, st.next_seq)
-        st.next_seq += 1
-        st.audio_bytes += len(pcm)
-        self._arrived(begin_s, st.audio_s, arrived)
-
-    def _arrived(self, begin_s: float, end_s: float, arrived: float) -> None:
-        """Remember for the lag metric that the audio from ``begin_s`` to ``end_s`` (stream time,
-        s) arrived at ``arrived``: merged into the last entry while that one holds less than
-        MIN_CHUNK_S of audio (the entry keeps its first arrival), so the entries are bounded by
-        audio time, not by how many messages brought it."""
-        a = self.arrivals
-        if a and a[-1][1] - a[-1][0] < MIN_CHUNK_S and a[-1][1] >= begin_s - 1e-9:
-            a[-1] = (a[-1][0], end_s, a[-1][2])
-        else:
-            a.append((begin_s, end_s, arrived))
+        arrived = time.monotonic()
+        self._touch(st.params.seconds(len(pcm)))
+        await self.audio.add(st, pcm, arrived)
 
     async def _on_start(self, msg: Start) -> None:
         h = self.h
@@ -464,7 +346,7 @@ class _Connection:
                                       "session": st.session_id, "result_id": rid, **result})
                     st.last_result = rid
                     h.metrics.results_total.inc()
-                    lag, self.sent_at = self._service_lag(result), time.monotonic()
+                    lag = self.audio.result_sent(result)
                     if lag is not None:
                         h.metrics.result_lag_seconds.observe(lag)
                     if result.get("decision") and not st.decided:
@@ -484,38 +366,14 @@ class _Connection:
         except asyncio.CancelledError:
             raise
         except BusError as e:
-            if e.reason == "unknown_session":  # as for audio (_push): not a bug of ours
+            if e.reason == "unknown_session":  # as for audio (AudioIn): not a bug of ours
                 log.info("session %s vanished from the bus: %s", st.session_id, e)
-                await self._fail(_session_gone())
+                await self._fail(session_gone())
             elif not self._client_gone(e, "results"):
                 await self._fail(service_error(e, st.session_id))
         except Exception as e:
             if not self._client_gone(e, "results"):
                 await self._fail(service_error(e, st.session_id))
-
-    def _service_lag(self, result: dict) -> float | None:
-        """Seconds from when ``result`` could be made to now, when it has just been sent: from
-        the arrival of the audio message that completed it (for the final result: the
-        ``stop``), or from when the previous result went out if that was later (a stream sent
-        faster than real time waits for its own earlier results: its backlog, not the
-        service's delay). None when this connection did not receive that audio (a result
-        replayed after a resume) or the result reports an error. See :mod:`server.metrics`."""
-        if result.get("error"):
-            return None
-        now = time.monotonic()
-        if result.get("final"):
-            return None if self.stop_at is None else max(0.0, now - max(self.stop_at,
-                                                                        self.sent_at))
-        try:
-            audio_s = float(result.get("audio_s", 0.0))
-        except (TypeError, ValueError):
-            return None
-        arrivals = self.arrivals
-        while arrivals and arrivals[0][1] < audio_s - 1e-3:  # results' audio_s is rounded
-            arrivals.popleft()  # results come in stream order: older messages are covered
-        if not arrivals or arrivals[0][0] >= audio_s - 1e-3:
-            return None  # completed by audio this connection did not receive (or forgot)
-        return max(0.0, now - max(arrivals[0][2], self.sent_at))
 
     async def _fail(self, e: ProtocolError) -> None:
         self.h.metrics.errors_total.labels(e.code).inc()
