@@ -206,7 +206,7 @@ def run_bounded_render(name: str, pm: pretty_midi.PrettyMIDI,
             deadline = time.monotonic() + timeout_s
             try:
                 while proc.poll() is None:
-                    if raw.exists() and raw.stat().st_size >= cap_bytes:
+                    if _size(raw) >= cap_bytes:
                         break
                     if time.monotonic() > deadline:
                         raise RenderError(f"{name} ran past {timeout_s:g} s", reason="timeout")
@@ -217,7 +217,20 @@ def run_bounded_render(name: str, pm: pretty_midi.PrettyMIDI,
                 proc.wait()
             log.seek(0)
             err = log.read()[-500:].decode(errors="replace")
-        if proc.returncode not in (0, -9) or not raw.exists():
-            raise RenderError(f"{name} failed ({proc.returncode}): {err}", reason="failed")
-        with open(raw, "rb") as f:
-            return np.frombuffer(f.read(cap_bytes), dtype=dtype), err
+        if proc.returncode in (0, -9):
+            try:
+                with open(raw, "rb") as f:
+                    return np.frombuffer(f.read(cap_bytes), dtype=dtype), err
+            except FileNotFoundError:
+                pass  # it wrote nothing
+        raise RenderError(f"{name} failed ({proc.returncode}): {err}", reason="failed")
+
+
+def _size(path: Path) -> int:
+    """Bytes in ``path``, 0 while it is missing. A renderer may create, remove or replace its
+    output file while it runs (Csound did, between an ``exists()`` and a ``stat()`` of this
+    loop, and one FileNotFoundError ended a 20-minute ``eval prepare``)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

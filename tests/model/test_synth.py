@@ -149,3 +149,35 @@ def test_midi_to_frames_dispatch() -> None:
                                   S.midi_to_frames(pm, method="fast"))
     with pytest.raises(TypeError):
         S.midi_to_frames(table, method="synth")
+
+
+FLICKERING_RENDERER = """#!{python}
+import os, struct, sys, time
+out = sys.argv[1]
+t0 = time.monotonic()
+while time.monotonic() - t0 < 0.4:  # the output file comes and goes while it runs
+    open(out, "wb").close()
+    os.remove(out)
+with open(out, "wb") as f:
+    f.write(struct.pack("<f", 0.5) * 100)
+"""
+
+
+def test_a_renderer_that_removes_its_output_while_running_is_not_a_crash(tmp_path,
+                                                                         monkeypatch) -> None:
+    """Found by `eval prepare --renderers csound-fm`: Csound's output file vanished between the
+    watch loop's exists() and stat(), and the FileNotFoundError ended a 20-minute run."""
+    fake = tmp_path / "flicker"
+    fake.write_text(FLICKERING_RENDERER.format(python=sys.executable))
+    fake.chmod(0o755)
+    pm = one_note(60, 0.0, 1.0)
+    # the race, made certain: exists() says yes whatever the file system says
+    monkeypatch.setattr(S.Path, "exists", lambda self: True)
+    samples, _ = S.run_bounded_render("flicker", pm, lambda mid, raw: [str(fake), str(raw)],
+                                      cap_bytes=1 << 20, timeout_s=20, dtype="<f4")
+    assert samples.shape == (100,) and np.all(samples == 0.5)
+    # a renderer that exits 0 without writing anything is a typed failure, not a crash
+    with pytest.raises(RenderError) as e:
+        S.run_bounded_render("nothing", pm, lambda mid, raw: ["true"], cap_bytes=1 << 20,
+                             timeout_s=20, dtype="<f4")
+    assert e.value.reason == "failed"
