@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from model.errors import MidimatchError
@@ -35,11 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_sigterm(signum: int, frame: object) -> None:  # noqa: ARG001
+    """SIGTERM as Ctrl-C, but first stop this process's worker processes: a pool worker
+    outlives its killed parent (those of ``index build`` and ``eval prepare`` kept working for
+    minutes, re-parented to init). ``serve`` and ``worker`` put their own graceful shutdown in
+    its place."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if argv is None:  # the console script, not a caller's own process (tests call main(argv))
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except MidimatchError as e:

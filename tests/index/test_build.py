@@ -459,3 +459,53 @@ def test_a_tempo_outside_track_0_sets_the_indexed_duration(tmp_path, capsys):
     idx = store.load_index(tmp_path / "idx")
     ks = [[r["path"] for r in idx.refs].index(r["path"]) for r in (one, zero)]
     np.testing.assert_array_equal(idx.hash_sequence(ks[0]), idx.hash_sequence(ks[1]))
+
+
+def test_sigterm_stops_the_build_and_its_pool_workers(tmp_path):
+    """Found running `kill` on `midimatch index build` (and `eval prepare`): the parent died and
+    its two pool workers, re-parented to init, kept encoding (seen for 50 minutes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for i in range(60):
+        make_piece(400 + i, duration_s=20.0, drums=False).write(str(songs / f"s{i:03d}.mid"))
+    cmd = [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())",
+           "index", "build", str(tmp_path / "idx"), str(songs), "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[2])
+    workers: list[int] = []
+    alive: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = _pool_workers(proc.pid)
+        assert len(workers) == 2, "the pool did not start"
+        time.sleep(1.0)  # encoding under way
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        gone_by = time.monotonic() + 10
+        while time.monotonic() < gone_by and any(running(w) for w in workers):
+            time.sleep(0.1)
+        alive = [w for w in workers if running(w)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:  # never leave them behind, whatever failed
+            if running(w):
+                os.kill(w, signal.SIGKILL)
+    assert proc.returncode == 130 and b"interrupted" in err, err.decode(errors="replace")
+    assert b"Traceback" not in err
+    assert alive == [], "pool workers outlived the build"
