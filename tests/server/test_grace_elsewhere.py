@@ -65,6 +65,22 @@ async def first_result(ws) -> dict:
     return msg
 
 
+async def started(client) -> tuple[object, str, dict]:
+    """A new session on ``client``'s gateway with 0.5 s sent: (ws, session id, its first result)."""
+    ws = await client.ws_connect("/v1/stream")
+    await ws.send_str(start_msg())
+    sid = (await receive_json(ws))["session"]
+    await send_audio(ws, 0.5)
+    return ws, sid, await first_result(ws)
+
+
+async def resumed(client, sid: str, seen: dict) -> tuple[object, dict]:
+    """``sid`` resumed on ``client``'s gateway after result ``seen``: (ws, its ready message)."""
+    ws = await client.ws_connect("/v1/stream")
+    await ws.send_str(start_msg(session=sid, after=seen["result_id"]))
+    return ws, await receive_json(ws)
+
+
 async def assert_still_open(worker_bus: Bus, sid: str) -> None:
     assert not (await worker_bus.read_audio(sid, after_seq=-1)).ended, \
         "the session was ended by a grace timer of a gateway it had left"
@@ -76,15 +92,9 @@ async def test_a_silent_resume_elsewhere_outlives_the_old_gateways_grace(aiohttp
     one = await gateway(aiohttp_client, bus_one, grace_s=0.3)
     two = await gateway(aiohttp_client, bus_two, grace_s=0.3)
     async with FakeWorker(worker_bus) as worker:
-        ws = await one.ws_connect("/v1/stream")
-        await ws.send_str(start_msg())
-        sid = (await receive_json(ws))["session"]
-        await send_audio(ws, 0.5)
-        seen = await first_result(ws)
+        ws, sid, seen = await started(one)
         await ws.close()  # one keeps it for its grace period
-        ws = await two.ws_connect("/v1/stream")
-        await ws.send_str(start_msg(session=sid, after=seen["result_id"]))
-        ready = await receive_json(ws)
+        ws, ready = await resumed(two, sid, seen)
         assert ready["resumed"] and ready["audio_bytes"] == 16000
         await grace_ran_out(one, sid)  # the client is silent on two meanwhile
         await assert_still_open(worker_bus, sid)
@@ -105,22 +115,15 @@ async def test_back_on_the_first_gateway_the_second_ones_grace_ends_nothing(aioh
     one = await gateway(aiohttp_client, bus_one, grace_s=0.5)
     two = await gateway(aiohttp_client, bus_two, grace_s=0.5)
     async with FakeWorker(worker_bus) as worker:
-        ws = await one.ws_connect("/v1/stream")
-        await ws.send_str(start_msg())
-        sid = (await receive_json(ws))["session"]
-        await send_audio(ws, 0.5)
-        seen = await first_result(ws)
+        ws, sid, seen = await started(one)
         await ws.close()
-        ws = await two.ws_connect("/v1/stream")
-        await ws.send_str(start_msg(session=sid, after=seen["result_id"]))
-        assert (await receive_json(ws))["audio_bytes"] == 16000
+        ws, ready = await resumed(two, sid, seen)
+        assert ready["audio_bytes"] == 16000
         await send_audio(ws, 0.5)  # served on two for a while
         seen = await first_result(ws)
         assert seen["audio_s"] == pytest.approx(1.0)
         await ws.close()
-        ws = await one.ws_connect("/v1/stream")  # one's table may still hold it: either way
-        await ws.send_str(start_msg(session=sid, after=seen["result_id"]))
-        ready = await receive_json(ws)
+        ws, ready = await resumed(one, sid, seen)  # one's table may still hold it: either way
         assert ready["resumed"] and ready["audio_bytes"] == 32000
         await grace_ran_out(two, sid)
         await assert_still_open(worker_bus, sid)
@@ -140,11 +143,7 @@ async def test_a_gateways_grace_still_ends_a_session_nobody_resumed(aiohttp_clie
     bus_one, bus_two, worker_bus = buses
     one = await gateway(aiohttp_client, bus_one, grace_s=0.2)
     async with FakeWorker(worker_bus):
-        ws = await one.ws_connect("/v1/stream")
-        await ws.send_str(start_msg())
-        sid = (await receive_json(ws))["session"]
-        await send_audio(ws, 0.5)
-        seen = await first_result(ws)
+        ws, sid, seen = await started(one)
         await ws.close()
         await grace_ran_out(one, sid)
         two = await gateway(aiohttp_client, bus_two, grace_s=0.2)
