@@ -81,6 +81,18 @@ async def resumed(client, sid: str, seen: dict) -> tuple[object, dict]:
     return ws, await receive_json(ws)
 
 
+async def stopped_with_one_final(ws, audio_s: float) -> None:
+    """Send 0.5 s more and stop: the stream ends normally with exactly one final result, the
+    last message, covering ``audio_s`` seconds."""
+    await send_audio(ws, 0.5)
+    await ws.send_str(STOP)
+    msgs, close = await drain(ws)
+    finals = [m for m in msgs if m.get("final")]
+    assert close == 1000 and [m["type"] for m in msgs if m["type"] != "result"] == []
+    assert len(finals) == 1 and finals[0] is msgs[-1]
+    assert finals[0]["audio_s"] == pytest.approx(audio_s)
+
+
 async def assert_still_open(worker_bus: Bus, sid: str) -> None:
     assert not (await worker_bus.read_audio(sid, after_seq=-1)).ended, \
         "the session was ended by a grace timer of a gateway it had left"
@@ -98,13 +110,7 @@ async def test_a_silent_resume_elsewhere_outlives_the_old_gateways_grace(aiohttp
         assert ready["resumed"] and ready["audio_bytes"] == 16000
         await grace_ran_out(one, sid)  # the client is silent on two meanwhile
         await assert_still_open(worker_bus, sid)
-        await send_audio(ws, 0.5)
-        await ws.send_str(STOP)
-        msgs, close = await drain(ws)
-    finals = [m for m in msgs if m.get("final")]
-    assert close == 1000 and [m["type"] for m in msgs if m["type"] != "result"] == []
-    assert len(finals) == 1 and finals[0] is msgs[-1]
-    assert finals[0]["audio_s"] == pytest.approx(1.0)
+        await stopped_with_one_final(ws, audio_s=1.0)
     assert worker.seqs[sid] == [0, 1, 2, 3]
 
 
@@ -127,13 +133,7 @@ async def test_back_on_the_first_gateway_the_second_ones_grace_ends_nothing(aioh
         assert ready["resumed"] and ready["audio_bytes"] == 32000
         await grace_ran_out(two, sid)
         await assert_still_open(worker_bus, sid)
-        await send_audio(ws, 0.5)
-        await ws.send_str(STOP)
-        msgs, close = await drain(ws)
-    finals = [m for m in msgs if m.get("final")]
-    assert close == 1000 and [m["type"] for m in msgs if m["type"] != "result"] == []
-    assert len(finals) == 1 and finals[0] is msgs[-1]
-    assert finals[0]["audio_s"] == pytest.approx(1.5)
+        await stopped_with_one_final(ws, audio_s=1.5)
     assert worker.seqs[sid] == [0, 1, 2, 3, 4, 5]
 
 
