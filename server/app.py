@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,12 +28,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from server.auth import authorized, install_log_redaction, unauthorized_response
+from server.capacity import CapacityCache
 from server.demo import DemoCollection, DemoError
 from server.metrics import GatewayMetrics
 from server.sessions import SessionTable
 from server.settings import Settings
 from server.ws import StreamHandler
-from worker.bus import Bus, Capacity, StreamParams
+from worker.bus import Bus, Capacity
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -51,73 +50,6 @@ OPEN_PREFIXES = ("/static/",)
 _PAGE_401 = ("<!doctype html><html><head><meta charset=utf-8><title>midimatch: token needed"
              "</title></head><body><p>This midimatch service needs a token: open "
              "<code>/?token=&lt;token&gt;</code>.</p></body></html>")
-
-
-class CapacityCache:
-    """The workers' capacity, computed at most once per ``ttl_s``; concurrent callers share the
-    one computation in flight (cancelling a caller does not cancel it). A failure is not kept:
-    the next caller computes again.
-
-    Parameters
-    ----------
-    compute : callable
-        The computation (``bus.capacity``, looked up on every call).
-    ttl_s : float
-        How long an answer is reused, from when it was computed, s (0: never reused).
-    clock : callable
-        Seconds, monotonic (tests may step it).
-    """
-
-    def __init__(self, compute: Callable[[], Awaitable[Capacity]], ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.compute, self.ttl_s, self.clock = compute, ttl_s, clock
-        self._value: Capacity | None = None
-        self._at = 0.0
-        self._pending: asyncio.Future[Capacity] | None = None
-
-    async def get(self) -> Capacity:
-        if self._value is not None and self.clock() - self._at < self.ttl_s:
-            return self._value
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._refresh())
-            # retrieved even when every caller was cancelled (no "never retrieved" warning)
-            self._pending.add_done_callback(
-                lambda f: None if f.cancelled() else f.exception())
-        return await asyncio.shield(self._pending)
-
-    async def _refresh(self) -> Capacity:
-        try:
-            value = await self.compute()
-            self._value, self._at = value, self.clock()
-            return value
-        finally:
-            self._pending = None
-
-    def count_started(self) -> None:
-        """This gateway created a session: count it in the answer kept, so that starts within
-        one period cannot all be admitted past the workers' capacity."""
-        if self._value is not None:
-            self._value = replace(self._value, sessions_active=self._value.sessions_active + 1)
-
-
-class _CapacityCachedBus:
-    """The bus as the protocol handler sees it: every attribute is the bus's, but
-    ``capacity()`` answers from the gateway's :class:`CapacityCache` (server/ws.py asks it on
-    every new ``start``) and ``create_session`` counts the session in it."""
-
-    def __init__(self, bus: Bus, cache: CapacityCache) -> None:
-        self._bus, self._cache = bus, cache
-
-    def __getattr__(self, name: str):
-        return getattr(self._bus, name)
-
-    async def capacity(self) -> Capacity:
-        return await self._cache.get()
-
-    async def create_session(self, params: StreamParams, session_id: str | None = None) -> str:
-        sid = await self._bus.create_session(params, session_id)
-        self._cache.count_started()
-        return sid
 
 
 def token_middleware(settings: Settings, metrics: GatewayMetrics) -> Callable:
@@ -167,8 +99,7 @@ def create_app(settings: Settings, bus: Bus, *, local_ready: Callable[[], bool] 
                           middlewares=[token_middleware(settings, metrics)])
     table = SessionTable(bus, settings.resume_grace_s, metrics.sessions_detached.set)
     capacity = CapacityCache(lambda: bus.capacity(), settings.capacity_cache_s)
-    handler = StreamHandler(settings, _CapacityCachedBus(bus, capacity),  # type: ignore[arg-type]
-                            metrics, table)
+    handler = StreamHandler(settings, bus, metrics, table, capacity)
     app[SETTINGS_KEY], app[BUS_KEY], app[METRICS_KEY] = settings, bus, metrics
     app[HANDLER_KEY], app[TABLE_KEY] = handler, table
     all_registries = [metrics.registry, *registries]

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 
 from server.audio_in import MAX_HOLD_S, MIN_CHUNK_S, AudioIn, Replaced, session_gone
 from server.auth import authorized, unauthorized_response
+from server.capacity import CapacityCache
 from server.metrics import GatewayMetrics
 from server.protocol import (
     CLOSE_CODES,
@@ -75,9 +76,11 @@ class StreamHandler:
     """The ``/v1/stream`` route: one instance per app, one :meth:`handle` call per connection."""
 
     def __init__(self, settings: Settings, bus: Bus, metrics: GatewayMetrics,
-                 table: SessionTable) -> None:
+                 table: SessionTable, capacity: CapacityCache | None = None) -> None:
         self.settings = settings
         self.bus = bus
+        # the busy check of a new session (uncached when none is given)
+        self.capacity = capacity or CapacityCache(bus.capacity, ttl_s=0.0)
         self.metrics = metrics
         self.table = table
         self.per_address: Counter[str] = Counter()
@@ -261,12 +264,13 @@ class _Connection:
                                 reason="already_started")
         params, resume = msg.params, msg.session
         if resume is None:
-            cap = await h.bus.capacity()
+            cap = await h.capacity.get()
             if cap.saturated:
                 raise ProtocolError("busy", f"all workers are busy ({cap.sessions_active} "
                                     f"sessions, {cap.workers} workers); try again later",
                                     reason="saturated")
             sid = await asyncio.shield(h.bus.create_session(params))
+            h.capacity.count_started()
             state = SessionState(sid, params)
             h.metrics.sessions_started_total.inc()
         else:

@@ -1,6 +1,6 @@
 """The gateway computes the workers' capacity at most once per ``capacity_cache_s``: ``/readyz`` is
 open without the token, and with Redis the computation costs a command per active session
-(server/app.py ``CapacityCache``). Counted with a wrapper on the real bus, over a real
+(server/capacity.py ``CapacityCache``). Counted with a wrapper on the real bus, over a real
 redis-server; the cache itself with a stepped clock."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from server.app import CapacityCache, create_app
+from server.app import create_app
+from server.capacity import CapacityCache
 from server.settings import Settings
 from tests.server.conftest import drain, receive_json, start_msg
 from worker.bus import Capacity, StreamParams
