@@ -50,8 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--index", type=Path, help="index folder (default: OUT/index)")
     r.add_argument("--queries", type=Path, help="query set (default: OUT/queries, or the "
                    "--renderer's)")
-    r.add_argument("--renderer", help="the query set rendered by this renderer (prepared with "
-                   "`eval prepare --renderers`)")
+    r.add_argument("--renderer", metavar="NAME[,NAME...]",
+                   help="the query set rendered by this renderer (prepared with `eval prepare "
+                   "--renderers`); several, comma-separated: their query sets pooled in one run "
+                   "(one table each, then the pooled one; --save-calibration fits on all of "
+                   "them)")
     r.add_argument("--weights", help="model weights (default: the shipped model); "
                    "OUT/untrained.pt with an index built from it for the untrained model")
     r.add_argument("--lengths", default="", help="only these clip lengths, e.g. 5,10")
@@ -314,11 +317,20 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     root = _root(args)
     index_dir = args.index or root / "index"
-    query_dir = args.queries or queries_dir(root, args.renderer)
+    if args.queries:
+        query_dirs = [args.queries]
+    else:
+        names = [x for x in (args.renderer or "").split(",") if x] or [None]
+        query_dirs = [queries_dir(root, name) for name in dict.fromkeys(names)]
+    query_dir = ", ".join(str(d) for d in query_dirs)
     parts = {} if args.prune_parts is None else {"prune_parts": args.prune_parts}
     cascade = Cascade.open(index_dir, weights=args.weights,
                            config=CascadeConfig(top_k=args.top_k, **parts))
-    queries, frames = load_queries(query_dir)
+    queries, frames = [], []
+    for d in query_dirs:  # each set's records name its renderer
+        q, f = load_queries(d)
+        queries += q
+        frames += f
     keep = _select(queries, args)
     queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]
     if not queries:
@@ -345,6 +357,16 @@ def _run(args: argparse.Namespace) -> int:
     _calibrations(report, outcomes)
     _write(args, report, outcomes)  # the cascade's figures are safe before the slow baseline
     base = _baseline(args, report, cascade.index.refs, queries, frames, refs_of, outcomes)
+    renderers = list(dict.fromkeys(q["renderer"] or "unknown" for q in queries))
+    if len(renderers) > 1:  # one table per renderer, then the pooled one
+        report["summary_by_renderer"] = {}
+        for name in renderers:
+            sub = [o for o, q in zip(outcomes, queries, strict=True)
+                   if (q["renderer"] or "unknown") == name]
+            report["summary_by_renderer"][name] = summarize(sub, top_k=args.top_k)
+            print(f"{name} ({len(sub)} queries):")
+            print(format_table(report["summary_by_renderer"][name], top_k=args.top_k))
+        print(f"pooled, {' + '.join(renderers)} ({len(outcomes)} queries):")
     print(format_table(summary, base, top_k=args.top_k))
     if args.by_source:
         print(format_table(report["summary_by_source"], top_k=args.top_k))

@@ -47,12 +47,11 @@ def test_data_renderers_text_names_role_and_family(capsys):
     assert sine.split()[1:4] == ["yes", "other", "synthesis"]
 
 
-def test_eval_prints_its_answers_and_saves_a_calibration_that_says_what_it_was_fitted_on(
-        tmp_path, capsys):
+def _eval_set(tmp_path, queries_dir):
+    """Two indexed sine-rendered pieces and one outsider: 10 s clips, 5 queries, in
+    ``queries_dir``."""
     from index.build import BuildOptions, build_index
-    from index.calibration import load_calibration
     from index.evaluation.evalset import Plan, QuerySetConfig, make_queries
-    from model.encoder import Encoder
     from tests.conftest import make_piece
 
     files = []
@@ -65,9 +64,17 @@ def test_eval_prints_its_answers_and_saves_a_calibration_that_says_what_it_was_f
     plan = Plan(index_files=[str(f) for f in files[:2]],
                 in_pieces=[{"path": str(f), **piece} for f in files[:2]],
                 out_pieces=[{"path": str(files[2]), **piece}])
-    make_queries(plan, tmp_path / "queries", QuerySetConfig(
+    make_queries(plan, queries_dir, QuerySetConfig(
         lengths_s=(10.0,), conditions=("clean", "room_noise"), out_conditions=("clean",),
         renderer="sine"), workers=0, progress=False)
+
+
+def test_eval_prints_its_answers_and_saves_a_calibration_that_says_what_it_was_fitted_on(
+        tmp_path, capsys):
+    from index.calibration import load_calibration
+    from model.encoder import Encoder
+
+    _eval_set(tmp_path, tmp_path / "queries")
     cal_path = tmp_path / "cal.json"
     assert main(["eval", "--out", str(tmp_path), "--index", str(tmp_path / "index"),
                  "--queries", str(tmp_path / "queries"), "--no-progress",
@@ -80,3 +87,48 @@ def test_eval_prints_its_answers_and_saves_a_calibration_that_says_what_it_was_f
     assert fit.renderers == ("sine",) and fit.conditions == ("clean", "room_noise")
     assert (fit.n_in, fit.n_out, fit.index_refs) == (4, 1, 2)
     assert fit.command.startswith("midimatch ") and fit.date_utc
+
+
+def test_eval_pools_the_query_sets_of_several_renderers_and_calibrates_on_all(tmp_path, capsys):
+    """`--renderer a,b`: both sets searched in one run, a table each and the pooled one, and
+    the calibration fitted on both (issue #17: a confidence calibrated across engines)."""
+    import json
+    import shutil
+
+    from index.calibration import load_calibration
+    from model.encoder import Encoder
+
+    _eval_set(tmp_path, tmp_path / "queries-sine")
+    # a second renderer's set: the same clips under another renderer's name
+    shutil.copytree(tmp_path / "queries-sine", tmp_path / "queries-sine-b")
+    manifest = tmp_path / "queries-sine-b" / "queries.json"
+    m = json.loads(manifest.read_text())
+    m["config"]["renderer"] = "sine-b"
+    manifest.write_text(json.dumps(m))
+    cal_path, report = tmp_path / "cal.json", tmp_path / "report.json"
+    assert main(["eval", "--out", str(tmp_path), "--index", str(tmp_path / "index"),
+                 "--renderer", "sine,sine-b", "--no-progress", "--json", str(report),
+                 "--save-calibration", str(cal_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sine (5 queries):" in out and "sine-b (5 queries):" in out
+    assert "pooled, sine + sine-b (10 queries):" in out
+    assert "answers (10 queries): " in out
+    rep = json.loads(report.read_text())
+    assert rep["n_queries"] == 10 and set(rep["summary_by_renderer"]) == {"sine", "sine-b"}
+    # the same clips under two names: the same figures in both tables (times apart)
+    a, b = (rep["summary_by_renderer"][x] for x in ("sine", "sine-b"))
+    assert set(a) == set(b) == {"all/10", "clean/10", "room_noise/10"}
+    for cell in a:
+        same = {k for k in a[cell] if not k.endswith(("_s", "_ms")) and "time" not in k}
+        assert {k: a[cell][k] for k in same} == {k: b[cell][k] for k in same}
+        assert a[cell]["n_in"] > 0
+    fit = load_calibration(Encoder.load().model_id, cal_path).provenance.queries
+    assert fit.renderers == ("sine", "sine-b") and (fit.n_in, fit.n_out) == (8, 2)
+
+
+def test_eval_says_which_query_set_is_missing(tmp_path, capsys):
+    _eval_set(tmp_path, tmp_path / "queries-sine")
+    assert main(["eval", "--out", str(tmp_path), "--renderer", "sine,adplay-opl3",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no query set at" in err[0] and "queries-adplay-opl3" in err[0]
