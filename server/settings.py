@@ -7,9 +7,10 @@ environment; this module is where the service does.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ class Settings:
     redis_prefix: str = "mm"
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # nan passes every comparison below, inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"{f.name} must be a finite number, got {value!r}")
         if not 1 <= self.port <= MAX_PORT:
             raise SettingsError(f"port must be 1-{MAX_PORT}, got {self.port!r}")
         positive = ("max_message_bytes", "max_session_s", "max_sessions_per_address",

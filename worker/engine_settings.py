@@ -7,7 +7,8 @@ and its own schedule.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from index.cascade_types import DEFAULT_TOP_K
 from model.features import FRAME_RATE
@@ -107,6 +108,9 @@ class EngineSettings:
             "prune_parts": self.prune_parts is None or self.prune_parts >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
+        bad += [f.name for f in fields(self) if f.name not in bad  # nan, inf pass some checks
+                and isinstance(getattr(self, f.name), float)
+                and not math.isfinite(getattr(self, f.name))]
         if bad:
             shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
             raise EngineError(f"bad engine settings: {shown}", reason="bad_settings")

@@ -15,11 +15,12 @@ worker's; their defaults are :class:`BusSettings`'s, written once.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,15 @@ class WorkerSettingsError(MidimatchError):
     """A worker setting with a value that cannot be used."""
 
     reason = "bad_setting"
+
+
+def check_finite(settings: object) -> None:
+    """Every float field of the dataclass ``settings`` is a finite number (``nan`` passes every
+    range check, ``inf`` most of them). Raises :class:`WorkerSettingsError`."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise WorkerSettingsError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def default_worker_id() -> str:
@@ -76,6 +86,7 @@ class BusSettings:
     redis_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("lease_ms", "retain_s", "max_results", "session_ttl_s", "result_ttl_s",
                      "redis_timeout_s"):
             if getattr(self, name) <= 0:
@@ -170,6 +181,7 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise WorkerSettingsError(f"device must be one of {DEVICES}, got {self.device!r}")
+        check_finite(self)
         self.bus  # noqa: B018 - validates the bus's part
         positive = ("max_sessions", "window_s", "result_every_s", "tick_budget_s", "poll_s",
                     "claim_every_s", "stall_s", "reap_after_s")

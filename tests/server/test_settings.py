@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from server.settings import Settings, SettingsError
+from tests.server.test_serve_listen import assert_clean_failure, busy_port, run_serve
+
+__all__ = ["busy_port"]  # a fixture, used by name
 
 
 def test_environment_then_overrides():
@@ -46,3 +50,28 @@ def test_an_empty_or_unusable_token_is_a_startup_error(env, kw):
 
 def test_a_token_flag_beats_an_empty_variable():
     assert Settings.from_env({"MIDIMATCH_AUTH_TOKEN": ""}, auth_token="x").auth_token == "x"
+
+
+FLOAT_SETTINGS = [f.name for f in fields(Settings) if f.type == "float"]
+
+
+def test_every_float_setting_is_covered():
+    assert {"idle_timeout_s", "resume_grace_s", "capacity_cache_s"} <= set(FLOAT_SETTINGS)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "infinity"])
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_a_non_finite_float_setting_is_refused(name, value):
+    """Review: MIDIMATCH_IDLE_TIMEOUT_S=nan, MIDIMATCH_RESUME_GRACE_S=inf... passed every range
+    check (nan compares false both ways) and serve started."""
+    with pytest.raises(SettingsError, match=f"^{name} must be a finite number, got"):
+        Settings.from_env({f"MIDIMATCH_{name.upper()}": value})
+    with pytest.raises(SettingsError, match=name):
+        Settings(**{name: float(value)})
+
+
+def test_serve_refuses_a_nan_setting_in_one_line(busy_port):
+    """Before anything starts: the port is taken, so a serve that took nan fails on that."""
+    r = run_serve("--port", str(busy_port), "--redis", "redis://127.0.0.1:1/0",
+                  env={"MIDIMATCH_IDLE_TIMEOUT_S": "nan"})
+    assert_clean_failure(r, "idle_timeout_s must be a finite number, got nan")
