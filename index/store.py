@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import IndexFormatError, MidimatchError, ModelMismatchError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "midimatch-index"
 VERSION = 1
@@ -141,6 +144,8 @@ def load_index(
         meta = json.loads((gen / "meta.json").read_text())
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{gen}: unreadable meta.json: {e}") from e
+    if not isinstance(meta, dict):
+        raise IndexFormatError(f"{gen}: damaged index: meta.json is not a JSON object")
     if meta.get("format") != FORMAT:
         raise IndexFormatError(f"{gen}: not a {FORMAT} folder")
     if meta.get("version") != VERSION:
@@ -155,26 +160,65 @@ def load_index(
                              allow_pickle=False) for n in _ARRAYS}
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{gen}: damaged index: {e}") from e
-    report_path = gen / "build_report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    data = IndexData(meta=meta, refs=refs, path=gen, report=report, **arrays)
+    data = IndexData(meta=meta, refs=refs, path=gen, report=_read_report(gen), **arrays)
     _validate(data)
     if expected_model_id is not None:
         data.check_model(expected_model_id)
     return data
 
 
+def _read_report(gen: Path) -> dict:
+    """The generation's build report; ``{}`` when there is none or it is damaged (with a
+    warning): it only says what the build did, the index loads without it."""
+    path = gen / "build_report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logger.warning("%s: ignored, unreadable: %s", path, e)
+        return {}
+    if not isinstance(report, dict):
+        logger.warning("%s: ignored, not a JSON object", path)
+        return {}
+    return report
+
+
 def _validate(d: IndexData) -> None:
+    """What the readers of an index take for granted, checked once here: damage is an
+    :class:`IndexFormatError`, not a traceback later."""
     k = len(d.refs)
+    meta = d.meta
     problems = []
-    if d.meta.get("n_refs") != k:
-        problems.append(f"meta says {d.meta.get('n_refs')} references, refs.jsonl has {k}")
-    if d.hash_offsets.shape != (k + 1,) or (k and d.hash_offsets[-1] != d.hashes.shape[0]):
+    if meta.get("n_refs") != k:
+        problems.append(f"meta says {meta.get('n_refs')} references, refs.jsonl has {k}")
+    if not (isinstance(meta.get("model_id"), str) and isinstance(meta.get("n_bits"), int)
+            and isinstance(meta.get("window", {}), dict)):
+        problems.append("meta.json lacks a model_id or n_bits, or has a bad window")
+    bad = [i for i, r in enumerate(d.refs) if not (
+        isinstance(r, dict) and isinstance(r.get("path"), str)
+        and isinstance(r.get("duration_s"), int | float))]
+    if bad:
+        problems.append(f"{len(bad)} line(s) of refs.jsonl (the first: line {bad[0] + 1}) not "
+                        "an object with a path and a duration_s")
+    hash_types = [meta["hash_dtype"]] if "hash_dtype" in meta else ["uint16", "uint32"]
+    if d.hashes.ndim != 1 or d.hashes.dtype.name not in hash_types:
+        problems.append(f"hashes are {d.hashes.dtype} of shape {d.hashes.shape}, not a "
+                        f"sequence of {' or '.join(map(str, hash_types))}")
+    off = d.hash_offsets
+    if (off.shape != (k + 1,) or off.dtype.kind != "i" or off[0] != 0
+            or d.hashes.shape[:1] != (off[-1],) or np.any(np.diff(off) < 0)):
         problems.append("hash offsets do not match the hashes")
-    if d.embeddings.shape[0] != d.embed_ref.shape[0] or d.embed_ref.shape != d.embed_start.shape:
+    if (d.embed_ref.ndim != 1 or d.embed_ref.shape != d.embed_start.shape
+            or d.embeddings.shape[:1] != d.embed_ref.shape):
         problems.append("embedding arrays disagree in length")
-    if d.embeddings.ndim != 2 or d.embeddings.shape[1] != d.meta.get("embed_dim"):
-        problems.append("embedding width differs from meta.embed_dim")
+    if (d.embeddings.ndim != 2 or d.embeddings.shape[1] != meta.get("embed_dim")
+            or d.embeddings.dtype != np.float16):
+        problems.append("embeddings are not float16 of meta.embed_dim columns")
+    if d.embed_ref.dtype.kind not in "iu" or d.embed_start.dtype.kind not in "iu":
+        problems.append("embedding reference numbers or starts are not integers")
+    elif d.embed_ref.size and (d.embed_ref.min() < 0 or d.embed_ref.max() >= k):
+        problems.append(f"embedding reference numbers outside 0..{k - 1}")
     if problems:
         raise IndexFormatError(f"{d.path}: inconsistent index: " + "; ".join(problems))
 
@@ -193,16 +237,29 @@ def write_index(root: str | Path, data: IndexData, report: dict | None = None) -
         previous generation stays the live one, untouched.
     """
     root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".write.lock", "a")  # held (flock) for the whole write
-    except OSError as e:
-        raise IndexWriteError.of(root, e) from e
-    with lock:
+    with _open_lock(root) as lock:  # held (flock) for the whole write
         # One writer at a time: two builds of one index numbered their generations alike,
         # and one's clean-up deleted the other's live generation. Readers take no lock.
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _write_locked(root, data, report)
+
+
+def check_writable(root: str | Path) -> None:
+    """Raise :class:`IndexWriteError` now unless ``root`` is (or can be made) a folder that an
+    index can be written to: before a build spends minutes encoding."""
+    _open_lock(Path(root)).close()
+
+
+def _open_lock(root: Path):
+    """``root/.write.lock`` opened for the writers' lock, ``root`` made if need be."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return open(root / ".write.lock", "a")
+    except FileExistsError as e:  # what mkdir(exist_ok=True) says of a file
+        raise IndexWriteError(f"cannot write the index at {root}: it is a file, not a folder",
+                              reason="write_failed") from e
+    except OSError as e:
+        raise IndexWriteError.of(root, e) from e
 
 
 def _write_locked(root: Path, data: IndexData, report: dict | None) -> Path:

@@ -134,3 +134,84 @@ def test_empty_index_round_trips(tmp_path):
     back = store.load_index(tmp_path / "e")
     assert len(back) == 0 and back.hashes.dtype == np.uint16
     assert back.embeddings.shape == (0, 4)
+
+
+@pytest.mark.parametrize("damage", [b"{garb", b"[1]", b"\xff\xfe not utf-8", "folder"])
+def test_a_damaged_build_report_is_ignored_with_a_warning(tmp_path, damage, caplog):
+    # It only says what the build did: a corrupt one crashed every command opening the index.
+    from server.cli import main
+
+    root = tmp_path / "idx"
+    gen = store.write_index(root, store.concat(META, _parts(2), np.dtype(np.uint32)),
+                            {"encoded": 2})
+    report = gen / "build_report.json"
+    report.unlink()
+    if damage == "folder":
+        report.mkdir()  # unreadable: IsADirectoryError
+    else:
+        report.write_bytes(damage)
+    back = store.load_index(root)
+    assert len(back) == 2 and back.report == {}
+    assert "build_report.json: ignored" in caplog.text
+    assert main(["index", "info", str(root), "--json"]) == 0
+
+
+def _save(name, fn):
+    def damage(gen):
+        np.save(gen / f"{name}.npy", fn(np.load(gen / f"{name}.npy")))
+    return damage
+
+
+def _edit_json(name, fn):
+    def damage(gen):
+        (gen / name).write_text(json.dumps(fn(json.loads((gen / name).read_text()))))
+    return damage
+
+
+def _edit_refs(fn):
+    def damage(gen):
+        refs = [json.loads(line) for line in (gen / "refs.jsonl").read_text().splitlines()]
+        refs[1] = fn(refs[1])
+        (gen / "refs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
+    return damage
+
+
+def _set(a, i, v):
+    a[i] = v
+    return a
+
+
+@pytest.mark.parametrize("damage", [
+    _save("hashes", lambda a: a.astype(np.float64)),
+    _save("hashes", lambda a: a.astype(np.uint16)),  # meta says uint32 below
+    _save("hash_offsets", lambda a: _set(a, 2, 10**9)),
+    _save("hash_offsets", lambda a: _set(a, 0, 1)),
+    _save("hash_offsets", lambda a: a.astype(np.float64)),
+    _save("embed_ref", lambda a: _set(a, 0, 999)),
+    _save("embed_ref", lambda a: _set(a, 0, -1)),
+    _save("embed_ref", lambda a: a.astype(np.float32)),
+    _save("embeddings", lambda a: a.astype(np.float32)),
+    _edit_json("meta.json", lambda m: [m]),
+    _edit_json("meta.json", lambda m: {k: v for k, v in m.items() if k != "n_bits"}),
+    _edit_json("meta.json", lambda m: m | {"window": [540, 108]}),
+    _edit_refs(lambda r: [1, 2]),
+    _edit_refs(lambda r: {k: v for k, v in r.items() if k != "duration_s"}),
+    _edit_refs(lambda r: r | {"duration_s": "long"}),
+], ids=["hashes_float", "hashes_uint16", "offsets_jump", "offsets_not_from_0",
+        "offsets_float", "embed_ref_past_end", "embed_ref_negative", "embed_ref_float",
+        "embeddings_float32", "meta_list", "meta_no_n_bits", "meta_window_list",
+        "ref_not_object", "ref_no_duration", "ref_duration_text"])
+def test_damage_the_shape_checks_missed_is_a_clean_error(tmp_path, damage, capsys):
+    # Each of these loaded as valid, then failed with a traceback in `index info` or a search.
+    from server.cli import main
+
+    root = tmp_path / "idx"
+    meta = META | {"hash_dtype": "uint32"}
+    gen = store.write_index(root, store.concat(meta, _parts(4), np.dtype(np.uint32)))
+    store.load_index(root)
+    damage(gen)
+    with pytest.raises(IndexFormatError):
+        store.load_index(root)
+    assert main(["index", "info", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("midimatch: error: ") and len(err.splitlines()) == 1
