@@ -68,8 +68,9 @@ def _use_here(opts) -> None:
     _ENCODER, _OPTS = _load_encoder(opts), opts
 
 
-class _FileTimeout(Exception):
-    pass
+class _FileTimeout(BaseException):
+    """The per-file alarm. Not an ``Exception``: no ``except Exception`` on the way (the
+    encoder's, :func:`_encode`'s) may take it for a bad file."""
 
 
 def _on_alarm(signum, frame):  # noqa: ARG001
@@ -77,28 +78,40 @@ def _on_alarm(signum, frame):  # noqa: ARG001
 
 
 def _encode_task(task: Task) -> Result:
-    """Encode one file under the per-file timeout; never raises for a bad file."""
+    """Encode one file under the per-file timeout; never raises for a bad file.
+
+    The alarm is armed and disarmed inside the ``try`` that catches it, so wherever it strikes
+    (before the file is opened, in an ``except`` clause, while being disarmed) the file is
+    skipped with reason ``timeout``; none escapes to stop the build.
+    """
+    assert _OPTS is not None
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, _OPTS.file_timeout_s)
+            return _encode(task)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _FileTimeout:
+        return "skip", {"path": task[0], "reason": "timeout",
+                        "message": f"gave up after {_OPTS.file_timeout_s:g} s"}
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+def _encode(task: Task) -> Result:
     from index.build import encode_file
 
     path, sha, size, mtime = task
-    assert _OPTS is not None
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, _OPTS.file_timeout_s)
     try:
         ref, hashes, emb, starts = encode_file(Path(path), _ENCODER, _OPTS.method)
         ref.update(sha256=sha, size_bytes=size, mtime=mtime)
         return "ok", ref, hashes, emb, starts
-    except _FileTimeout:
-        return "skip", {"path": path, "reason": "timeout",
-                        "message": f"gave up after {_OPTS.file_timeout_s:.0f} s"}
     except MidimatchError as e:
         return "skip", {"path": path, "reason": e.reason, "message": e.message}
     except Exception as e:  # one bad file must never take the build down
         logger.exception("unexpected failure on %s", path)
         return "skip", {"path": path, "reason": "internal", "message": f"{type(e).__name__}: {e}"}
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _marked(fn: Callable[[Task], Result], i: int, task: Task) -> Result:

@@ -509,3 +509,44 @@ def test_sigterm_stops_the_build_and_its_pool_workers(tmp_path):
     assert proc.returncode == 130 and b"interrupted" in err, err.decode(errors="replace")
     assert b"Traceback" not in err
     assert alive == [], "pool workers outlived the build"
+
+
+# ------------------------------------------------------------------------ the per-file timeout
+@pytest.mark.parametrize("when", ["arming", "encoding", "disarming", "1e-9 s"])
+def test_the_timeout_skips_the_file_wherever_the_alarm_strikes(monkeypatch, when):
+    # `index build --timeout 1e-9` stopped the build with _FileTimeout: the alarm was armed
+    # before the `try` that caught it (and disarmed in its `finally`).
+    import os
+    import signal
+
+    from index import build, build_pool
+
+    def strike() -> None:  # the alarm, now: its handler runs as this call returns
+        os.kill(os.getpid(), signal.SIGALRM)
+
+    def encode(path, encoder, method):  # noqa: ARG001
+        if when == "encoding":
+            strike()
+        return {"path": str(path)}, np.zeros(2, np.uint32), np.zeros((1, 128)), np.zeros(1)
+
+    real_setitimer = signal.setitimer
+
+    def setitimer(which, seconds):
+        out = real_setitimer(which, seconds)
+        if (when == "arming" and seconds) or (when == "disarming" and not seconds):
+            strike()
+        return out
+
+    monkeypatch.setattr(build, "encode_file", encode)
+    monkeypatch.setattr(signal, "setitimer", setitimer)
+    monkeypatch.setattr(build_pool, "_OPTS", BuildOptions(
+        workers=1, progress=False, file_timeout_s=1e-9 if when == "1e-9 s" else 30))
+    handler = signal.getsignal(signal.SIGALRM)
+    try:
+        for _ in range(50 if when == "1e-9 s" else 1):
+            res = build_pool._encode_task(("/songs/a.mid", "0" * 64, 10, 0.0))
+            assert res[0] == "skip" and res[1]["reason"] == "timeout", res
+    finally:  # whatever failed, no alarm left to strike the tests after this one
+        real_setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, handler)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
