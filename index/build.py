@@ -10,7 +10,9 @@ with its reason; one bad file, even one that kills its worker process, never sto
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import struct
 import time
 from collections.abc import Iterable, Sequence
@@ -24,6 +26,7 @@ from model.errors import MidimatchError, ModelMismatchError
 
 MIDI_SUFFIXES = (".mid", ".midi", ".kar")
 MIN_FRAMES = 8  # two hash frames; anything shorter cannot be matched
+MAX_FILE_TIMEOUT_S = 1e6  # setitimer overflows past ~1e11 s; no file needs days
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,13 @@ class BuildOptions:
     prune_missing: bool = False  # drop references whose file no longer exists
     progress: bool = True
     window_hop: int | None = None  # embedding window hop, CQT frames; None → the model's (108)
+
+    def __post_init__(self) -> None:
+        # NaN fails every comparison; 0 would disarm setitimer: no timeout at all, silently
+        if not 0 < self.file_timeout_s <= MAX_FILE_TIMEOUT_S:
+            raise MidimatchError(f"the per-file timeout must be > 0 and <= "
+                                 f"{MAX_FILE_TIMEOUT_S:g} seconds, got {self.file_timeout_s:g}",
+                                 reason="bad_argument")
 
 
 def _load_encoder(opts: BuildOptions):
@@ -61,15 +71,32 @@ def find_midi_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict]
     """Expand files and folders into a sorted, de-duplicated list of MIDI files.
 
     Returns the files and a list of ``{"path", "reason", "message"}`` for arguments that do not
-    exist or are not MIDI files.
+    exist or are not MIDI files (``missing``, ``not_midi_suffix``) and for folders and files
+    found that cannot be read (``unreadable``).
     """
     found: set[Path] = set()
     problems: list[dict] = []
+
+    def unreadable(e: OSError) -> None:
+        problems.append({"path": str(e.filename), "reason": "unreadable",
+                         "message": f"cannot read {e.filename}: {e.strerror or e}"})
+
     for p in map(Path, paths):
-        if p.is_dir():
-            found.update(f.resolve() for f in p.rglob("*")
-                         if f.is_file() and f.suffix.lower() in MIDI_SUFFIXES)
-        elif p.is_file():
+        if os.path.isdir(p):
+            # os.walk, not Path.rglob: rglob skips a folder it cannot list without a word
+            for folder, _, names in os.walk(p, onerror=unreadable):
+                for name in names:
+                    f = Path(folder, name)
+                    if f.suffix.lower() not in MIDI_SUFFIXES:
+                        continue
+                    try:
+                        if stat.S_ISREG(f.stat().st_mode):  # not a fifo, socket...
+                            found.add(f.resolve())
+                    except FileNotFoundError:
+                        pass  # a dangling link
+                    except OSError as e:
+                        unreadable(e)
+        elif os.path.isfile(p):
             if p.suffix.lower() in MIDI_SUFFIXES:
                 found.add(p.resolve())
             else:
@@ -272,9 +299,18 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
     ------
     ModelMismatchError
         The existing index was built with another model and ``opts.rebuild`` is false.
+    MidimatchError
+        ``no_midi_files``: ``paths`` hold no MIDI file (a missing path, a typo, OUT and PATH
+        swapped); nothing is written. Only a ``prune_missing`` update of an existing index may
+        run without one.
+    store.IndexWriteError
+        ``out`` cannot be written: found before any file is encoded.
     """
     opts = opts or BuildOptions()
     t0 = time.perf_counter()
+    files, skipped = find_midi_files(paths)
+    if not files and not (opts.prune_missing and store.exists(out) and not opts.rebuild):
+        raise _nothing_to_index(out, paths, skipped)
     encoder = _load_encoder(opts)
     meta = {
         "model_id": encoder.model_id,
@@ -298,7 +334,7 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
                 f"{meta['window']}). Pass --rebuild to re-encode every reference."
             )
 
-    files, skipped = find_midi_files(paths)
+    store.check_writable(out)  # now, not after minutes of encoding
     kept: dict[str, tuple] = {}  # path → part, in the old order
     if old is not None:
         for part in store.iter_parts(old):
@@ -306,14 +342,20 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
     todo: list[tuple[str, str, int, float]] = []
     reused = updated = 0
     for f in files:
-        st = f.stat()
         prev = kept.get(str(f))
-        # size + mtime unchanged → trust the stored content hash without re-reading the file
-        if prev is not None and prev[0].get("size_bytes") == st.st_size and \
-                prev[0].get("mtime") == st.st_mtime:
-            reused += 1
+        try:
+            st = f.stat()
+            # size + mtime unchanged → trust the stored content hash without re-reading the file
+            if prev is not None and prev[0].get("size_bytes") == st.st_size and \
+                    prev[0].get("mtime") == st.st_mtime:
+                reused += 1
+                continue
+            sha = file_sha256(f)
+        except OSError as e:  # unreadable, or gone since it was found: skipped, not kept stale
+            skipped.append({"path": str(f), "reason": "unreadable",
+                            "message": f"cannot read {f}: {e.strerror or e}"})
+            kept.pop(str(f), None)
             continue
-        sha = file_sha256(f)
         if prev is not None and prev[0].get("sha256") == sha:
             reused += 1
             continue
@@ -358,6 +400,17 @@ def build_index(out: str | Path, paths: Sequence[str | Path], opts: BuildOptions
     report["bytes_per_ref"] = round(data.nbytes() / len(parts)) if parts else None
     store.write_index(out, data, report)
     return report
+
+
+def _nothing_to_index(out: str | Path, paths: Sequence[str | Path], problems: list[dict]
+                      ) -> MidimatchError:
+    """The error of a build that found no MIDI file: each argument's problem, or that none
+    was found."""
+    why = [p["message"] for p in problems] or [
+        f"no .mid/.midi/.kar file in {', '.join(map(str, paths)) or 'no path given'}"]
+    more = f" (and {len(why) - 3} more)" if len(why) > 3 else ""
+    return MidimatchError(f"nothing to index: {'; '.join(why[:3])}{more}; {out} not written",
+                          reason="no_midi_files")
 
 
 def _run_pool(todo: list[tuple[str, str, int, float]], opts: BuildOptions

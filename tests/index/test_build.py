@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import mido
 import numpy as np
@@ -18,7 +22,7 @@ from index.build import (
     tidy_stem,
 )
 from model.encoder import Encoder
-from model.errors import ModelMismatchError
+from model.errors import MidimatchError, ModelMismatchError
 from server.cli import main
 from tests.conftest import make_piece
 
@@ -550,3 +554,136 @@ def test_the_timeout_skips_the_file_wherever_the_alarm_strikes(monkeypatch, when
         real_setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, handler)
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+# ------------------------------------------------------------ unreadable inputs, nothing to index
+def test_a_file_that_cannot_be_read_when_hashed_is_skipped_and_the_build_finishes(
+        midi_folder, tmp_path, monkeypatch):
+    # Files going bad between the walk and the hashing: one deleted (stat fails), one replaced
+    # by a folder (open fails). The OSError stopped the whole build with a traceback.
+    from index import build
+
+    out = tmp_path / "idx"
+    assert build_index(out, [midi_folder], OPTS)["n_refs"] == 5
+    real_find = build.find_midi_files
+
+    def find_then_spoil(paths):
+        found = real_find(paths)
+        (midi_folder / "piece1.mid").unlink()
+        (midi_folder / "piece2.mid").unlink()
+        (midi_folder / "piece2.mid").mkdir()
+        return found
+
+    monkeypatch.setattr(build, "find_midi_files", find_then_spoil)
+    report = build_index(out, [midi_folder], OPTS)
+    unreadable = {s["path"].rsplit("/", 1)[-1]: s["message"] for s in report["skipped"]
+                  if s["reason"] == "unreadable"}
+    assert set(unreadable) == {"piece1.mid", "piece2.mid"}
+    assert "Is a directory" in unreadable["piece2.mid"]
+    # not kept from the previous build either: the index has what this build could read
+    assert report["n_refs"] == 3 and len(store.load_index(out)) == 3
+
+
+_BUILD_SCRIPT = "import sys; from server.cli import main; sys.exit(main())"
+
+
+def _without_root_powers(*args: str) -> subprocess.CompletedProcess:
+    """``midimatch ARGS`` in a process for which file modes hold even when run as root (setpriv
+    drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH), so that a chmod 000 is unreadable."""
+    cmd = [sys.executable, "-c", _BUILD_SCRIPT, *args]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root, and no setpriv to give up reading everything")
+        caps = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_unreadable_files_and_folders_are_skipped_as_unreadable(midi_folder, tmp_path):
+    # The reviewer's repro: a chmod 000 file stopped the build with a PermissionError traceback,
+    # and a chmod 000 folder was left out without a word (Path.rglob swallows the error).
+    (midi_folder / "piece3.mid").chmod(0)
+    (midi_folder / "sub").chmod(0)
+    try:
+        run = _without_root_powers("index", "build", str(tmp_path / "idx"), str(midi_folder),
+                                   "--workers", "1", "--no-progress", "--json")
+    finally:
+        (midi_folder / "piece3.mid").chmod(0o644)
+        (midi_folder / "sub").chmod(0o755)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    unreadable = sorted(s["path"].rsplit("/", 1)[-1] for s in report["skipped"]
+                        if s["reason"] == "unreadable")
+    assert unreadable == ["piece3.mid", "sub"]
+    assert report["n_refs"] == 3  # piece0-2; sub/other.midi was in the unreadable folder
+
+
+def test_nothing_to_index_is_an_error_and_writes_nothing(midi_folder, tmp_path, capsys):
+    # A typo'd path, an empty folder or OUT and PATH swapped wrote an empty index (into the
+    # MIDI folder, swapped) that loaded as valid, and exited 0.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "idx"
+    for args in ([str(out), str(tmp_path / "typo")], [str(out), str(empty)],
+                 [str(midi_folder), str(out)]):
+        assert main(["index", "build", *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("midimatch: error: nothing to index: ")
+        assert len(err.splitlines()) == 1
+    assert not out.exists() and not (midi_folder / "CURRENT").exists()
+    assert "no such file or folder" in str(
+        pytest.raises(MidimatchError, build_index, out, [tmp_path / "typo"], OPTS).value)
+    # an update finding nothing fails too, the index as it was
+    build_index(out, [midi_folder / "piece0.mid"], OPTS)
+    with pytest.raises(MidimatchError, match="nothing to index") as e:
+        build_index(out, [empty], OPTS)
+    assert e.value.reason == "no_midi_files"
+    assert store.load_index(out).path.name == "gen-000001"
+
+
+def test_a_prune_only_update_may_leave_the_index_empty(midi_folder, tmp_path):
+    # What --prune-missing is for: every indexed file is gone; no MIDI file to add is no error.
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    shutil.copy(midi_folder / "piece0.mid", songs / "a.mid")
+    out = tmp_path / "idx"
+    build_index(out, [songs], OPTS)
+    (songs / "a.mid").unlink()
+    report = build_index(out, [songs], BuildOptions(workers=1, progress=False,
+                                                    prune_missing=True))
+    assert report["n_refs"] == 0 and report["removed_missing"] == 1
+    assert len(store.load_index(out)) == 0
+    with pytest.raises(MidimatchError, match="nothing to index"):  # but not a first build
+        build_index(tmp_path / "new", [songs], BuildOptions(workers=1, progress=False,
+                                                            prune_missing=True))
+
+
+def test_an_out_that_cannot_be_written_fails_before_any_file_is_encoded(
+        midi_folder, tmp_path, monkeypatch):
+    # OUT was first tried after every file was encoded (minutes), with a misleading message.
+    from index import build
+
+    def no_encoding(*a):
+        raise AssertionError("files encoded before OUT was checked")
+
+    monkeypatch.setattr(build, "_run_pool", no_encoding)
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    with pytest.raises(store.IndexWriteError, match="it is a file, not a folder"):
+        build_index(a_file, [midi_folder], OPTS)
+    with pytest.raises(store.IndexWriteError, match="Not a directory"):
+        build_index(a_file / "idx", [midi_folder], OPTS)
+    assert a_file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "1e12"])
+def test_a_timeout_out_of_range_is_a_clear_error(midi_folder, tmp_path, capsys, timeout):
+    # -1, nan, inf, 1e12: tracebacks from signal.setitimer; 0 silently disarmed the timeout.
+    with pytest.raises(MidimatchError, match="timeout must be > 0") as e:
+        BuildOptions(file_timeout_s=float(timeout))
+    assert e.value.reason == "bad_argument"
+    assert main(["index", "build", str(tmp_path / "idx"), str(midi_folder / "piece0.mid"),
+                 "--timeout", timeout, "--workers", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("midimatch: error: the per-file timeout")
+    assert not (tmp_path / "idx").exists()
