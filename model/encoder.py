@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,7 +76,7 @@ class Encoder:
         window: WindowSpec | None = None,
     ) -> None:
         self.config = config
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.nets = {k: v.to(self.device).eval() for k, v in nets.items()}
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
@@ -103,8 +102,11 @@ class Encoder:
         ------
         MidimatchError
             ``no_model`` when the file does not exist (the message names it and says how to get
-            one), ``bad_model`` when it is not a model file.
+            one), ``bad_model`` when it is not a model file (or a damaged one), ``bad_device``
+            for a ``device`` this machine does not have (:func:`check_device`).
         """
+        if "device" in kw:
+            check_device(kw["device"])  # before reading the weights
         path = Path(DEFAULT_WEIGHTS if path is None else path)
         if not path.is_file():
             hint = ("the shipped model is missing from this checkout (model/weights/ is in git: "
@@ -114,18 +116,28 @@ class Encoder:
             raise MidimatchError(f"model weights {path} do not exist: {hint}", reason="no_model")
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-            raise MidimatchError(f"cannot load model weights {path}: {e}",
-                                 reason="bad_model") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # any file: the unpickler fails in many ways (an audio file
+            # gave IndexError: pop from empty list)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MidimatchError(f"cannot load model weights {path}: not a model file written "
+                                 f"by `midimatch train` ({why})", reason="bad_model") from e
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise MidimatchError(f"{path} is not a {FORMAT} file", reason="bad_model")
-        cfg = NetConfig(**blob["config"])
-        nets = _build_nets(cfg)
-        for name, net in nets.items():
-            net.load_state_dict(blob["state"][name])
-        mean = np.asarray(blob["mean"], np.float32)
-        std = np.asarray(blob["std"], np.float32)
-        return cls(cfg, nets, mean, std, str(blob["model_id"]), **kw)
+        try:
+            cfg = NetConfig(**blob["config"])
+            nets = _build_nets(cfg)
+            for name, net in nets.items():
+                net.load_state_dict(blob["state"][name])
+            mean = np.asarray(blob["mean"], np.float32)
+            std = np.asarray(blob["std"], np.float32)
+            model_id = str(blob["model_id"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MidimatchError(f"{path} is a damaged {FORMAT} file: {why}",
+                                 reason="bad_model") from e
+        return cls(cfg, nets, mean, std, model_id, **kw)
 
     def save(self, path: str | Path, *, model_id: str | None = None) -> str:
         """Write the model (atomically); returns the model id stored in it."""
@@ -240,6 +252,37 @@ class Encoder:
         idx = idx.clamp_(max=h.shape[1] - 1)
         emb = net.pool_head(h[0][idx], scores[0][idx])
         return emb.cpu().numpy(), starts
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has, or ``MidimatchError("bad_device")``
+    naming what is wrong: not a device name, no CUDA (or MPS) here, or no such device index."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MidimatchError(f"unknown torch device {device!r}: use cpu, cuda, cuda:N or mps",
+                             reason="bad_device") from None
+    if dev.type == "meta":
+        raise MidimatchError("the meta device holds no data: use cpu, cuda, cuda:N or mps",
+                             reason="bad_device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MidimatchError(f"torch device {device!r}: no CUDA device is available on this "
+                                 "machine (use cpu)", reason="bad_device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MidimatchError(f"torch device {device!r}: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s), numbered from 0",
+                                 reason="bad_device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MidimatchError(f"torch device {device!r}: MPS is not available on this machine "
+                             "(use cpu)", reason="bad_device")
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:  # a backend torch was not built with, a driver error...
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MidimatchError(f"torch device {device!r} is not usable here: {why}",
+                             reason="bad_device") from None
+    return dev
 
 
 def _build_nets(cfg: NetConfig) -> dict[str, torch.nn.Module]:

@@ -61,6 +61,41 @@ def test_bad_weights_file_is_a_clear_error(tmp_path):
         Encoder.load(tmp_path / "other.pt")
 
 
+def test_any_file_that_is_not_a_model_is_a_bad_model_error(tmp_path):
+    """An audio file given as --weights made torch's unpickler raise IndexError (pop from empty
+    list), which passed through Encoder.load; a damaged model file raised KeyError."""
+    import soundfile as sf
+
+    sf.write(tmp_path / "take.wav", np.zeros((4410, 1), np.float32), 44100)
+    (tmp_path / "junk.pt").write_bytes(bytes(range(256)) * 40)
+    enc = Encoder.untrained(0)
+    enc.save(tmp_path / "m.pt")
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    del blob["state"]["hash_audio"]
+    torch.save(blob, tmp_path / "damaged.pt")
+    for name in ("take.wav", "junk.pt", "damaged.pt"):
+        with pytest.raises(MidimatchError) as e:
+            Encoder.load(tmp_path / name)
+        assert e.value.reason == "bad_model" and name in str(e.value), name
+        assert "\n" not in str(e.value), name
+
+
+def test_a_device_this_machine_lacks_is_a_bad_device_error():
+    from model.encoder import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    for device, said in (("bogus", "unknown torch device 'bogus'"), ("cuda:99", "cuda:99"),
+                         ("meta", "meta")):
+        with pytest.raises(MidimatchError, match=said) as e:
+            check_device(device)
+        assert e.value.reason == "bad_device" and "\n" not in str(e.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(MidimatchError, match="no CUDA device is available"):
+            Encoder.load(device="cuda")
+    with pytest.raises(MidimatchError, match="bogus"):
+        Encoder.untrained(0, device="bogus")
+
+
 def test_missing_weights_are_an_error_naming_the_file_not_an_untrained_model(tmp_path,
                                                                            monkeypatch):
     import model.encoder as E
