@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -114,9 +115,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
+    from model.errors import MidimatchError
 
     if args.workers < 1:
-        raise SystemExit("midimatch index build: --workers must be ≥ 1")
+        raise MidimatchError(f"--workers must be >= 1, got {args.workers}", reason="bad_argument")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise MidimatchError(f"--timeout must be a finite number of seconds > 0, got "
+                             f"{args.timeout:g}", reason="bad_argument")
+    _check_weights_and_device(args.weights)
     opts = BuildOptions(weights=args.weights, method=args.method, workers=args.workers,
                         file_timeout_s=args.timeout, rebuild=args.rebuild,
                         prune_missing=args.prune_missing, progress=not args.no_progress,
@@ -197,8 +203,13 @@ def _identify(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise MidimatchError("--top must be >= 1", reason="bad_argument")
-    if args.start < 0 or (args.duration is not None and args.duration <= 0):
-        raise MidimatchError("--start must be >= 0 and --duration > 0", reason="bad_argument")
+    if not (math.isfinite(args.start) and args.start >= 0):
+        raise MidimatchError(f"--start must be a finite number of seconds >= 0, got "
+                             f"{args.start:g}", reason="bad_argument")
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        raise MidimatchError(f"--duration must be a finite number of seconds > 0, got "
+                             f"{args.duration:g}", reason="bad_argument")
+    _check_weights_and_device(args.weights, args.device)
     files, problems = audio_files(args.audio)
     out = _Output(args, n_files=len(files) + len(problems))
     for path, reason, message in problems:  # before loading the model: a typo fails fast
@@ -222,6 +233,21 @@ def _identify(args: argparse.Namespace) -> int:
     return out.close()
 
 
+def _check_weights_and_device(weights: str | None, device: str | None = None) -> None:
+    """``--weights`` names a file, ``--device`` a device this machine has: else
+    ``MidimatchError`` (exit 2) before the index, the model or any file is read."""
+    from model.errors import MidimatchError
+
+    if weights is not None and not Path(weights).is_file():
+        raise MidimatchError(f"--weights {weights}: " + ("is a folder, not a model file"
+                             if Path(weights).is_dir() else "no such file"),
+                             reason="no_model")
+    if device is not None:
+        from model.encoder import check_device
+
+        check_device(device)
+
+
 def _open_cascade(args: argparse.Namespace):
     from index.calibration import load_calibration
     from index.cascade_types import CascadeConfig
@@ -234,21 +260,81 @@ def _open_cascade(args: argparse.Namespace):
     return cascade
 
 
+# Frame-grid alignment of the excerpt identify reads (see _search_file): an excerpt must start a
+# whole number of CQT hops (HOP samples at 22,050 Hz) after the part's start for its frames to be
+# the part's frames. At most rates that is a whole number of input samples every few hops
+# (44.1 kHz: every hop, 48 kHz: every 6.8 s, 8/16/32 kHz: every 20.5 s); at rates where it is
+# more than this, the excerpt starts at the input sample nearest to a hop instead (frames within
+# a fraction of a sample of the part's).
+MAX_ALIGN_S = 30.0
+
+
+def grid_step(sample_rate: int) -> int:
+    """Input samples between two starts whose CQT frames lie on the same grid exactly: the
+    smallest ``s`` with ``s * 22050 / sample_rate`` a multiple of the hop."""
+    from model.features import HOP, SAMPLE_RATE
+
+    return HOP * sample_rate // math.gcd(SAMPLE_RATE, HOP * sample_rate)
+
+
+def aligned_start(first: int, part_start: int, sample_rate: int) -> int:
+    """The earliest sample ``>= first`` at which an excerpt of the part that starts at
+    ``part_start`` has the part's CQT frames (``MAX_ALIGN_S``)."""
+    from model.features import HOP, SAMPLE_RATE
+
+    skip = first - part_start
+    if skip <= 0:
+        return part_start
+    step = grid_step(sample_rate)
+    if step <= MAX_ALIGN_S * sample_rate:
+        return part_start + -(-skip // step) * step
+    hop = HOP * sample_rate / SAMPLE_RATE  # one hop in input samples, fractional
+    return part_start + max(skip, round(math.ceil(skip / hop) * hop))
+
+
+def align_slack_s(sample_rate: int) -> float:
+    """How far past the earliest sample :func:`aligned_start` may start, seconds."""
+    from model.features import HOP, SAMPLE_RATE
+
+    step = grid_step(sample_rate)
+    if step <= MAX_ALIGN_S * sample_rate:
+        return step / sample_rate
+    return (math.ceil(HOP * sample_rate / SAMPLE_RATE) + 1) / sample_rate
+
+
+def search_seconds(cascade) -> float:
+    """Seconds of a query's end that a search reads: the query window hashed and verified (and
+    the embedded window, when longer), plus 1 s for the CQT's edge; the silence check's part
+    (:meth:`index.search.Cascade.search_audio`) lies inside it."""
+    from index.cascade_types import FRAME_RATE_HZ
+
+    frames = max(cascade.config.query_window_frames, cascade.embed_frames)
+    return max(cascade.config.query_window_s, frames / FRAME_RATE_HZ) + 1.0
+
+
 def _search_file(cascade, path: Path, args: argparse.Namespace):
     """``(SearchResult, or the answer kind SILENT / TOO_SHORT when nothing was searched, query
-    seconds)``; AudioError for unusable audio."""
-    from model.audio import load_audio
+    seconds)``; AudioError for unusable audio.
+
+    Only the end of the part searched is read and analysed (:func:`search_seconds`, started on
+    the part's frame grid: :func:`aligned_start`), so a long recording costs what 21 s do and
+    gets the answer the whole part would. The part is the file (or ``--start``/``--duration``'s
+    excerpt), its length from the header: a file without samples is silent, as a stream of it is.
+    """
+    from model.audio import load_audio_end
     from model.errors import AudioError
 
-    audio, rate = load_audio(path)
-    total_s = audio.shape[0] / rate
-    a0 = int(args.start * rate)
-    a1 = audio.shape[0] if args.duration is None else a0 + int(args.duration * rate)
-    audio = audio[a0:a1]
-    if audio.shape[0] == 0:
+    need_s = search_seconds(cascade)
+    end = load_audio_end(path, lambda rate: need_s + align_slack_s(rate), start_s=args.start,
+                         duration_s=args.duration)
+    rate = end.sample_rate
+    if end.file_frames == 0:
+        return SILENT, 0.0  # nothing to identify: what a stream of it ends with
+    if end.part_frames == 0:
         raise AudioError(f"--start {args.start:g} s is past the end of {path} "
-                         f"({total_s:.1f} s)", reason="too_short")
-    query_s = audio.shape[0] / rate
+                         f"({end.file_frames / rate:.1f} s)", reason="too_short")
+    query_s = end.part_frames / rate
+    audio = end.audio[aligned_start(end.offset, end.part_start, rate) - end.offset:]
     try:
         return cascade.search_audio(audio, rate), query_s
     except AudioError as e:

@@ -189,3 +189,105 @@ def test_compressed_mono_audio_at_another_rate(setup, capsys, tmp_path, suffix):
     assert code == 0
     top = json.loads(out)["matches"][0]
     assert top["title"] == "tune1" and abs(top["position_s"] - 20.0) < 0.5
+
+
+@pytest.fixture(scope="module")
+def long_take(setup):
+    """Two minutes: 108 s of low noise, then the 12 s query; and a copy of its last 21 s, cut
+    on the CQT's frame grid (a multiple of 2,048 samples at 44.1 kHz)."""
+    x, rate = sf.read(setup / "query.flac", dtype="float32")
+    noise = 0.01 * np.random.default_rng(5).standard_normal((108 * rate, 2)).astype(np.float32)
+    sf.write(setup / "long.wav", np.concatenate([noise, x]), rate)
+    take, _ = sf.read(setup / "long.wav", dtype="float32")  # as 16-bit PCM holds it
+    cut = (take.shape[0] - 21 * rate) // 2048 * 2048
+    sf.write(setup / "long_end.wav", take[cut:], rate)
+    return setup / "long.wav", setup / "long_end.wav", take
+
+
+def test_identify_reads_and_analyses_only_the_end_of_a_long_file(setup, capsys, monkeypatch,
+                                                                 long_take):
+    """The search covers the last 20 s (+ 1 s of CQT edge): a 40-min WAV was read whole (4 GB,
+    25 s) and all of it analysed. Now only its end is read, the frames are those of the whole
+    file's end, and the answer is the one the whole file gave."""
+    from index.cascade_types import CascadeConfig
+    from index.search import Cascade
+
+    long, long_end, take = long_take
+    reads, analysed = [], []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read",  # sf.read goes through it too
+                        lambda f, *a, **k: reads.append(len(out := real_read(f, *a, **k))) or out)
+    real_search = Cascade.search_audio
+    monkeypatch.setattr(Cascade, "search_audio", lambda self, audio, rate: analysed.append(
+        audio.shape[0]) or real_search(self, audio, rate))
+    code, out, _ = run(capsys, "--index", setup / "idx", long, "--json", "--top", "3")
+    assert code == 0
+    res = json.loads(out)
+    assert res["query_s"] == pytest.approx(120.0, abs=0.01)  # the whole part's length
+    cascade = Cascade.open(setup / "idx", config=CascadeConfig(top_n=3))
+    # 20 s searched + 1 s of CQT edge + under 0.05 s to start on the frame grid, of 120 s
+    assert 21 * RATE <= sum(reads) <= 21.1 * RATE, sum(reads) / RATE
+    assert len(analysed) == 1 and 21 * RATE <= analysed[0] <= sum(reads)
+    # the answer of the whole file, searched as identify searched it before
+    whole = real_search(cascade, take, RATE)
+    assert res["matches"] == [m.to_dict() for m in whole.matches]
+    assert res["matches"][0]["title"] == "tune1"
+    # ... and the answer of a file of its last 21 s
+    code, out, _ = run(capsys, "--index", setup / "idx", long_end, "--json", "--top", "3")
+    assert code == 0 and json.loads(out)["matches"] == res["matches"]
+
+
+def test_a_file_without_samples_is_silent_as_its_stream_is(setup, capsys, tmp_path):
+    """`midimatch stream` of a WAV with no samples ends "silent: nothing to identify" (exit 0);
+    identify said "error: ... holds no samples" (exit 1)."""
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros((0, 2), np.float32), RATE)
+    code, out, _ = run(capsys, "--index", setup / "idx", empty)
+    assert code == 0 and out == f"{empty}: silent: nothing to identify\n"
+    code, out, _ = run(capsys, "--index", setup / "idx", empty, "--json")
+    res = json.loads(out)
+    assert code == 0 and res["decision"] == "silent" and res["query_s"] == 0.0
+
+
+def test_random_bytes_are_not_a_readable_audio_file(setup, capfd, tmp_path):
+    """libsndfile said "File does not exist or is not a regular file (possibly a pipe?)" of a
+    .mp3 of random bytes, and its MP3 decoder printed notes on stderr."""
+    path = tmp_path / "random.mp3"
+    path.write_bytes(np.random.default_rng(1).bytes(20000))
+    code = main(["identify", "--index", str(setup / "idx"), str(path)])
+    cap = capfd.readouterr()
+    assert code == 1
+    assert cap.out == f"{path}: error: cannot read audio {path}: not a readable audio file\n"
+    assert "Note:" not in cap.err and "does not exist" not in cap.out + cap.err
+
+
+def test_bad_device_weights_start_and_duration_are_one_line_errors_before_any_work(
+        setup, capsys, tmp_path):
+    idx, query = setup / "idx", setup / "query.flac"
+    wav = tmp_path / "take.wav"
+    sf.write(wav, np.zeros((RATE, 1), np.float32), RATE)
+    cases = [
+        (("--device", "bogus"), "unknown torch device 'bogus'"),
+        (("--device", "cuda:99"), "cuda:99"),
+        (("--weights", wav), f"cannot load model weights {wav}"),
+        (("--weights", tmp_path), "is a folder"),
+        (("--start", "nan"), "--start must be a finite number"),
+        (("--start", "inf"), "--start must be a finite number"),
+        (("--duration", "inf"), "--duration must be a finite number"),
+        (("--duration", "nan"), "--duration must be a finite number"),
+    ]
+    for extra, said in cases:
+        code, out, err = run(capsys, "--index", idx, query, *extra)
+        assert code == 2, extra
+        assert out == "" and len(err.splitlines()) == 1 and said in err, (extra, err)
+    # index build reads its --weights the same way
+    code = main(["index", "build", str(tmp_path / "new"), str(setup / "songs"), "--weights",
+                 str(wav)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot load model weights" in err
+    for timeout in ("nan", "inf", "0"):
+        code = main(["index", "build", str(tmp_path / "new"), str(setup / "songs"), "--timeout",
+                     timeout])
+        err = capsys.readouterr().err
+        assert code == 2 and "--timeout" in err and len(err.splitlines()) == 1, (timeout, err)
+    assert not (tmp_path / "new").exists()
