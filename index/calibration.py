@@ -44,8 +44,10 @@ __all__ = [
     "Fit",
     "Provenance",
     "calibrate",
+    "check_calibration_file",
     "describe",
     "load_calibration",
+    "min_outsiders",
     "save_calibration",
     "threshold_above",
     "uncalibrated_warning",
@@ -57,6 +59,9 @@ DEFAULT_CALIBRATION_PATH = (
 FORMAT = "midimatch-calibration/1"
 DEFAULT_THRESHOLD = 0.5  # Raffel's c >= 0.5, set on 30 s clips: only a fallback here
 DEFAULT_STABLE_RESULTS = 3
+DEFAULT_MAX_FALSE_RATE = 0.01
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A decision threshold for one model, and how it was obtained.
@@ -101,7 +106,7 @@ class Calibration:
     model_id: str
     threshold: float = DEFAULT_THRESHOLD
     stable_results: int = DEFAULT_STABLE_RESULTS
-    max_false_rate: float = 0.01
+    max_false_rate: float = DEFAULT_MAX_FALSE_RATE
     false_rate: float | None = None
     recall: float | None = None
     n_in: int = 0
@@ -168,7 +173,7 @@ def calibrate(
     *,
     model_id: str,
     in_correct: Sequence[bool] | np.ndarray | None = None,
-    max_false_rate: float = 0.01,
+    max_false_rate: float = DEFAULT_MAX_FALSE_RATE,
     stable_results: int = DEFAULT_STABLE_RESULTS,
     source: str = "",
     fit: Fit | None = None,
@@ -223,6 +228,21 @@ def calibrate(
         provenance=Provenance(queries=replace(fit or Fit.now(), n_in=int(cin.size),
                                               n_out=int(cout.size))),
     )
+
+
+def min_outsiders(max_false_rate: float = DEFAULT_MAX_FALSE_RATE) -> int:
+    """The fewest out-of-collection queries a threshold can bound ``max_false_rate`` with:
+    ``1 / max_false_rate`` (100 at 1 %).
+
+    With fewer, ``floor(max_false_rate * n)`` is 0: no outsider may be confident, so the threshold
+    lands just above the highest outsider's confidence, a fact about that sample and no bound on
+    the rate (one outsider at confidence 0 gave a threshold of 5e-324: every query identified).
+    :func:`calibrate` still fits such a threshold; ``midimatch eval --save-calibration`` refuses
+    to save it unless told to.
+    """
+    if not 0.0 < max_false_rate < 1.0:
+        raise ValueError(f"max_false_rate must lie in (0, 1) to be bounded, got {max_false_rate}")
+    return math.ceil(1.0 / max_false_rate - 1e-9)
 
 
 def threshold_above(out_values: Sequence[float], max_false_rate: float,
@@ -303,6 +323,28 @@ def save_calibration(calibration: Calibration, path: str | Path | None = None) -
     tmp.write_text(json.dumps({"format": FORMAT, "models": models}, indent=2, sort_keys=True)
                    + "\n", encoding="utf-8")
     os.replace(tmp, p)
+    return p
+
+
+def check_calibration_file(path: str | Path) -> Path:
+    """``path`` as :func:`save_calibration` will write it: its folder exists and, when the file
+    exists, it is a calibration file (whose other models' entries are kept). Lets a command fail
+    before its run rather than after it.
+
+    Raises
+    ------
+    MidimatchError
+        ``bad_calibration``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise MidimatchError(f"{p} is a folder: name the calibration file to write",
+                             reason="bad_calibration")
+    if not p.parent.is_dir():
+        raise MidimatchError(f"cannot write a calibration to {p}: no folder {p.parent}",
+                             reason="bad_calibration")
+    if p.exists():
+        _read(p)
     return p
 
 

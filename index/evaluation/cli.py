@@ -80,7 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="search nothing: recompute the figures of the --json report from its "
                    "--outcomes file (after a change to how figures are computed)")
     r.add_argument("--save-calibration", type=Path, metavar="PATH",
-                   help="store a calibration fitted on ALL queries of this run in PATH")
+                   help="store a calibration fitted on ALL queries of this run in PATH; refused "
+                   "when the run has fewer out-of-collection queries than bound its 1 %% false "
+                   "rate (100)")
+    r.add_argument("--allow-small-calibration", action="store_true",
+                   help="--save-calibration from fewer outsiders than bound the false rate (a "
+                   "test's calibration: its threshold only excludes those outsiders), with a "
+                   "warning")
     p.set_defaults(func=_eval)
 
 
@@ -100,6 +106,7 @@ def queries_dir(root: Path, renderer: str | None) -> Path:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _check_args(args)  # before anything is loaded: a bad option is a one-line error, exit 2
     if args.top_k is None:
         from index.cascade_types import DEFAULT_TOP_K
 
@@ -109,6 +116,60 @@ def _eval(args: argparse.Namespace) -> int:
     if args.n_generated_index is None:
         args.n_generated_index = 1000
     return _prepare(args) if args.action == "prepare" else _run(args)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The run's numeric and list options, checked: ``MidimatchError("bad_argument")``."""
+    from model.errors import MidimatchError
+
+    at_least = [("--top-k", args.top_k, 1), ("--prune-parts", args.prune_parts, 0),
+                ("--batch", args.batch, 1), ("--threads", args.threads, 1),
+                ("--max-pieces", args.max_pieces, 1), ("--baseline", args.baseline, 0)]
+    for flag, value, low in at_least:
+        if value is not None and value < low:
+            raise MidimatchError(f"{flag} must be >= {low}, got {value}", reason="bad_argument")
+    _lengths(args.lengths)
+    _baseline_cells(args.baseline_cells)
+    if args.allow_small_calibration and not args.save_calibration:
+        raise MidimatchError("--allow-small-calibration goes with --save-calibration PATH",
+                             reason="bad_argument")
+
+
+def _lengths(text: str) -> set[float]:
+    """``--lengths 5,10`` → {5.0, 10.0} (empty: every length)."""
+    from model.errors import MidimatchError
+
+    out = set()
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise MidimatchError(f"--lengths {text!r}: {item!r} is not a clip length in seconds "
+                                 "(e.g. --lengths 5,10)", reason="bad_argument")
+        out.add(value)
+    return out
+
+
+def _baseline_cells(text: str) -> list[tuple[str, float]]:
+    """``--baseline-cells clean/5,room_noise/10`` → [("clean", 5.0), ("room_noise", 10.0)]."""
+    from model.errors import MidimatchError
+
+    cells = []
+    for item in (x.strip() for x in text.split(",")):
+        condition, _, length = item.partition("/")
+        try:
+            value = float(length)
+        except ValueError:
+            value = math.nan
+        if not condition or not (math.isfinite(value) and value > 0):
+            raise MidimatchError(f"--baseline-cells {text!r}: {item!r} is not CONDITION/LENGTH "
+                                 f"(e.g. {BASELINE_CELLS})", reason="bad_argument")
+        cells.append((condition, value))
+    return cells
 
 
 def _prepare_external(args: argparse.Namespace) -> int:
@@ -201,7 +262,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _select(queries: list[dict], args: argparse.Namespace) -> list[int]:
     from index.evaluation.evalset import select_queries
 
-    return select_queries(queries, lengths={float(x) for x in args.lengths.split(",") if x},
+    return select_queries(queries, lengths=_lengths(args.lengths),
                           conditions={x for x in args.conditions.split(",") if x},
                           max_pieces=args.max_pieces or 0)
 
@@ -240,7 +301,7 @@ def _baseline(args: argparse.Namespace, report: dict, refs: list[dict], queries:
     from index.evaluation.evaluate import baseline_subset, run_baseline, summarize
 
     matcher = ChromaMatcher.build([r["path"] for r in refs], _root(args) / "chroma_cache.npz")
-    cells = [(c.split("/")[0], float(c.split("/")[1])) for c in args.baseline_cells.split(",")]
+    cells = _baseline_cells(args.baseline_cells)
     chosen = baseline_subset(queries, cells, args.baseline)
     base_out = run_baseline(matcher, queries, frames, refs_of, chosen,
                             progress=not args.no_progress)
@@ -307,6 +368,7 @@ def _run(args: argparse.Namespace) -> int:
         true_refs,
     )
     from index.search import Cascade
+    from model.errors import MidimatchError
 
     if args.threads:
         import numba
@@ -324,8 +386,10 @@ def _run(args: argparse.Namespace) -> int:
         query_dirs = [queries_dir(root, name) for name in dict.fromkeys(names)]
     query_dir = ", ".join(str(d) for d in query_dirs)
     parts = {} if args.prune_parts is None else {"prune_parts": args.prune_parts}
-    cascade = Cascade.open(index_dir, weights=args.weights,
-                           config=CascadeConfig(top_k=args.top_k, **parts))
+    try:
+        config = CascadeConfig(top_k=args.top_k, **parts)
+    except ValueError as e:
+        raise MidimatchError(str(e), reason="bad_argument") from None
     queries, frames = [], []
     for d in query_dirs:  # each set's records name its renderer
         q, f = load_queries(d)
@@ -334,7 +398,10 @@ def _run(args: argparse.Namespace) -> int:
     keep = _select(queries, args)
     queries, frames = [queries[i] for i in keep], [frames[i] for i in keep]
     if not queries:
-        raise SystemExit("midimatch eval: no query left after --lengths/--conditions")
+        raise SystemExit("midimatch eval: no query left after --lengths/--conditions"
+                         "/--max-pieces")
+    small = _check_calibration_sample(args, queries)  # before the run, not after it
+    cascade = Cascade.open(index_dir, weights=args.weights, config=config)
     refs_of = true_refs(cascade.index.refs, queries)
     t0 = time.perf_counter()
     outcomes = run_cascade(cascade, queries, frames, refs_of, batch_size=args.batch,
@@ -384,11 +451,48 @@ def _run(args: argparse.Namespace) -> int:
                         model_id=cascade.encoder.model_id,
                         in_correct=[o["top1_ref"] == o["true_ref"] for o in outcomes
                                     if o["kind"] == "in"],
-                        source=f"midimatch eval: {len(queries)} queries of {query_dir}", fit=fit)
+                        source=f"midimatch eval: {len(queries)} queries of {query_dir}"
+                        + (f" ({small})" if small else ""), fit=fit)
         print(f"calibration saved to {save_calibration(cal, args.save_calibration)}: "
               f"threshold {cal.threshold:.3f}")
     _write(args, report, outcomes)
     return 0
+
+
+def _check_calibration_sample(args: argparse.Namespace, queries: list[dict]) -> str | None:
+    """For ``--save-calibration``: its file can be written, and the run has outsiders enough to
+    bound the false rate (:func:`index.calibration.min_outsiders`), else ``MidimatchError``;
+    with ``--allow-small-calibration`` too few are a warning, returned to go in the
+    calibration's source. None without ``--save-calibration`` or with outsiders enough."""
+    if not args.save_calibration:
+        return None
+    from index.calibration import (
+        DEFAULT_MAX_FALSE_RATE,
+        check_calibration_file,
+        min_outsiders,
+    )
+    from model.errors import MidimatchError
+
+    check_calibration_file(args.save_calibration)
+    n_out = sum(q["kind"] == "out" for q in queries)
+    need = min_outsiders(DEFAULT_MAX_FALSE_RATE)
+    if n_out == 0:
+        raise MidimatchError(f"--save-calibration: none of the {len(queries)} queries is out of "
+                             "the collection, and the threshold is set by outsiders' confidences "
+                             "(a set prepared with --n-out N; --conditions, --lengths may leave "
+                             "them out)", reason="bad_calibration")
+    if n_out >= need:
+        return None
+    why = (f"{n_out} out-of-collection queries cannot bound a "
+           f"{100 * DEFAULT_MAX_FALSE_RATE:g} % false rate: {need} needed; the threshold would "
+           "only sit above these outsiders' confidences")
+    if not args.allow_small_calibration:
+        raise MidimatchError(f"--save-calibration: {why}. Run on more outsiders (a set prepared "
+                             "with a larger --n-out, fewer left out by --max-pieces, --lengths, "
+                             "--conditions), or pass --allow-small-calibration to save it anyway",
+                             reason="bad_calibration")
+    print(f"warning: --allow-small-calibration: {why}", file=sys.stderr)
+    return f"too few outsiders: {n_out} of the {need} that bound the false rate"
 
 
 def _write(args: argparse.Namespace, report: dict, outcomes: list[dict]) -> None:

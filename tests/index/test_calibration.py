@@ -14,8 +14,10 @@ from index.calibration import (
     Fit,
     Provenance,
     calibrate,
+    check_calibration_file,
     describe,
     load_calibration,
+    min_outsiders,
     save_calibration,
     uncalibrated_warning,
 )
@@ -62,6 +64,32 @@ def test_out_of_collection_at_full_confidence_means_never_confident():
     assert not cal.is_confident(1.0)
     with pytest.raises(ValueError, match="out-of-collection"):
         calibrate([0.5], [], model_id="m")
+
+
+def test_a_false_rate_needs_one_over_it_outsiders_to_be_bounded():
+    """Under 1/rate outsiders none may be confident, and the threshold is a fact of the sample:
+    one outsider at confidence 0 gave 5e-324, every query identified."""
+    assert min_outsiders() == min_outsiders(0.01) == 100
+    assert min_outsiders(0.05) == 20 and min_outsiders(0.3) == 4
+    assert calibrate([0.9], [0.0], model_id="m").threshold == 5e-324
+    # from 100 on, one outsider in a hundred may be confident: the threshold is a rate's
+    assert calibrate([0.9], np.r_[np.zeros(99), 0.5], model_id="m").false_rate == 0.01
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError):
+            min_outsiders(bad)
+
+
+def test_check_calibration_file_says_before_a_run_what_saving_would_say_after(tmp_path):
+    assert check_calibration_file(tmp_path / "new.json") == tmp_path / "new.json"
+    save_calibration(Calibration("a", threshold=0.8), tmp_path / "old.json")
+    check_calibration_file(tmp_path / "old.json")  # its other models' entries are kept
+    (tmp_path / "bad.json").write_text("{not json")
+    for path, said in ((tmp_path / "bad.json", "cannot read calibration"),
+                       (tmp_path / "no" / "cal.json", "no folder"),
+                       (tmp_path, "is a folder")):
+        with pytest.raises(MidimatchError, match=said) as e:
+            check_calibration_file(path)
+        assert e.value.reason == "bad_calibration"
 
 
 def test_save_and_load_round_trip_keyed_by_model(tmp_path):

@@ -78,8 +78,12 @@ def test_eval_prints_its_answers_and_saves_a_calibration_that_says_what_it_was_f
     cal_path = tmp_path / "cal.json"
     assert main(["eval", "--out", str(tmp_path), "--index", str(tmp_path / "index"),
                  "--queries", str(tmp_path / "queries"), "--no-progress",
-                 "--save-calibration", str(cal_path)]) == 0
-    out = capsys.readouterr().out
+                 "--save-calibration", str(cal_path), "--allow-small-calibration"]) == 0
+    cap = capsys.readouterr()
+    out = cap.out
+    # one outsider bounds no false rate: saved because it was asked for, and said so
+    assert "warning: --allow-small-calibration: 1 out-of-collection queries cannot bound a 1 % " \
+        "false rate: 100 needed" in cap.err
     line = next(x for x in out.splitlines() if x.startswith("answers ("))
     assert line.startswith("answers (5 queries): ") and "identified, " in line
     assert line.endswith(" not in the collection")  # the words identify and stream use
@@ -87,6 +91,8 @@ def test_eval_prints_its_answers_and_saves_a_calibration_that_says_what_it_was_f
     assert fit.renderers == ("sine",) and fit.conditions == ("clean", "room_noise")
     assert (fit.n_in, fit.n_out, fit.index_refs) == (4, 1, 2)
     assert fit.command.startswith("midimatch ") and fit.date_utc
+    source = load_calibration(Encoder.load().model_id, cal_path).source
+    assert source.endswith("(too few outsiders: 1 of the 100 that bound the false rate)")
 
 
 def test_eval_pools_the_query_sets_of_several_renderers_and_calibrates_on_all(tmp_path, capsys):
@@ -108,7 +114,7 @@ def test_eval_pools_the_query_sets_of_several_renderers_and_calibrates_on_all(tm
     cal_path, report = tmp_path / "cal.json", tmp_path / "report.json"
     assert main(["eval", "--out", str(tmp_path), "--index", str(tmp_path / "index"),
                  "--renderer", "sine,sine-b", "--no-progress", "--json", str(report),
-                 "--save-calibration", str(cal_path)]) == 0
+                 "--save-calibration", str(cal_path), "--allow-small-calibration"]) == 0
     out = capsys.readouterr().out
     assert "sine (5 queries):" in out and "sine-b (5 queries):" in out
     assert "pooled, sine + sine-b (10 queries):" in out
@@ -132,3 +138,56 @@ def test_eval_says_which_query_set_is_missing(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no query set at" in err[0] and "queries-adplay-opl3" in err[0]
+
+
+def test_save_calibration_refuses_too_few_outsiders_and_none_before_the_run(tmp_path, capsys,
+                                                                            monkeypatch):
+    """One outsider gave a threshold of 5e-324 (every query identified), saved; a set without
+    outsiders ran to the end, then raised a traceback. Both are refused before the search."""
+    from index.search import Cascade
+
+    _eval_set(tmp_path, tmp_path / "queries")
+    opened = []
+    monkeypatch.setattr(Cascade, "open", classmethod(lambda cls, *a, **k: opened.append(a)))
+    cal_path = tmp_path / "cal.json"
+    argv = ["eval", "--out", str(tmp_path), "--index", str(tmp_path / "index"), "--queries",
+            str(tmp_path / "queries"), "--no-progress", "--save-calibration", str(cal_path)]
+    for extra, said in (
+            ((), "--save-calibration: 1 out-of-collection queries cannot bound a 1 % false rate: "
+                 "100 needed"),
+            (("--conditions", "room_noise"), "--save-calibration: none of the 2 queries is out "
+             "of the collection"),
+            (("--conditions", "room_noise", "--allow-small-calibration"), "none of the 2"),
+    ):
+        assert main(argv + list(extra)) == 2, extra
+        cap = capsys.readouterr()
+        assert len(cap.err.splitlines()) == 1 and said in cap.err, (extra, cap.err)
+        assert "--allow-small-calibration" in cap.err or "none" in said
+        assert cap.out == "" and not opened and not cal_path.exists()
+    # nowhere to write it: said before the run too
+    argv[-1] = str(tmp_path / "no-such-folder" / "cal.json")
+    assert main(argv + ["--allow-small-calibration"]) == 2
+    assert "no folder" in capsys.readouterr().err and not opened
+
+
+@pytest.mark.parametrize("extra,said", [
+    (("--top-k", "0"), "--top-k must be >= 1"),
+    (("--prune-parts", "-1"), "--prune-parts must be >= 0"),
+    (("--lengths", "abc"), "'abc' is not a clip length"),
+    (("--lengths", "10,-5"), "'-5' is not a clip length"),
+    (("--batch", "0"), "--batch must be >= 1"),
+    (("--batch", "-1"), "--batch must be >= 1"),
+    (("--threads", "-2"), "--threads must be >= 1"),
+    (("--baseline", "1", "--baseline-cells", "clean"), "'clean' is not CONDITION/LENGTH"),
+    (("--baseline", "-1"), "--baseline must be >= 0"),
+    (("--max-pieces", "-1"), "--max-pieces must be >= 1"),
+    (("--allow-small-calibration",), "goes with --save-calibration"),
+])
+def test_eval_refuses_bad_options_in_one_line_before_loading_anything(tmp_path, capsys, extra,
+                                                                       said):
+    """Each was a traceback (ValueError, IndexError), a silent no-op (--batch -1, --max-pieces -1:
+    no query kept, blamed on --lengths/--conditions) or ran the whole evaluation first."""
+    # no index, no query set here: an error about either would mean they were looked for
+    assert main(["eval", "--out", str(tmp_path), "--no-progress", *extra]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and len(cap.err.splitlines()) == 1 and said in cap.err, cap.err
