@@ -170,10 +170,15 @@ class SessionTable:
         self._report()
 
     async def end(self, state: SessionState) -> None:
-        """End the session's stream on the bus (idempotent)."""
+        """End the session's stream on the bus (idempotent). When the bus fails (Redis down or
+        full) the session is not marked ended, so a resume can send its stop again."""
         if not state.ended:
             state.ended = True
-            await self.bus.end_session(state.session_id)
+            try:
+                await self.bus.end_session(state.session_id)
+            except BaseException:
+                state.ended = False
+                raise
 
     async def _expire(self, state: SessionState) -> None:
         if self._sessions.get(state.session_id) is not state or state.conn is not None:

@@ -6,7 +6,8 @@ The handler validates everything a client sends (text messages by
 worker does, behind the bus.
 Every error is answered with an ``error`` message and a close code, and touches only its own
 connection: the client's mistakes as ``bad_request``/``too_large``/``timeout``, an unreachable
-bus as ``unavailable`` (retryable), anything else as ``internal`` with a reference to the log.
+or full bus as ``unavailable`` (retryable), anything else as ``internal`` with a reference to the
+log.
 The token was checked before the upgrade (``server.app.token_middleware``).
 """
 
@@ -51,14 +52,20 @@ CLOSE_GOING_AWAY = 1001  # the gateway is shutting down
 # (1.5 s of audio per 30 s), so a client trickling a sample at a time is closed as idle.
 MIN_AUDIO_SHARE = 0.05
 # BusError reasons that mean "the bus cannot serve now" (Redis down, the gateway closing its
-# bus), not a fault of this request: answered ``unavailable``, and the session stays resumable.
-UNAVAILABLE_REASONS = frozenset({"redis_unavailable", "closed"})
+# bus; Redis full: at maxmemory it refuses writes until memory is freed), not a fault of this
+# request: answered ``unavailable``, and the session stays resumable.
+UNAVAILABLE_REASONS = frozenset({"redis_unavailable", "closed", "redis_full"})
 
 
 def service_error(e: Exception, session_id: str | None) -> ProtocolError:
     """The error a client gets for a failure of the service (not of its input): ``unavailable``
     (retryable, nothing about the infrastructure in its words) when the bus cannot be reached,
-    else ``internal`` with a reference that finds the traceback in the log. Logs either."""
+    else ``internal`` with a reference that finds the traceback in the log. Logs either (an
+    unavailable bus as one warning line, no traceback)."""
+    if isinstance(e, BusError) and e.reason == "redis_full":
+        log.warning("the bus is full (session %s): %s", session_id, e)
+        return ProtocolError("unavailable", "the service is temporarily out of room; retry "
+                             "(resume the session) shortly", reason="bus_full")
     if isinstance(e, (ConnectionError, OSError, asyncio.TimeoutError)) or (
             isinstance(e, BusError) and e.reason in UNAVAILABLE_REASONS
             and not isinstance(e.__cause__, ResponseError)):  # Redis refused a command: a bug

@@ -39,6 +39,16 @@ claim's ``XREADGROUP BLOCK``, the dispatcher's ``XREAD BLOCK``) block for at mos
 they never time out while Redis is well. A command Redis answers with an error (``ResponseError``:
 a bug, not an outage) raises reason ``redis_error``.
 
+Redis full (``maxmemory`` reached under ``noeviction``, as docs/deploy.md configures it): Redis
+refuses every command that may grow its memory (``OOM command not allowed...``) and runs the
+others, so nothing is lost, new data is just not taken. Those calls raise reason ``redis_full``
+(retry later, like ``redis_unavailable``): creating a session, audio, an end, a result. A script
+is refused at its first such write, before any effect, so each call is all or nothing. What only
+acks, trims, claims or expires goes on: reads, ``renew``, ``release``, ``finish``, ``reap``; the
+heartbeat, refused, extends the last one it wrote instead (``PEXPIRE``), so a worker is not
+taken for dead while Redis is full. A claim whose adoption of a session is refused returns the
+sessions it adopted before (the rest stay pending and are claimed again after the lease).
+
 Result reads (gateway side) go through one :class:`~worker.redis_results.ResultsDispatcher`
 per bus: looks batched into one pipeline, waits served by one shared short ``XREAD BLOCK``.
 """
@@ -54,7 +64,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from worker import redis_scripts as lua
 from worker.bus import (
@@ -85,6 +95,9 @@ def _redis_errors() -> Iterator[None]:
         yield
     except BusError:
         raise
+    except OutOfMemoryError as e:  # at maxmemory (noeviction): no writes that grow it, for now
+        raise BusError(f"Redis is full (maxmemory) and refuses writes: {e}",
+                       reason="redis_full") from e
     except ResponseError as e:  # Redis answered and refused the command: a bug, not an outage
         raise BusError(f"Redis refused a command: {e}", reason="redis_error") from e
     except RedisError as e:  # unreachable, timed out, loading: retry later
@@ -356,6 +369,14 @@ class RedisBus(RedisKeys, Bus):
                 try:
                     n, *stored = await self._adopt(keys=[self.sessions_key, self.meta_key(sid)],
                                                    args=[GROUP, eid, worker_id])
+                except OutOfMemoryError:
+                    if not claims:
+                        raise
+                    # Redis is full: the rest would be refused too. They stay pending on this
+                    # worker, untouched, and are claimed again once their lease lapses.
+                    logger.warning("Redis is full: adopted %d of %d claimed sessions; the others "
+                                   "are claimed again after the lease", len(claims), len(entries))
+                    break
                 except ResponseError as e:
                     if "WRONGTYPE" not in str(e):
                         raise

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from worker import redis_scripts as lua
 from worker.bus import distinct
@@ -41,15 +41,25 @@ class WorkerRegistry:
 
     async def heartbeat(self, worker_id: str, max_sessions: int, notes: tuple[str, ...],
                         calibration: dict | None) -> None:
+        """Raises ``OutOfMemoryError`` when Redis is full (maxmemory): it refuses ``SET`` and
+        ``SADD`` then, so the heartbeat it had is extended as it was (``PEXPIRE``, which Redis
+        still runs) and the worker stays alive for the gateways and the other workers."""
         k = self.keys
-        async with self.r.pipeline(transaction=False) as p:
-            p.set(k.worker_key(worker_id), int(max_sessions), px=self.lease_ms)
-            if notes:
-                p.set(k.notes_key(worker_id), json.dumps(list(notes)), px=self.lease_ms)
-            if calibration:
-                p.set(k.calibration_key(worker_id), json.dumps(calibration), px=self.lease_ms)
-            p.sadd(k.workers_key, worker_id)
-            await p.execute()
+        try:
+            async with self.r.pipeline(transaction=False) as p:
+                p.set(k.worker_key(worker_id), int(max_sessions), px=self.lease_ms)
+                if notes:
+                    p.set(k.notes_key(worker_id), json.dumps(list(notes)), px=self.lease_ms)
+                if calibration:
+                    p.set(k.calibration_key(worker_id), json.dumps(calibration), px=self.lease_ms)
+                p.sadd(k.workers_key, worker_id)
+                await p.execute()
+        except OutOfMemoryError:
+            async with self.r.pipeline(transaction=False) as p:
+                for key in k.worker_keys(worker_id):
+                    p.pexpire(key, self.lease_ms)
+                await p.execute()
+            raise
 
     async def _live(self) -> tuple[list[str], list[bytes | None]]:
         """Registered workers and their heartbeats (None: dead, dropped from the set)."""

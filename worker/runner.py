@@ -39,9 +39,12 @@ carry ``audio_skipped_s`` (the stream time never analysed, in total), and
 ``errors_total{audio_gap}`` and ``audio_skipped_seconds_total`` count it.
 
 A bus failure (Redis unreachable) is counted (``bus``) and retried with a back-off; the sessions
-stay held as long as their leases do. Results wait on their session until published, in order,
-with its ``finish`` after the final: one failed publish delays that session's results to the next
-step and loses nothing, and the other sessions' go out all the same.
+stay held as long as their leases do. Redis full (``redis_full``: at maxmemory it refuses writes)
+is waited out the same way, but the leases are renewed and the heartbeat kept meanwhile (Redis
+runs those), claiming stops while the sessions held are served, and it is logged as a warning
+once a minute. Results wait on their session until published, in order, with its ``finish``
+after the final: one failed publish delays that session's results to the next step and loses
+nothing, and the other sessions' go out all the same.
 
 Shutdown (:meth:`Worker.stop`, wired to SIGTERM by ``midimatch worker``): stop claiming, let the
 running tick finish and publish, then ``release`` every session so another worker takes it at
@@ -68,6 +71,9 @@ from worker.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 MAX_CHUNKS_PER_READ = 512
+# While Redis is full (maxmemory) every step's writes are refused: logged as a warning at most
+# this often, at DEBUG between.
+FULL_WARN_EVERY_S = 60.0
 
 
 def fair_share(load: Workload, capacity: int) -> int:
@@ -113,6 +119,7 @@ class Worker(LeaseTask):
         self._claimed_at = 0.0
         self._tick_started: float | None = None  # time.monotonic() of the running tick's start
         self._reaped_at = time.monotonic()
+        self._full_warned_at = -math.inf  # time.monotonic() of the last "Redis is full" warning
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()  # set once the engine is loaded and the first heartbeat sent
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -165,7 +172,8 @@ class Worker(LeaseTask):
                 except BusError as e:
                     self.metrics.errors_total.labels("bus").inc()
                     backoff = min(2.0, max(0.1, backoff * 2))
-                    logger.warning("bus failed (%s); retrying in %.1f s", e, backoff)
+                    logger.log(self._bus_log_level(e), "bus failed (%s); retrying in %.1f s",
+                               e, backoff)
                     busy = False
                     await self._sleep(backoff)
                 except Exception:  # a bug outside any one session: keep serving the others
@@ -182,6 +190,18 @@ class Worker(LeaseTask):
             await self._bus_call(self.bus.retire(self.worker_id))
             self._executor.shutdown(wait=True)
 
+    def _bus_log_level(self, e: BusError) -> int:
+        """WARNING for a bus failure; but Redis refusing writes because it is full
+        (``redis_full``), which comes back at every step while it lasts, only once in
+        ``FULL_WARN_EVERY_S``, DEBUG between."""
+        if e.reason != "redis_full":
+            return logging.WARNING
+        now = time.monotonic()
+        if now - self._full_warned_at < FULL_WARN_EVERY_S:
+            return logging.DEBUG
+        self._full_warned_at = now
+        return logging.WARNING
+
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
@@ -195,7 +215,18 @@ class Worker(LeaseTask):
             self._claimed_at = now
             block_s = self.settings.claim_every_s if not self.owned else 0.0
             n = await self._claimable()
-            await self._adopt_all(await self.bus.claim(self.worker_id, n, block_s=block_s))
+            try:
+                claims = await self.bus.claim(self.worker_id, n, block_s=block_s)
+            except BusError as e:
+                if e.reason != "redis_full" or not self.owned:
+                    raise
+                # Redis is full: adopting a session writes, and is refused. The sessions held
+                # are read, ticked and renewed all the same.
+                self.metrics.errors_total.labels("bus").inc()
+                logger.log(self._bus_log_level(e), "claiming failed (%s); serving the %d "
+                           "sessions held", e, len(self.owned))
+                claims = []
+            await self._adopt_all(claims)
         fed = await self._read_all()
         results = await self._tick()
         self._apply_lost()
@@ -353,7 +384,7 @@ class Worker(LeaseTask):
             try:
                 await self._flush(sid)
             except BusError as e:
-                if e.reason == "redis_unavailable":
+                if e.reason in ("redis_unavailable", "redis_full"):
                     raise
                 self.metrics.errors_total.labels("bus").inc()
                 logger.warning("session %s: publishing failed (%s); trying again next step",

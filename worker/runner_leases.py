@@ -23,7 +23,8 @@ logger = logging.getLogger("worker.runner")
 class LeaseTask:
     """Mixin of :class:`~worker.runner.Worker`: its lease task and the tick's watchdog. Uses the
     worker's ``bus``, ``settings``, ``metrics``, ``worker_id``, ``owned``, ``_lost``,
-    ``capacity``, ``notes``, ``calibration``, ``engine`` and ``_tick_started``."""
+    ``capacity``, ``notes``, ``calibration``, ``engine``, ``_tick_started`` and
+    ``_bus_log_level``."""
 
     _leases: asyncio.Task | None = None
     _was_stalled = False
@@ -75,8 +76,16 @@ class LeaseTask:
         if stalled != self._was_stalled:
             self._watchdog(stalled)
             self._was_stalled = stalled
-        await self.bus.heartbeat(self.worker_id, 0 if stalled else self.capacity,
-                                 self.notes, self.calibration)
+        try:
+            await self.bus.heartbeat(self.worker_id, 0 if stalled else self.capacity,
+                                     self.notes, self.calibration)
+        except BusError as e:
+            if e.reason != "redis_full":
+                raise
+            # Redis is full: it refused the heartbeat (the bus extended the last one instead)
+            # but runs the renewal, so the leases are kept.
+            self.metrics.errors_total.labels("bus").inc()
+            logger.log(self._bus_log_level(e), "heartbeat refused, the last one kept: %s", e)
         held = list(self.owned)
         if held and not stalled:
             self._lost.update(await self.bus.renew(self.worker_id, held))
