@@ -296,7 +296,9 @@ class Bus(ABC):
         """Publish one result; returns its result id. With ``owner`` (a worker always gives
         it) the result is published only while that worker owns the session, checked in the
         same atomic step: None when it does not (its lease lapsed and another worker took the
-        session, or it was finished), and nothing is stored."""
+        session, or it was finished), and nothing is stored. A session has one final result:
+        once it is stored nothing more is, and the call returns the final's id; a result equal
+        to the last one stored (the same call repeated) returns that one's id, stored once."""
 
     @abstractmethod
     async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:

@@ -42,6 +42,7 @@ class _Session:
     owned_before: bool = False
     finished: bool = False
     attaches: int = 0  # the attach generation (``Bus.attach``)
+    final_id: str | None = None  # the final result's id: nothing is stored after it
     # readers of this session's results waiting for the next one; only this session's
     # changes wake them
     waiters: set[asyncio.Future] = field(default_factory=set)
@@ -318,10 +319,16 @@ class InProcessBus(Bus):
         s = self._get(session_id)
         if owner is not None and (s.owner != owner or s.finished):
             return None
+        if s.final_id is not None:  # the final is the session's last word (Bus contract)
+            return s.final_id
+        if s.results and s.results[-1][1] == result:  # the same call again: stored once
+            return s.results[-1][0]
         n = next(self._ids)
         rid = f"{n}-0"
         s.results.append((rid, result))
         s.result_keys.append((n, 0))
+        if result.get("final"):
+            s.final_id = rid
         s.touched = self._clock()
         if len(s.results) > self.max_results:
             del s.results[: len(s.results) - self.max_results]

@@ -156,7 +156,9 @@ class RedisBus(RedisKeys, Bus):
                            reason="bad_settings")
         # A dropped connection (Redis restarted, a network blip) is retried on a new one, so
         # the first call after an outage does not fail. The audio, lease and finish scripts are
-        # safe to repeat; a repeated publish whose first reply was lost stores a result twice.
+        # safe to repeat (by seq, by ownership), and so is a publish whose first reply was lost:
+        # the script compares it with the last result stored (and stores one final only). A
+        # repeated create answers ``session_exists``; a repeated attach or adopt counts twice.
         # A timeout is not retried: Redis did not answer for ``timeout_s``, so the call fails
         # after that long (not four times that).
         self.timeout_s = float(timeout_s)
@@ -406,7 +408,7 @@ class RedisBus(RedisKeys, Bus):
                 keys=[self.sessions_key, self.meta_key(session_id),
                       self.results_key(session_id)],
                 args=[GROUP, owner or "", json.dumps(result, separators=(",", ":")),
-                      self.max_results, self.session_ttl_ms])
+                      self.max_results, self.session_ttl_ms, int(bool(result.get("final")))])
         return eid.decode() if eid else None
 
     async def renew(self, worker_id: str, session_ids: list[str]) -> list[str]:

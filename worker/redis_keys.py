@@ -10,6 +10,7 @@ Key layout (``P`` is the prefix, ``mm`` by default; ``{id}`` a session id)
 ``P:s:{id}:meta``         hash: ``sr ch enc`` (stream parameters), ``x`` (hand-out entry),
                           ``n`` (times claimed: > 1 means reclaimed), ``o`` (last owner),
                           ``e`` (ended), ``d`` (done: finished, results kept for resuming),
+                          ``f`` (the final result's id: once set, no result is stored),
                           ``a`` (attach generation: bumped by each gateway attach, ``HINCRBY``;
                           a grace expiry ends the session only while its attach is the latest).
 ``P:s:{id}:audio``        stream of chunks. Entry id ``{t_ms}-{seq + 1}`` (stream time in ms,

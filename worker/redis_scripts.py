@@ -116,11 +116,19 @@ return {redis.call('HINCRBY', KEYS[2], 'n', 1), m[3], m[4], m[5]}
 """
 
 PUBLISH = OWNED + """
--- KEYS sessions meta results; ARGV group worker result max_results ttl_ms. The fence: a worker
--- publishes only while the session's entry is in its own PEL (an empty worker: no check, for
--- tools and tests that play a worker). Returns the result id, or false when not the owner.
+-- KEYS sessions meta results; ARGV group worker result max_results ttl_ms final. The fence: a
+-- worker publishes only while the session's entry is in its own PEL (an empty worker: no check,
+-- for tools and tests that play a worker). Returns the result id, or false when not the owner.
+-- Stored once: after a final (its id in meta ``f``) nothing more is stored, and a result equal
+-- to the last one stored (a call repeated because its reply was lost) is not stored again; both
+-- return the id of what is stored.
 if ARGV[2] ~= '' and not owned(KEYS[2], ARGV[2]) then return false end
+local final = redis.call('HGET', KEYS[2], 'f')
+if final then return final end
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if #last > 0 and last[1][2][2] == ARGV[3] then return last[1][1] end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3])
+if ARGV[6] == '1' then redis.call('HSET', KEYS[2], 'f', id) end
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return id

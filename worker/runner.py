@@ -24,7 +24,8 @@ One asyncio loop, two tasks:
 
 After a takeover the new owner recomputes results for the retained audio; those at or before
 the last result the client already has (``audio_s``) are not published again, so the client sees
-a short gap, never a replay.
+a short gap, never a replay. A session whose final result is already published (its owner
+stopped before finishing it) is finished by the new owner at once, without a second final.
 
 A session with bad data (PCM that is not whole frames, NaN...) gets one final result carrying
 ``"error": {"code", "message"}``, is finished and counted in ``errors_total{kind}``; the other
@@ -268,12 +269,25 @@ class Worker(LeaseTask):
         if c.reclaimed:
             self.metrics.sessions_reclaimed_total.inc()
             seen = await self.bus.read_results(c.session_id, "0", timeout_s=0)
-            own.resume_after_s = max((float(r.get("audio_s", 0.0)) for _, r in seen
-                                      if not r.get("final")), default=-1.0)
+            if await self._finish_if_final(c.session_id, seen):
+                return
+            own.resume_after_s = max((float(r.get("audio_s", 0.0)) for _, r in seen),
+                                     default=-1.0)
         else:
             self.metrics.sessions_claimed_total.inc()
         self.owned[c.session_id] = own
         logger.info("claimed %s%s", c.session_id, " (taken over)" if c.reclaimed else "")
+
+    async def _finish_if_final(self, sid: str, seen: list[tuple[str, dict]]) -> bool:
+        """A session taken over whose final result is published already (its previous owner
+        stopped between publishing it and finishing the session): finish it, with no second
+        final. True when it was."""
+        if not any(r.get("final") for _, r in seen):
+            return False
+        logger.info("session %s: its final result was published by its previous owner; "
+                    "finishing it", sid)
+        await self.bus.finish(self.worker_id, sid)
+        return True
 
     async def _read_all(self) -> bool:
         sids = [s for s, o in self.owned.items() if not o.closing]
@@ -293,6 +307,9 @@ class Worker(LeaseTask):
     async def _reject(self, c: Claim) -> None:
         """A session this worker cannot take on: an error result to its client, and finish it
         (which acks its hand-out entry), so no worker claims it again."""
+        if c.reclaimed and await self._finish_if_final(
+                c.session_id, await self.bus.read_results(c.session_id, "0", timeout_s=0)):
+            return  # failed already, by a worker that stopped before finishing it
         self.metrics.errors_total.labels("bad_session").inc()
         logger.warning("session %s cannot be served (%s); failing it", c.session_id, c.error)
         await self.bus.publish_result(c.session_id, error_result(c.error.reason, str(c.error)),

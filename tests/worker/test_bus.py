@@ -229,12 +229,13 @@ async def test_cancelled_waiters_end_at_once_and_stall_no_one(bus: Bus) -> None:
     # asyncio.wait_for, swallowed such cancellations on CPython 3.11 and waited out the full
     # timeout) and later readers must still be woken.
     sid = await bus.create_session(P)
-    for _ in range(3):
+    for i in range(3):
         readers = [asyncio.create_task(bus.read_results(sid, "9999999999999-0", timeout_s=30.0))
                    for _ in range(3)]
         claimer = asyncio.create_task(bus.claim("x", 1, block_s=30.0))
         await asyncio.sleep(0.05)
-        publish = asyncio.create_task(bus.publish_result(sid, {"audio_s": 1.0}))
+        # distinct results: one equal to the last one stored is a repeat, stored once
+        publish = asyncio.create_task(bus.publish_result(sid, {"audio_s": 1.0 + i / 10}))
         await asyncio.sleep(0)  # the publish runs up to its wake-up, then the cancellations land
         for t in [*readers, claimer]:
             t.cancel()
@@ -313,6 +314,33 @@ async def test_publishing_is_fenced_by_ownership(bus: Bus) -> None:
     assert await bus.publish_result(sid, {"audio_s": 3.0}, owner="b") is None  # finished
     got = [r for _, r in await bus.read_results(sid, "0", timeout_s=0)]
     assert got == [{"audio_s": 1.0}, {"audio_s": 2.0, "by": "b"}]
+
+
+async def test_a_final_is_stored_once_and_a_repeat_once(bus: Bus) -> None:
+    """Review: a worker that died between publishing a final and finishing the session left
+    the next owner free to publish a second final; and a publish repeated because its reply was
+    lost (redis-py retries a dropped connection) stored the same result twice."""
+    sid = await bus.create_session(P)
+    await bus.claim("a", 1)
+    one = await bus.publish_result(sid, {"audio_s": 1.0, "final": False}, owner="a")
+    assert await bus.publish_result(sid, {"audio_s": 1.0, "final": False}, owner="a") == one
+    final = await bus.publish_result(sid, {"audio_s": 1.2, "final": True}, owner="a")
+    assert final not in (None, one)
+    assert await bus.publish_result(sid, {"audio_s": 1.2, "final": True}, owner="a") == final
+    await asyncio.sleep(LEASE_S * 1.5)  # "a" dies before finishing; "b" takes the session over
+    [c] = await bus.claim("b", 1)
+    assert c.reclaimed
+    assert await bus.publish_result(sid, {"audio_s": 1.4, "final": False}, owner="b") == final
+    assert await bus.publish_result(sid, {"audio_s": 1.6, "final": True}, owner="b") == final
+    assert await bus.publish_result(sid, {"audio_s": 1.6, "final": True}, owner="a") is None
+    got = await bus.read_results(sid, "0", timeout_s=0)
+    assert got == [(one, {"audio_s": 1.0, "final": False}),
+                   (final, {"audio_s": 1.2, "final": True})]
+    # a result equal to one before the last is not a repeat: stored (only a takeover's own
+    # bookkeeping keeps a worker from sending it)
+    other = await bus.create_session(P)
+    ids = [await bus.publish_result(other, {"audio_s": a}) for a in (1.0, 2.0, 1.0)]
+    assert len(set(ids)) == 3
 
 
 async def test_workload_counts_sessions_and_live_capacity(bus: Bus) -> None:

@@ -13,7 +13,7 @@ import pytest
 from tests.worker.test_runner import P, RecordingEngine, Running, chunk, final_of, settings
 from worker.redis_bus import RedisBus
 from worker.redis_keys import GROUP
-from worker.runner import Worker
+from worker.runner import Worker, error_result
 
 pytestmark = pytest.mark.asyncio
 
@@ -96,4 +96,44 @@ async def test_a_stopped_worker_hands_back_and_leaves_the_group(redis_server) ->
         assert names == [b"other"]  # "w1" is gone from the group...
         assert (await bus.capacity()).workers == 0  # ...and from the workers at once
     finally:
+        await bus.close()
+
+
+async def test_a_session_whose_final_is_out_is_finished_with_no_second_final(redis_server
+                                                                              ) -> None:
+    """Review: a worker that died after publishing a session's final but before ``finish`` left
+    it to be claimed again; the next owner rebuilt it from the retained audio and published a
+    second final (``_adopt`` ignored the final it read). Now it finishes the session at once,
+    computing nothing; the same for a session the dead worker had failed (an error final)."""
+    bus = RedisBus(redis_server.url, lease_ms=600)
+    sid = await bus.create_session(P)
+    for i in range(12):
+        await bus.push_audio(sid, chunk(i))
+    await bus.end_session(sid)
+    poison = await bus.create_session(P)
+    await bus.r.hset(bus.meta_key(poison), "ch", "1.0")  # its params do not parse
+    # the worker that dies: claims both, publishes their finals, never finishes them
+    assert {c.session_id for c in await bus.claim("dead", 2)} == {sid, poison}
+    final = await bus.publish_result(sid, {"audio_s": 1.2, "lag_s": 0.0, "final": True,
+                                           "matches": [], "decision": None}, owner="dead")
+    failed = await bus.publish_result(poison, error_result("bad_params", "channels"),
+                                      owner="dead")
+    engine = RecordingEngine()
+    run = Running(Worker(RedisBus(redis_server.url, lease_ms=600), engine, settings()))
+    try:
+        deadline = time.monotonic() + 10
+        while await bus.r.xlen(bus.sessions_key):  # both finished: their entries acked, gone
+            assert time.monotonic() < deadline, "not finished"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few more steps: nothing more is published
+        assert [rid for rid, _ in await bus.read_results(sid, "0", timeout_s=0)] == [final]
+        assert [rid for rid, _ in await bus.read_results(poison, "0", timeout_s=0)] == [failed]
+        assert engine.opened == [] and not run.worker.owned  # nothing computed again
+        m = engine.metrics
+        assert m.sessions_reclaimed_total._value.get() == 1  # (the poison one is not adopted)
+        assert m.errors_total.labels("bad_session")._value.get() == 0  # failed once, before
+        assert not await bus.r.smembers(bus.active_key)
+    finally:
+        await run.stop()
+        await run.worker.bus.close()
         await bus.close()
