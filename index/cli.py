@@ -119,9 +119,6 @@ def _build(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise MidimatchError(f"--workers must be >= 1, got {args.workers}", reason="bad_argument")
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise MidimatchError(f"--timeout must be a finite number of seconds > 0, got "
-                             f"{args.timeout:g}", reason="bad_argument")
     _check_weights_and_device(args.weights)
     opts = BuildOptions(weights=args.weights, method=args.method, workers=args.workers,
                         file_timeout_s=args.timeout, rebuild=args.rebuild,
