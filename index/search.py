@@ -11,9 +11,13 @@ One query (CQT frames of the last seconds of audio) is searched in four stages:
      query when it is shorter — are embedded with the audio embedding network, whole and in
      ``prune_parts`` parts (:meth:`model.encoder.Encoder.embed_views`).
 
-2. **prune** (:meth:`Cascade.prune`): the ``top_k`` references nearest to those views, each
+2. **prune** (:meth:`Cascade.prune`): ``top_k`` references to verify — first the
+   ``hash_prune`` nearest by coarse hash-DTW of the query's last ``hash_prune_s`` against every
+   reference (:class:`index.hash_prune.HashPruner`: the hash networks carry over to unheard
+   sound far better than the embedding network), then the nearest to the embedded views, each
    reference by its nearest window embedding, the whole view's distance plus the parts' mean
-   (:class:`index.prune.EmbeddingPruner`); all queries of a batch in one matrix product.
+   (:class:`index.prune.EmbeddingPruner`; all queries of a batch in one matrix product), until
+   ``top_k`` distinct references are kept.
 3. **verify** (:meth:`Cascade.verify`): hash-DTW of the query hashes against the candidates'
    whole hash sequences, penalty φ and gully g (:mod:`index.hashdtw`), ranked by score.
 4. **confirm** (:meth:`Cascade.confirm`): the best ``top_n`` are aligned again on their Hamming
@@ -60,6 +64,7 @@ from index.cascade_types import (
 )
 from index.confirm import ConfirmedMatch, confirm_candidates
 from index.decision import decide
+from index.hash_prune import HashPruner
 from index.hashdtw import hash_dtw_batch
 from index.prune import EmbeddingPruner
 from index.store import IndexData, load_index
@@ -123,6 +128,8 @@ class Cascade:
                                                                  encoder.window.length))
         self.pruner = EmbeddingPruner(index.embeddings, index.embed_ref, len(index),
                                       device=encoder.device)
+        # coarse sequences per factor, made when first needed and shared by with_config copies
+        self._hash_pruners: dict[int, HashPruner] = {}
         self._ids = [str(r.get("sha256", ""))[:16] or f"ref{k}" for k, r in enumerate(index.refs)]
         self._titles = [str(r.get("title", Path(r.get("path", "")).stem)) for r in index.refs]
         self._durations = np.array([float(r.get("duration_s", np.inf)) for r in index.refs])
@@ -176,10 +183,54 @@ class Cascade:
                                        self.config.prune_parts)
         return QueryCode(np.asarray(emb, np.float32), hashes, int(view.shape[0]))
 
-    def prune(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, V, D) query views (or (Q, D) embeddings) → ids (Q, K) int64 and distances (Q, K)
-        float32."""
-        return self.pruner.search(embeddings, self.config.top_k)
+    @property
+    def hash_pruner(self) -> HashPruner:
+        """The coarse hash-DTW prune of this index at ``config.hash_prune_factor``."""
+        f = self.config.hash_prune_factor
+        if f not in self._hash_pruners:
+            self._hash_pruners[f] = HashPruner(self.index.hashes, self.index.hash_offsets, f)
+        return self._hash_pruners[f]
+
+    def prune(self, embeddings: np.ndarray,
+              hashes: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The references to verify for each query, ``top_k`` (or all) of them (stage 2).
+
+        Parameters
+        ----------
+        embeddings : np.ndarray, shape (Q, V, D) or (Q, D)
+            The queries' embedded views.
+        hashes : list of Q np.ndarray, optional
+            The queries' hashes (their last ``hash_prune_s`` are compared); without them, or
+            with ``config.hash_prune`` 0, the embedding prune alone.
+
+        Returns
+        -------
+        ids : np.ndarray, shape (Q, K), int64
+            The hash prune's ``hash_prune`` nearest first, then the embedding's, no repeats.
+        dists : np.ndarray, shape (Q, K), float32
+            Each one's embedding distance where the embedding prune ranked it, else ``inf``.
+        """
+        cfg = self.config
+        ids_e, dists_e = self.pruner.search(embeddings, cfg.top_k)
+        if hashes is None or cfg.hash_prune == 0 or ids_e.shape[1] == 0:
+            return ids_e, dists_e
+        if len(hashes) != ids_e.shape[0]:
+            raise ValueError(f"{len(hashes)} hash queries for {ids_e.shape[0]} embeddings")
+        n = max(1, int(round(cfg.hash_prune_s * FRAME_RATE_HZ / 4)))
+        ids_h = self.hash_pruner.search([np.asarray(h)[-n:] for h in hashes],
+                                        min(cfg.hash_prune, cfg.top_k), penalty=self.penalty,
+                                        gully=cfg.gully)
+        k = ids_e.shape[1]
+        ids = np.empty_like(ids_e)
+        dists = np.full(ids_e.shape, np.inf, np.float32)
+        for q in range(ids.shape[0]):
+            both = np.concatenate([ids_h[q], ids_e[q]])
+            _, first = np.unique(both, return_index=True)
+            row = both[np.sort(first)][:k]
+            ids[q] = row
+            where = {int(r): d for r, d in zip(ids_e[q], dists_e[q], strict=True)}
+            dists[q] = [where.get(int(r), np.inf) for r in row]
+        return ids, dists
 
     def verify(self, query_hashes: np.ndarray, candidates: np.ndarray) -> Verified:
         """Hash-DTW of one query against candidate references, best first.
@@ -281,7 +332,7 @@ class Cascade:
             return [SearchResult([], None, {"prune": 0.0, "verify": 0.0, "confirm": 0.0,
                                             "total": 0.0}, 0) for _ in codes]
         t0 = time.perf_counter()
-        ids, _ = self.prune(np.stack([c.embedding for c in codes]))
+        ids, _ = self.prune(np.stack([c.embedding for c in codes]), [c.hashes for c in codes])
         t_prune = time.perf_counter() - t0
         out = []
         for code, cand in zip(codes, ids, strict=True):

@@ -92,25 +92,30 @@ class PruneBatcher:
         with self._lock:
             asking = [s for s in self._sessions.values() if s.prune_asked is not None]
         if asking and now - min(s.prune_asked for s in asking) >= self.wait_s:
-            sessions, emb = self._embed(asking)
+            sessions, emb, hashes = self._embed(asking)
             if sessions:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="prune")
                 self._background = (sessions, [s.audio_s for s in sessions],
-                                    self._executor.submit(self._timed_prune, emb))
+                                    self._executor.submit(self._timed_prune, emb, hashes))
 
-    def _embed(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray]:
+    def _embed(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray,
+                                                        list[np.ndarray]]:
+        """The sessions ready to prune, their embeddings and (copies of) their query hashes:
+        the two prunes of :meth:`index.search.Cascade.prune`."""
         embs = embeddings(self.encoder, [s.embedder for s in sessions])
         ready = [(s, e) for s, e in zip(sessions, embs, strict=True) if e is not None]
-        return [s for s, _ in ready], np.stack([e for _, e in ready]) if ready else np.zeros(0)
+        return ([s for s, _ in ready], np.stack([e for _, e in ready]) if ready else np.zeros(0),
+                [s.query[:s.n_query].copy() for s, _ in ready])
 
     def _prune_now(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray]:
-        sessions, emb = self._embed(sessions)
-        return sessions, (self.cascade.prune(emb)[0] if sessions else np.zeros((0, 0)))
+        sessions, emb, hashes = self._embed(sessions)
+        return sessions, (self.cascade.prune(emb, hashes)[0] if sessions else np.zeros((0, 0)))
 
-    def _timed_prune(self, emb: np.ndarray) -> tuple[np.ndarray, float]:
+    def _timed_prune(self, emb: np.ndarray, hashes: list[np.ndarray]) -> tuple[np.ndarray,
+                                                                                float]:
         t = time.perf_counter()
-        ids, _ = self.cascade.prune(emb)
+        ids, _ = self.cascade.prune(emb, hashes)
         return ids, time.perf_counter() - t
 
     def _collect(self) -> None:

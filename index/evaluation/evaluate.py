@@ -165,9 +165,10 @@ def run_cascade(cascade: Any, queries: Sequence[dict], frames: Sequence[np.ndarr
         t0 = time.perf_counter()
         codes = [cascade.encode(f) for f in frames[lo:hi]]
         t_enc = (time.perf_counter() - t0) / (hi - lo)
-        # The same prune the search runs, kept for recall (a (Q, E) product: cheap next to
-        # verify); the results themselves come from the cascade's own search path.
-        ids, _ = cascade.prune(np.stack([c.embedding for c in codes]))
+        # The same prune the search runs, kept for recall; the results themselves come from
+        # the cascade's own search path.
+        ids, _ = cascade.prune(np.stack([c.embedding for c in codes]),
+                               [c.hashes for c in codes])
         results = cascade.search_codes(codes)
         for j, res in enumerate(results):
             res.timings_s["encode"] = t_enc

@@ -180,3 +180,32 @@ def test_an_empty_collection_answers_not_in_the_collection(collection):
     empty = store.empty_index(dict(cascade.index.meta), cascade.encoder.hash_dtype)
     res = Cascade(empty, cascade.encoder).search_frames(excerpt(renders[0], 0.0, 5.0))
     assert res.matches == [] and res.identified is None and res.n_candidates == 0
+
+
+def test_prune_takes_the_hash_prunes_nearest_first_then_the_embeddings(collection):
+    _, cascade, _, _, renders = collection
+    code = cascade.encode(excerpt(renders[1], 5.0, 12.0))
+    c = cascade.with_config(top_k=4, hash_prune=2)
+    assert c._hash_pruners is cascade._hash_pruners  # the coarse sequences are shared
+    n = round(c.config.hash_prune_s * FRAME_RATE_HZ / 4)
+    by_hash = c.hash_pruner.search([code.hashes[-n:]], 2, penalty=c.penalty,
+                                   gully=c.config.gully)[0]
+    by_emb, emb_d = c.prune(code.embedding[None])  # no hashes: the embedding alone
+    ids, dists = c.prune(code.embedding[None], [code.hashes])
+    assert ids.shape == dists.shape == (1, 4) and len(set(ids[0])) == 4
+    assert list(ids[0, :2]) == list(by_hash)
+    assert list(ids[0, 2:]) == [r for r in by_emb[0] if r not in by_hash][:2]
+    emb = dict(zip(by_emb[0], emb_d[0], strict=True))
+    assert [emb.get(r, np.inf) for r in ids[0]] == list(dists[0])
+    # hash_prune 0 is the embedding prune alone, hashes or not
+    off = c.with_config(hash_prune=0).prune(code.embedding[None], [code.hashes])
+    np.testing.assert_array_equal(off[0], by_emb)
+    # the search verifies exactly these candidates
+    res = c.with_config(top_n=4).search_frames(excerpt(renders[1], 5.0, 12.0))
+    assert res.n_candidates == 4 and {m.ref for m in res.matches} == set(ids[0])
+    with pytest.raises(ValueError, match="hash queries"):
+        c.prune(code.embedding[None], [code.hashes, code.hashes])
+    with pytest.raises(ValueError, match="hash_prune"):
+        CascadeConfig(hash_prune=-1)
+    with pytest.raises(ValueError, match="hash_prune_s"):
+        CascadeConfig(hash_prune_s=float("nan"))

@@ -494,3 +494,31 @@ def test_silence_alone_decides_nothing_and_music_after_a_pause_is_decided(
     results = one_stream(cascade, pause_then_music, 0.5)
     assert all(r["decision"] is None for r in results if r["audio_s"] <= 5.0)
     assert results[-1]["decision"] and results[-1]["decision"]["title"] == "song12"
+
+
+def test_sessions_prune_with_the_hashes_too_as_the_offline_cascade_does(cascade: Cascade) -> None:
+    """The live candidate refresh passes the session's query hashes to the cascade's prune
+    (the coarse hash-DTW prune, index.hash_prune): the same candidates, so the same matches,
+    as the offline search, when only some references are verified."""
+    clip = audio_of(7, 4.0, 14.0)
+    narrow = cascade.with_config(top_k=4, top_n=5, hash_prune=3)
+    code = narrow.encode(narrow_frames := _frames(clip))
+    with_hashes = narrow.prune(code.embedding[None], [code.hashes])[0][0]
+    embedding_only = narrow.prune(code.embedding[None])[0][0]
+    # what makes this test mean something: the two prunes keep different references here
+    assert set(with_hashes) != set(embedding_only) and len(set(with_hashes)) == 4
+    offline = narrow.search_frames(narrow_frames)
+    assert {m.ref for m in offline.matches} == set(with_hashes)
+    eng = Engine(narrow, EngineSettings(window_s=15.0, top_k=4, top_n=5, **EXACT))
+    eng.open("s", StreamParams(SR))
+    final = stream(eng, "s", clip, 0.37)[-1]
+    assert final["final"]
+    assert [m["title"] for m in final["matches"]] == [m.title for m in offline.matches]
+    for got, m in zip(final["matches"], offline.matches, strict=True):
+        assert got["score"] == pytest.approx(m.score, abs=1e-3)
+
+
+def _frames(audio: np.ndarray) -> np.ndarray:
+    from model.features import audio_to_frames
+
+    return audio_to_frames(audio, SR)
