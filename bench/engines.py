@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--conditions", default="clean,room_noise")
     ap.add_argument("--max-pieces", type=int, default=0, help="at most N pieces of each kind")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hash-prune", type=int, default=None, metavar="N",
+                    help="references taken from the coarse hash-DTW prune (default: the "
+                    "cascade's; 0: the embedding prune alone, the cascade before 2026-12-04)")
     ap.add_argument("--json", type=Path, help="write the rows and summaries here")
     args = ap.parse_args()
 
@@ -114,10 +117,13 @@ def main() -> None:
         sys.exit(f"no query set for {missing or 'any renderer'} under {root}: run `midimatch "
                  f"eval prepare --renderers {','.join(missing) or 'NAME,...'}`")
     cascade = Cascade.open(args.index or root / "index", weights=args.weights)
+    if args.hash_prune is not None:
+        cascade = cascade.with_config(hash_prune=args.hash_prune)
     lengths = {float(x) for x in args.lengths.split(",") if x}
     conds = {x for x in args.conditions.split(",") if x}
     rows, report = [], {"machine": machine(), "model_id": cascade.encoder.model_id,
-                        "n_refs": len(cascade.index), "renderers": {}}
+                        "n_refs": len(cascade.index), "hash_prune": cascade.config.hash_prune,
+                        "top_k": cascade.config.top_k, "renderers": {}}
     for name in wanted:
         queries, frames = load_queries(sets[name])
         keep = select_queries(queries, lengths=lengths, conditions=conds,
@@ -136,7 +142,8 @@ def main() -> None:
         print(f"{name or args.queries}: {len(queries)} clips in "
               f"{report['renderers'][name]['seconds']} s", file=sys.stderr)
     print(f"# identification per renderer — {machine()}; model {cascade.encoder.model_id}, "
-          f"{len(cascade.index):,} references; % of clips")
+          f"{len(cascade.index):,} references, {cascade.config.top_k} verified "
+          f"({cascade.config.hash_prune} from the hash prune); % of clips")
     print(table(rows))
     held = [r for r in rows if r["role"] == "held-out"
             and isinstance(r["top1 clean 10s"], float)]

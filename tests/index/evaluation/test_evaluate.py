@@ -61,9 +61,11 @@ class FakeCascade:
         self.answers = answers
 
     def encode(self, frames):
-        return type("Code", (), {"embedding": np.array([frames[0, 0]], np.float32)})()
+        return type("Code", (), {"embedding": np.array([frames[0, 0]], np.float32),
+                                 "hashes": np.zeros(3, np.uint32)})()
 
-    def prune(self, emb):
+    def prune(self, emb, hashes):
+        assert len(hashes) == len(emb)  # the hash prune's queries go with the embeddings
         return np.stack([self.answers[int(e[0])][0] for e in emb]), None
 
     def search_codes(self, codes):
