@@ -1,7 +1,8 @@
 """One query's cascade time per stage at 10,000 references, on one core, against chroma + DTW.
 
     python bench/cascade.py [--refs 10000] [--queries 40] [--baseline-queries 3]
-                            [--baseline-refs 500] [--eval DIR] [--compare-parts 0]
+                            [--baseline-refs 500] [--eval DIR] [--renderer NAME]
+                            [--compare-hash-prune 0 | --compare-parts 0]
 
 Needs ``midimatch eval prepare`` first (its index and queries). The 10,000 references are the
 evaluation index's real MIDI files plus **transposed and tempo-varied variants** of them
@@ -13,10 +14,13 @@ references with real musical content, not copies. The bench index starts as a co
 index, so only the variants are encoded (resumable).
 
 Timed on one core (torch and numba at 1 thread, BLAS at 1): ``Cascade.search_frames`` of
-``--queries`` 10 s clean in-collection queries (held-out renderer), one at a time, after one
-warm-up search; the cascade's own per-stage timings (encode, prune, verify, confirm). The
-same queries are then searched with ``--compare-parts`` query parts instead of the cascade's
-``prune_parts`` (default 0: the whole window alone, without the halves), as rows marked so.
+``--queries`` 10 s clean in-collection queries (a held-out renderer's: TiMidity, or
+``--renderer``), one at a time, after one warm-up search; the cascade's own per-stage timings
+(encode, prune — the hash prune's and the embedding's together —, verify, confirm). The same
+queries are then searched with ``--compare-hash-prune`` references from the hash prune (0: the
+embedding prune alone, the cascade before the hash prune), or else with ``--compare-parts``
+query parts instead of the cascade's ``prune_parts`` (default 0: the whole window alone,
+without the halves), as rows marked so.
 The baseline (:class:`index.evaluation.baseline.ChromaMatcher`, subsequence DTW against every
 reference)
 is timed on ``--baseline-refs`` references only and **extrapolated** to the full collection by
@@ -116,6 +120,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1000, help="files added per index generation")
     ap.add_argument("--build-only", action="store_true", help="build the bench index and stop")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--renderer", default=None, help="the queries of this renderer's set "
+                    "(`eval prepare --renderers`; default the held-out TiMidity set)")
+    ap.add_argument("--compare-hash-prune", type=int, default=-1, metavar="N",
+                    help="also time the cascade with N references from the hash prune (0: the "
+                    "embedding prune alone, the cascade before 2026-12-04; default -1: do not)")
     ap.add_argument("--compare-parts", type=int, default=0, metavar="N",
                     help="also time the cascade with N query parts (default 0; -1: do not)")
     args = ap.parse_args()
@@ -154,15 +163,22 @@ def main() -> None:
     torch.set_num_threads(1)
     numba.set_num_threads(1)
     cascade = Cascade.open(index_dir)
-    queries, frames = load_queries(ev / "queries")
+    from index.evaluation.cli import queries_dir
+
+    queries, frames = load_queries(queries_dir(ev, args.renderer))
     pick = [i for i, q in enumerate(queries) if q["kind"] == "in" and q["condition"] == "clean"
             and q["length_s"] == 10.0][: args.queries]
     qs, fs = [queries[i] for i in pick], [frames[i] for i in pick]
     truth = true_refs(cascade.index.refs, qs)
     stages, ranks, on_variant = time_queries(cascade, fs, truth)
-    compare = None
-    if args.compare_parts >= 0 and args.compare_parts != cascade.config.prune_parts:
+    compare, label = None, ""
+    if args.compare_hash_prune >= 0 and args.compare_hash_prune != cascade.config.hash_prune:
+        compare = time_queries(cascade.with_config(hash_prune=args.compare_hash_prune), fs,
+                               truth)
+        label = f"hash_prune {args.compare_hash_prune}"
+    elif args.compare_parts >= 0 and args.compare_parts != cascade.config.prune_parts:
         compare = time_queries(cascade.with_config(prune_parts=args.compare_parts), fs, truth)
+        label = f"prune_parts {args.compare_parts}"
 
     rng = np.random.default_rng(0)
     sub = np.sort(rng.choice(len(cascade.index), size=min(args.baseline_refs,
@@ -179,11 +195,12 @@ def main() -> None:
     scale = all_frames / float(matcher.chroma.shape[0])
     n = len(cascade.index)
     parts = cascade.config.prune_parts
-    rows = [{"stage": k, "prune_parts": parts, "median ms": 1000 * float(np.median(v)),
+    mine = f"prune_parts {parts}, hash_prune {cascade.config.hash_prune}"
+    rows = [{"stage": k, "cascade": mine, "median ms": 1000 * float(np.median(v)),
              "p90 ms": 1000 * percentile(v, 90), "queries": len(v), "references": n}
             for k, v in stages.items()]
     if compare is not None:
-        rows += [{"stage": k, "prune_parts": args.compare_parts,
+        rows += [{"stage": k, "cascade": label,
                   "median ms": 1000 * float(np.median(v)), "p90 ms": 1000 * percentile(v, 90),
                   "queries": len(v), "references": n} for k, v in compare[0].items()]
     base_med = float(np.median(base_t))
@@ -198,17 +215,20 @@ def main() -> None:
     # numba's OpenMP layer resets the thread count torch shares with it: check it held
     threads = f"torch {torch.get_num_threads()} / numba {numba.get_num_threads()} threads"
     print(f"# Cascade vs chroma + DTW, one query on one core ({threads}) — {machine()}")
-    print(f"# 10 s clean held-out-renderer queries; top-1 at {n} refs: {100 * top1:.1f} % "
+    print(f"# 10 s clean queries ({args.renderer or 'timidity-freepats'}, held out); "
+          f"top-1 at {n} refs ({mine}): {100 * top1:.1f} % "
           f"({len(ranks)} queries; {on_variant} of the misses answered a transposed or "
           f"tempo-varied variant of the true piece); speed-up vs chroma+DTW "
           f"{base_med * scale / np.median(stages['total']):.0f}x (extrapolated)")
     if compare is not None:
-        print(f"# with prune_parts {args.compare_parts}: top-1 {100 * top1_compare:.1f} %")
+        print(f"# with {label}: top-1 {100 * top1_compare:.1f} %")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "top1": top1, "machine": machine(),
                                          "misses_on_variant": on_variant, "n_refs": n,
-                                         "prune_parts": parts, "compare_parts": args.compare_parts,
+                                         "prune_parts": parts, "compare": label,
+                                         "hash_prune": cascade.config.hash_prune,
+                                         "renderer": args.renderer,
                                          "top1_compare": top1_compare}, indent=1))
 
 
