@@ -210,21 +210,32 @@ class Cascade:
         dists : np.ndarray, shape (Q, K), float32
             Each one's embedding distance where the embedding prune ranked it, else ``inf``.
         """
-        cfg = self.config
-        ids_e, dists_e = self.pruner.search(embeddings, cfg.top_k)
-        if hashes is None or cfg.hash_prune == 0 or ids_e.shape[1] == 0:
+        ids_e, dists_e = self.pruner.search(embeddings, self.config.top_k)
+        if hashes is None or self.config.hash_prune == 0 or ids_e.shape[1] == 0:
             return ids_e, dists_e
         if len(hashes) != ids_e.shape[0]:
             raise ValueError(f"{len(hashes)} hash queries for {ids_e.shape[0]} embeddings")
+        return self.merge_prunes(self.hash_prune(hashes), ids_e, dists_e)
+
+    def hash_prune(self, hashes: list[np.ndarray]) -> np.ndarray:
+        """The hash prune alone: each query's ``min(hash_prune, top_k)`` nearest references by
+        coarse hash-DTW of its last ``hash_prune_s`` (:mod:`index.hash_prune`), (Q, k) int64."""
+        cfg = self.config
         n = max(1, int(round(cfg.hash_prune_s * FRAME_RATE_HZ / 4)))
-        ids_h = self.hash_pruner.search([np.asarray(h)[-n:] for h in hashes],
-                                        min(cfg.hash_prune, cfg.top_k), penalty=self.penalty,
-                                        gully=cfg.gully)
+        return self.hash_pruner.search([np.asarray(h)[-n:] for h in hashes],
+                                       max(1, min(cfg.hash_prune, cfg.top_k)),
+                                       penalty=self.penalty, gully=cfg.gully)
+
+    @staticmethod
+    def merge_prunes(ids_h, ids_e: np.ndarray,
+                     dists_e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row: the hash prune's references, then the embedding prune's, without repeats,
+        as many as the embedding row holds (``top_k``); distances as :meth:`prune` gives."""
         k = ids_e.shape[1]
         ids = np.empty_like(ids_e)
         dists = np.full(ids_e.shape, np.inf, np.float32)
         for q in range(ids.shape[0]):
-            both = np.concatenate([ids_h[q], ids_e[q]])
+            both = np.concatenate([np.asarray(ids_h[q], np.int64), ids_e[q]])
             _, first = np.unique(both, return_index=True)
             row = both[np.sort(first)][:k]
             ids[q] = row

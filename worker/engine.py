@@ -115,7 +115,8 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._prunes = PruneBatcher(cascade, settings.prune_wait_s, settings.prune_stale_s,
-                                    self.metrics, self._sessions, self._lock)
+                                    self.metrics, self._sessions, self._lock,
+                                    settings.hash_prune_every_s)
         self._ticks = 0
         self._verified_in_tick = False
         # time.monotonic() when the last round of a tick ended: the runner's watchdog reads it

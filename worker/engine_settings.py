@@ -63,6 +63,11 @@ class EngineSettings:
         rebuilding from its retained window), whose whole backlog a tick can process before
         ``prune_wait_s`` has passed: before this setting such a session was verified, to its
         end, against the candidates of its first 2 s.
+    hash_prune_every_s : float
+        Audio seconds between a session's coarse hash-DTW prunes (:mod:`index.hash_prune`; the
+        cascade's ``hash_prune`` references of its candidates): one costs ~4 ms at 2,000
+        references and cannot be batched, so a session keeps its answer in between; its first
+        search and its final result always run one. 0: at every refresh.
     prune_parts : int or None
         Parts of the query window pruned beside it; None (the default) keeps the cascade's
         ``prune_parts`` (2, the halves). 0 prunes with the whole window alone: the right piece
@@ -89,6 +94,7 @@ class EngineSettings:
     prune_stale_s: float = 3.0
     max_candidate_frames: int = 150_000
     prune_parts: int | None = None
+    hash_prune_every_s: float = 3.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -106,6 +112,7 @@ class EngineSettings:
             "prune_stale_s": self.prune_stale_s > 0,
             "max_candidate_frames": self.max_candidate_frames >= 1,
             "prune_parts": self.prune_parts is None or self.prune_parts >= 0,
+            "hash_prune_every_s": self.hash_prune_every_s >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         bad += [f.name for f in fields(self) if f.name not in bad  # nan, inf pass some checks

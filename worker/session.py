@@ -131,6 +131,9 @@ class Session:
         self.candidates = np.zeros(0, np.int64)  # the last prune's references, nearest first
         self.prune_asked: float | None = None  # time.monotonic() of a pending refresh request
         self.pruned_audio_s = 0.0  # audio_s of the embedding behind the current candidates
+        # the hash prune's last answer and the audio_s it was computed at (worker.prune_batcher)
+        self.hash_ids: np.ndarray | None = None
+        self.hash_pruned_audio_s = -math.inf
         self.announced: int | None = None  # the piece the last published result decided
 
     # ------------------------------------------------------------------ audio in
@@ -366,6 +369,7 @@ class Session:
         self.decision.reset()
         self.held = None
         self.change.reset()
+        self.hash_ids = None  # the hash prune's answer was about the old music
         frames = self._recent[:self._n_recent][-4 * n:]
         self.embedder = _embedder(cascade)
         self.embedder.push(frames)
@@ -416,7 +420,8 @@ class Session:
         pending = sum(p.nbytes for p, _ in self._pending)
         return int(pending + _cqt_nbytes(self.cqt) + self.hasher.nbytes + self.embedder.nbytes
                    + self.query.nbytes + self._recent.nbytes + self.dtw.nbytes
-                   + getattr(self.decision, "nbytes", 0))
+                   + getattr(self.decision, "nbytes", 0)
+                   + (0 if self.hash_ids is None else self.hash_ids.nbytes))
 
 
 def _cqt_nbytes(cqt: StreamingCQT) -> int:

@@ -33,9 +33,10 @@ UNSEEN = 40  # a song of the same kind that is not in the index
 # synth on one side and the note render on the other left near-ties that flipped with the
 # installed soundfont: song2 vs song5.) Even so, some of these generated songs stay close to
 # another (2 and 5, 6 and 18, 13 and 0: the audio and MIDI networks differ and sine tones were
-# never trained on), so the tests that assert a ranking play only songs that the shipped model
-# separates on every window of them; test_the_fixture_is_unambiguous checks that they do.
-CLEAR = (0, 3, 7, 10, 11, 12, 17, 19)
+# never trained on; 7 and 17 since the model 32bit-ccb7db83de57), so the tests that assert a
+# ranking play only songs that the shipped model separates on every window of them;
+# test_the_fixture_is_unambiguous checks that they do.
+CLEAR = (0, 1, 3, 4, 9, 10, 11, 12, 19)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_deferring_audio_changes_nothing_but_when_it_is_processed(cascade: Casca
 
 
 def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> None:
-    clip = audio_of(7, 3.0, 15.0)
+    clip = audio_of(3, 3.0, 15.0)
     results = one_stream(cascade, clip, 0.37)
     times = [r["audio_s"] for r in results]
     assert times[:-1] == pytest.approx(np.arange(1.0, 13.0), abs=1e-3)  # one per 1 s of audio
@@ -150,11 +151,11 @@ def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> N
     # from the first ranking (3 s) on, the right piece leads
     top = [(r["audio_s"], r["matches"][0]) for r in results[2:-1]]
     assert len(top) == 10
-    assert all(m["title"] == "song7" for _, m in top)
+    assert all(m["title"] == "song3" for _, m in top)
     # the position follows the audio: 3 s into the piece at the start of the clip
     for t, m in top:
         assert m["position_s"] == pytest.approx(3.0 + t, abs=0.5)
-    assert results[-1]["decision"]["title"] == "song7"
+    assert results[-1]["decision"]["title"] == "song3"
 
 
 def test_decision_changes_are_counted_as_the_results_show_them(cascade: Cascade) -> None:
@@ -208,7 +209,7 @@ def _first(decided: dict, title: str, after_s: float) -> float:
 # Pairs of CLEAR songs where B's confidence crosses the threshold before the window is full of
 # B, so the check on the newest seconds has something to show (on 3→12 or 0→7 it does not: B is
 # decided at 25 s either way, measured with this fixture).
-@pytest.mark.parametrize("a,b", [(10, 3), (7, 10), (12, 17)])
+@pytest.mark.parametrize("a,b", [(10, 3), (9, 10), (12, 19)])
 def test_piece_change_is_followed(cascade: Cascade, a: int, b: int) -> None:
     clip = np.concatenate([audio_of(a, 0.0, 12.0), audio_of(b, 5.0, 25.0)])  # A, B from 12 s
     decided, top = _decisions(cascade, clip, change_s=3.0)
@@ -428,7 +429,7 @@ def test_session_api_errors(cascade: Cascade) -> None:
     assert eng.sessions == 0
 
 
-@pytest.mark.parametrize("seed", [3, 7, 12])
+@pytest.mark.parametrize("seed", [3, 9, 12])
 def test_audio_faster_than_real_time_is_not_verified_against_stale_candidates(
         cascade: Cascade, seed: int) -> None:
     # A file streamed at full speed (or a takeover's retained window) arrives in one tick, well
@@ -500,7 +501,7 @@ def test_sessions_prune_with_the_hashes_too_as_the_offline_cascade_does(cascade:
     """The live candidate refresh passes the session's query hashes to the cascade's prune
     (the coarse hash-DTW prune, index.hash_prune): the same candidates, so the same matches,
     as the offline search, when only some references are verified."""
-    clip = audio_of(7, 4.0, 14.0)
+    clip = audio_of(1, 4.0, 14.0)
     narrow = cascade.with_config(top_k=4, top_n=5, hash_prune=3)
     code = narrow.encode(narrow_frames := _frames(clip))
     with_hashes = narrow.prune(code.embedding[None], [code.hashes])[0][0]
@@ -522,3 +523,45 @@ def _frames(audio: np.ndarray) -> np.ndarray:
     from model.features import audio_to_frames
 
     return audio_to_frames(audio, SR)
+
+
+@pytest.mark.parametrize("every_s", [0.0, 4.0])
+def test_a_session_runs_the_hash_prune_every_few_seconds_of_audio_and_for_its_final(
+        cascade: Cascade, every_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash prune cannot be batched, so a session keeps its answer for ``every_s`` of
+    audio (the embedding part of its candidates is fresh at every refresh); its first search
+    and its final result run it."""
+    narrow = cascade.with_config(top_k=4, hash_prune=3)
+    ran: list[float] = []
+    eng = Engine(narrow, EngineSettings(window_s=15.0, top_k=4, hash_prune_every_s=every_s,
+                                        **EXACT))
+    real = eng._prunes.cascade.hash_prune
+
+    def counted(hashes):
+        ran.append(eng._sessions["s"].audio_s)
+        return real(hashes)
+
+    monkeypatch.setattr(eng._prunes.cascade, "hash_prune", counted)
+    eng.open("s", StreamParams(SR))
+    results = stream(eng, "s", audio_of(3, 2.0, 14.5), 0.5)
+    searched = [r["audio_s"] for r in results if r["matches"]]
+    assert results[-1]["final"] and searched[-1] == pytest.approx(12.5)
+    if every_s == 0:
+        assert ran == pytest.approx(searched)  # at every refresh
+    else:  # the first search, every 4 s of audio after it, the final
+        first = searched[0]
+        assert ran == pytest.approx([first, first + 4.0, first + 8.0, 12.5])
+        assert len(searched) > len(ran) + 5
+    s = eng._sessions.get("s")
+    assert s is None or s.hash_ids is not None
+
+
+def test_a_change_of_music_forgets_the_hash_prunes_answer(cascade: Cascade) -> None:
+    from worker.session import Session
+
+    narrow = cascade.with_config(top_k=4, hash_prune=3)
+    s = Session("s", StreamParams(SR), narrow, Engine(narrow)._config)
+    s.hash_ids = np.arange(3)
+    s.n_query = s.config.change_hashes + 4  # enough query for a restart
+    s.restart_recent(narrow)
+    assert s.hash_ids is None
