@@ -176,14 +176,17 @@ def test_the_shipped_calibration_says_how_it_was_made():
 
     cal = load_calibration(Encoder.load().model_id)
     q, s = cal.provenance.queries, cal.provenance.streams
-    assert q.renderers == ("timidity-freepats",)
-    # the stream rules are calibrated across engines (issue #17): TiMidity and adplay's OPL3,
-    # >= 1,000 outsider streams; Csound and Android's EAS are left out to check it on
-    assert s.renderers == ("adplay-opl3", "timidity-freepats") and s.n_out >= 1000
+    # both rules are calibrated across engines (issue #17): TiMidity and adplay's OPL3, the
+    # single-query threshold on >= 600 outsider clips, the stream rules on >= 1,000 outsider
+    # streams; Csound and Android's EAS are left out to check them on
+    assert q.renderers == s.renderers == ("adplay-opl3", "timidity-freepats")
+    assert q.n_out >= 600 and s.n_out >= 1000
     assert (q.n_in, q.n_out, s.n_in, s.n_out) == (cal.n_in, cal.n_out, cal.stream["n_in"],
                                                   cal.stream["n_out"])
-    # the streams part is refitted by bench/time_to_identify.py --save-calibration, on the eval
-    # index of the day (2,152 references in the third session of 2026-12-04)
-    assert (q.n_in, q.n_out) == (992, 1100) and q.index_refs == 2061 and s.index_refs >= 2061
+    # fitted with the cascade that prunes with the hash networks too, on the eval index of the
+    # fifth session of 2026-12-04 (2,154 references)
+    assert q.index_refs == s.index_refs == 2154
+    assert q.command.startswith("midimatch eval --renderer timidity-freepats,adplay-opl3")
     # the streams' date is taken when it is saved, after both stream rules were fitted
     assert q.date_utc == cal.created_utc and s.date_utc >= cal.stream["created_utc"]
+    assert cal.evidence_threshold is not None and 0 < cal.threshold < 1

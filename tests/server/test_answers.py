@@ -89,7 +89,7 @@ async def test_identify_and_stream_give_the_same_answer(collection, capsys, aioh
     # /readyz: the shipped calibration the embedded worker decides with, and where it came from
     (cal,) = readyz["calibrations"]
     assert cal["model_id"] == said["outsider.wav"]["model_id"] and cal["calibrated"]
-    assert cal["provenance"]["queries"]["renderers"] == ["timidity-freepats"]
+    assert cal["provenance"]["queries"]["renderers"] == ["adplay-opl3", "timidity-freepats"]
     from index.calibration import load_calibration
 
     shipped = load_calibration(cal["model_id"])  # bench/time_to_identify.py --save-calibration
