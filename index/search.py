@@ -210,11 +210,16 @@ class Cascade:
         dists : np.ndarray, shape (Q, K), float32
             Each one's embedding distance where the embedding prune ranked it, else ``inf``.
         """
-        ids_e, dists_e = self.pruner.search(embeddings, self.config.top_k)
-        if hashes is None or self.config.hash_prune == 0 or ids_e.shape[1] == 0:
+        cfg = self.config
+        if hashes is not None and cfg.hash_prune > 0 and len(hashes) != len(embeddings):
+            raise ValueError(f"{len(hashes)} hash queries for {len(embeddings)} embeddings")
+        if hashes is not None and cfg.hash_prune >= cfg.top_k and len(self.index):
+            # the hash prune fills every place: the embedding's product would be thrown away
+            ids = self.hash_prune(hashes)
+            return ids, np.full(ids.shape, np.inf, np.float32)
+        ids_e, dists_e = self.pruner.search(embeddings, cfg.top_k)
+        if hashes is None or cfg.hash_prune == 0 or ids_e.shape[1] == 0:
             return ids_e, dists_e
-        if len(hashes) != ids_e.shape[0]:
-            raise ValueError(f"{len(hashes)} hash queries for {ids_e.shape[0]} embeddings")
         return self.merge_prunes(self.hash_prune(hashes), ids_e, dists_e)
 
     def hash_prune(self, hashes: list[np.ndarray]) -> np.ndarray:

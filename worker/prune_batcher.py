@@ -131,9 +131,8 @@ class PruneBatcher:
     def _prune(self, emb: np.ndarray, hashes: list) -> tuple[np.ndarray, list]:
         """Candidates (Q, K) for these embeddings and hash prunes (see :meth:`_embed`), and
         per session the hash prune's new answer (None where it kept its own)."""
-        ids, dists = self.cascade.prune(emb)
         if not hashes or hashes[0] is None:  # no hash prune in this cascade
-            return ids, [None] * len(hashes)
+            return self.cascade.prune(emb)[0], [None] * len(hashes)
         due = [i for i, (q, _) in enumerate(hashes) if q is not None]
         fresh: list = [None] * len(hashes)
         if due:
@@ -141,6 +140,10 @@ class PruneBatcher:
                               strict=True):
                 fresh[i] = row
         rows = [hashes[i][1] if fresh[i] is None else fresh[i] for i in range(len(hashes))]
+        cfg = self.cascade.config
+        if cfg.hash_prune >= cfg.top_k:  # the hash prune fills every place (Cascade.prune)
+            return np.stack(rows), fresh
+        ids, dists = self.cascade.prune(emb)
         return self.cascade.merge_prunes(rows, ids, dists)[0], fresh
 
     def _prune_now(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray, list]:

@@ -209,3 +209,21 @@ def test_prune_takes_the_hash_prunes_nearest_first_then_the_embeddings(collectio
         CascadeConfig(hash_prune=-1)
     with pytest.raises(ValueError, match="hash_prune_s"):
         CascadeConfig(hash_prune_s=float("nan"))
+
+
+def test_a_hash_prune_that_fills_every_place_skips_the_embedding_product(collection,
+                                                                         monkeypatch):
+    _, cascade, _, _, renders = collection
+    code = cascade.encode(excerpt(renders[2], 5.0, 12.0))
+    c = cascade.with_config(top_k=3, hash_prune=3)
+    want = c.hash_prune([code.hashes])
+
+    def never(*a, **k):
+        raise AssertionError("the embedding prune ran")
+
+    monkeypatch.setattr(c.pruner, "search", never)
+    ids, dists = c.prune(code.embedding[None], [code.hashes])
+    np.testing.assert_array_equal(ids, want)
+    assert ids.shape == (1, 3) and np.all(np.isinf(dists))
+    res = c.search_frames(excerpt(renders[2], 5.0, 12.0))
+    assert res.n_candidates == 3 and res.matches[0].title == "song2"

@@ -565,3 +565,14 @@ def test_a_change_of_music_forgets_the_hash_prunes_answer(cascade: Cascade) -> N
     s.n_query = s.config.change_hashes + 4  # enough query for a restart
     s.restart_recent(narrow)
     assert s.hash_ids is None
+
+
+def test_sessions_of_a_hash_only_cascade_match_the_offline_search(cascade: Cascade) -> None:
+    clip = audio_of(1, 4.0, 14.0)
+    narrow = cascade.with_config(top_k=4, top_n=5, hash_prune=4)
+    offline = narrow.search_frames(_frames(clip))
+    eng = Engine(narrow, EngineSettings(window_s=15.0, top_k=4, top_n=5, **EXACT))
+    eng.open("s", StreamParams(SR))
+    final = stream(eng, "s", clip, 0.37)[-1]
+    assert [m["title"] for m in final["matches"]] == [m.title for m in offline.matches]
+    assert len(offline.matches) == 4
