@@ -32,17 +32,29 @@ ROOT = Path(__file__).resolve().parents[1]
 MIDIMATCH = Path(sys.executable).with_name("midimatch")
 RATE = 16000
 TRACEBACK = re.compile(r"^Traceback \(most recent call last\)", re.M)
+# `midimatch worker`'s one line when its --metrics-port is taken (worker/cli.py)
+METRICS_PORT_TAKEN = re.compile(r"cannot serve /metrics on port (\d+): address already in use")
 
 
 class ClusterError(RuntimeError):
     """A process of the cluster did not start or exited unexpectedly."""
 
 
+_GIVEN: set[int] = set()  # ports free_port handed out in this process
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port nobody listens on right now (the kernel picks it), and not one this process
+    was given before. Another process can still take it before the caller binds it:
+    :meth:`Cluster.wait_workers` starts a worker whose ``/metrics`` port was taken again."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            break
+    _GIVEN.add(port)
+    return port
 
 
 def rss_bytes(pid: int) -> int:
@@ -297,16 +309,41 @@ class WorkerProc(Proc):
         super().__init__(log)
         self.redis_url, self.index, self.worker_id = redis_url, index, worker_id
         self.lease_ms, self.max_sessions, self.env = lease_ms, max_sessions, env or {}
-        self.metrics_port = free_port()
+        self.metrics_port, self.port_tries, self._log_from = 0, 0, 0  # set by start()
 
     def start(self) -> WorkerProc:
         """Start it (returns at once: :meth:`Cluster.wait_workers` waits for its heartbeat)."""
         self.metrics_port = free_port()
+        self.port_tries = 0
+        return self._start()
+
+    def _start(self) -> WorkerProc:
+        self._log_from = self.log.stat().st_size if self.log.exists() else 0
         self._spawn([str(MIDIMATCH), "worker", "--index", str(self.index), "--redis",
                      self.redis_url, "--device", "cpu", "--metrics-port", str(self.metrics_port),
                      "--worker-id", self.worker_id, "--lease-ms", str(self.lease_ms),
                      "--max-sessions", str(self.max_sessions)], self.env)
         return self
+
+    def lost_metrics_port(self) -> bool:
+        """Whether its latest start exited because its ``--metrics-port`` was taken (another
+        process bound it between :func:`free_port` and the worker)."""
+        if self.proc is None or self.proc.poll() != 2:
+            return False
+        with open(self.log, "rb") as f:
+            f.seek(self._log_from)
+            m = METRICS_PORT_TAKEN.search(f.read().decode(errors="replace"))
+        return m is not None and int(m.group(1)) == self.metrics_port
+
+    def retry_metrics_port(self, attempts: int = 3) -> bool:
+        """Start it again on a new ``/metrics`` port if its latest start lost the port, at
+        most ``attempts`` times since :meth:`start`; whether it was started again."""
+        if self.port_tries >= attempts or not self.lost_metrics_port():
+            return False
+        self.port_tries += 1
+        self.metrics_port = free_port()
+        self._start()
+        return True
 
     def metrics(self) -> dict[str, float]:
         """Every sample of its ``/metrics`` (name with labels → value); {} when unreachable."""
@@ -394,6 +431,8 @@ class Cluster:
         while True:
             for w in self.workers:
                 if w.proc is not None and w.proc.poll() is not None and w.proc.returncode != 0:
+                    if w.retry_metrics_port():
+                        continue
                     if w.worker_id not in self.retired:
                         raise ClusterError(f"worker {w.worker_id} exited:\n{w.tail()}")
             try:

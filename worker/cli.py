@@ -8,7 +8,47 @@ running tick, hands its sessions back so another worker takes them at once, and 
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
+from typing import Any
+
+from model.errors import MidimatchError
+
+
+class MetricsPortError(MidimatchError):
+    """The worker cannot serve ``/metrics`` on its port (taken, privileged, not a port here)."""
+
+    reason = "cannot_listen"
+
+
+def cannot_serve_metrics(port: int, e: OSError | OverflowError) -> str:
+    """One line saying why ``/metrics`` cannot listen on ``port``, and what to do about it."""
+    where = f"cannot serve /metrics on port {port}"
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.EADDRINUSE:
+        return (f"{where}: address already in use; is another midimatch worker running? "
+                "Give another --metrics-port (0 for none)")
+    if code == errno.EACCES:
+        return (f"{where}: permission denied (ports below 1024 need privileges); give another "
+                "--metrics-port (0 for none)")
+    why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+    return f"{where}: {why}; give another --metrics-port (0 for none)"
+
+
+def serve_metrics(port: int, registry: Any) -> None:
+    """Serve ``registry`` on ``http://0.0.0.0:port/metrics`` from a daemon thread.
+
+    Raises
+    ------
+    MetricsPortError
+        The port cannot be bound (in use, privileged...).
+    """
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, registry=registry)
+    except (OSError, OverflowError) as e:
+        raise MetricsPortError(cannot_serve_metrics(port, e)) from e
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,10 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     import signal
 
     from worker.metrics import WorkerMetrics
-    from worker.redis_bus import RedisBus
-    from worker.runner import Worker
     from worker.settings import WorkerSettings, WorkerSettingsError
-    from worker.startup import build_engine
 
     settings = WorkerSettings.from_env(
         index=args.index, redis_url=args.redis_url, device=args.device, weights=args.weights,
@@ -56,10 +93,12 @@ def _run(args: argparse.Namespace) -> int:
                                   "(without Redis, `midimatch serve` runs a worker itself)")
     log = logging.getLogger("worker")  # INFO lines show with `midimatch -v worker`
     metrics = WorkerMetrics()
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
+    if settings.metrics_port:  # first: a port it cannot have stops it before anything loads
+        serve_metrics(settings.metrics_port, metrics.registry)
 
-        start_http_server(settings.metrics_port, registry=metrics.registry)
+    from worker.redis_bus import RedisBus
+    from worker.runner import Worker
+    from worker.startup import build_engine
 
     async def main() -> None:
         bus = RedisBus.from_settings(settings.bus)  # the gateways build theirs the same way
