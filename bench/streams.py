@@ -2,7 +2,7 @@
 
     python bench/streams.py [--sessions 1,10,25,50,75,100] [--seconds 20] [--chunk-s 0.1]
                             [--rate 22050] [--index DIR] [--refs 10000] [--json FILE]
-                            [--prune-parts N]
+                            [--prune-parts N] [--hash-prune N]
 
 One :class:`worker.engine.Engine` (the default settings: 10 s window, a result per 1 s of audio,
 top 100 pruned, top 5 confirmed) against an index of ``--refs`` references: by default the one
@@ -249,6 +249,9 @@ def main() -> None:
     ap.add_argument("--prepare", action="store_true", help="only build the index, then exit")
     ap.add_argument("--prune-parts", type=int, metavar="N",
                     help="query parts pruned beside the window (default: the cascade's, 2)")
+    ap.add_argument("--hash-prune", type=int, metavar="N",
+                    help="references from the coarse hash-DTW prune (default: the cascade's, "
+                    "all 300; 0: the embedding prune alone, the cascade before 2026-12-04)")
     args = ap.parse_args()
 
     from index.cascade_types import CascadeConfig
@@ -259,8 +262,9 @@ def main() -> None:
         return
     t = time.perf_counter()
     rss_before = rss_bytes()
-    config = CascadeConfig() if args.prune_parts is None else CascadeConfig(
-        prune_parts=args.prune_parts)
+    config = CascadeConfig(**{k: v for k, v in (("prune_parts", args.prune_parts),
+                                                 ("hash_prune", args.hash_prune))
+                              if v is not None})
     cascade = Cascade.open(index_dir, config=config)
     load_s = time.perf_counter() - t
     pool = excerpts(cascade, args.excerpts, args.seconds, args.rate)
@@ -280,7 +284,7 @@ def main() -> None:
     print(f"# index {index_dir} ({len(cascade.index)} refs, opened in {load_s:.1f} s; "
           f"index + models + warm-up RSS {shared_mb:.0f} MB); {args.rate} Hz mono, "
           f"{args.chunk_s * 1000:.0f} ms chunks, {args.seconds:.0f} s per session, "
-          f"prune_parts {cascade.config.prune_parts}")
+          f"prune_parts {cascade.config.prune_parts}, hash_prune {cascade.config.hash_prune}")
     print(f"# most sessions sustained (p99 <= {TARGET_P99_S * 1000:.0f} ms, no drop, no lag): "
           f"{best}; per session after 15 s: tracemalloc {traced / 1e6:.2f} MB, "
           f"nbytes {nbytes / 1e6:.2f} MB (" + ", ".join(f"{k} {v / 1e6:.2f}"
