@@ -240,6 +240,18 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- demo
+def _indexed_model(index_dir: Path) -> str | None:
+    """The model id an index was built with (its current generation's meta.json), or None."""
+    import json
+
+    try:
+        gen = (index_dir / "CURRENT").read_text().strip()
+        meta = json.loads((index_dir / gen / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("model_id") if isinstance(meta, dict) else None
+
+
 def _demo_prepare(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
     from model.env import cache_dir
@@ -273,6 +285,15 @@ def _demo_prepare(args: argparse.Namespace) -> int:
             rebuild = True
             print(f"demo: {out} holds {len(stale)} test fixtures from an earlier prepare; "
                   "rebuilding it without them (every piece is encoded again)", file=sys.stderr)
+        if not rebuild:  # the demo index is a cache: a new shipped model makes it stale
+            from model.encoder import Encoder
+
+            was, shipped = _indexed_model(out), Encoder.load().model_id
+            if was != shipped:
+                rebuild = True
+                print(f"demo: {out} was indexed with the model {was or '(unknown)'}, the shipped "
+                      f"model is {shipped}: rebuilding it (every piece is encoded again)",
+                      file=sys.stderr)
     print(f"demo: indexing {len(files)} pieces into {out}", file=sys.stderr)
     report = build_index(out, files, BuildOptions(workers=args.workers, progress=True,
                                                   rebuild=rebuild))

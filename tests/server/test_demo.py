@@ -273,3 +273,31 @@ def test_demo_prepare_says_how_many_works_converted_and_which_failed_why(tmp_pat
     err = capsys.readouterr().err
     assert "1 of 2 music21 works converted; 1 failed: beethoven/opus74.mxl (timeout: killed " \
            "after 60 s)" in err
+
+
+def test_demo_prepare_rebuilds_an_index_made_with_another_model(tmp_path, monkeypatch, capsys,
+                                                                fake_index):
+    """The demo index is a cache: after an upgrade of the shipped model, `make serve` rebuilds it
+    instead of stopping on the model mismatch."""
+    import index.build
+    import model.training.corpus as corpus
+    from model.encoder import Encoder
+    from server import serve_cli
+
+    music = [tmp_path / "bach__bwv1.mxl.mid"]
+    built = []
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(corpus, "convert_music21_corpus", lambda *a, **k: None)
+    monkeypatch.setattr(corpus, "corpus_midi_files", lambda *a, **k: list(music))
+    monkeypatch.setattr(index.build, "build_index", lambda out, files, opts: built.append(
+        opts) or {"n_refs": len(files), "encoded": len(files), "reused": 0})
+    meta = fake_index / "gen-000001" / "meta.json"
+    args = argparse.Namespace(limit=5, index=fake_index, workers=1)
+    meta.write_text(json.dumps({"model_id": "32bit-an-older-one"}))
+    assert serve_cli._demo_prepare(args) == 0
+    assert built[-1].rebuild
+    assert ("indexed with the model 32bit-an-older-one, the shipped model is "
+            f"{Encoder.load().model_id}: rebuilding") in capsys.readouterr().err
+    meta.write_text(json.dumps({"model_id": Encoder.load().model_id}))
+    assert serve_cli._demo_prepare(args) == 0
+    assert not built[-1].rebuild and "rebuilding" not in capsys.readouterr().err
