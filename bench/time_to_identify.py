@@ -168,6 +168,8 @@ def main() -> None:
                     help="with --calibrate: also try rules whose run must keep step with the "
                     "stream (index.decision.keeps_step; not adopted: docs/benchmarks.md)")
     ap.add_argument("--stable-results", type=int, help="what-if: consecutive confident results")
+    ap.add_argument("--hash-prune", type=int, metavar="N",
+                    help="what-if: references from the hash prune (0: the embedding prune alone)")
     ap.add_argument("--result-every-s", type=float, default=1.0, help="what-if: result period")
     ap.add_argument("--stream-threshold", type=float, help="what-if: the stream threshold")
     ap.add_argument("--min-query-s", type=float,
@@ -195,6 +197,8 @@ def main() -> None:
     collection = json.loads((ev / "collection.json").read_text())
     t = time.perf_counter()
     cascade = Cascade.open(args.index or ev / "index")
+    if args.hash_prune is not None:
+        cascade = cascade.with_config(hash_prune=args.hash_prune)
     if args.min_query_s:
         cascade = cascade.with_config(min_query_s=args.min_query_s)
     if args.stable_results:
