@@ -96,7 +96,8 @@ def _cache() -> Path:
 
 
 def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
-               result_every_s: float = 1.0) -> tuple[list[list[Row]], list[tuple]]:
+               result_every_s: float = 1.0,
+               change_s: float | None = None) -> tuple[list[list[Row]], list[tuple]]:
     """Stream every clip through one engine, ``batch`` sessions at a time, as fast as it takes
     them; per clip, each result's :data:`Row` in order, and the session's recorded decision
     input (:func:`bench.tti_rules.record`: events, marks)."""
@@ -105,8 +106,10 @@ def stream_all(cascade, clips: list[np.ndarray], chunk_s: float, batch: int,
     from worker.engine import Engine
     from worker.engine_settings import EngineSettings
 
+    what_if = {} if change_s is None else {"change_s": change_s}
     eng = Engine(cascade, EngineSettings(max_sessions=max(64, batch), prune_wait_s=0.0,
-                                         tick_budget_s=3600.0, result_every_s=result_every_s))
+                                         tick_budget_s=3600.0, result_every_s=result_every_s,
+                                         **what_if))
     cut = cascade.calibration.stream_cut
     chunk = int(round(chunk_s * SAMPLE_RATE))
     per_round = max(1, int(round(eng.settings.result_every_s / chunk_s)))
@@ -168,6 +171,8 @@ def main() -> None:
                     help="with --calibrate: also try rules whose run must keep step with the "
                     "stream (index.decision.keeps_step; not adopted: docs/benchmarks.md)")
     ap.add_argument("--stable-results", type=int, help="what-if: consecutive confident results")
+    ap.add_argument("--change-s", type=float, metavar="S",
+                    help="what-if: seconds the change-of-music check looks at (0: no check)")
     ap.add_argument("--hash-prune", type=int, metavar="N",
                     help="what-if: references from the hash prune (0: the embedding prune alone)")
     ap.add_argument("--result-every-s", type=float, default=1.0, help="what-if: result period")
@@ -270,7 +275,7 @@ def measure(cascade, cond: str, pieces: list[dict[str, Any]], audio: list[np.nda
         audio, pairs = switch_audio(audio, pieces, args.switch_s)
     tail = np.zeros(int(round(args.tail_s * SAMPLE_RATE)), np.float32)
     results, logs = stream_all(cascade, [np.concatenate([a, tail]) for a in audio],
-                               args.chunk_s, args.batch, args.result_every_s)
+                               args.chunk_s, args.batch, args.result_every_s, args.change_s)
     wall = time.perf_counter() - t
     live = live_rule(cascade.calibration)
     rows, detail, dups = [], [], None
