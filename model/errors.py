@@ -59,3 +59,17 @@ class ModelMismatchError(MidimatchError):
     """An index used with a different model from the one that built it."""
 
     reason = "model_mismatch"
+
+
+def why_cannot_bind(e: OSError | OverflowError) -> tuple[str, str]:
+    """Why a socket could not be bound, for a one-line error: ``(kind, words)`` with ``kind``
+    ``"in_use"``, ``"denied"`` or ``"other"`` (the caller adds what to do about it)."""
+    import errno
+
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.EADDRINUSE:
+        return "in_use", "address already in use"
+    if code == errno.EACCES:
+        return "denied", "permission denied (ports below 1024 need privileges)"
+    return "other", (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) \
+        or type(e).__name__

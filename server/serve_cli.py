@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import functools
 import logging
 import signal
@@ -217,16 +216,12 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
 
 def cannot_listen(settings: Settings, e: OSError | OverflowError) -> str:
     """One line saying why the gateway cannot listen, and what to do about it."""
-    where = f"{settings.host}:{settings.port}"
-    code = e.errno if isinstance(e, OSError) else None
-    if code == errno.EADDRINUSE:
-        return (f"cannot listen on {where}: address already in use; is another midimatch serve "
-                "running? Stop it, or give another --port")
-    if code == errno.EACCES:
-        return (f"cannot listen on {where}: permission denied (ports below 1024 need "
-                "privileges); give another --port")
-    why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
-    return f"cannot listen on {where}: {why} (check --host and --port)"
+    from model.errors import why_cannot_bind
+
+    kind, why = why_cannot_bind(e)
+    hint = {"in_use": "; is another midimatch serve running? Stop it, or give another --port",
+            "denied": "; give another --port"}.get(kind, " (check --host and --port)")
+    return f"cannot listen on {settings.host}:{settings.port}: {why}{hint}"
 
 
 # --------------------------------------------------------------------------------------- stream

@@ -8,7 +8,6 @@ running tick, hands its sessions back so another worker takes them at once, and 
 from __future__ import annotations
 
 import argparse
-import errno
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,12 @@ class MetricsPortError(MidimatchError):
 
 def cannot_serve_metrics(port: int, e: OSError | OverflowError) -> str:
     """One line saying why ``/metrics`` cannot listen on ``port``, and what to do about it."""
-    where = f"cannot serve /metrics on port {port}"
-    code = e.errno if isinstance(e, OSError) else None
-    if code == errno.EADDRINUSE:
-        return (f"{where}: address already in use; is another midimatch worker running? "
-                "Give another --metrics-port (0 for none)")
-    if code == errno.EACCES:
-        return (f"{where}: permission denied (ports below 1024 need privileges); give another "
-                "--metrics-port (0 for none)")
-    why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
-    return f"{where}: {why}; give another --metrics-port (0 for none)"
+    from model.errors import why_cannot_bind
+
+    kind, why = why_cannot_bind(e)
+    hint = "is another midimatch worker running? Give" if kind == "in_use" else "give"
+    return (f"cannot serve /metrics on port {port}: {why}; {hint} another --metrics-port "
+            "(0 for none)")
 
 
 def serve_metrics(port: int, registry: Any) -> None:
