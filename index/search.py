@@ -128,8 +128,11 @@ class Cascade:
                                                                  encoder.window.length))
         self.pruner = EmbeddingPruner(index.embeddings, index.embed_ref, len(index),
                                       device=encoder.device)
-        # coarse sequences per factor, made when first needed and shared by with_config copies
+        # coarse sequences per factor, shared by with_config copies; made here (at load, not on
+        # the first query) when the config prunes with them
         self._hash_pruners: dict[int, HashPruner] = {}
+        if config.hash_prune > 0:
+            _ = self.hash_pruner
         self._ids = [str(r.get("sha256", ""))[:16] or f"ref{k}" for k, r in enumerate(index.refs)]
         self._titles = [str(r.get("title", Path(r.get("path", "")).stem)) for r in index.refs]
         self._durations = np.array([float(r.get("duration_s", np.inf)) for r in index.refs])
@@ -340,16 +343,26 @@ class Cascade:
             r.timings_s["total"] += t_enc
         return results
 
-    def search_codes(self, codes: list[QueryCode]) -> list[SearchResult]:
-        """Prune (one matrix product), verify and confirm already-encoded queries."""
+    def search_codes(self, codes: list[QueryCode],
+                     pruned: tuple[np.ndarray, float] | None = None) -> list[SearchResult]:
+        """Prune, verify and confirm already-encoded queries.
+
+        ``pruned``: the codes' :meth:`prune` ids and the seconds it took, when the caller has
+        them already (``midimatch eval`` keeps them for the prune's recall), so as not to prune
+        twice.
+        """
         if not codes:
             return []
         if len(self.index) == 0:
             return [SearchResult([], None, {"prune": 0.0, "verify": 0.0, "confirm": 0.0,
                                             "total": 0.0}, 0) for _ in codes]
-        t0 = time.perf_counter()
-        ids, _ = self.prune(np.stack([c.embedding for c in codes]), [c.hashes for c in codes])
-        t_prune = time.perf_counter() - t0
+        if pruned is None:
+            t0 = time.perf_counter()
+            ids, _ = self.prune(np.stack([c.embedding for c in codes]),
+                                [c.hashes for c in codes])
+            t_prune = time.perf_counter() - t0
+        else:
+            ids, t_prune = pruned
         out = []
         for code, cand in zip(codes, ids, strict=True):
             t1 = time.perf_counter()

@@ -165,11 +165,11 @@ def run_cascade(cascade: Any, queries: Sequence[dict], frames: Sequence[np.ndarr
         t0 = time.perf_counter()
         codes = [cascade.encode(f) for f in frames[lo:hi]]
         t_enc = (time.perf_counter() - t0) / (hi - lo)
-        # The same prune the search runs, kept for recall; the results themselves come from
-        # the cascade's own search path.
+        # The prune the search runs, kept for recall and handed to the search (not run twice)
+        t0 = time.perf_counter()
         ids, _ = cascade.prune(np.stack([c.embedding for c in codes]),
                                [c.hashes for c in codes])
-        results = cascade.search_codes(codes)
+        results = cascade.search_codes(codes, pruned=(ids, time.perf_counter() - t0))
         for j, res in enumerate(results):
             res.timings_s["encode"] = t_enc
             res.timings_s["total"] = res.timings_s.get("total", 0.0) + t_enc

@@ -68,7 +68,8 @@ class FakeCascade:
         assert len(hashes) == len(emb)  # the hash prune's queries go with the embeddings
         return np.stack([self.answers[int(e[0])][0] for e in emb]), None
 
-    def search_codes(self, codes):
+    def search_codes(self, codes, pruned=None):
+        assert pruned is not None and len(pruned[0]) == len(codes)  # the prune is not run twice
         return [R(*self.answers[int(c.embedding[0])][1:]) for c in codes]
 
 
