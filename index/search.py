@@ -213,17 +213,23 @@ class Cascade:
         dists : np.ndarray, shape (Q, K), float32
             Each one's embedding distance where the embedding prune ranked it, else ``inf``.
         """
-        cfg = self.config
-        if hashes is not None and cfg.hash_prune > 0 and len(hashes) != len(embeddings):
+        if hashes is None or self.config.hash_prune == 0:
+            return self.pruner.search(embeddings, self.config.top_k)
+        if len(hashes) != len(embeddings):
             raise ValueError(f"{len(hashes)} hash queries for {len(embeddings)} embeddings")
-        if hashes is not None and cfg.hash_prune >= cfg.top_k and len(self.index):
-            # the hash prune fills every place: the embedding's product would be thrown away
-            ids = self.hash_prune(hashes)
+        return self.prune_with(embeddings, self.hash_prune(hashes))
+
+    def prune_with(self, embeddings: np.ndarray, hash_ids) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`prune` from the hash prune's answers already at hand (``hash_ids``: a row
+        of :meth:`hash_prune` per query, perhaps kept from an earlier query of the same
+        stream, as a live session does): the embedding prune fills the places left, and is
+        skipped when there are none."""
+        cfg = self.config
+        if cfg.hash_prune >= cfg.top_k:  # the embedding's product would be thrown away
+            ids = np.stack([np.asarray(r, np.int64) for r in hash_ids])
             return ids, np.full(ids.shape, np.inf, np.float32)
         ids_e, dists_e = self.pruner.search(embeddings, cfg.top_k)
-        if hashes is None or cfg.hash_prune == 0 or ids_e.shape[1] == 0:
-            return ids_e, dists_e
-        return self.merge_prunes(self.hash_prune(hashes), ids_e, dists_e)
+        return self.merge_prunes(hash_ids, ids_e, dists_e)
 
     def hash_prune(self, hashes: list[np.ndarray]) -> np.ndarray:
         """The hash prune alone: each query's ``min(hash_prune, top_k)`` nearest references by

@@ -140,11 +140,7 @@ class PruneBatcher:
                               strict=True):
                 fresh[i] = row
         rows = [hashes[i][1] if fresh[i] is None else fresh[i] for i in range(len(hashes))]
-        cfg = self.cascade.config
-        if cfg.hash_prune >= cfg.top_k:  # the hash prune fills every place (Cascade.prune)
-            return np.stack(rows), fresh
-        ids, dists = self.cascade.prune(emb)
-        return self.cascade.merge_prunes(rows, ids, dists)[0], fresh
+        return self.cascade.prune_with(emb, rows)[0], fresh
 
     def _prune_now(self, sessions: list[Session]) -> tuple[list[Session], np.ndarray, list]:
         sessions, emb, hashes = self._embed(sessions)
