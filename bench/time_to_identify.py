@@ -173,6 +173,9 @@ def main() -> None:
     ap.add_argument("--stable-results", type=int, help="what-if: consecutive confident results")
     ap.add_argument("--change-s", type=float, metavar="S",
                     help="what-if: seconds the change-of-music check looks at (0: no check)")
+    ap.add_argument("--keep-on-restart", action="store_true",
+                    help="also measure the evidence rule with a restart's reset ignored "
+                    "(rule evidence-keep)")
     ap.add_argument("--hash-prune", type=int, metavar="N",
                     help="what-if: references from the hash prune (0: the embedding prune alone)")
     ap.add_argument("--result-every-s", type=float, default=1.0, help="what-if: result period")
@@ -279,7 +282,8 @@ def measure(cascade, cond: str, pieces: list[dict[str, Any]], audio: list[np.nda
     wall = time.perf_counter() - t
     live = live_rule(cascade.calibration)
     rows, detail, dups = [], [], None
-    for name, make in rules(cascade.calibration, args.evidence_threshold).items():
+    for name, make in rules(cascade.calibration, args.evidence_threshold,
+                             args.keep_on_restart).items():
         replayed = [rule_rows(r, ev, mk, make()) for r, (ev, mk) in zip(results, logs,
                                                                            strict=True)]
         if args.switch_s:

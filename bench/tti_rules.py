@@ -59,14 +59,28 @@ def record(session: Any) -> tuple[list, list[int]]:
     return events, marks
 
 
-def rules(cal: Calibration, evidence_threshold: float | None = None) -> dict[str, Any]:
+class _KeepsEvidence(EvidenceDecision):
+    """An ``EvidenceDecision`` that a reset leaves as it is (what-if: a restart of the query
+    after a change of music keeps the evidence; the rule follows the change on its own)."""
+
+    def reset(self) -> None:
+        pass
+
+
+def rules(cal: Calibration, evidence_threshold: float | None = None,
+          keep_on_restart: bool = False) -> dict[str, Any]:
     """Factories of the rules measured: ``fixed`` (``StreamDecision``: the calibration's
     ``stream_threshold`` x ``stable_results``) and ``evidence`` (``EvidenceDecision`` at
-    ``evidence_threshold``, default the calibration's; left out when neither is set)."""
+    ``evidence_threshold``, default the calibration's; left out when neither is set);
+    ``keep_on_restart`` adds ``evidence-keep``, the same rule with the session's resets
+    ignored (in the bench's streams every reset is a restart after a change of music: a
+    quiet reset needs 30 s of quiet)."""
     out: dict[str, Any] = {"fixed": lambda: StreamDecision(cal)}
     th = cal.evidence_threshold if evidence_threshold is None else evidence_threshold
     if th is not None:
         out["evidence"] = lambda: EvidenceDecision(cal, threshold=th)
+        if keep_on_restart:
+            out["evidence-keep"] = lambda: _KeepsEvidence(cal, threshold=th)
     return out
 
 

@@ -92,3 +92,17 @@ def test_switching_streams_and_their_outcome():
     assert row["re-decided in 6 s %"] == pytest.approx(200 / 3)
     assert row["median re-decide s"] == 2.0
     assert row["A decided %"] == pytest.approx(100 / 3)
+
+
+def test_evidence_keep_ignores_the_restarts_reset():
+    cal = Calibration("m", threshold=0.5, evidence_threshold=4.0)
+    assert "evidence-keep" not in rules(cal)
+    made = rules(cal, keep_on_restart=True)
+    events = [(1.0, [("a", 0.95, 1.0)]), (2.0, [("a", 0.95, 2.0)]), (3.0, [("a", 0.95, 3.0)]),
+              (3.5, None), (4.0, [("a", 0.95, 4.0)])]
+    marks = [1, 2, 3, 5]
+    plain = decisions_at_results(events, marks, made["evidence"]())
+    kept = decisions_at_results(events, marks, made["evidence-keep"]())
+    # both decide "a" before the reset; only the plain rule starts over after it
+    assert plain[2] == kept[2] == "a"
+    assert plain[3] is None and kept[3] == "a"
