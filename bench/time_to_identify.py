@@ -173,9 +173,9 @@ def main() -> None:
     ap.add_argument("--stable-results", type=int, help="what-if: consecutive confident results")
     ap.add_argument("--change-s", type=float, metavar="S",
                     help="what-if: seconds the change-of-music check looks at (0: no check)")
-    ap.add_argument("--keep-on-restart", action="store_true",
-                    help="also measure the evidence rule with a restart's reset ignored "
-                    "(rule evidence-keep)")
+    ap.add_argument("--reset-on-restart", action="store_true",
+                    help="also measure the evidence rule reset when the query restarts after "
+                    "a change of music (rule evidence-reset: the sessions until 2026-12-05)")
     ap.add_argument("--hash-prune", type=int, metavar="N",
                     help="what-if: references from the hash prune (0: the embedding prune alone)")
     ap.add_argument("--result-every-s", type=float, default=1.0, help="what-if: result period")
@@ -283,7 +283,7 @@ def measure(cascade, cond: str, pieces: list[dict[str, Any]], audio: list[np.nda
     live = live_rule(cascade.calibration)
     rows, detail, dups = [], [], None
     for name, make in rules(cascade.calibration, args.evidence_threshold,
-                             args.keep_on_restart).items():
+                             args.reset_on_restart).items():
         replayed = [rule_rows(r, ev, mk, make()) for r, (ev, mk) in zip(results, logs,
                                                                            strict=True)]
         if args.switch_s:

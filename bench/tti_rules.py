@@ -38,6 +38,10 @@ class _Recorder:
         self._events.append((round(float(self._session.audio_s), 4), None))
         self._inner.reset()
 
+    def restart(self) -> bool:
+        self._events.append((round(float(self._session.audio_s), 4), None))
+        return self._inner.restart()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
@@ -59,28 +63,28 @@ def record(session: Any) -> tuple[list, list[int]]:
     return events, marks
 
 
-class _KeepsEvidence(EvidenceDecision):
-    """An ``EvidenceDecision`` that a reset leaves as it is (what-if: a restart of the query
-    after a change of music keeps the evidence; the rule follows the change on its own)."""
+class _ResetsEvidence(EvidenceDecision):
+    """An ``EvidenceDecision`` that a restart of the query resets, as the sessions did until
+    2026-12-05 (what-if ``evidence-reset``: the rule as shipped keeps its evidence)."""
 
-    def reset(self) -> None:
-        pass
+    def restart(self) -> bool:
+        self.reset()
+        return False
 
 
 def rules(cal: Calibration, evidence_threshold: float | None = None,
-          keep_on_restart: bool = False) -> dict[str, Any]:
+          reset_on_restart: bool = False) -> dict[str, Any]:
     """Factories of the rules measured: ``fixed`` (``StreamDecision``: the calibration's
     ``stream_threshold`` x ``stable_results``) and ``evidence`` (``EvidenceDecision`` at
     ``evidence_threshold``, default the calibration's; left out when neither is set);
-    ``keep_on_restart`` adds ``evidence-keep``, the same rule with the session's resets
-    ignored (in the bench's streams every reset is a restart after a change of music: a
-    quiet reset needs 30 s of quiet)."""
+    ``reset_on_restart`` adds ``evidence-reset``, the same rule reset when the query restarts
+    after a change of music (the sessions' behaviour until 2026-12-05)."""
     out: dict[str, Any] = {"fixed": lambda: StreamDecision(cal)}
     th = cal.evidence_threshold if evidence_threshold is None else evidence_threshold
     if th is not None:
         out["evidence"] = lambda: EvidenceDecision(cal, threshold=th)
-        if keep_on_restart:
-            out["evidence-keep"] = lambda: _KeepsEvidence(cal, threshold=th)
+        if reset_on_restart:
+            out["evidence-reset"] = lambda: _ResetsEvidence(cal, threshold=th)
     return out
 
 
@@ -92,9 +96,9 @@ def decisions_at_results(events: list, marks: list[int], rule: Any) -> list[str 
     done = 0
     for n in marks:
         for t, ranked in events[done:n]:
-            if ranked is None:
-                rule.reset()
-                state = None
+            if ranked is None:  # a restart of the query (see index.evidence.StreamEvents)
+                if not rule.restart():
+                    state = None
                 continue
             got = rule.update([RecordedMatch(str(i), float(c), float(p)) for i, c, p in ranked],
                               audio_s=float(t))

@@ -84,6 +84,12 @@ class StreamDecision:
         """Forget the history (a new stream, or a seek)."""
         self._run_ref, self._run, self._last = None, 0, None
 
+    def restart(self) -> bool:
+        """The query restarted after a change of music: the run starts over (:meth:`reset`);
+        False: nothing kept."""
+        self.reset()
+        return False
+
     def update(self, matches: Sequence[M], audio_s: float | None = None) -> M | None:
         """Feed the ranking of the newest result; returns its top match once it is stable.
 

@@ -37,8 +37,10 @@ is decided as soon as its own score reaches the threshold, whatever the old one'
 one's decision lapses after a result or two of not being on top. The score is floored at 0
 (CUSUM), so a long stretch of doubt does not have to be paid back, and capped at
 ``threshold + hold`` so that a piece decided for minutes is withdrawn as quickly as one decided
-for seconds. The increments' shape (:class:`EvidenceParams`) was chosen on the calib half of the
-evaluation streams only (docs/benchmarks.md, "Time to identify"); the threshold is calibrated.
+for seconds. For the same reason a restart of the query after a change of music
+(:meth:`EvidenceDecision.restart`) keeps the evidence. The increments' shape
+(:class:`EvidenceParams`) was chosen on the calib half of the evaluation streams only
+(docs/benchmarks.md, "Time to identify"); the threshold is calibrated.
 
 The answer of a result: the top match if its score reaches the threshold; else the match decided
 before, while it is still in the ranking with a score at or above the threshold (one result
@@ -170,6 +172,14 @@ class EvidenceDecision:
         self._decided = None
         self.top_evidence = 0.0
 
+    def restart(self) -> bool:
+        """The query restarted after a change of music
+        (:meth:`worker.session.Session.restart_recent`): the evidence is kept. The rule follows
+        a change on its own (the old piece lapses once it is not on top, the new one is decided
+        when its own score reaches the threshold), so a false alarm of the change check costs
+        no decision. True: kept."""
+        return True
+
     def evidence(self, ref: object) -> float:
         """The evidence of reference ``ref`` (0 when it has none)."""
         c = self._cands.get(_key(ref))
@@ -270,7 +280,10 @@ def stream_decision(calibration: Calibration) -> StreamDecision | EvidenceDecisi
 
 # ---------------------------------------------------------------------------------- replays
 # One stream's decision input, oldest first: (audio_s, matches) for an update, matches a
-# sequence of (id, confidence, position_s), best first; (audio_s, None) for a reset.
+# sequence of (id, confidence, position_s), best first; (audio_s, None) for a restart of the
+# query (:meth:`EvidenceDecision.restart`, a reset for the fixed-count rule) or a reset after
+# ``worker.session.HOLD_QUIET_S`` of quiet (replayed as a restart: the streams recorded for the
+# benches and calibrations never hold that much quiet).
 StreamEvents = Sequence[Sequence]
 
 
@@ -288,6 +301,8 @@ class _Rule(Protocol):
 
     def reset(self) -> None: ...
 
+    def restart(self) -> bool: ...
+
 
 def replay(events: StreamEvents, rule: _Rule,
            on_update: Callable[[_Rule], None] | None = None) -> list[tuple[float, str | None]]:
@@ -297,7 +312,7 @@ def replay(events: StreamEvents, rule: _Rule,
     out = []
     for t, ranked in events:
         if ranked is None:
-            rule.reset()
+            rule.restart()
             continue
         got = rule.update([RecordedMatch(str(i), float(c), float(p)) for i, c, p in ranked],
                           audio_s=float(t))

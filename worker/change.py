@@ -15,7 +15,10 @@ ways:
 
 3 s are noisy evidence (a clean piece had one such suffix in 12 s), hence two results in a row
 for the same top match. Then the session restarts its query from the newest seconds
-(:meth:`worker.session.Session.restart_recent`). Measured on six A (12 s) → B pairs of
+(:meth:`worker.session.Session.restart_recent`); the evidence rule keeps its evidence through
+that restart (it follows a change on its own), so a false alarm — 6–31 % of single-piece
+streams raise one (docs/benchmarks.md) — costs a shorter query for a few results, not the
+decision. Measured on six A (12 s) → B pairs of
 generated songs rendered with FluidSynth (20-song index): B decided 7–11 s after the change
 (median 8 s) instead of 10–11 s, A withdrawn after 4–5 s instead of 4–9 s.
 """

@@ -359,15 +359,17 @@ class Session:
 
     def restart_recent(self, cascade: Cascade) -> None:
         """Forget all but the newest ``change_hashes`` frames of the query (the music changed):
-        the DP restarts from them, the embedding is rebuilt from the newest CQT frames, and the
-        decision starts over."""
+        the DP restarts from them, the embedding is rebuilt from the newest CQT frames. The
+        evidence rule keeps its evidence and its decision (it follows a change on its own, so a
+        false alarm costs nothing: :meth:`index.evidence.EvidenceDecision.restart`); the
+        fixed-count rule starts over."""
         n = self.config.change_hashes
         self.query[:n] = self.query[self.n_query - n:self.n_query]
         self.query_start += self.n_query - n
         self.n_query = n
         self.dtw.restart()
-        self.decision.reset()
-        self.held = None
+        if not self.decision.restart():  # True: the rule kept its evidence and decision
+            self.held = None
         self.change.reset()
         self.hash_ids = None  # the hash prune's answer was about the old music
         frames = self._recent[:self._n_recent][-4 * n:]

@@ -94,15 +94,18 @@ def test_switching_streams_and_their_outcome():
     assert row["A decided %"] == pytest.approx(100 / 3)
 
 
-def test_evidence_keep_ignores_the_restarts_reset():
-    cal = Calibration("m", threshold=0.5, evidence_threshold=4.0)
-    assert "evidence-keep" not in rules(cal)
-    made = rules(cal, keep_on_restart=True)
+def test_a_restart_keeps_the_evidence_not_the_fixed_run():
+    cal = Calibration("m", threshold=0.5, stream_threshold=0.8, stable_results=2,
+                      evidence_threshold=4.0)
+    assert "evidence-reset" not in rules(cal)
+    made = rules(cal, reset_on_restart=True)
     events = [(1.0, [("a", 0.95, 1.0)]), (2.0, [("a", 0.95, 2.0)]), (3.0, [("a", 0.95, 3.0)]),
               (3.5, None), (4.0, [("a", 0.95, 4.0)])]
-    marks = [1, 2, 3, 5]
-    plain = decisions_at_results(events, marks, made["evidence"]())
-    kept = decisions_at_results(events, marks, made["evidence-keep"]())
-    # both decide "a" before the reset; only the plain rule starts over after it
-    assert plain[2] == kept[2] == "a"
-    assert plain[3] is None and kept[3] == "a"
+    marks = [1, 2, 3, 4, 5]  # a result right after the restart, then one more
+    kept = decisions_at_results(events, marks, made["evidence"]())
+    reset = decisions_at_results(events, marks, made["evidence-reset"]())
+    fixed = decisions_at_results(events, marks, made["fixed"]())
+    # all decide "a" before the restart; the evidence rule keeps it through the restart
+    assert kept[2] == reset[2] == fixed[2] == "a"
+    assert kept[3:] == ["a", "a"]
+    assert reset[3:] == [None, None] and fixed[3:] == [None, None]

@@ -196,6 +196,13 @@ def test_replay_and_trace_of_recorded_events(fitted):
         (4.0, None, 0.0, pytest.approx(math.nan, nan_ok=True)), (5.0, "b", 0.95, 1.0)]
     old = StreamDecision(Calibration("m", stream_threshold=0.8, stable_results=2))
     assert replay(events, old) == [(2.0, None), (3.0, "a"), (4.0, None), (5.0, None)]
+    # the evidence rule keeps its evidence through the restart (None): "a" is still decided at
+    # 5.0 while "b" gathers its own; after a reset "a" would have had nothing left
+    cal = Calibration("m", evidence_threshold=5.0)
+    assert replay(events, EvidenceDecision(cal)) == [(2.0, None), (3.0, "a"), (4.0, None),
+                                                    (5.0, "a")]
+    fresh = EvidenceDecision(cal)
+    assert replay(events[3:], fresh)[-1] == (5.0, None)
 
 
 def test_calibrate_evidence_caps_the_outsiders_and_rejects_bad_input():

@@ -183,6 +183,36 @@ def test_restart_on_music_change_keeps_the_newest_frames(cascade: Cascade) -> No
     assert s.embedder.pooled() is not None
 
 
+@pytest.mark.parametrize("rule", ["fixed", "evidence"])
+def test_a_restart_keeps_the_evidence_rule_and_its_decision(cascade: Cascade, rule: str) -> None:
+    """A false alarm of the change check used to throw a decided piece away (two EAS streams
+    lost their decision at the end of the music, docs/benchmarks.md): the evidence rule keeps
+    its evidence through a restart and follows a real change on its own; the fixed-count rule's
+    run starts over."""
+    from index.decision import StreamDecision
+    from index.evidence import EvidenceDecision
+
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    cal = cascade.calibration
+    s.decision = StreamDecision(cal) if rule == "fixed" else EvidenceDecision(cal, threshold=5.0)
+    titles = [r["title"] for r in cascade.index.refs]
+    query = np.asarray(cascade.index.hash_sequence(titles.index("piece3")))[10:30].copy()
+    s.add_hashes(query)
+    s.n_frames = 4 * query.shape[0]
+    cand = np.arange(len(titles))
+    s.refresh(cand)
+    matches = cascade.confirm(query, cand, s.verify(), s.query_frames)
+    for _ in range(12):
+        decided = s.result(matches)["decision"]
+    assert decided is not None and decided["title"] == "piece3"
+    s.restart_recent(cascade)
+    if rule == "evidence":
+        assert s.held is not None and s.decision.evidence(matches[0].ref) >= 5.0
+        assert s.result(matches)["decision"]["title"] == "piece3"  # decided from the first result
+    else:
+        assert s.held is None and s.result(matches)["decision"] is None
+
+
 def test_memory_and_validation(cascade: Cascade) -> None:
     with pytest.raises(EngineError):
         Session("s", StreamParams(SR), cascade, CONFIG, t0_s=float("nan"))
