@@ -135,22 +135,30 @@ def test_candidates_are_cut_at_the_frame_budget(cascade: Cascade) -> None:
     assert tiny.candidates.tolist() == [order[0]]  # never none
 
 
-@pytest.mark.parametrize("rule", ["fixed", "evidence"])
-def test_result_message_shape_and_decision(cascade: Cascade, rule: str) -> None:
+def piece3_session(cascade: Cascade, rule: str, evidence_threshold: float,
+                   frames: slice) -> tuple[Session, list]:
+    """A session with ``rule``'s decision whose query is ``frames`` of piece3's own hash
+    sequence, verified against every reference; and its ranking."""
     from index.decision import StreamDecision
     from index.evidence import EvidenceDecision
 
     s = Session("s", StreamParams(SR), cascade, CONFIG)
     cal = cascade.calibration
     s.decision = StreamDecision(cal) if rule == "fixed" else EvidenceDecision(
-        cal, threshold=cal.evidence_threshold or 10.0)
+        cal, threshold=evidence_threshold)
     titles = [r["title"] for r in cascade.index.refs]
-    query = np.asarray(cascade.index.hash_sequence(titles.index("piece3")))[10:20].copy()
+    query = np.asarray(cascade.index.hash_sequence(titles.index("piece3")))[frames].copy()
     s.add_hashes(query)
     s.n_frames = 4 * query.shape[0]
     cand = np.arange(len(titles))
     s.refresh(cand)
-    matches = cascade.confirm(query, cand, s.verify(), s.query_frames)
+    return s, cascade.confirm(query, cand, s.verify(), s.query_frames)
+
+
+@pytest.mark.parametrize("rule", ["fixed", "evidence"])
+def test_result_message_shape_and_decision(cascade: Cascade, rule: str) -> None:
+    s, matches = piece3_session(cascade, rule, cascade.calibration.evidence_threshold or 10.0,
+                                slice(10, 20))
     results = [s.result(matches) for _ in range(s.decision.stable_results if rule == "fixed"
                                                  else 12)]
     r = results[-1]
@@ -189,19 +197,7 @@ def test_a_restart_keeps_the_evidence_rule_and_its_decision(cascade: Cascade, ru
     lost their decision at the end of the music, docs/benchmarks.md): the evidence rule keeps
     its evidence through a restart and follows a real change on its own; the fixed-count rule's
     run starts over."""
-    from index.decision import StreamDecision
-    from index.evidence import EvidenceDecision
-
-    s = Session("s", StreamParams(SR), cascade, CONFIG)
-    cal = cascade.calibration
-    s.decision = StreamDecision(cal) if rule == "fixed" else EvidenceDecision(cal, threshold=5.0)
-    titles = [r["title"] for r in cascade.index.refs]
-    query = np.asarray(cascade.index.hash_sequence(titles.index("piece3")))[10:30].copy()
-    s.add_hashes(query)
-    s.n_frames = 4 * query.shape[0]
-    cand = np.arange(len(titles))
-    s.refresh(cand)
-    matches = cascade.confirm(query, cand, s.verify(), s.query_frames)
+    s, matches = piece3_session(cascade, rule, 5.0, slice(10, 30))
     for _ in range(12):
         decided = s.result(matches)["decision"]
     assert decided is not None and decided["title"] == "piece3"
