@@ -93,8 +93,13 @@ async def test_with_aof_always_a_session_survives_a_redis_restart(aiohttp_client
         assert msgs[-1]["code"] == "unavailable" and close == 1013
         assert "127.0.0.1" not in msgs[-1]["message"]
         assert ready["type"] == "ready" and ready["resumed"]
-        assert ready["audio_bytes"] == 32000  # the 1 s acknowledged before the outage
-        await send_audio(ws, 0.5)
+        # the 1 s acknowledged before the outage, or that and the chunk sent as Redis died
+        # (40000 seen once, on a loaded machine: most likely Redis wrote and fsynced it and
+        # died before answering, so the gateway said unavailable and the bus has it). Either
+        # way the resume says where the bus is and the client sends again from there, as
+        # docs/protocol.md says; the final result below checks every chunk arrived once.
+        assert ready["audio_bytes"] in (32000, 40000)
+        await send_audio(ws, 1.5 - ready["audio_bytes"] / 32000)
         await ws.send_str(STOP)
         msgs, close = await drain(ws)
         assert close == 1000 and msgs[-1]["final"]
