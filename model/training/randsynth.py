@@ -9,6 +9,14 @@ from a wide space, so the network has to key on pitch and rhythm:
   partial, sometimes a weak fundamental), a little inharmonicity (stiff strings), partials
   that decay faster the higher they are (plucks) or not (organs, pads), an envelope drawn
   between percussive and sustained, and a slight detune;
+* in ``P_SPECTRAL_ENV`` of the timbres the spectrum moves: the note starts bright and its upper
+  partials fall towards a darker sustained balance (a time constant of 30 ms to 1 s), darker
+  still the softer the note is played. Almost every acoustic instrument and most synthesisers
+  do this (a struck string, a blown horn, a filter or a modulation envelope), and a fixed level
+  per partial taught the network none of it;
+* in ``P_PULSE`` of the timbres the partials follow a pulse wave of a random duty cycle
+  (partial k scaled by ``|sin(pi k d)|``: every ``1/d``-th partial missing, odd ones only at
+  ``d = 1/2``), the classic oscillator of analogue and chip synthesisers;
 * drums, when the piece has them, are noise bursts and pitch-swept thumps at their keys;
 * in ``P_ENSEMBLE`` of the renders the whole ensemble plays **one** bright timbre
   (:func:`draw_ensemble_timbre`: many strong partials, odd ones dominating half the time) at
@@ -19,7 +27,11 @@ from a wide space, so the network has to key on pitch and rhythm:
 
 It is **additive synthesis only** (no frequency modulation, no filters of a sawtooth, no
 Karplus-Strong), written here in numpy: none of the held-out engines (Csound, adplay's OPL3,
-TiMidity, WildMIDI, Sonivox) is used, and its draws are not tuned to any of them.
+TiMidity, WildMIDI, Sonivox) is used, and its draws are not tuned to any of them. (The moving
+spectrum, added in the seventh session, is also what a 2-operator FM tone whose index follows
+its envelope does — Csound's FM instrument and the OPL chips — so those rows are less blind to
+it than before; it is drawn as a generic brightness envelope, with ranges set before any model
+heard it.)
 
 Everything random comes from ``seed``: one seed, one sound.
 """
@@ -39,6 +51,8 @@ MAX_NOTE_S = 8.0  # a note's sound is cut this long after its onset (plus its re
 NYQUIST_MARGIN = 0.45  # partials above this fraction of the sample rate are dropped
 P_ENSEMBLE = 0.5  # renders where every pitched part plays one bright timbre at flat dynamics
 LOW_PART_MIDI = 52  # a part whose median pitch is below this (E3) is a low part
+P_SPECTRAL_ENV = 0.5  # timbres whose upper partials fall from a bright attack to a darker sustain
+P_PULSE = 0.2  # timbres with a pulse wave's spectrum
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,25 @@ class Timbre:
     sustain: float  # 0 = percussive (the note dies away whatever its length)
     release_s: float
     detune_cents: float  # a second voice this far off (0: one voice)
+    # the moving spectrum: partial k is scaled by exp(-(k - 1) b(t)), b rising from 0 at the
+    # onset to dark_per_partial * (1 + soft_darker * (1 - velocity / 127)) with time
+    # constant dark_s (0: a fixed spectrum)
+    dark_per_partial: float = 0.0
+    dark_s: float = 0.1
+    soft_darker: float = 0.0
+
+
+def _draw_motion(rng: np.random.Generator, amps: np.ndarray) -> dict:
+    """The pulse spectrum (applied to ``amps`` in place, ``P_PULSE`` of the draws) and the
+    moving spectrum's fields (``P_SPECTRAL_ENV`` of the draws) of one timbre."""
+    if rng.random() < P_PULSE:
+        duty = rng.uniform(0.08, 0.5)
+        amps *= np.abs(np.sin(np.pi * np.arange(1, MAX_PARTIALS + 1) * duty))
+    if rng.random() >= P_SPECTRAL_ENV:
+        return {}
+    return {"dark_per_partial": float(10 ** rng.uniform(-1.3, -0.3)),
+            "dark_s": float(10 ** rng.uniform(-1.5, 0.0)),
+            "soft_darker": float(rng.uniform(0.0, 1.5))}
 
 
 def draw_timbre(rng: np.random.Generator) -> Timbre:
@@ -63,6 +96,7 @@ def draw_timbre(rng: np.random.Generator) -> Timbre:
     amps[rng.integers(4, MAX_PARTIALS + 1):] = 0.0  # a random number of partials
     if rng.random() < 0.3:
         amps[0] *= rng.uniform(0.1, 0.6)  # a weak fundamental
+    motion = _draw_motion(rng, amps)
     amps /= amps.max()
     percussive = rng.random() < 0.4
     return Timbre(
@@ -74,6 +108,7 @@ def draw_timbre(rng: np.random.Generator) -> Timbre:
         sustain=0.0 if percussive else float(rng.uniform(0.3, 1.0)),
         release_s=float(10 ** rng.uniform(-1.5, -0.5)),
         detune_cents=float(rng.uniform(3.0, 12.0) if rng.random() < 0.3 else 0.0),
+        **motion,
     )
 
 
@@ -95,7 +130,9 @@ def draw_ensemble_timbre(rng: np.random.Generator) -> Timbre:
         partial_decay=float(rng.uniform(0.3, 1.0)) if percussive else 0.0,
         attack_s=float(10 ** rng.uniform(-2.7, -1.5)), decay_s=base.decay_s,
         sustain=0.0 if percussive else float(rng.uniform(0.6, 1.0)),
-        release_s=base.release_s, detune_cents=base.detune_cents)
+        release_s=base.release_s, detune_cents=base.detune_cents,
+        dark_per_partial=base.dark_per_partial, dark_s=base.dark_s,
+        soft_darker=base.soft_darker)
 
 
 def _envelope(t: np.ndarray, dur: float, tb: Timbre) -> np.ndarray:
@@ -121,13 +158,25 @@ def _note(pitch: int, velocity: int, dur: float, tb: Timbre, sr: int,
     freqs = k * f0 * np.sqrt(1.0 + tb.inharmonicity * k ** 2)
     keep = (tb.amps > 0) & (freqs < NYQUIST_MARGIN * sr)
     out = np.zeros(n)
+    darker = None  # per sample, the factor one partial higher is scaled by
+    if tb.dark_per_partial:
+        depth = tb.dark_per_partial * (1.0 + tb.soft_darker * (1.0 - velocity / 127.0))
+        darker = np.exp(-depth * (1.0 - np.exp(-t / tb.dark_s)))
     voices = [0.0] if tb.detune_cents == 0 else [-tb.detune_cents / 2, tb.detune_cents / 2]
     for cents in voices:
         ratio = 2.0 ** (cents / 1200.0)
-        for kk, f, a in zip(k[keep], freqs[keep], tb.amps[keep], strict=True):
+        motion = None if darker is None else np.ones(n)  # darker ** (kk - 1)
+        for kk in range(1, int(np.flatnonzero(keep).max(initial=-1)) + 2):
+            if kk > 1 and motion is not None:
+                motion *= darker
+            if not keep[kk - 1]:
+                continue
+            f, a = freqs[kk - 1], tb.amps[kk - 1]
             part = a * np.sin(2 * np.pi * f * ratio * t + kk)  # fixed phases: no random peaks
             if tb.partial_decay:
                 part *= np.exp(-t * kk ** tb.partial_decay / (4.0 * tb.decay_s))
+            if motion is not None:
+                part *= motion
             out += part
     out *= _envelope(t, dur, tb) * (velocity / 127.0) ** velocity_power / len(voices)
     return out

@@ -10,6 +10,11 @@ from model.training import render as R
 from model.training.randsynth import (
     MAX_PARTIALS,
     P_ENSEMBLE,
+    P_PULSE,
+    P_SPECTRAL_ENV,
+    Timbre,
+    _draw_motion,
+    _note,
     draw_ensemble_timbre,
     draw_timbre,
     render_randsynth,
@@ -135,3 +140,67 @@ def test_ensemble_timbres_are_bright_and_half_of_them_hollow() -> None:
     assert sum(t.amps[4] > 0.1 for t in draws) > 150
     hollow = sum(t.amps[1::2][:4].sum() < 0.5 * t.amps[0::2][:4].sum() for t in draws)
     assert 60 <= hollow <= 140
+
+
+def _levels_at(a: np.ndarray, f0: float, start_s: float, length_s: float, n: int = 8
+               ) -> np.ndarray:
+    """Partials 1..n of ``f0`` in ``a[start_s : start_s + length_s]``, absolute levels."""
+    seg = a[int(start_s * SR): int((start_s + length_s) * SR)].astype(np.float64)
+    spec = np.abs(np.fft.rfft(seg * np.hanning(seg.size)))
+    hz = np.fft.rfftfreq(seg.size, 1 / SR)
+    return np.array([spec[np.abs(hz - f0 * k) < f0 / 3].max() for k in range(1, n + 1)])
+
+
+def _steady(**moving) -> Timbre:
+    """Eight equal partials, a sustained note, no detune: only the moving spectrum varies."""
+    amps = np.zeros(MAX_PARTIALS)
+    amps[:8] = 1.0
+    return Timbre(amps=amps, inharmonicity=0.0, partial_decay=0.0, attack_s=0.002, decay_s=1.0,
+                  sustain=1.0, release_s=0.05, detune_cents=0.0, **moving)
+
+
+def test_a_moving_spectrum_starts_bright_darkens_and_is_darker_played_softly() -> None:
+    f0 = 220.0
+    still = _note(57, 127, 1.5, _steady(), SR)
+    moving = _note(57, 127, 1.5, _steady(dark_per_partial=0.4, dark_s=0.05, soft_darker=1.0), SR)
+    soft = _note(57, 40, 1.5, _steady(dark_per_partial=0.4, dark_s=0.05, soft_darker=1.0), SR)
+
+    def brightness(a: np.ndarray, start_s: float) -> float:  # partials 5-8 over 1-4
+        lv = _levels_at(a, f0, start_s, 0.2)
+        return float(lv[4:].sum() / lv[:4].sum())
+
+    # a fixed spectrum stays; the moving one loses its upper partials, towards exp(-0.4 (k-1))
+    assert brightness(still, 1.0) == pytest.approx(brightness(still, 0.1), rel=0.05)
+    assert brightness(moving, 1.0) < 0.5 * brightness(still, 1.0)
+    late = _levels_at(moving, f0, 1.0, 0.4)
+    assert late[5] / late[0] == pytest.approx(np.exp(-0.4 * 5), rel=0.25)
+    # the onset is brighter than the sustain (the first 20 ms against 1 s later)
+    early = _levels_at(moving, f0, 0.0, 0.02, n=4)
+    later = _levels_at(moving, f0, 1.0, 0.02, n=4)
+    assert early[3] / early[0] > 1.5 * later[3] / later[0]
+    # soft playing: darker (depth 0.4 (1 + 1.0 (1 - 40 / 127)))
+    assert brightness(soft, 1.0) < 0.7 * brightness(moving, 1.0)
+
+
+def test_draws_cover_moving_spectra_and_pulse_waves_in_their_shares() -> None:
+    rng = np.random.default_rng(4)
+    draws = [draw_timbre(rng) for _ in range(400)]
+    moving = [t for t in draws if t.dark_per_partial > 0]
+    assert abs(len(moving) / 400 - P_SPECTRAL_ENV) < 0.08
+    assert all(0.05 <= t.dark_per_partial <= 0.5 and 0.03 <= t.dark_s <= 1.0 for t in moving)
+    ens = [draw_ensemble_timbre(rng) for _ in range(200)]
+    assert 0.3 < np.mean([t.dark_per_partial > 0 for t in ens]) < 0.7
+    # the pulse: partial k scaled by |sin(pi k d)| for the duty d drawn next
+    pulses = 0
+    for seed in range(200):
+        amps = np.ones(MAX_PARTIALS)
+        probe = np.random.default_rng(seed)
+        if probe.random() < P_PULSE:
+            pulses += 1
+            d = probe.uniform(0.08, 0.5)
+            _draw_motion(np.random.default_rng(seed), amps)
+            assert np.allclose(amps, np.abs(np.sin(np.pi * np.arange(1, MAX_PARTIALS + 1) * d)))
+        else:
+            _draw_motion(np.random.default_rng(seed), amps)
+            assert np.all(amps == 1.0)
+    assert abs(pulses / 200 - P_PULSE) < 0.07
