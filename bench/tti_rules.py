@@ -2,17 +2,19 @@
 
 The engine runs one rule live (the calibration's: :func:`index.evidence.stream_decision`); every
 session's decision input is recorded meanwhile (:func:`record`): each ``update`` (audio seconds,
-every match's id, confidence and position) and ``reset`` the session makes, and after how many
-of them each result message was made. :func:`rule_rows` replays that input through any rule
-(:func:`rules`: the fixed-count ``StreamDecision`` and the ``EvidenceDecision``) and gives the
-decision each result would have carried — exactly what the session does (a quiet period is not
-fed and keeps the decision; a reset drops it), so the old and the new rule are measured on the
-same streams in the same run, and the replay of the live rule equals the live results
-(:func:`check_live`).
+every match's id, confidence and position), ``restart`` and ``reset`` the session makes
+(:data:`index.evidence.StreamEvents`), and after how many of them each result message was made.
+:func:`rule_rows` replays that input through any rule (:func:`rules`: the fixed-count
+``StreamDecision`` and the ``EvidenceDecision``) and gives the decision each result would have
+carried — exactly what the session does (a quiet period is not fed and keeps the decision; a
+reset drops it; a restart drops it unless the rule kept it), so the old and the new rule are
+measured on the same streams in the same run, and the replay of the live rule equals the live
+results (:func:`check_live`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from index.calibration import Calibration
 from index.decision import StreamDecision
-from index.evidence import EvidenceDecision, RecordedMatch
+from index.evidence import RESET, RESTART, EvidenceDecision, replay_steps
 
 
 class _Recorder:
@@ -35,11 +37,11 @@ class _Recorder:
         return self._inner.update(matches, audio_s)
 
     def reset(self) -> None:
-        self._events.append((round(float(self._session.audio_s), 4), None))
+        self._events.append((round(float(self._session.audio_s), 4), RESET))
         self._inner.reset()
 
     def restart(self) -> bool:
-        self._events.append((round(float(self._session.audio_s), 4), None))
+        self._events.append((round(float(self._session.audio_s), 4), RESTART))
         return self._inner.restart()
 
     def __getattr__(self, name: str) -> Any:
@@ -90,19 +92,15 @@ def rules(cal: Calibration, evidence_threshold: float | None = None,
 
 def decisions_at_results(events: list, marks: list[int], rule: Any) -> list[str | None]:
     """The decided id each result message carries under ``rule`` (fresh), from the session's
-    recorded input."""
+    recorded input: what the session holds after the first ``marks[k]`` events
+    (:func:`index.evidence.replay_steps`)."""
+    steps = replay_steps(events, rule)
     held: list[str | None] = []
     state: str | None = None
     done = 0
     for n in marks:
-        for t, ranked in events[done:n]:
-            if ranked is None:  # a restart of the query (see index.evidence.StreamEvents)
-                if not rule.restart():
-                    state = None
-                continue
-            got = rule.update([RecordedMatch(str(i), float(c), float(p)) for i, c, p in ranked],
-                              audio_s=float(t))
-            state = None if got is None else str(got.ref)
+        for _, decided, _ in itertools.islice(steps, max(0, n - done)):
+            state = decided
         done = max(done, n)
         held.append(state)
     return held

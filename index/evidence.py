@@ -56,16 +56,16 @@ Memory: a few floats per candidate (score, and where and when it was last seen),
 ``MAX_CANDIDATES`` of them (the lowest scores are forgotten first).
 
 Replays: a stream's decision input is recorded as **events** (:data:`StreamEvents`), one per
-``update`` (its audio seconds and every match's id, confidence and position) or ``reset``;
-:func:`replay` feeds them to any rule, so the bench measures the old and the new rule on the
-same results (``bench/time_to_identify.py``).
+``update`` (its audio seconds and every match's id, confidence and position), ``restart``
+(:data:`RESTART`) or ``reset`` (:data:`RESET`); :func:`replay` feeds them to any rule, so the
+bench measures the old and the new rule on the same results (``bench/time_to_identify.py``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
@@ -76,15 +76,19 @@ from index.decision import StreamDecision, keeps_step
 
 __all__ = [
     "MAX_CANDIDATES",
+    "RESET",
+    "RESTART",
     "EvidenceDecision",
     "EvidenceParams",
     "RecordedMatch",
     "StreamEvents",
     "calibrate_evidence",
     "events_to_trace",
+    "event_kind",
     "evidence_peak",
     "first_decision",
     "replay",
+    "replay_steps",
     "stream_decision",
 ]
 
@@ -279,12 +283,38 @@ def stream_decision(calibration: Calibration) -> StreamDecision | EvidenceDecisi
 
 
 # ---------------------------------------------------------------------------------- replays
-# One stream's decision input, oldest first: (audio_s, matches) for an update, matches a
-# sequence of (id, confidence, position_s), best first; (audio_s, None) for a restart of the
-# query (:meth:`EvidenceDecision.restart`, a reset for the fixed-count rule) or a reset after
-# ``worker.session.HOLD_QUIET_S`` of quiet (replayed as a restart: the streams recorded for the
-# benches and calibrations never hold that much quiet).
+# One stream's decision input, oldest first, one event per call the session made on its rule:
+#
+# * (audio_s, matches) for an ``update``, matches a sequence of (id, confidence, position_s),
+#   best first (possibly empty);
+# * (audio_s, RESTART) for a restart of the query after a change of music
+#   (:meth:`worker.session.Session.restart_recent`: ``rule.restart()``, which keeps the
+#   evidence rule's evidence and decision and starts the fixed-count rule over);
+# * (audio_s, RESET) for a reset after ``worker.session.HOLD_QUIET_S`` of quiet in a row
+#   (``rule.reset()``: every rule forgets its history and decision).
+#
+# The markers are plain strings, so events survive a JSON round trip (``--json`` of
+# ``bench/time_to_identify.py``). Recordings made before the two were told apart hold
+# (audio_s, None) for both; it is read as a restart (:func:`event_kind`), which is what those
+# replays did (the streams recorded for the benches and calibrations never hold that much
+# quiet, so they hold no reset).
 StreamEvents = Sequence[Sequence]
+
+RESTART = "restart"  # the second element of a restart event
+RESET = "reset"  # the second element of a reset event
+
+
+def event_kind(ranked: object) -> str | None:
+    """The kind of an event whose second element is ``ranked``: :data:`RESTART`,
+    :data:`RESET`, or None for an update (``ranked`` is its matches). None, the marker of
+    older recordings, reads as :data:`RESTART`."""
+    if ranked is None:
+        return RESTART
+    if isinstance(ranked, str):
+        if ranked in (RESTART, RESET):
+            return ranked
+        raise ValueError(f"unknown decision event {ranked!r}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -304,31 +334,49 @@ class _Rule(Protocol):
     def restart(self) -> bool: ...
 
 
+def replay_steps(events: StreamEvents, rule: _Rule) -> Iterator[tuple[float, str | None, bool]]:
+    """Feed ``events`` to ``rule`` (fresh) one by one, as the session calls it; after each,
+    yield (audio_s, the decided id the session holds or None, whether the event was an
+    update). An update holds what the rule returns; a reset drops the decision; a restart
+    drops it only when ``rule.restart()`` returns False (nothing kept). Lazy: the rule is in
+    the state of the event just yielded."""
+    held: str | None = None
+    for t, ranked in events:
+        kind = event_kind(ranked)
+        if kind == RESET:
+            rule.reset()
+            held = None
+        elif kind == RESTART:
+            if not rule.restart():
+                held = None
+        else:
+            got = rule.update([RecordedMatch(str(i), float(c), float(p)) for i, c, p in ranked],
+                              audio_s=float(t))
+            held = None if got is None else str(got.ref)
+        yield float(t), held, kind is None
+
+
 def replay(events: StreamEvents, rule: _Rule,
            on_update: Callable[[_Rule], None] | None = None) -> list[tuple[float, str | None]]:
     """Feed ``events`` to ``rule`` (a fresh :class:`EvidenceDecision` or
     :class:`~index.decision.StreamDecision`); per update, (audio_s, decided id or None).
     ``on_update(rule)`` is called after each update."""
     out = []
-    for t, ranked in events:
-        if ranked is None:
-            rule.restart()
-            continue
-        got = rule.update([RecordedMatch(str(i), float(c), float(p)) for i, c, p in ranked],
-                          audio_s=float(t))
-        out.append((float(t), None if got is None else got.ref))
-        if on_update is not None:
-            on_update(rule)
+    for t, held, updated in replay_steps(events, rule):
+        if updated:
+            out.append((t, held))
+            if on_update is not None:
+                on_update(rule)
     return out
 
 
 def events_to_trace(events: StreamEvents) -> list[tuple]:
     """The top-1 trace (:data:`index.decision.StreamTrace`) of ``events`` for the fixed-count
-    rule's calibration: one row per update, and a reset as a row without a top-1 (which breaks
-    a run as a reset does)."""
+    rule's calibration: one row per update, and a restart or reset (both start that rule over)
+    as a row without a top-1 (which breaks a run as they do)."""
     out: list[tuple] = []
     for t, ranked in events:
-        if not ranked:
+        if event_kind(ranked) is not None or not ranked:
             out.append((float(t), None, 0.0, math.nan))
         else:
             i, c, p = ranked[0]

@@ -20,6 +20,7 @@ from bench.tti_rules import (
 )
 from index.calibration import Calibration
 from index.decision import StreamDecision
+from index.evidence import RESET, RESTART, EvidenceDecision, replay
 
 
 class FakeSession:
@@ -60,7 +61,7 @@ def test_the_replay_of_the_recorded_input_gives_the_live_decisions():
     rows = [(float(k), d) for k, d in enumerate(live)]
     assert [r[1] for r in rule_rows(rows, events, marks, StreamDecision(cal))] == live
     # the quiet result was not recorded: it neither feeds nor breaks the run
-    assert len(events) == len(script) - 1 and events[3] == (5.0, None)
+    assert len(events) == len(script) - 1 and events[3] == (5.0, RESET)
     # the evidence rule on the same input
     ev = decisions_at_results(events, marks, rules(cal, evidence_threshold=0.5)["evidence"]())
     assert ev[0] == "a" and ev[-1] is None
@@ -109,3 +110,55 @@ def test_a_restart_keeps_the_evidence_not_the_fixed_run():
     assert kept[2] == reset[2] == fixed[2] == "a"
     assert kept[3:] == ["a", "a"]
     assert reset[3:] == [None, None] and fixed[3:] == [None, None]
+
+
+def test_the_recorder_tells_a_reset_from_a_restart():
+    cal = Calibration("m", threshold=0.5, stream_threshold=0.8, stable_results=2,
+                      evidence_threshold=4.0)
+    for inner, kept in ((StreamDecision(cal), False), (EvidenceDecision(cal), True)):
+        s = FakeSession(cal)
+        s.decision = inner
+        events, _ = record(s)
+        s.audio_s = 3.0
+        assert s.decision.restart() is kept  # the rule's answer is passed on
+        s.audio_s = 40.0
+        s.decision.reset()
+        assert events == [(3.0, RESTART), (40.0, RESET)]
+
+
+def test_a_reset_drops_the_evidence_that_a_restart_keeps():
+    cal = Calibration("m", threshold=0.5, stream_threshold=0.8, stable_results=2,
+                      evidence_threshold=4.0)
+    head = [(1.0, [("a", 0.95, 1.0)]), (2.0, [("a", 0.95, 2.0)]), (3.0, [("a", 0.95, 3.0)])]
+    tail = [(4.0, [("a", 0.95, 4.0)])]
+    marks = [1, 2, 3, 4, 5]  # a result right after the marker, then one more
+    got = {kind: decisions_at_results([*head, (3.5, kind), *tail], marks,
+                                      rules(cal)["evidence"]()) for kind in (RESTART, RESET)}
+    assert got[RESTART][2:] == ["a", "a", "a"]
+    assert got[RESET][2:] == ["a", None, None]  # one result is not enough evidence again
+
+
+@pytest.mark.parametrize("name", ["fixed", "evidence", "evidence-reset"])
+def test_both_replays_agree_on_restarts_and_resets(name):
+    """``decisions_at_results`` with a mark after every update gives what
+    ``index.evidence.replay`` gives, on a stream with both kinds of event."""
+    cal = Calibration("m", threshold=0.5, stream_threshold=0.8, stable_results=2,
+                      evidence_threshold=4.0)
+    rng = np.random.default_rng(8)
+    events, marks = [], []
+    for k in range(200):
+        t = 1.0 + 0.5 * k
+        u = rng.uniform()
+        if u < 0.08:
+            events.append((t, RESTART))
+        elif u < 0.14:
+            events.append((t, RESET))
+        else:
+            top = "a" if rng.uniform() < 0.7 else f"r{rng.integers(5)}"
+            events.append((t, [(top, float(rng.uniform(0.3, 1.0)), t), ("z", 0.1, 0.0)]))
+            marks.append(len(events))
+    made = rules(cal, reset_on_restart=True)
+    held = decisions_at_results(events, marks, made[name]())
+    replayed = replay(events, made[name]())
+    assert held == [d for _, d in replayed] and len(held) == len(marks)
+    assert any(d is not None for d in held)

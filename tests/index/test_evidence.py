@@ -14,14 +14,18 @@ from index.calibration import Calibration
 from index.decision import StreamDecision
 from index.evidence import (
     MAX_CANDIDATES,
+    RESET,
+    RESTART,
     EvidenceDecision,
     EvidenceParams,
     RecordedMatch,
     calibrate_evidence,
+    event_kind,
     events_to_trace,
     evidence_peak,
     first_decision,
     replay,
+    replay_steps,
     stream_decision,
 )
 
@@ -196,13 +200,57 @@ def test_replay_and_trace_of_recorded_events(fitted):
         (4.0, None, 0.0, pytest.approx(math.nan, nan_ok=True)), (5.0, "b", 0.95, 1.0)]
     old = StreamDecision(Calibration("m", stream_threshold=0.8, stable_results=2))
     assert replay(events, old) == [(2.0, None), (3.0, "a"), (4.0, None), (5.0, None)]
-    # the evidence rule keeps its evidence through the restart (None): "a" is still decided at
-    # 5.0 while "b" gathers its own; after a reset "a" would have had nothing left
+    # the evidence rule keeps its evidence through the restart (None, as older recordings hold
+    # it): "a" is still decided at 5.0 while "b" gathers its own; after a reset "a" would have
+    # had nothing left
     cal = Calibration("m", evidence_threshold=5.0)
     assert replay(events, EvidenceDecision(cal)) == [(2.0, None), (3.0, "a"), (4.0, None),
                                                     (5.0, "a")]
     fresh = EvidenceDecision(cal)
     assert replay(events[3:], fresh)[-1] == (5.0, None)
+
+
+def test_a_replayed_reset_clears_the_evidence_a_restart_keeps_it():
+    """A reset after a long quiet (``RESET``) and a restart of the query (``RESTART``) are
+    different events: the evidence rule forgets its evidence and decision at the one and keeps
+    both through the other; the fixed-count rule starts over at both."""
+    cal = Calibration("m", evidence_threshold=5.0)
+    head = [(2.0, [("a", 0.9, 10.0)]), (3.0, [("a", 0.9, 11.0)])]
+    tail = [(4.0, [("a", 0.9, 12.0)])]
+    after = {}
+    for kind in (RESTART, RESET, None):  # None: a restart as older recordings hold it
+        rule = EvidenceDecision(cal)
+        steps = replay_steps([*head, (3.5, kind), *tail], rule)
+        upto = [next(steps) for _ in range(3)]  # lazy: the rule is as the marker left it
+        after[kind] = (upto, rule.evidence("a"), list(steps))
+    assert after[RESTART][0] == [(2.0, None, True), (3.0, "a", True), (3.5, "a", False)]
+    assert after[RESTART][1] >= 5.0 and after[RESTART][2] == [(4.0, "a", True)]
+    assert after[RESET][0] == [(2.0, None, True), (3.0, "a", True), (3.5, None, False)]
+    assert after[RESET][1] == 0.0 and after[RESET][2] == [(4.0, None, True)]
+    assert after[None] == after[RESTART]
+    assert replay([*head, (3.5, RESET), *tail], EvidenceDecision(cal)) == [
+        (2.0, None), (3.0, "a"), (4.0, None)]
+    assert replay([*head, (3.5, RESTART), *tail], EvidenceDecision(cal)) == [
+        (2.0, None), (3.0, "a"), (4.0, "a")]
+    fixed = Calibration("m", stream_threshold=0.8, stable_results=2)
+    for kind in (RESTART, RESET):
+        got = list(replay_steps([*head, (3.5, kind), *tail], StreamDecision(fixed)))
+        assert [d for _, d, _ in got] == [None, "a", None, None]
+
+
+def test_event_markers_survive_json_and_make_trace_breaks():
+    events = [(2.0, [("a", 0.9, 10.0)]), (3.0, RESTART), (4.0, [("a", 0.9, 12.0)]),
+              (5.0, RESET), (6.0, [])]
+    back = json.loads(json.dumps(events))  # as bench/time_to_identify.py --json stores them
+    assert [event_kind(r) for _, r in back] == [None, RESTART, None, RESET, None]
+    cal = Calibration("m", evidence_threshold=5.0)
+    assert replay(back, EvidenceDecision(cal)) == replay(events, EvidenceDecision(cal))
+    nan = pytest.approx(math.nan, nan_ok=True)
+    assert events_to_trace(back) == [(2.0, "a", 0.9, 10.0), (3.0, None, 0.0, nan),
+                                     (4.0, "a", 0.9, 12.0), (5.0, None, 0.0, nan),
+                                     (6.0, None, 0.0, nan)]
+    with pytest.raises(ValueError, match="unknown decision event"):
+        replay([(2.0, "seek")], EvidenceDecision(cal))
 
 
 def test_calibrate_evidence_caps_the_outsiders_and_rejects_bad_input():
