@@ -33,8 +33,10 @@ from bench._common import table  # noqa: E402
 from index.calibration import Calibration  # noqa: E402
 from index.decision import keeps_step  # noqa: E402
 from index.evidence import (  # noqa: E402
+    RESET,
     EvidenceParams,
     calibrate_evidence,
+    event_kind,
     evidence_peak,
     first_decision,
 )
@@ -53,7 +55,9 @@ def load(paths: list[Path]) -> tuple[list, list]:
             for o in outcomes:
                 if "events" not in o:
                     continue
-                ev = [(t, None if r is None else [tuple(x) for x in r]) for t, r in o["events"]]
+                # a reset / restart marker (or an old file's None) as it is, a ranking as tuples
+                ev = [(t, r if event_kind(r) is not None else [tuple(x) for x in r])
+                      for t, r in o["events"]]
                 if o["in_collection"]:
                     ins.append((ev, o["true_id"], cond))
                 elif not o.get("duplicate"):
@@ -68,8 +72,10 @@ def ratios(ins: list, outs: list) -> tuple[list[dict], dict]:
         for ev, true in streams:
             seen: dict = {}
             for t, ranked in ev:
-                if ranked is None:
-                    seen = {}
+                kind_of = event_kind(ranked)
+                if kind_of is not None:  # a reset forgets what was seen; a restart keeps it,
+                    if kind_of == RESET:  # as the rule does (index.evidence.replay_steps)
+                        seen = {}
                     continue
                 if not ranked:
                     continue

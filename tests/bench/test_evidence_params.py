@@ -26,3 +26,27 @@ def test_ratios_and_grid_on_recorded_events(tmp_path):
     assert steps["true"] == 1.0 and steps["outsider"] == 0.0  # the outsiders jump 7 s a second
     best = grid_rows(got_in, got_out, 0.0)[0]
     assert best["clean in 20 s %"] == 100.0 and best["median s"] <= 8.0
+
+
+def test_a_reset_forgets_the_positions_seen_and_a_restart_keeps_them(tmp_path):
+    """As the rule: after a reset the next step is not judged; after a restart (or an old
+    file's None) it is, so a jump across the restart counts as a jump."""
+    from index.evidence import RESET, RESTART
+
+    def stream(marker):
+        ev = [[float(t), [["t", 0.9, 10.0 + t]]] for t in range(2, 8)]
+        ev.append([7.5, marker])
+        ev += [[float(t), [["t", 0.9, 60.0 + t]]] for t in range(8, 14)]  # 50 s further on
+        return {"in_collection": True, "true_id": "t", "duplicate": False, "events": ev}
+
+    outs = [{"in_collection": False, "true_id": None, "duplicate": False,
+             "events": [[2.0, [["o", 0.1, 1.0]]]]}]
+    means = {}
+    for name, marker in (("reset", RESET), ("restart", RESTART), ("old", None)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"outcomes": {"clean": [stream(marker), *outs]}}))
+        got_in, got_out = load([path])
+        assert got_in[0][0][6] == (7.5, marker)  # the marker read back as it is
+        means[name] = ratios(got_in, got_out)[1]["true"]
+    assert means["reset"] == 1.0  # 10 steps, all kept
+    assert means["restart"] == means["old"] == 10 / 11  # the jump across the restart counted
