@@ -52,6 +52,33 @@ def render(target: str) -> list[dict]:
     return list(_render(target))
 
 
+MANAGED_OVERLAY = ("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+                   "resources: [../prod]\ncomponents: [../../components/managed-redis]\n")
+
+
+@cache
+def _render_managed() -> tuple[dict, ...]:
+    import tempfile
+
+    exe = kubectl()
+    if exe is None:
+        _render("overlays/dev")  # skips, saying why
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "k8s"
+        shutil.copytree(K8S, copy)
+        (copy / "overlays" / "managed").mkdir()
+        (copy / "overlays" / "managed" / "kustomization.yaml").write_text(MANAGED_OVERLAY)
+        out = subprocess.run([exe, "kustomize", str(copy / "overlays" / "managed")],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"prod + components/managed-redis failed:\n{out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def render_managed() -> list[dict]:
+    """overlays/prod with components/managed-redis, as docs/deploy.md tells users to add it."""
+    return list(_render_managed())
+
+
 def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
     """Resources of ``kind`` (and ``name``: a generated ConfigMap matches its base name)."""
     out = []

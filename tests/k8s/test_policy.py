@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s.conftest import ROOT, dockerfile_env, pod_specs, render
+from tests.k8s.conftest import ROOT, dockerfile_env, pod_specs, render, render_managed
 
 CHECKOV = ROOT / ".venv" / "checkov" / "bin" / "checkov"
 # checkov checks that do not fit, and why
@@ -106,6 +106,8 @@ def test_checkov(tmp_path):
     for target_ in ("overlays/dev", "overlays/prod", "jobs/index-build"):
         out = tmp_path / (target_.replace("/", "-") + ".yaml")
         out.write_text(yaml.safe_dump_all(render(target_)))
+    (tmp_path / "overlays-prod-managed-redis.yaml").write_text(yaml.safe_dump_all(
+        render_managed()))
     run = subprocess.run(
         [str(CHECKOV), "-d", str(tmp_path), "--framework", "kubernetes", "--compact", "--quiet",
          "--skip-check", ",".join(CHECKOV_SKIPS), "-o", "cli"],

@@ -53,27 +53,12 @@ def test_prod_has_gpu_workers_autoscaling_and_monitoring_and_no_placeholder_secr
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
-def test_managed_redis_component_removes_the_in_cluster_one(tmp_path):
+def test_managed_redis_component_removes_the_in_cluster_one():
     """An overlay of prod + components/managed-redis: no Redis Deployment/Service, the address
     and TLS scheme point at the managed one, KEDA's triggers use TLS."""
-    import shutil
-    import subprocess
+    from tests.k8s.conftest import render_managed
 
-    import yaml
-
-    from tests.k8s.conftest import K8S, kubectl
-
-    render("overlays/dev")  # skips without kubectl
-    overlay = tmp_path / "k8s" / "overlays" / "managed"
-    shutil.copytree(K8S, tmp_path / "k8s", dirs_exist_ok=True)
-    overlay.mkdir(parents=True)
-    (overlay / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        "resources: [../prod]\ncomponents: [../../components/managed-redis]\n")
-    out = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    docs = render_managed()
     assert not find(docs, "Deployment", "midimatch-redis")
     assert not find(docs, "Service", "midimatch-redis")
     assert not find(docs, "NetworkPolicy", "midimatch-redis")

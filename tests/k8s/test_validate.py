@@ -13,7 +13,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from tests.k8s.conftest import render
+from tests.k8s.conftest import render, render_managed
 
 SCHEMAS = Path(__file__).with_name("schemas")
 KUBERNETES_VERSIONS = ("1.30.0", "1.32.0")
@@ -27,8 +27,17 @@ def crd_schema(doc: dict) -> dict | None:
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_manifests_validate(target, version):
+    _validate(render(target), target, version)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_prod_with_managed_redis_validates(version):
+    _validate(render_managed(), "overlays/prod + components/managed-redis", version)
+
+
+def _validate(docs: list[dict], target: str, version: str) -> None:
     checked = 0
-    for doc in render(target):
+    for doc in docs:
         what = f"k8s/{target}: {doc['kind']}/{doc['metadata']['name']}"
         schema = crd_schema(doc)
         if schema is not None:
