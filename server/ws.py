@@ -55,6 +55,12 @@ MIN_AUDIO_SHARE = 0.05
 # bus; Redis full: at maxmemory it refuses writes until memory is freed), not a fault of this
 # request: answered ``unavailable``, and the session stays resumable.
 UNAVAILABLE_REASONS = frozenset({"redis_unavailable", "closed", "redis_full"})
+# Why a worker fails a session (its final result's ``error.code``) or the bus refuses its stored
+# parameters, when the cause is the client's: its audio, or stream parameters a gateway before
+# the strict checks stored (channels "1.0"). Answered ``bad_request`` with that reason, not
+# ``internal``; any other code is the service's fault.
+CLIENT_REASONS = frozenset({"bad_audio", "bad_params", "bad_sample_rate", "bad_channels",
+                            "bad_encoding"})
 
 
 def service_error(e: Exception, session_id: str | None) -> ProtocolError:
@@ -325,7 +331,14 @@ class _Connection:
                 if seq != state.next_seq or end_bytes:
                     state.next_seq, state.audio_bytes = seq, end_bytes
         if state is None:  # served by another gateway, or before a restart: ask the bus
-            known = await h.bus.session_params(sid)
+            try:
+                known = await h.bus.session_params(sid)
+            except BusError as e:
+                if e.reason not in CLIENT_REASONS:
+                    raise
+                raise ProtocolError("bad_request", f"session {sid!r} has stream parameters "
+                                    f"this service cannot use ({e}); start a new session",
+                                    reason="bad_params") from None
             if known is None:
                 raise ProtocolError("bad_request", f"unknown or expired session {sid!r}",
                                     reason="unknown_session")
@@ -367,7 +380,8 @@ class _Connection:
                         st.done = True
                         if isinstance(result.get("error"), dict):  # the worker gave up on it
                             err = result["error"]
-                            code = "bad_request" if err.get("code") == "bad_audio" else "internal"
+                            code = ("bad_request" if err.get("code") in CLIENT_REASONS
+                                    else "internal")
                             await self._fail(ProtocolError(code, str(err.get("message", "")),
                                                            reason=str(err.get("code", code))))
                             return

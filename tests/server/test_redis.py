@@ -307,3 +307,52 @@ async def test_a_client_that_goes_is_not_a_redis_outage(redis_server, prefix, ca
 async def send_pcm(ws, data: bytes, chunk: int = 8000) -> None:
     for i in range(0, len(data), chunk):
         await ws.send_bytes(data[i:i + chunk])
+
+
+async def test_a_poison_session_is_its_clients_bad_request_not_internal(aiohttp_client,
+                                                                        redis_server, prefix,
+                                                                        caplog):
+    """Issue #20, item 1: a session stored with parameters a worker cannot parse (channels
+    ``"1.0"``, as a gateway before the strict checks stored it) is failed alone by the worker
+    (``bad_params``). Its client then got ``internal`` (1011), and a resume of it ``internal``
+    with a traceback in the log (the bus's ``bad_params`` raised from ``session_params``): it is
+    the client's bad request, answered as one, and nothing is logged as a fault."""
+    from tests.worker.test_runner import RecordingEngine, Running
+    from tests.worker.test_runner import settings as worker_settings
+    from worker.runner import Worker
+
+    client = await gateway(aiohttp_client, redis_server, prefix)
+    elsewhere = await gateway(aiohttp_client, redis_server, prefix)  # that never served it
+    bus = RedisBus(redis_server.url, prefix=prefix)
+    worker = None
+    try:
+        await bus.heartbeat("stand-in", 8)  # a live worker, so the start is not 'busy'
+        ws = await client.ws_connect("/v1/stream")
+        await ws.send_str(start_msg())
+        sid = (await receive_json(ws))["session"]
+        await bus.r.hset(bus.meta_key(sid), "ch", "1.0")  # as the lax gateway stored it
+        other = await elsewhere.ws_connect("/v1/stream")  # a resume of it
+        await other.send_str(start_msg(session=sid))
+        msgs, close = await drain(other)
+        assert [m["type"] for m in msgs] == ["error"], msgs
+        assert (msgs[0]["code"], msgs[0]["reason"], close) == ("bad_request", "bad_params",
+                                                               4400), msgs
+        worker = Running(Worker(RedisBus(redis_server.url, prefix=prefix, lease_ms=600),
+                                RecordingEngine(), worker_settings()))
+        msgs, close = await drain(ws)  # the first client: the worker fails its session
+        assert [m["type"] for m in msgs] == ["result", "error"], msgs
+        assert msgs[0]["final"] and msgs[0]["error"]["code"] == "bad_params"
+        assert (msgs[1]["code"], msgs[1]["reason"], close) == ("bad_request", "bad_params",
+                                                               4400), msgs
+        assert "channels" in msgs[1]["message"]
+    finally:
+        if worker is not None:
+            await worker.stop()
+            await worker.worker.bus.close()
+        await bus.close()
+    for c in (client, elsewhere):
+        metrics = c.app[METRICS_KEY].registry
+        assert not metrics.get_sample_value("midimatch_gateway_errors_total",
+                                            {"code": "internal"})
+    assert not [r for r in caplog.records if r.name.startswith("server") and r.exc_info], \
+        caplog.text
