@@ -144,6 +144,9 @@ class Outcome:
     started: bool = False  # a well-formed start was sent first
     hung: bool = False  # the server neither finished the exchange nor closed in time
     seconds: float = 0.0
+    # The client's side failed before the server's close was read: a write or the reader
+    # failed with this (a reset: the client may have dropped answers it had not read yet).
+    lost: str | None = None
 
     def problems(self) -> list[str]:
         p = []
@@ -162,7 +165,8 @@ class Outcome:
         if self.close_code == 1011:
             p.append("closed with 1011 (internal)")
         if self.started and not self.received and self.refused is None:
-            p.append("a start got no answer")
+            p.append("a start got no answer" + (f" (the client's connection failed first: "
+                                                f"{self.lost})" if self.lost else ""))
         return p
 
 
@@ -209,7 +213,8 @@ async def run_conversation(http, url: str, conv: list[tuple], name: str = "",
                         await ws.send_str(data)
                     else:
                         await ws.send_bytes(data)
-                except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
+                    out.lost = f"writing message {out.sent + 1}: {type(e).__name__}: {e}"
                     break
                 out.sent += 1
             wait = answer_s if not out.received else linger_s
@@ -220,6 +225,9 @@ async def run_conversation(http, url: str, conv: list[tuple], name: str = "",
                 await asyncio.gather(reader, return_exceptions=True)
                 await ws.close()
             out.close_code = out.close_code or ws.close_code
+            exc = ws.exception()
+            if out.lost is None and exc is not None:
+                out.lost = f"{type(exc).__name__}: {exc}"
     except aiohttp.WSServerHandshakeError as e:
         out.refused = f"HTTP {e.status}"
     except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError) as e:

@@ -137,6 +137,13 @@ class Settings:
         """A copy with some fields changed (tests, the CLI)."""
         return replace(self, **changes)
 
+    @property
+    def transport_max_message_bytes(self) -> int:
+        """The websocket transport's own cap on a message (aiohttp's ``max_msg_size``): above
+        ``max_message_bytes`` but bounded. Messages up to it get the protocol's ``too_large``
+        error message; past it aiohttp closes with 1009 as soon as the frame's header says so."""
+        return 2 * self.max_message_bytes + 65536
+
 
 
 def check_token(token: str, name: str = "auth_token") -> None:

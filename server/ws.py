@@ -105,8 +105,9 @@ class StreamHandler:
         if not authorized(s, request):  # token_middleware answered already; kept as a guard
             return unauthorized_response()
         # Above the protocol limit but bounded: messages up to this cap get a clear error from
-        # us; past it aiohttp itself closes with 1009 (the same close code).
-        ws = web.WebSocketResponse(max_msg_size=2 * s.max_message_bytes + 65536, heartbeat=20.0)
+        # us; past it aiohttp itself closes with 1009 (the same close code), and the connection
+        # lingers (server/listen.py) so the client, still sending, reads that close.
+        ws = web.WebSocketResponse(max_msg_size=s.transport_max_message_bytes, heartbeat=20.0)
         await ws.prepare(request)
         conn = _Connection(self, ws, request.remote or "?")
         self.connections.add(ws)
