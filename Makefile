@@ -66,16 +66,17 @@ serve: $(STAMP)
 	$(BIN)/midimatch serve --index "$(DEMO_INDEX)" --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 # Container images for k8s/ (docs/deploy.md): the gateway (no torch), the worker with CUDA and
-# its CPU variant. DOCKER=podman or buildah-bud also work; BASE= a local base image if no
+# its CPU variant. DOCKER=podman or DOCKER=buildah also work (BUILDAH_FORMAT=docker: their default
+# OCI format drops HEALTHCHECK; docker ignores the variable); BASE= a local base image if no
 # registry is reachable. `make locks` rewrites k8s/images/*.lock from the .venv.
 DOCKER ?= docker
 IMAGE_REPO ?= midimatch
 IMAGE_TAG ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 BASE ?= python:3.11-slim-bookworm
 images:
-	$(DOCKER) build -f k8s/images/gateway.Dockerfile --build-arg BASE=$(BASE) -t $(IMAGE_REPO)/gateway:$(IMAGE_TAG) .
-	$(DOCKER) build -f k8s/images/worker.Dockerfile --build-arg BASE=$(BASE) -t $(IMAGE_REPO)/worker:$(IMAGE_TAG) .
-	$(DOCKER) build -f k8s/images/worker.Dockerfile --build-arg BASE=$(BASE) --build-arg TORCH=cpu -t $(IMAGE_REPO)/worker:$(IMAGE_TAG)-cpu .
+	BUILDAH_FORMAT=docker $(DOCKER) build -f k8s/images/gateway.Dockerfile --build-arg BASE=$(BASE) -t $(IMAGE_REPO)/gateway:$(IMAGE_TAG) .
+	BUILDAH_FORMAT=docker $(DOCKER) build -f k8s/images/worker.Dockerfile --build-arg BASE=$(BASE) -t $(IMAGE_REPO)/worker:$(IMAGE_TAG) .
+	BUILDAH_FORMAT=docker $(DOCKER) build -f k8s/images/worker.Dockerfile --build-arg BASE=$(BASE) --build-arg TORCH=cpu -t $(IMAGE_REPO)/worker:$(IMAGE_TAG)-cpu .
 
 locks: $(STAMP)
 	$(BIN)/python k8s/images/lock.py

@@ -72,6 +72,23 @@ def test_images_run_unprivileged_with_a_healthcheck():
         assert "pip install --no-deps -r" in text, f"{df.name}: install from the lock"
 
 
+
+def test_make_images_keeps_the_healthcheck_with_podman_and_buildah():
+    """podman and buildah build OCI images unless told otherwise, and the OCI format has no
+    HEALTHCHECK: it is dropped with a warning only (seen with podman 4.3 / buildah 1.28).
+    BUILDAH_FORMAT=docker keeps it; docker ignores the variable."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = lines.index("images:") + 1
+    recipe = []
+    for line in lines[start:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    builds = [line for line in recipe if "$(DOCKER) build" in line]
+    assert len(builds) == 3, recipe
+    for line in builds:
+        assert line.startswith("BUILDAH_FORMAT=docker $(DOCKER) build "), line
+
 def test_locks_pin_pyproject_dependencies():
     deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())[
         "project"]["dependencies"]]
