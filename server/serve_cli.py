@@ -172,7 +172,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     if settings.redis_url is not None:
         bus = gateway_bus(settings)
         app = create_app(settings, bus, demo=demo)
-        mode = f"gateway only, workers via {settings.redis_url}"
+        from worker.settings import url_for_log
+
+        mode = f"gateway only, workers via {url_for_log(settings.redis_url)}"
     else:
         from worker.metrics import WorkerMetrics
         from worker.runner import run_embedded  # torch is imported later, by its engine factory

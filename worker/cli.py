@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     import signal
 
     from worker.metrics import WorkerMetrics
-    from worker.settings import WorkerSettings, WorkerSettingsError
+    from worker.settings import WorkerSettings, WorkerSettingsError, url_for_log
 
     settings = WorkerSettings.from_env(
         index=args.index, redis_url=args.redis_url, device=args.device, weights=args.weights,
@@ -102,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         log.info("worker %s: index %s, redis %s, up to %d sessions, metrics on :%s",
-                 settings.worker_id, settings.index, settings.redis_url, settings.max_sessions,
+                 settings.worker_id, settings.index, url_for_log(settings.redis_url),
+                 settings.max_sessions,
                  settings.metrics_port or "-")
         try:
             await worker.run()

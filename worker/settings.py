@@ -45,6 +45,27 @@ def check_finite(settings: object) -> None:
             raise WorkerSettingsError(f"{f.name} must be a finite number, got {value!r}")
 
 
+def url_for_log(url: str | None) -> str:
+    """``url`` with its password (``redis://user:PASSWORD@host``) replaced by ``***``, for log
+    lines and banners: a Redis URL from a Secret must not reach the pods' logs."""
+    if url is None:
+        return "-"
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    except ValueError:  # unparsable (a bad port): hide everything before the last '@'
+        return "***@" + url.rsplit("@", 1)[1] if "@" in url else url
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def default_worker_id() -> str:
     """``host-pid-xxxx``: unique per process, readable in Redis and in logs."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"

@@ -118,3 +118,26 @@ def test_the_embedded_worker_starts_only_once_listening(busy_port, tmp_path, mon
 
     asyncio.run(serve_briefly())
     assert len(started) == 1
+
+
+def test_the_banner_does_not_show_the_redis_password(tmp_path):
+    """The gateway's start-up line names the Redis it uses; a password from a Secret in the URL
+    must not reach the pods' logs (it did until 2026-12-05)."""
+    from tests.redis_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+         "--redis", f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        for line in proc.stdout:  # until the banner (the process serves until terminated)
+            out += line
+            if "serving on" in line:
+                break
+    finally:
+        proc.terminate()
+        out += proc.communicate(timeout=PROMPT_S)[0]
+    assert "serving on" in out and "workers via redis://:***@127.0.0.1:" in out, out
+    assert "s3cret-pw" not in out, out

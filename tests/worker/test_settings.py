@@ -49,3 +49,17 @@ def test_a_non_finite_engine_setting_is_refused(name, value):
 def test_finite_settings_still_pass():
     assert math.isfinite(WorkerSettings(stall_s=1e6).stall_s)
     assert EngineSettings(slack_s=0.0).slack_s == 0.0
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("redis://default:s3cret@10.0.0.5/2", "redis://default:***@10.0.0.5/2"),
+    ("rediss://u:p%40ss@[::1]:6380", "rediss://u:***@[::1]:6380"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://u:s3cret@host:notaport", "***@host:notaport"),
+    (None, "-"),
+])
+def test_a_redis_url_is_logged_without_its_password(url, shown):
+    from worker.settings import url_for_log
+
+    assert url_for_log(url) == shown
