@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the renderers of the openmsx files (default timidity-freepats,"
                    "adplay-opl3,csound-fm)")
     r = p.add_argument_group("run")
-    r.add_argument("--index", type=Path, help="index folder (default: OUT/index)")
+    r.add_argument("--index", type=Path, help="index folder (default: OUT/index); prepare builds "
+                   "or updates this one")
     r.add_argument("--queries", type=Path, help="query set (default: OUT/queries, or the "
                    "--renderer's)")
     r.add_argument("--renderer", metavar="NAME[,NAME...]",
@@ -56,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(one table each, then the pooled one; --save-calibration fits on all of "
                    "them)")
     r.add_argument("--weights", help="model weights (default: the shipped model); "
-                   "OUT/untrained.pt with an index built from it for the untrained model")
+                   "OUT/untrained.pt with an index built from it for the untrained model; "
+                   "prepare builds --index with these")
     r.add_argument("--lengths", default="", help="only these clip lengths, e.g. 5,10")
     r.add_argument("--conditions", default="", help=f"only these, from {','.join(CONDITIONS)}")
     r.add_argument("--max-pieces", type=int, help="at most N pieces of each kind (in, out)")
@@ -236,7 +238,9 @@ def _prepare(args: argparse.Namespace) -> int:
     (root / "collection.json").write_text(json.dumps(plan.__dict__, indent=1))
     print(f"plan: {len(plan.index_files)} files to index, {len(plan.in_pieces)} in-collection "
           f"and {len(plan.out_pieces)} out-of-collection query pieces; {plan.notes}")
-    indexes = [(root / "index", None)]
+    # --index / --weights: the index to build or bring up to date (default OUT/index with the
+    # shipped model); a new shipped model otherwise finds OUT/index built by the old one
+    indexes = [(args.index or root / "index", args.weights)]
     if args.untrained:
         from model.encoder import Encoder
 

@@ -191,3 +191,36 @@ def test_eval_refuses_bad_options_in_one_line_before_loading_anything(tmp_path, 
     assert main(["eval", "--out", str(tmp_path), "--no-progress", *extra]) == 2
     cap = capsys.readouterr()
     assert cap.out == "" and len(cap.err.splitlines()) == 1 and said in cap.err, cap.err
+
+
+def test_prepare_builds_the_index_named_with_the_weights_given(tmp_path, monkeypatch):
+    """After a new model is shipped, OUT/index holds the old one's encodings: prepare for a new
+    query set must build the --index it is given with the --weights it is given (it ignored
+    both and refused, 2026-12-05)."""
+    import pretty_midi
+
+    import index.evaluation.evalset as evalset
+    from index.store import load_index
+    from model.encoder import Encoder
+
+    midi = tmp_path / "a.mid"
+    pm = pretty_midi.PrettyMIDI()
+    inst = pretty_midi.Instrument(0)
+    inst.notes = [pretty_midi.Note(90, 60 + k % 12, 0.25 * k, 0.25 * k + 0.2) for k in range(80)]
+    pm.instruments.append(inst)
+    pm.write(str(midi))
+    monkeypatch.setattr(evalset, "plan_collection",
+                        lambda *a, **kw: evalset.Plan(index_files=[str(midi)]))
+    rendered = []
+    monkeypatch.setattr(evalset, "make_queries",
+                        lambda plan, out, cfg, **kw: rendered.append(cfg.renderer)
+                        or {"queries": [], "skipped": []})
+    weights = tmp_path / "other.pt"
+    other = Encoder.untrained()
+    other.save(weights, model_id="32bit-other-model")
+    out, idx = tmp_path / "eval", tmp_path / "idx-other"
+    assert main(["eval", "prepare", "--out", str(out), "--corpus", str(tmp_path),
+                 "--renderers", "sine", "--index", str(idx), "--weights", str(weights),
+                 "--workers", "1", "--no-progress"]) == 0
+    assert rendered == ["sine"] and not (out / "index").exists()
+    assert load_index(idx).model_id == "32bit-other-model"
