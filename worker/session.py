@@ -26,6 +26,7 @@ prune) and the schedule are :mod:`worker.engine`'s.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ class Session:
         self.rate = params.sample_rate
         self.cqt = StreamingCQT(params.sample_rate, params.channels, device=enc.device)
         self.hasher = StreamingHasher(enc, "audio")
-        self.embedder = _embedder(cascade)
+        self._new_embedder = functools.partial(_embedder, cascade)
+        self.embedder = self._new_embedder()
         self.dtw = CandidateDTW(cascade.index.hashes, cascade.index.hash_offsets,
                                 penalty=cascade.penalty, gully=cascade.config.gully)
         # the calibration's rule: evidence accumulated over the stream (index.evidence)
@@ -99,6 +101,9 @@ class Session:
         self.held = None  # the decided match, held through quiet periods (see result())
         self.quiet_s = 0.0  # quiet audio since the last period with music, s
         self._last_quiet = False  # whether the previous result's period was quiet
+        # whether a period with music was heard since the query was last cleared: until then,
+        # every quiet period clears the query (see result(): leading silence is left out)
+        self.music_in_query = False
         cap = config.window_hashes + config.slack_hashes
         self.query = np.zeros(cap, enc.hash_dtype)  # query[:n_query] is the DTW's query
         # the newest CQT frames, to re-seed the embedder when the music changes
@@ -373,8 +378,26 @@ class Session:
         self.change.reset()
         self.hash_ids = None  # the hash prune's answer was about the old music
         frames = self._recent[:self._n_recent][-4 * n:]
-        self.embedder = _embedder(cascade)
+        self.embedder = self._new_embedder()
         self.embedder.push(frames)
+
+    def _clear_query(self) -> None:
+        """Forget the query, its DP rows and candidates, the embedding, the hash prune's answer
+        and the energy of the periods behind them: what follows starts a new query at stream
+        hash frame ``n_hashes`` (the hasher's receptive field may still add a few frames of the
+        quiet before the music), pruned afresh."""
+        self._energy.clear()
+        if self.n_query == 0 and self.embedder.n_frames == 0 and self.candidates.size == 0:
+            return
+        self.query_start = self.n_hashes
+        self.n_query = 0
+        self.dtw.restart()
+        self.candidates = np.zeros(0, np.int64)
+        self.dtw.set_candidates(self.candidates)
+        self.change.reset()
+        self.hash_ids = None
+        self.hash_pruned_audio_s = -math.inf
+        self.embedder = self._new_embedder()
 
     def result(self, matches: list[Match] | None) -> dict:
         """The result message body (see :mod:`worker.bus`) for the ranking ``matches`` (None:
@@ -383,6 +406,11 @@ class Session:
 
         A quiet period (:attr:`period_quiet`) does not feed the decision: what was decided stays
         decided (for up to ``HOLD_QUIET_S`` of quiet in a row), and nothing is decided on it.
+        Quiet before any music (the start of a stream, or after ``HOLD_QUIET_S`` of quiet) is
+        left out of the query: each such period clears it (:meth:`_clear_query`), so the first
+        music is matched on its own, not with seconds of silence that the hash nets may liken
+        to a quiet intro of another piece (seen: 5 s of silence then a song, decided as another
+        song whose drums start softly).
         """
         matches = matches or []
         self._last_quiet = quiet = self.period_quiet
@@ -391,12 +419,16 @@ class Session:
             if self.quiet_s > HOLD_QUIET_S:
                 self.held = None
                 self.decision.reset()
+                self.music_in_query = False
         else:
             self.quiet_s = 0.0
+            self.music_in_query = True
             self.held = self.decision.update(matches, self.audio_s)
         top = self.held
         self._energy.append((self._energy_now[0], self._energy_now[1]))
         self._energy_now = [0, 0.0]
+        if quiet and not self.music_in_query and not self.flushed:
+            self._clear_query()
         self.overdue_since = None
         self.reported = self.stream_samples
         self._advance_due()

@@ -105,6 +105,35 @@ def test_silent_or_short_queries_are_not_searched(cascade: Cascade) -> None:
         assert loud.searchable(min_frames) is searchable
 
 
+def test_quiet_before_the_first_music_is_left_out_of_the_query(cascade: Cascade) -> None:
+    # 5 s of silence then a song was decided as another song whose drums start softly: the
+    # query window held the silence. Quiet before any music now clears the query; a pause
+    # after music does not.
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    s.candidates = np.array([0, 1])
+    s.dtw.set_candidates(s.candidates)
+
+    def second(pcm: np.ndarray) -> None:
+        s.enqueue(pcm, None)
+        while s.pending_samples:
+            frames = s.features(s.take_audio())
+            s.add_hashes(np.ones(frames.shape[0] // 4, s.query.dtype))
+            if s.is_due:
+                s.result(None)
+
+    for _ in range(3):
+        second(np.zeros((SR, 1), np.float32))
+    assert s.n_hashes > 0 and s.n_query == 0 and s.query_start == s.n_hashes
+    assert s.candidates.size == 0 and s.hash_ids is None  # pruned afresh on the music
+    assert s.embedder.n_frames == 0
+    start = s.query_start
+    for _ in range(2):
+        second(tone(1.0))
+    assert s.music_in_query and s.query_start == start and s.n_query == s.n_hashes - start
+    second(np.zeros((SR, 1), np.float32))  # a pause in the music: kept
+    assert s.query_start == start and s.n_query == s.n_hashes - start
+
+
 def test_ranking_equals_offline_verify_including_ties(cascade: Cascade) -> None:
     s = Session("s", StreamParams(SR), cascade, CONFIG)
     titles = [r["title"] for r in cascade.index.refs]
