@@ -33,10 +33,10 @@ UNSEEN = 40  # a song of the same kind that is not in the index
 # synth on one side and the note render on the other left near-ties that flipped with the
 # installed soundfont: song2 vs song5.) Even so, some of these generated songs stay close to
 # another (2 and 5, 6 and 18, 13 and 0: the audio and MIDI networks differ and sine tones were
-# never trained on; 7 and 17 since the model 32bit-ccb7db83de57), so the tests that assert a
-# ranking play only songs that the shipped model separates on every window of them;
-# test_the_fixture_is_unambiguous checks that they do.
-CLEAR = (0, 1, 3, 4, 9, 10, 11, 12, 19)
+# never trained on; 7 and 17 with the model 32bit-ccb7db83de57; 9 by 2.3 bits with
+# 32bit-1bab13193c0f), so the tests that assert a ranking play only songs that the shipped model
+# separates on every window of them; test_the_fixture_is_unambiguous checks that they do.
+CLEAR = (0, 1, 3, 4, 7, 10, 11, 12, 14, 16, 17, 19)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,11 @@ def test_deferring_audio_changes_nothing_but_when_it_is_processed(cascade: Casca
 
 
 def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> None:
-    clip = audio_of(3, 3.0, 15.0)
+    # song11: the one song whose 3-5 s windows both models place right at every offset (these
+    # generated songs repeat their patterns, and a 3 s query of most of them lands on a similar
+    # bar elsewhere in the piece for 2-17 of 27 offsets; song3's first 3 s query did with
+    # 32bit-1bab13193c0f)
+    clip = audio_of(11, 3.0, 15.0)
     results = one_stream(cascade, clip, 0.37)
     times = [r["audio_s"] for r in results]
     assert times[:-1] == pytest.approx(np.arange(1.0, 13.0), abs=1e-3)  # one per 1 s of audio
@@ -151,11 +155,11 @@ def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> N
     # from the first ranking (3 s) on, the right piece leads
     top = [(r["audio_s"], r["matches"][0]) for r in results[2:-1]]
     assert len(top) == 10
-    assert all(m["title"] == "song3" for _, m in top)
+    assert all(m["title"] == "song11" for _, m in top)
     # the position follows the audio: 3 s into the piece at the start of the clip
     for t, m in top:
         assert m["position_s"] == pytest.approx(3.0 + t, abs=0.5)
-    assert results[-1]["decision"]["title"] == "song3"
+    assert results[-1]["decision"]["title"] == "song11"
 
 
 def test_decision_changes_are_counted_as_the_results_show_them(cascade: Cascade) -> None:
@@ -209,7 +213,7 @@ def _first(decided: dict, title: str, after_s: float) -> float:
 # Pairs of CLEAR songs where B's confidence crosses the threshold before the window is full of
 # B, so the check on the newest seconds has something to show (on 3→12 or 0→7 it does not: B is
 # decided at 25 s either way, measured with this fixture).
-@pytest.mark.parametrize("a,b", [(10, 3), (9, 10), (12, 19)])
+@pytest.mark.parametrize("a,b", [(10, 3), (14, 10), (12, 19)])
 def test_piece_change_is_followed(cascade: Cascade, a: int, b: int) -> None:
     clip = np.concatenate([audio_of(a, 0.0, 12.0), audio_of(b, 5.0, 25.0)])  # A, B from 12 s
     decided, top = _decisions(cascade, clip, change_s=3.0)
@@ -429,7 +433,7 @@ def test_session_api_errors(cascade: Cascade) -> None:
     assert eng.sessions == 0
 
 
-@pytest.mark.parametrize("seed", [3, 9, 12])
+@pytest.mark.parametrize("seed", [3, 14, 12])
 def test_audio_faster_than_real_time_is_not_verified_against_stale_candidates(
         cascade: Cascade, seed: int) -> None:
     # A file streamed at full speed (or a takeover's retained window) arrives in one tick, well
@@ -491,10 +495,17 @@ def test_a_decision_is_not_held_through_a_long_silence(cascade: Cascade) -> None
 def test_silence_alone_decides_nothing_and_music_after_a_pause_is_decided(
         cascade: Cascade) -> None:
     # quiet periods count neither for nor against: a pause before the music changes nothing
+    # (with the candidate motion3 this stream was decided as song5 at 11 s: the query window
+    # held the silence; now the silence before the music is left out of the query)
     pause_then_music = np.concatenate([np.zeros(5 * SR, np.float32), audio_of(12, 0.0, 12.0)])
     results = one_stream(cascade, pause_then_music, 0.5)
     assert all(r["decision"] is None for r in results if r["audio_s"] <= 5.0)
     assert results[-1]["decision"] and results[-1]["decision"]["title"] == "song12"
+    decided = [r["decision"] for r in results if r["decision"]]
+    assert all(d["title"] == "song12" for d in decided)
+    # positions in the piece, not in the stream: the music started 5 s in
+    last = results[-1]
+    assert last["decision"]["position_s"] == pytest.approx(last["audio_s"] - 5.0, abs=1.0)
 
 
 def test_sessions_prune_with_the_hashes_too_as_the_offline_cascade_does(cascade: Cascade) -> None:
