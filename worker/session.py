@@ -37,17 +37,25 @@ from index.cascade_types import Match, Verified
 from index.evidence import stream_decision
 from index.search import Cascade
 from model.errors import MidimatchError
-from model.features import FRAME_RATE, StreamingCQT
+from model.features import (
+    FRAME_RATE,
+    HOLD_QUIET_S,
+    QUIET_BELOW_LOUDEST_DB,
+    SILENCE_DBFS,
+    StreamingCQT,
+)
 from model.streaming import StreamingEmbedder, StreamingHasher
 from worker.bus import StreamParams
 from worker.candidates import CandidateDTW
 from worker.change import ChangeDetector
 
-SILENCE_DBFS = -60.0  # as the offline search's is_silent: a silent window is not searched
-# A result period this far below the loudest of the recent ones (or under SILENCE_DBFS) is quiet:
-# a pause, a fade, the end of a take. Quiet periods neither count for nor against the decision.
-QUIET_BELOW_LOUDEST_DB = 30.0
-HOLD_QUIET_S = 30.0  # a decision is held through at most this much quiet audio in a row
+# A result period under SILENCE_DBFS (as the offline search's is_silent: a silent window is not
+# searched), or QUIET_BELOW_LOUDEST_DB below the loudest of the recent ones, is quiet: a pause, a
+# fade, the end of a take. Quiet periods neither count for nor against the decision; the offline
+# search leaves the same quiet out of a query's edges (model.features.music_span).
+# blocks in which a session looks for the music's start (its query starts at the hash frame,
+# 0.19 s, that holds it; the offline search's music_span looks in 10 ms blocks)
+ONSET_BLOCK_S = 0.1
 _EMPTY = np.zeros((0, 48), np.float32)
 
 
@@ -104,6 +112,11 @@ class Session:
         # whether a period with music was heard since the query was last cleared: until then,
         # every quiet period clears the query (see result(): leading silence is left out)
         self.music_in_query = False
+        # stream hash frame where the music starts, found in the audio taken while the query has
+        # no music (take_audio): add_hashes keeps the frames before it out; kept until cleared
+        self._onset_hash: int | None = None
+        self._onset_block = max(1, int(round(ONSET_BLOCK_S * params.sample_rate)))
+        self._onset_acc = 0.0  # Σ x² of the current block so far
         cap = config.window_hashes + config.slack_hashes
         self.query = np.zeros(cap, enc.hash_dtype)  # query[:n_query] is the DTW's query
         # the newest CQT frames, to re-seed the embedder when the music changes
@@ -227,11 +240,35 @@ class Session:
         if not parts:
             return np.zeros((0, self.params.channels), np.float32)
         pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if not self.music_in_query and self._onset_hash is None:
+            self._find_onset(pcm)
         self.consumed += pcm.shape[0]
         e = self._energy_now
         e[0] += pcm.size
         e[1] += float(np.dot(pcm.ravel(), pcm.ravel()))
         return pcm
+
+    def _find_onset(self, pcm: np.ndarray) -> None:
+        """Look for the music's start in ``pcm`` (taken, not yet counted in ``consumed``):
+        the first ``ONSET_BLOCK_S`` block of the stream (blocks counted from its first sample, so
+        that any chunking finds the same one) above ``SILENCE_DBFS``; sets ``_onset_hash`` to
+        that block's first hash frame."""
+        x = np.square(pcm.astype(np.float64, copy=False)).mean(axis=1)
+        block = self._onset_block
+        floor = block * 10.0 ** (SILENCE_DBFS / 10.0)  # Σ x² of a block at SILENCE_DBFS
+        pos, i, acc = self.consumed, 0, self._onset_acc
+        while i < x.shape[0]:
+            take = min(block - pos % block, x.shape[0] - i)
+            acc += float(x[i:i + take].sum())
+            i += take
+            pos += take
+            if pos % block == 0:  # a whole block
+                if acc > floor:
+                    self._onset_hash = int((pos - block) / self.rate * FRAME_RATE) // 4
+                    self._onset_acc = 0.0
+                    return
+                acc = 0.0
+        self._onset_acc = acc
 
     def features(self, pcm: np.ndarray) -> np.ndarray:
         """CQT frames (n, 48) completed by ``pcm`` (from :meth:`take_audio`), and the CQT's
@@ -263,6 +300,19 @@ class Session:
     def add_hashes(self, hashes: np.ndarray) -> None:
         """Append new hash frames to the query window (sliding it when it is full)."""
         cfg = self.config
+        onset = self._onset_hash
+        if onset is not None:  # the quiet before the music stays out of the query
+            cut = min(max(0, onset - self.query_start), self.n_query)
+            if cut:
+                self.query[:self.n_query - cut] = self.query[cut:self.n_query]
+                self.n_query -= cut
+                self.query_start += cut
+                self.dtw.restart()
+            skip = min(max(0, onset - self.n_hashes), hashes.shape[0])
+            if self.n_query == 0 and skip:
+                self.query_start += skip
+                self.n_hashes += skip
+                hashes = hashes[skip:]
         k = hashes.shape[0]
         if self.n_query + k > self.query.shape[0]:
             keep = min(cfg.window_hashes, self.n_query + k)
@@ -387,6 +437,8 @@ class Session:
         hash frame ``n_hashes`` (the hasher's receptive field may still add a few frames of the
         quiet before the music), pruned afresh."""
         self._energy.clear()
+        self._onset_hash = None
+        self._onset_acc = 0.0
         if self.n_query == 0 and self.embedder.n_frames == 0 and self.candidates.size == 0:
             return
         self.query_start = self.n_hashes

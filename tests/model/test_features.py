@@ -258,3 +258,30 @@ def test_empty_and_silent_audio_give_zero_frames() -> None:
     assert F.is_silent(1e-4 * rng.standard_normal(1000))  # -80 dBFS
     assert not F.is_silent(0.1 * rng.standard_normal(1000))  # -20 dBFS
     assert not F.is_silent((0.1 * 32767 * rng.standard_normal(1000)).astype(np.int16))
+
+
+def test_music_span_leaves_the_quiet_at_the_edges_out() -> None:
+    from model.errors import AudioError
+    from model.features import QUIET_BELOW_LOUDEST_DB, music_span
+
+    sr = 8000
+    t = np.arange(2 * sr) / sr
+    music = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    pause = np.zeros(sr, np.float32)
+    hiss = (np.random.default_rng(0).standard_normal(sr) * 1e-4).astype(np.float32)  # -80 dBFS
+    x = np.concatenate([pause, music, pause, music, hiss])
+    assert music_span(x, sr) == (sr, 6 * sr)  # the pause inside stays
+    # relative to the loudest: a hum 35 dB under the music is edge, 25 dB under is music
+    for below_db, edge in ((QUIET_BELOW_LOUDEST_DB + 5, True), (QUIET_BELOW_LOUDEST_DB - 5, False)):
+        hum = (0.3 * 10 ** (-below_db / 20) * np.sin(2 * np.pi * 60 * t[:sr])).astype(np.float32)
+        assert music_span(np.concatenate([hum, music]), sr)[0] == (sr if edge else 0)
+    # stereo and int16 read as the same samples; all quiet is (0, 0)
+    stereo = np.stack([x, x], axis=1)
+    assert music_span(stereo, sr) == music_span((x * 32767).astype(np.int16), sr) == (sr, 6 * sr)
+    assert music_span(np.zeros(sr, np.float32), sr) == (0, 0)
+    assert music_span(hiss, sr) == (0, 0)
+    assert music_span(np.zeros(0, np.float32), sr) == (0, 0)
+    with pytest.raises(AudioError):
+        music_span(x, 1000)  # unsupported rate
+    with pytest.raises(AudioError):
+        music_span(np.array([0.0, np.nan], np.float32), sr)

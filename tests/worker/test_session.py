@@ -109,6 +109,8 @@ def test_quiet_before_the_first_music_is_left_out_of_the_query(cascade: Cascade)
     # 5 s of silence then a song was decided as another song whose drums start softly: the
     # query window held the silence. Quiet before any music now clears the query; a pause
     # after music does not.
+    from model.features import FRAME_RATE
+
     s = Session("s", StreamParams(SR), cascade, CONFIG)
     s.candidates = np.array([0, 1])
     s.dtw.set_candidates(s.candidates)
@@ -126,12 +128,32 @@ def test_quiet_before_the_first_music_is_left_out_of_the_query(cascade: Cascade)
     assert s.n_hashes > 0 and s.n_query == 0 and s.query_start == s.n_hashes
     assert s.candidates.size == 0 and s.hash_ids is None  # pruned afresh on the music
     assert s.embedder.n_frames == 0
-    start = s.query_start
     for _ in range(2):
         second(tone(1.0))
-    assert s.music_in_query and s.query_start == start and s.n_query == s.n_hashes - start
+    start = s.query_start  # where the music started (test_the_query_starts_where_the_music_does)
+    assert s.music_in_query and start * 4 / FRAME_RATE == pytest.approx(3.0, abs=0.3)
+    assert s.n_query == s.n_hashes - start
     second(np.zeros((SR, 1), np.float32))  # a pause in the music: kept
     assert s.query_start == start and s.n_query == s.n_hashes - start
+
+
+def test_the_query_starts_where_the_music_does(cascade: Cascade) -> None:
+    # within a result period too: 0.25 s of silence before 8 s of music took the offline
+    # search's confidence from 0.95 to 0.75 and its position to another bar
+    from model.features import FRAME_RATE
+
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    pcm = np.concatenate([np.zeros((int(3.55 * SR), 1), np.float32), tone(2.0)])
+    for i in range(0, pcm.shape[0], SR // 2):  # 0.5 s chunks, results every 1 s
+        s.enqueue(pcm[i:i + SR // 2], None)
+        while s.pending_samples:
+            frames = s.features(s.take_audio())
+            s.add_hashes(np.ones(frames.shape[0] // 4, s.query.dtype))
+            if s.is_due:
+                s.result(None)
+    assert s.music_in_query and s.n_query > 0
+    assert s.query_start * 4 / FRAME_RATE == pytest.approx(3.55, abs=0.3)
+    assert s.n_query == s.n_hashes - s.query_start
 
 
 def test_ranking_equals_offline_verify_including_ties(cascade: Cascade) -> None:
