@@ -31,7 +31,7 @@ ANSWERS = {
     IDENTIFIED: "identified",
     NOT_IN_COLLECTION: "not in the collection",
     SILENT: "silent: nothing to identify",
-    TOO_SHORT: "too short to identify: under 2 s of audio",
+    TOO_SHORT: "too short to identify: under 2 s of music",
 }
 
 

@@ -321,25 +321,22 @@ class Cascade:
             ``silent`` (below -60 dBFS RMS over the part searched, the last
             ``query_window_s``), ``too_short``, or the feature stage's errors.
         """
-        from model.features import HOLD_QUIET_S, audio_to_frames, is_silent, music_span
+        from model.features import audio_to_frames, is_silent, music_span
 
         audio = np.asarray(audio)
-        # the quiet before and after the music is not searched (music_span): silence at a
-        # query's edges draws it to references with quiet stretches; after more than
-        # HOLD_QUIET_S of it the music is over, as a live session's decision is
-        start, end = music_span(audio, sample_rate)
-        quiet_after_s = (audio.shape[0] - end) / sample_rate
-        if end == start or quiet_after_s > HOLD_QUIET_S:
-            raise AudioError("the audio is silent (no stretch above -60 dBFS RMS"
-                             + (f" in the last {HOLD_QUIET_S:g} s" if end > start else "")
-                             + "): nothing to identify", reason="silent")
-        audio = audio[start:end]
         # the part the query view uses (plus a second for the CQT's edge): its end
         tail = audio[-int((self.config.query_window_s + 1.0) * sample_rate):]
         if is_silent(tail):
             raise AudioError("the audio is silent (RMS below -60 dBFS over the last "
-                             f"{self.config.query_window_s:g} s of the music): nothing to "
+                             f"{self.config.query_window_s:g} s): nothing to identify",
+                             reason="silent")
+        # the quiet before and after the music is not searched (music_span): silence at a
+        # query's edges draws it to references with quiet stretches
+        start, end = music_span(audio, sample_rate)
+        if end == start:
+            raise AudioError("the audio is silent (no stretch above -60 dBFS): nothing to "
                              "identify", reason="silent")
+        audio = audio[start:end]
         t0 = time.perf_counter()
         frames = audio_to_frames(audio, sample_rate, device=self.encoder.device)
         t_feat = time.perf_counter() - t0

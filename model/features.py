@@ -311,8 +311,6 @@ def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
 # (a pause, a fade, a reverb tail, the room before and after a take).
 SILENCE_DBFS = -60.0
 QUIET_BELOW_LOUDEST_DB = 30.0
-HOLD_QUIET_S = 30.0  # quiet after the music longer than this: the music is over (a session's
-# decision is held through at most this much quiet in a row; identify calls such audio silent)
 EDGE_BLOCK_S = 0.01  # music_span's analysis block (a fraction of a CQT hop, 46 ms)
 
 

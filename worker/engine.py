@@ -213,9 +213,10 @@ class Engine:
         for s, r in out:
             self._count_decision(s, r)
             if r.get("final"):
-                # too short: the whole stream is shorter than a query (identify's too_short)
+                # too short: less music than a query needs, the quiet before it left out
+                # (identify's too_short on the same audio)
                 r["answer"] = answer(stream_answer(r.get("decision") is not None, _silent(s),
-                                                   too_short=s.n_frames < min_frames))
+                                                   too_short=s.query_frames < min_frames))
         with self._lock:
             for s, _ in out:
                 if s.finalised:

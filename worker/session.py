@@ -39,7 +39,6 @@ from index.search import Cascade
 from model.errors import MidimatchError
 from model.features import (
     FRAME_RATE,
-    HOLD_QUIET_S,
     QUIET_BELOW_LOUDEST_DB,
     SILENCE_DBFS,
     StreamingCQT,
@@ -56,6 +55,7 @@ from worker.change import ChangeDetector
 # blocks in which a session looks for the music's start (its query starts at the hash frame,
 # 0.19 s, that holds it; the offline search's music_span looks in 10 ms blocks)
 ONSET_BLOCK_S = 0.1
+HOLD_QUIET_S = 30.0  # a decision is held through at most this much quiet audio in a row
 _EMPTY = np.zeros((0, 48), np.float32)
 
 

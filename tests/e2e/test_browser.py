@@ -333,7 +333,7 @@ def test_not_in_the_collection_and_too_short(server, collection, pieces):
         ws.result(1.5, [], None, final=True, answer=answer(TOO_SHORT))
         s = expect_state(page, "short", "e2e-state-9a-too-short-answer",
                          title="Too short to tell", detail="Only 1.5 s of audio")
-        assert s["label"] == "Too short to identify: under 2 s of audio"  # identify's words
+        assert s["label"] == "Too short to identify: under 2 s of music"  # identify's words
         page.click("#mic")  # ...or not in the collection after 3 s of searched audio
         ws = wait_sockets(page, 4)[3]
         ws.result(3.0, [(a, 0.1)], None, final=True, answer=answer(NOT_IN_COLLECTION))

@@ -166,10 +166,10 @@ def test_errors(setup, capsys, tmp_path):
     # tests/server/test_answers.py), not a failure
     code, out, _ = run(capsys, "--index", idx, tmp_path / "short.wav")
     assert code == 0 and out.strip() == f"{tmp_path / 'short.wav'}: too short to identify: " \
-        "under 2 s of audio", out
+        "under 2 s of music", out
     code, out, _ = run(capsys, "--index", idx, tmp_path / "short.wav", "--json")
     assert code == 0 and json.loads(out)["answer"] == {
-        "kind": "too_short", "text": "too short to identify: under 2 s of audio"}
+        "kind": "too_short", "text": "too short to identify: under 2 s of music"}
     nothing_runs = [  # exit 2, the message on stderr
         (("--index", tmp_path / "nothing", query), "not a midimatch index"),
         (("--index", idx, query, "--weights", other), "was built with model"),

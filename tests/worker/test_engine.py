@@ -249,6 +249,8 @@ def test_not_in_collection_gives_no_decision(cascade: Cascade, kind: str) -> Non
     (np.zeros(SR // 10, np.float32), SILENT),  # too short for a hash frame: no audio counted
     (None, TOO_SHORT),  # 0.1 s of music: too short to search, not silent (identify's words)
     (audio_of(3, 5.0, 6.5), TOO_SHORT),  # 1.5 s of music: under the 2 s a query needs
+    # the quiet before the music is not part of the query, here or in identify
+    (np.concatenate([np.zeros(6 * SR, np.float32), audio_of(3, 5.0, 6.5)]), TOO_SHORT),
     (audio_of(3, 5.0, 7.5), NOT_IN_COLLECTION),  # 2.5 s: searched, not confident yet
     (np.concatenate([audio_of(3, 5.0, 15.0), np.zeros(3 * SR, np.float32)]), IDENTIFIED),
 ])
