@@ -212,8 +212,10 @@ def _first(decided: dict, title: str, after_s: float) -> float:
 
 # Pairs of CLEAR songs where B's confidence crosses the threshold before the window is full of
 # B, so the check on the newest seconds has something to show (on 3→12 or 0→7 it does not: B is
-# decided at 25 s either way, measured with this fixture).
-@pytest.mark.parametrize("a,b", [(10, 3), (14, 10), (12, 19)])
+# decided at 25 s either way, measured with this fixture). With 32bit-bf4ddae7cb43, whose stream
+# threshold is higher (evidence 22.3 against 14.0), 10→3 is decided at 23 s (26 s without the
+# check) and is replaced by 10→4; of 11 pairs tried, 5 are decided by 21 s (none sooner).
+@pytest.mark.parametrize("a,b", [(10, 4), (14, 10), (12, 19)])
 def test_piece_change_is_followed(cascade: Cascade, a: int, b: int) -> None:
     clip = np.concatenate([audio_of(a, 0.0, 12.0), audio_of(b, 5.0, 25.0)])  # A, B from 12 s
     decided, top = _decisions(cascade, clip, change_s=3.0)
