@@ -52,10 +52,10 @@ from worker.change import ChangeDetector
 # searched), or QUIET_BELOW_LOUDEST_DB below the loudest of the recent ones, is quiet: a pause, a
 # fade, the end of a take. Quiet periods neither count for nor against the decision; the offline
 # search leaves the same quiet out of a query's edges (model.features.music_span).
-# blocks in which a session looks for the music's start (its query starts at the hash frame,
-# 0.19 s, that holds it; the offline search's music_span looks in 10 ms blocks)
-ONSET_BLOCK_S = 0.1
 HOLD_QUIET_S = 30.0  # a decision is held through at most this much quiet audio in a row
+# Blocks in which a session looks for the music's start: its query starts at the hash frame
+# (0.19 s) that holds it; the offline search's music_span looks in 10 ms blocks.
+ONSET_BLOCK_S = 0.1
 _EMPTY = np.zeros((0, 48), np.float32)
 
 
