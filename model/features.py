@@ -312,13 +312,17 @@ def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
 SILENCE_DBFS = -60.0
 QUIET_BELOW_LOUDEST_DB = 30.0
 EDGE_BLOCK_S = 0.01  # music_span's analysis block (a fraction of a CQT hop, 46 ms)
+EDGE_SUSTAIN_S = 0.1  # the music starts and ends with this much sound, half of it loud at least
 
 
 def music_span(audio: np.ndarray, sample_rate: int) -> tuple[int, int]:
     """The samples ``[start, end)`` of ``audio`` from its first to its last stretch of music:
     the quiet before and after it (RMS per ``EDGE_BLOCK_S`` block under ``SILENCE_DBFS`` or
     ``QUIET_BELOW_LOUDEST_DB`` under the loudest block) is left out; pauses inside the music
-    stay. ``(0, 0)`` when no block is louder than ``SILENCE_DBFS``.
+    stay. The music starts at a loud block followed by ``EDGE_SUSTAIN_S`` at least half loud
+    (and ends at one preceded by as much), so that an isolated click or bump in the quiet is
+    not taken for it; audio with no such stretch keeps its first and last loud block.
+    ``(0, 0)`` when no block is louder than ``SILENCE_DBFS``.
 
     Silence at the edges of a query is not part of the piece, but hash-DTW must align it
     somewhere: a reference with a quiet intro absorbs it for free while the right one pays, so
@@ -340,8 +344,21 @@ def music_span(audio: np.ndarray, sample_rate: int) -> tuple[int, int]:
     counts[-1] = n - (k - 1) * block
     rms = np.sqrt(padded.reshape(k, block).sum(axis=1) / counts)
     level = max(10.0 ** (SILENCE_DBFS / 20.0), rms.max() * 10.0 ** (-QUIET_BELOW_LOUDEST_DB / 20.0))
-    loud = np.flatnonzero(rms > level)
+    is_loud = rms > level
+    loud = np.flatnonzero(is_loud)
     if loud.size == 0:
         return 0, 0
-    return int(loud[0]) * block, min(n, (int(loud[-1]) + 1) * block)
+    # the music's first and last block: one that starts (ends) EDGE_SUSTAIN_S in which at least
+    # half the blocks are loud, so that a click or a bump in the quiet is not taken for it
+    w = max(1, int(round(EDGE_SUSTAIN_S / EDGE_BLOCK_S)))
+    run = np.convolve(is_loud.astype(np.int32), np.ones(w, np.int32))  # run[j]: loud in j-w+1..j
+    after = run[w - 1:w - 1 + k]  # loud blocks in i..i+w-1
+    before = run[:k]  # loud blocks in i-w+1..i
+    first = np.flatnonzero(is_loud & (2 * after >= w))
+    last = np.flatnonzero(is_loud & (2 * before >= w))
+    start = int(first[0] if first.size else loud[0])
+    end = int(last[-1] if last.size else loud[-1])
+    if end < start:
+        start, end = int(loud[0]), int(loud[-1])
+    return start * block, min(n, (end + 1) * block)
 

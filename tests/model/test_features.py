@@ -278,6 +278,13 @@ def test_music_span_leaves_the_quiet_at_the_edges_out() -> None:
     # stereo and int16 read as the same samples; all quiet is (0, 0)
     stereo = np.stack([x, x], axis=1)
     assert music_span(stereo, sr) == music_span((x * 32767).astype(np.int16), sr) == (sr, 6 * sr)
+    # a click in the quiet is not the music's start or end (a 10 ms click 5 s before a chorale
+    # took identify from confidence 1.0 to "not in the collection"); alone it is all there is
+    click = pause.copy()
+    click[sr // 2] = 0.9
+    assert music_span(np.concatenate([click, pause, music, click]), sr) == (2 * sr, 4 * sr)
+    lone = music_span(click, sr)
+    assert lone[0] <= sr // 2 < lone[1] and lone[1] - lone[0] <= sr // 50
     assert music_span(np.zeros(sr, np.float32), sr) == (0, 0)
     assert music_span(hiss, sr) == (0, 0)
     assert music_span(np.zeros(0, np.float32), sr) == (0, 0)
