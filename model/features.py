@@ -293,7 +293,16 @@ def lookahead_ms(sample_rate: int = SAMPLE_RATE) -> float:
     return LOOKAHEAD_MS + 1000.0 * rs.lookahead_s
 
 
-def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
+# Quiet, for the live session's result periods (worker.session) and the edges of an offline query
+# (music_span): under SILENCE_DBFS, or QUIET_BELOW_LOUDEST_DB under the loudest stretch around it
+# (a pause, a fade, a reverb tail, the room before and after a take).
+SILENCE_DBFS = -60.0
+QUIET_BELOW_LOUDEST_DB = 30.0
+EDGE_BLOCK_S = 0.01  # music_span's analysis block (a fraction of a CQT hop, 46 ms)
+EDGE_SUSTAIN_S = 0.1  # the music starts and ends with this much sound, half of it loud at least
+
+
+def is_silent(audio: np.ndarray, threshold_db: float = SILENCE_DBFS) -> bool:
     """True when the RMS level of ``audio`` (any shape; int16 is scaled) is below threshold_db dBFS.
 
     Empty audio is silent. A full-scale square wave is 0 dBFS, a full-scale sine −3 dBFS.
@@ -304,15 +313,6 @@ def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
     x = a.astype(np.float64) / (32768.0 if a.dtype == np.int16 else 1.0)
     rms = float(np.sqrt(np.mean(np.square(x))))
     return rms <= 10.0 ** (threshold_db / 20.0)
-
-
-# Quiet, for the live session's result periods (worker.session) and the edges of an offline query
-# (music_span): under SILENCE_DBFS, or QUIET_BELOW_LOUDEST_DB under the loudest stretch around it
-# (a pause, a fade, a reverb tail, the room before and after a take).
-SILENCE_DBFS = -60.0
-QUIET_BELOW_LOUDEST_DB = 30.0
-EDGE_BLOCK_S = 0.01  # music_span's analysis block (a fraction of a CQT hop, 46 ms)
-EDGE_SUSTAIN_S = 0.1  # the music starts and ends with this much sound, half of it loud at least
 
 
 def music_span(audio: np.ndarray, sample_rate: int) -> tuple[int, int]:

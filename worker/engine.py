@@ -311,7 +311,7 @@ class Engine:
             out.append((s, s.result(matches)))
             if changed:
                 logger.debug("session %s: the music changed at %.1f s", s.id, s.audio_s)
-                s.restart_recent(self.cascade)
+                s.restart_recent()
         return degraded
 
     def _count_decision(self, s: Session, r: dict) -> None:

@@ -412,7 +412,7 @@ class Session:
         return self.change.update(self.query[self.n_query - n:self.n_query], cascade, matches,
                                   verified, self.dtw)
 
-    def restart_recent(self, cascade: Cascade) -> None:
+    def restart_recent(self) -> None:
         """Forget all but the newest ``change_hashes`` frames of the query (the music changed):
         the DP restarts from them, the embedding is rebuilt from the newest CQT frames. The
         evidence rule keeps its evidence and its decision (it follows a change on its own, so a

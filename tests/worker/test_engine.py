@@ -141,10 +141,10 @@ def test_deferring_audio_changes_nothing_but_when_it_is_processed(cascade: Casca
 
 
 def test_results_every_second_final_and_positions_advance(cascade: Cascade) -> None:
-    # song11: the one song whose 3-5 s windows both models place right at every offset (these
-    # generated songs repeat their patterns, and a 3 s query of most of them lands on a similar
-    # bar elsewhere in the piece for 2-17 of 27 offsets; song3's first 3 s query did with
-    # 32bit-1bab13193c0f)
+    # song11: the one song whose 3-5 s windows ens1 and motion3 place right at every offset
+    # (motion6: all but one 3 s window, not the one played here). These generated songs repeat
+    # their patterns, and a 3 s query of most of them lands on a similar bar elsewhere in the
+    # piece for 2-17 of 27 offsets; song3's first 3 s query did with 32bit-1bab13193c0f.
     clip = audio_of(11, 3.0, 15.0)
     results = one_stream(cascade, clip, 0.37)
     times = [r["audio_s"] for r in results]
@@ -581,7 +581,7 @@ def test_a_change_of_music_forgets_the_hash_prunes_answer(cascade: Cascade) -> N
     s = Session("s", StreamParams(SR), narrow, Engine(narrow)._config)
     s.hash_ids = np.arange(3)
     s.n_query = s.config.change_hashes + 4  # enough query for a restart
-    s.restart_recent(narrow)
+    s.restart_recent()
     assert s.hash_ids is None
 
 

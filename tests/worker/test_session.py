@@ -234,7 +234,7 @@ def test_restart_on_music_change_keeps_the_newest_frames(cascade: Cascade) -> No
     feed_all(s, tone(2.0))
     hashes = np.arange(1, 13, dtype=s.query.dtype)
     s.add_hashes(hashes)
-    s.restart_recent(cascade)
+    s.restart_recent()
     assert s.n_query == CONFIG.change_hashes and s.query_start == 12 - CONFIG.change_hashes
     np.testing.assert_array_equal(s.query[:s.n_query], hashes[-CONFIG.change_hashes:])
     start, end = s.embedder.window_span  # the embedding restarts from the newest CQT frames
@@ -252,7 +252,7 @@ def test_a_restart_keeps_the_evidence_rule_and_its_decision(cascade: Cascade, ru
     for _ in range(12):
         decided = s.result(matches)["decision"]
     assert decided is not None and decided["title"] == "piece3"
-    s.restart_recent(cascade)
+    s.restart_recent()
     if rule == "evidence":
         assert s.held is not None and s.decision.evidence(matches[0].ref) >= 5.0
         assert s.result(matches)["decision"]["title"] == "piece3"  # decided from the first result
