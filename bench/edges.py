@@ -11,8 +11,8 @@ note) and its last, and searched four ways: the opening as rendered and after ``
 digital silence, the ending as rendered (the release of its last notes) and followed by
 ``--tail-s`` of silence. Each clip is searched as ``midimatch identify`` does
 (:meth:`index.search.Cascade.search_audio`: the quiet at the edges left out,
-:func:`model.features.music_span`) and, as the baseline in the same run, whole (the span
-forced to the whole clip, which is what the search did before). Rows: top-1 %, the share
+:func:`model.features.music_span`) and, as the baseline in the same run, whole (the whole
+clip's frames, which is what the search did before). Rows: top-1 %, the share
 decided (confidence over the loaded calibration's threshold, right or wrong) and the median
 confidence of right answers.
 """
@@ -54,16 +54,13 @@ def clips_of(path: str, renderer: str, length_s: float, lead_s: float, tail_s: f
 
 
 def search(cascade, audio: np.ndarray, whole: bool):
-    """``cascade.search_audio``, with the quiet at the edges left out or (``whole``) not."""
-    import model.features as features
+    """``cascade.search_audio`` (the quiet at the edges left out), or with ``whole`` what it did
+    before: the whole clip's frames searched (the silence check never refuses these clips)."""
+    from model.features import SAMPLE_RATE, audio_to_frames
 
-    keep = features.music_span
     if whole:
-        features.music_span = lambda a, rate: (0, np.asarray(a).shape[0])
-    try:
-        return cascade.search_audio(audio, features.SAMPLE_RATE)
-    finally:
-        features.music_span = keep
+        return cascade.search_frames(audio_to_frames(audio, SAMPLE_RATE))
+    return cascade.search_audio(audio, SAMPLE_RATE)
 
 
 def main(argv: list[str] | None = None) -> int:
