@@ -9,20 +9,20 @@ marked ``duplicate`` are left out. Prints
 * the per-result ratio the confidence term follows: how much likelier a confidence bin is for
   a true top match than for an outsider's top match (natural log, +0.5 smoothing), and how
   often a repeated top keeps step with the stream (:func:`index.decision.keeps_step`, ±25 %);
-* with ``--grid``, for every combination of :class:`index.evidence.EvidenceParams` tried, the
-  threshold at ``--max-false-rate`` of the outsider streams and what it gives on the
-  in-collection streams (median time to a right first decision, share within 20 s), per
-  condition, best first. Fit on calib-half files only: the test half measures the choice.
+* with ``--grid``, the 25 best shapes of :data:`index.evidence.SHAPE_GRID` as
+  :func:`index.evidence.fit_evidence_shape` ranks them (what ``bench/time_to_identify.py
+  --calibrate --fit-shape`` chooses from): the threshold at ``--max-false-rate`` of the
+  outsider streams and what it gives on the in-collection streams (median time to a right
+  first decision, share within 20 s), per condition. Fit on calib-half files only: the test
+  half measures the choice.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +30,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table  # noqa: E402
-from index.calibration import Calibration  # noqa: E402
 from index.decision import keeps_step  # noqa: E402
 from index.evidence import (  # noqa: E402
     RESET,
+    SHAPE_GRID,
     EvidenceParams,
-    calibrate_evidence,
     event_kind,
     evidence_peak,
-    first_decision,
+    fit_evidence_shape,
+    shape_figures,
 )
 from model.env import cache_dir  # noqa: E402
 
 BINS = (0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0001)
-GRID = {"conf_bias": (-1.0, 0.0, 1.0), "conf_floor": (-3.0, -1.5), "conf_clip": (1.5, 3.0, 5.0),
-        "step_bonus": (0.0, 1.0, 2.0), "jump_penalty": (0.0, 2.0), "gap_weight": (0.0, 0.5)}
 
 
 def load(paths: list[Path]) -> tuple[list, list]:
@@ -96,26 +94,26 @@ def ratios(ins: list, outs: list) -> tuple[list[dict], dict]:
 
 
 def grid_rows(ins: list, outs: list, max_false_rate: float) -> list[dict]:
+    """Every shape of :data:`index.evidence.SHAPE_GRID` as :func:`fit_evidence_shape` ranks
+    it, with the median and share within 20 s per condition."""
+    ids, conds = [t for _, t, _ in ins], np.array([c for *_, c in ins])
+    out_ev = [e for e, _ in outs]
+    _, ranked = fit_evidence_shape([e for e, _, _ in ins], ids, out_ev,
+                                   max_false_rate=max_false_rate)
     rows = []
-    ids = [t for _, t, _ in ins]
-    for values in itertools.product(*GRID.values()):
-        p = replace(EvidenceParams(), **dict(zip(GRID, values, strict=True)))
-        if p.conf_floor >= p.conf_clip:
-            continue
-        th = calibrate_evidence(Calibration("grid"), [], [], [e for e, _ in outs],
-                                params=p, max_false_rate=max_false_rate).evidence_threshold
-        row = {**dict(zip(GRID, values, strict=True)), "threshold": th}
-        times = [first_decision(e, th, p) for e, _, _ in ins]
-        ts = np.array([d[0] if d is not None and d[1] == true else math.inf
-                       for d, true in zip(times, ids, strict=True)])
-        for cond in sorted({c for *_, c in ins}):
-            sel = np.array([c == cond for *_, c in ins])
-            row[f"{cond} median s"] = float(np.median(ts[sel]))
-            row[f"{cond} in 20 s %"] = 100 * float(np.mean(ts[sel] <= 20))
-        row["median s"] = float(np.median(ts))
-        row["in 20 s %"] = 100 * float(np.mean(ts <= 20))
-        rows.append(row)
-    return sorted(rows, key=lambda r: (r["median s"], -r["in 20 s %"]))
+    for r in ranked:
+        p = EvidenceParams.from_dict({k: r[k] for k in EvidenceParams.__dataclass_fields__})
+        ts = shape_figures(p, [e for e, _, _ in ins], ids, out_ev, max_false_rate)["times"]
+        row = {k: r[k] for k in SHAPE_GRID} | {"threshold": r["threshold"]}
+        for cond in sorted(set(conds)):
+            row[f"{cond} median s"] = float(np.median(ts[conds == cond]))
+            row[f"{cond} in 20 s %"] = 100 * float(np.mean(ts[conds == cond] <= 20))
+        rows.append(row | {"median s": r["median_s"], "in 20 s %": 100 * r["in_20s"],
+                           "wrong first %": 100 * r["wrong_first"],
+                           "eligible": r["eligible"]})
+        if len(rows) == 25:
+            break
+    return rows
 
 
 def main() -> None:
@@ -136,7 +134,7 @@ def main() -> None:
     peaks = [evidence_peak(e, p) for e, _ in outs]
     print(f"# shipped shape {p}: outsider peaks, highest five {sorted(peaks)[-5:]}")
     if args.grid:
-        print(table(grid_rows(ins, outs, args.max_false_rate)[:25]))
+        print(table(grid_rows(ins, outs, args.max_false_rate)))
 
 
 if __name__ == "__main__":

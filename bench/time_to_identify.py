@@ -4,7 +4,8 @@
                                      [--conditions clean,room_noise] [--batch 25]
                                      [--index DIR] [--seed 0] [--json FILE]
                                      [--half test|calib|all] [--starts N]
-                                     [--calibrate [--save-calibration] [--keep-step]]
+                                     [--calibrate [--fit-shape] [--save-calibration]
+                                      [--keep-step]]
                                      [--stable-results K] [--result-every-s S]
                                      [--evidence-threshold E] [--tail-s S] [--switch-s S]
 
@@ -13,7 +14,9 @@ The pieces of the evaluation collection are split in two halves by a hash of the
 conditions pooled, go to :func:`index.decision.calibrate_stream`, which picks the stream threshold
 and ``stable_results`` keeping at most 1 % of the out-of-collection streams deciding, and to
 :func:`index.evidence.calibrate_evidence`, which does the same for the evidence rule's one
-threshold; ``--save-calibration`` stores both in the model's calibration file), the **test**
+threshold — with ``--fit-shape``, also the shape of its increments
+(:func:`index.evidence.fit_evidence_shape`: the fastest at that rate); ``--save-calibration``
+stores them in the model's calibration file), the **test**
 half (the default) measures the result. ``--starts`` draws that many streams per piece.
 
 Two rules are measured on the same streams in the same run (:mod:`bench.tti_rules`): ``fixed``,
@@ -165,6 +168,10 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=1, help="streams per piece (default 1)")
     ap.add_argument("--calibrate", action="store_true",
                     help="fit the stream decision on these streams (the calib half)")
+    ap.add_argument("--fit-shape", action="store_true",
+                    help="with --calibrate: also choose the evidence rule's shape on these "
+                         "streams (index.evidence.fit_evidence_shape) and store it with the "
+                         "threshold")
     ap.add_argument("--save-calibration", action="store_true",
                     help="with --calibrate: store it in model/weights/default.calibration.json")
     ap.add_argument("--keep-step", action="store_true",
@@ -348,7 +355,19 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
     if all(e is not None for e in (*in_events, *out_events)):
         from index.evidence import calibrate_evidence
 
-        cal = calibrate_evidence(cal, in_events, ids, out_events)
+        params = None
+        if args.fit_shape:
+            from index.evidence import fit_evidence_shape
+
+            def shown(k: int, n: int) -> None:
+                if k % 24 == 0 or k == n:
+                    print(f"# evidence shapes tried: {k} / {n}", file=sys.stderr, flush=True)
+
+            params, rows = fit_evidence_shape(in_events, ids, out_events, progress=shown)
+            print("# evidence shapes (index.evidence.fit_evidence_shape), the best ten:")
+            print(table(rows[:10]))
+        cal = calibrate_evidence(cal, in_events, ids, out_events,
+                                 **({} if params is None else {"params": params}))
         print("# evidence rule (index.evidence), fitted on the same streams:")
         print(table([{k: v for k, v in cal.stream["evidence"].items() if k != "params"}]))
     if args.save_calibration:

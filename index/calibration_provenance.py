@@ -102,7 +102,7 @@ class Provenance:
 
 def describe(calibration: Calibration) -> dict:
     """What a worker tells ``/readyz`` of the calibration it decides with: the model, the
-    thresholds, whether it is calibrated, its ``provenance`` (a part is ``"unknown"`` when the
+    thresholds (and the evidence rule's shape), whether it is calibrated, its ``provenance`` (a part is ``"unknown"`` when the
     file did not record it, ``"not fitted"`` for a stream part never fitted on streams) and
     ``summary``, all of it in words."""
     cal = calibration
@@ -129,7 +129,10 @@ def describe(calibration: Calibration) -> dict:
                    f"fixed-count rule's: {fixed})")
         summary = (f"threshold {cal.threshold:.3f}: {words['queries']}. "
                    f"{streams}: {words['streams']}")
+    # the shape the evidence threshold was fitted with (index.evidence.params_of; None: the
+    # default shape, a file written before shapes were stored)
+    shape = (cal.stream.get("evidence") or {}).get("params")
     return {"model_id": cal.model_id, "calibrated": cal.calibrated,
             "threshold": d["threshold"], "stream_threshold": d["stream_threshold"],
             "stable_results": cal.stable_results, "evidence_threshold": d["evidence_threshold"],
-            "provenance": parts, "summary": summary}
+            "evidence_params": shape, "provenance": parts, "summary": summary}

@@ -152,6 +152,9 @@ def test_provenance_round_trips_through_the_file(tmp_path):
     assert "516 in / 1072 out-of-collection streams" in said["summary"]
     assert "2 in / 200 out-of-collection queries" in said["summary"]
     assert "unknown" in said["summary"]  # the streams' conditions were not given
+    assert said["evidence_params"] is None  # no evidence rule fitted
+    shaped = replace(back, evidence_threshold=9.0, stream={"evidence": {"params": {"decay": 2.0}}})
+    assert describe(shaped)["evidence_params"] == {"decay": 2.0}  # the shape it decides with
     with pytest.raises(ValueError, match="part"):
         cal.with_fit("samples", streams)
 

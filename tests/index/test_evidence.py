@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from index.calibration import Calibration
 from index.decision import StreamDecision
 from index.evidence import (
+    DEFAULT_PARAMS,
     MAX_CANDIDATES,
     RESET,
     RESTART,
@@ -24,6 +26,8 @@ from index.evidence import (
     events_to_trace,
     evidence_peak,
     first_decision,
+    fit_evidence_shape,
+    params_of,
     replay,
     replay_steps,
     stream_decision,
@@ -266,3 +270,74 @@ def test_calibrate_evidence_caps_the_outsiders_and_rejects_bad_input():
         calibrate_evidence(CAL, [], [], [])
     with pytest.raises(ValueError, match="ids"):
         calibrate_evidence(CAL, [outs[0]], [], outs)
+
+
+def test_the_shape_fitted_with_the_threshold_is_the_one_the_live_rule_uses():
+    rng = np.random.default_rng(8)
+    outs = [outsider(rng, 20) for _ in range(200)]
+    shape = EvidenceParams(conf_clip=3.0, step_bonus=2.0, gap_weight=0.0)
+    cal = calibrate_evidence(CAL, [insider(rng)], ["T"], outs, params=shape)
+    assert cal.evidence_threshold != calibrate_evidence(CAL, [], [], outs).evidence_threshold
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))  # as saved and loaded
+    assert params_of(back) == shape
+    live = stream_decision(back)
+    assert isinstance(live, EvidenceDecision) and live.params == shape
+    assert live.threshold == cal.evidence_threshold
+    # a calibration that recorded no shape (written before shapes were fitted) keeps the default
+    assert params_of(Calibration("m", evidence_threshold=5.0)) == DEFAULT_PARAMS
+    assert stream_decision(Calibration("m", evidence_threshold=5.0)).params == DEFAULT_PARAMS
+    # a shape this version does not know, or an impossible one, is an error, not ignored
+    odd = {**cal.stream, "evidence": {**cal.stream["evidence"],
+                                      "params": {**shape.to_dict(), "tempo_weight": 1.0}}}
+    with pytest.raises(ValueError, match="tempo_weight"):
+        params_of(Calibration("m", evidence_threshold=5.0, stream=odd))
+    with pytest.raises(ValueError, match="conf_floor"):
+        EvidenceParams(conf_floor=2.0, conf_clip=1.5)
+
+
+def fresh_tops(rng: np.random.Generator, n: int = 20) -> list:
+    """An outsider whose top is a new reference every result (it never keeps step)."""
+    return [(2.0 + i, [(f"x{i}", float(rng.uniform(0, 0.97)), float(rng.uniform(0, 200))),
+                       ("y", 0.01, 0.0)]) for i in range(n)]
+
+
+def stepping(top: str, conf: float, n: int, t0: float = 2.0, pos0: float = 50.0) -> list:
+    """``top`` on top at ``conf`` for ``n`` results, keeping step with the audio, a close
+    runner-up under it."""
+    return [(t0 + i, [(top, conf, pos0 + i), ("y", 0.9 * conf, 0.0)]) for i in range(n)]
+
+
+def test_fit_evidence_shape_chooses_the_fastest_shape_at_the_same_false_rate():
+    rng = np.random.default_rng(9)
+    outs = [fresh_tops(rng) for _ in range(300)]
+    ins = [stepping("T", 0.6, 20) for _ in range(20)]
+    grid = {"step_bonus": (0.0, 1.0, 3.0)}
+    shown = []
+    best, rows = fit_evidence_shape(ins, ["T"] * 20, outs, grid=grid,
+                                    progress=lambda k, n: shown.append((k, n)))
+    # outsiders never keep step, so a larger step bonus leaves their peaks (and the threshold)
+    # as they are and decides the in-step true piece sooner
+    assert best == replace(DEFAULT_PARAMS, step_bonus=3.0)
+    assert len(rows) == 3 and shown[-1] == (3, 3)
+    by_bonus = {r["step_bonus"]: r for r in rows}
+    assert by_bonus[3.0]["median_s"] < by_bonus[0.0]["median_s"]
+    assert len({r["threshold"] for r in rows}) == 1
+    assert all(r["eligible"] and r["wrong_first"] == 0.0 for r in rows)
+    assert rows[0]["step_bonus"] == 3.0
+
+
+def test_fit_evidence_shape_does_not_buy_speed_with_wrong_decisions():
+    rng = np.random.default_rng(10)
+    outs = [fresh_tops(rng) for _ in range(300)]
+    # most true pieces keep step at a middling confidence; a fifth of the streams first hold
+    # a similar wrong piece in step for three results
+    ins = [stepping("T", 0.6, 20) for _ in range(16)]
+    ins += [stepping("W", 0.6, 3) + stepping("T", 0.6, 17, t0=5.0) for _ in range(4)]
+    best, rows = fit_evidence_shape(ins, ["T"] * 20, outs, grid={"step_bonus": (1.0, 6.0)})
+    by_bonus = {r["step_bonus"]: r for r in rows}
+    # the large bonus is faster on the median but decides W first in those streams
+    assert by_bonus[6.0]["median_s"] < by_bonus[1.0]["median_s"]
+    assert by_bonus[6.0]["wrong_first"] > by_bonus[1.0]["wrong_first"]
+    assert not by_bonus[6.0]["eligible"] and best.step_bonus == 1.0
+    with pytest.raises(ValueError, match="streams"):
+        fit_evidence_shape([], [], outs)
