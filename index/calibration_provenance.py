@@ -102,9 +102,9 @@ class Provenance:
 
 def describe(calibration: Calibration) -> dict:
     """What a worker tells ``/readyz`` of the calibration it decides with: the model, the
-    thresholds (and the evidence rule's shape), whether it is calibrated, its ``provenance`` (a part is ``"unknown"`` when the
-    file did not record it, ``"not fitted"`` for a stream part never fitted on streams) and
-    ``summary``, all of it in words."""
+    thresholds (and the evidence rule's shape, ``evidence_params``), whether it is calibrated,
+    its ``provenance`` (a part is ``"unknown"`` when the file did not record it, ``"not
+    fitted"`` for a stream part never fitted on streams) and ``summary``, all of it in words."""
     cal = calibration
     d = cal.to_dict()
     parts, words = {}, {}

@@ -47,15 +47,13 @@ from model.streaming import StreamingEmbedder, StreamingHasher
 from worker.bus import StreamParams
 from worker.candidates import CandidateDTW
 from worker.change import ChangeDetector
+from worker.onset import SoundBlocks
 
 # A result period under SILENCE_DBFS (as the offline search's is_silent: a silent window is not
 # searched), or QUIET_BELOW_LOUDEST_DB below the loudest of the recent ones, is quiet: a pause, a
 # fade, the end of a take. Quiet periods neither count for nor against the decision; the offline
 # search leaves the same quiet out of a query's edges (model.features.music_span).
 HOLD_QUIET_S = 30.0  # a decision is held through at most this much quiet audio in a row
-# Blocks in which a session looks for the music's start: its query starts at the hash frame
-# (0.19 s) that holds it; the offline search's music_span looks in 10 ms blocks.
-ONSET_BLOCK_S = 0.1
 _EMPTY = np.zeros((0, 48), np.float32)
 
 
@@ -113,10 +111,11 @@ class Session:
         # every quiet period clears the query (see result(): leading silence is left out)
         self.music_in_query = False
         # stream hash frame where the music starts, found in the audio taken while the query has
-        # no music (take_audio): add_hashes keeps the frames before it out; kept until cleared
+        # no music (take_audio, worker.onset): add_hashes keeps the frames before it out; kept
+        # until cleared. The blocks also tell whether a period holds sustained sound.
         self._onset_hash: int | None = None
-        self._onset_block = max(1, int(round(ONSET_BLOCK_S * params.sample_rate)))
-        self._onset_acc = 0.0  # Σ x² of the current block so far
+        self.blocks = SoundBlocks(params.sample_rate)
+        self.blocks.look()
         cap = config.window_hashes + config.slack_hashes
         self.query = np.zeros(cap, enc.hash_dtype)  # query[:n_query] is the DTW's query
         # the newest CQT frames, to re-seed the embedder when the music changes
@@ -240,35 +239,14 @@ class Session:
         if not parts:
             return np.zeros((0, self.params.channels), np.float32)
         pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if not self.music_in_query and self._onset_hash is None:
-            self._find_onset(pcm)
+        self.blocks.push(np.square(pcm.astype(np.float64, copy=False)).mean(axis=1))
+        if self._onset_hash is None and self.blocks.onset_sample is not None:
+            self._onset_hash = int(self.blocks.onset_sample / self.rate * FRAME_RATE) // 4
         self.consumed += pcm.shape[0]
         e = self._energy_now
         e[0] += pcm.size
         e[1] += float(np.dot(pcm.ravel(), pcm.ravel()))
         return pcm
-
-    def _find_onset(self, pcm: np.ndarray) -> None:
-        """Look for the music's start in ``pcm`` (taken, not yet counted in ``consumed``):
-        the first ``ONSET_BLOCK_S`` block of the stream (blocks counted from its first sample, so
-        that any chunking finds the same one) above ``SILENCE_DBFS``; sets ``_onset_hash`` to
-        that block's first hash frame."""
-        x = np.square(pcm.astype(np.float64, copy=False)).mean(axis=1)
-        block = self._onset_block
-        floor = block * 10.0 ** (SILENCE_DBFS / 10.0)  # Σ x² of a block at SILENCE_DBFS
-        pos, i, acc = self.consumed, 0, self._onset_acc
-        while i < x.shape[0]:
-            take = min(block - pos % block, x.shape[0] - i)
-            acc += float(x[i:i + take].sum())
-            i += take
-            pos += take
-            if pos % block == 0:  # a whole block
-                if acc > floor:
-                    self._onset_hash = int((pos - block) / self.rate * FRAME_RATE) // 4
-                    self._onset_acc = 0.0
-                    return
-                acc = 0.0
-        self._onset_acc = acc
 
     def features(self, pcm: np.ndarray) -> np.ndarray:
         """CQT frames (n, 48) completed by ``pcm`` (from :meth:`take_audio`), and the CQT's
@@ -363,11 +341,14 @@ class Session:
     def period_quiet(self) -> bool:
         """Whether the audio since the last result is quiet: under ``SILENCE_DBFS``, or
         ``QUIET_BELOW_LOUDEST_DB`` below the loudest period of the retained window (a fade or a
-        reverb tail). A period without new samples (the final flush of an ended stream) is as
-        the period before it."""
+        reverb tail), or without sustained sound (a click in the quiet:
+        :attr:`worker.onset.SoundBlocks.period_sustained`). A period without new samples (the
+        final flush of an ended stream) is as the period before it."""
         n, sq = self._energy_now
         if n == 0:
             return self._last_quiet
+        if not self.blocks.period_sustained:
+            return True
         rms = math.sqrt(sq / n)
         loudest = max((math.sqrt(s / k) for k, s in self._energy if k), default=0.0)
         return rms <= max(10.0 ** (SILENCE_DBFS / 20.0),
@@ -438,7 +419,7 @@ class Session:
         quiet before the music), pruned afresh."""
         self._energy.clear()
         self._onset_hash = None
-        self._onset_acc = 0.0
+        self.blocks.look()
         if self.n_query == 0 and self.embedder.n_frames == 0 and self.candidates.size == 0:
             return
         self.query_start = self.n_hashes
@@ -479,6 +460,7 @@ class Session:
         top = self.held
         self._energy.append((self._energy_now[0], self._energy_now[1]))
         self._energy_now = [0, 0.0]
+        self.blocks.take_period()
         if quiet and not self.music_in_query and not self.flushed:
             self._clear_query()
         self.overdue_since = None

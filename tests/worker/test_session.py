@@ -156,6 +156,30 @@ def test_the_query_starts_where_the_music_does(cascade: Cascade) -> None:
     assert s.n_query == s.n_hashes - s.query_start
 
 
+def test_a_click_before_the_music_is_not_its_start(cascade: Cascade) -> None:
+    # a 10 ms click 5 s before a chorale took the offline search from 1.000 to "not in the
+    # collection" (model.features.music_span's click rule); live, the click's second counted
+    # as music and kept the silence after it in the query
+    from model.features import FRAME_RATE
+
+    s = Session("s", StreamParams(SR), cascade, CONFIG)
+    click = np.zeros((SR, 1), np.float32)
+    click[int(0.3 * SR):int(0.31 * SR)] = 0.8
+    pcm = np.concatenate([np.zeros((SR, 1), np.float32), click,
+                          np.zeros((3 * SR, 1), np.float32), tone(3.0)])
+    for i in range(0, pcm.shape[0], SR // 2):
+        s.enqueue(pcm[i:i + SR // 2], None)
+        while s.pending_samples:
+            frames = s.features(s.take_audio())
+            s.add_hashes(np.ones(frames.shape[0] // 4, s.query.dtype))
+            if s.is_due:
+                s.result(None)
+        if i < 5 * SR:
+            assert not s.music_in_query  # the click's second is quiet: the query is cleared
+    assert s.music_in_query and s.quiet_s == 0.0
+    assert s.query_start * 4 / FRAME_RATE == pytest.approx(5.0, abs=0.3)
+
+
 def test_ranking_equals_offline_verify_including_ties(cascade: Cascade) -> None:
     s = Session("s", StreamParams(SR), cascade, CONFIG)
     titles = [r["title"] for r in cascade.index.refs]
@@ -289,6 +313,7 @@ def test_the_evidence_rule_is_live_and_holds_through_quiet_periods(
 
     def result(top: str, position_s: float, loud: bool) -> dict:
         s._energy_now = [SR, SR * (0.01 if loud else 0.0)]  # a period of music, or silence
+        s.blocks.period_run = loud  # (sustained sound, worker.onset)
         ranking = [Match(refs[name], name, name, conf, 1.0, 0.0, 1.0, pos)
                    for name, conf, pos in [(top, 0.95, position_s), ("other", 0.3, 3.0)]]
         return s.result(ranking)
