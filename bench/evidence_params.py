@@ -1,6 +1,7 @@
 """How the evidence rule's increments were shaped: replay recorded calib-half streams (seconds).
 
     python bench/evidence_params.py [FILE ...] [--grid] [--max-false-rate 0.01]
+                                    [--compare TEST_FILE ...]
 
 Reads ``--json`` outputs of ``bench/time_to_identify.py`` (every stream's recorded decision
 input, ``events``; default ``$MIDIMATCH_CACHE/bench/tti-ev-calib.json``), pooled; outsiders
@@ -14,7 +15,11 @@ marked ``duplicate`` are left out. Prints
   --calibrate --fit-shape`` chooses from): the threshold at ``--max-false-rate`` of the
   outsider streams and what it gives on the in-collection streams (median time to a right
   first decision, share within 20 s), per condition. Fit on calib-half files only: the test
-  half measures the choice.
+  half measures the choice;
+* with ``--compare``, that measure: the default shape and the one ``fit_evidence_shape``
+  chooses, each with its threshold fitted on FILE (the calib half), replayed on every
+  TEST_FILE (the test half, one ``bench/time_to_identify.py --json`` per renderer) — the same
+  recorded streams for both, per file and condition.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from index.evidence import (  # noqa: E402
     EvidenceParams,
     event_kind,
     evidence_peak,
+    first_decision,
     fit_evidence_shape,
     shape_figures,
 )
@@ -116,12 +122,49 @@ def grid_rows(ins: list, outs: list, max_false_rate: float) -> list[dict]:
     return rows
 
 
+def compare_rows(ins: list, outs: list, tests: list[Path], max_false_rate: float) -> list[dict]:
+    """The default shape and the fitted one (thresholds fitted on ``ins``/``outs``), replayed
+    on each test file's streams: one row per file, condition and shape."""
+    ids, in_ev, out_ev = [t for _, t, _ in ins], [e for e, _, _ in ins], [e for e, _ in outs]
+    fitted, _ = fit_evidence_shape(in_ev, ids, out_ev, max_false_rate=max_false_rate)
+    shapes = {"default": EvidenceParams(), "fitted": fitted}
+    thresholds = {k: shape_figures(p, in_ev, ids, out_ev, max_false_rate)["threshold"]
+                  for k, p in shapes.items()}
+    rows = []
+    for path in tests:
+        t_in, t_out = load([path])
+        for cond in sorted({c for *_, c in t_in} | {c for _, c in t_out}):
+            ev_in = [(e, t) for e, t, c in t_in if c == cond]
+            ev_out = [e for e, c in t_out if c == cond]
+            for name, p in shapes.items():
+                th = thresholds[name]
+                firsts = [first_decision(e, th, p) for e, _ in ev_in]
+                ts = np.array([d[0] if d is not None and d[1] == t else math.inf
+                               for d, (_, t) in zip(firsts, ev_in, strict=True)])
+                right = ts[np.isfinite(ts)]
+                wrong = sum(d is not None and d[1] != t
+                            for d, (_, t) in zip(firsts, ev_in, strict=True))
+                decided_out = sum(first_decision(e, th, p) is not None for e in ev_out)
+                rows.append({"file": path.stem, "condition": cond, "shape": name,
+                             "threshold": round(th, 2), "n": len(ev_in),
+                             "median s": float(np.median(right)) if right.size else math.inf,
+                             "p90 s": float(np.percentile(right, 90)) if right.size else math.inf,
+                             "in 20 s %": 100 * float(np.mean(ts <= 20)) if ts.size else 0.0,
+                             "identified %": 100 * float(np.mean(np.isfinite(ts)))
+                             if ts.size else 0.0,
+                             "wrong first": wrong, "out decided": f"{decided_out} / {len(ev_out)}"})
+    print(f"# fitted shape: {fitted}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path,
                     default=[cache_dir() / "bench" / "tti-ev-calib.json"])
     ap.add_argument("--grid", action="store_true")
     ap.add_argument("--max-false-rate", type=float, default=0.01)
+    ap.add_argument("--compare", nargs="+", type=Path, metavar="TEST_FILE",
+                    help="replay the default and the fitted shape on these test-half files")
     args = ap.parse_args()
     ins, outs = load(args.files)
     print(f"# {len(ins)} in-collection and {len(outs)} outsider streams from "
@@ -132,9 +175,11 @@ def main() -> None:
           f"outsider {100 * steps['outsider']:.0f} %")
     p = EvidenceParams()
     peaks = [evidence_peak(e, p) for e, _ in outs]
-    print(f"# shipped shape {p}: outsider peaks, highest five {sorted(peaks)[-5:]}")
+    print(f"# default shape {p}: outsider peaks, highest five {sorted(peaks)[-5:]}")
     if args.grid:
         print(table(grid_rows(ins, outs, args.max_false_rate)))
+    if args.compare:
+        print(table(compare_rows(ins, outs, args.compare, args.max_false_rate)))
 
 
 if __name__ == "__main__":

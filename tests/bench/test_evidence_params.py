@@ -50,3 +50,32 @@ def test_a_reset_forgets_the_positions_seen_and_a_restart_keeps_them(tmp_path):
         means[name] = ratios(got_in, got_out)[1]["true"]
     assert means["reset"] == 1.0  # 10 steps, all kept
     assert means["restart"] == means["old"] == 10 / 11  # the jump across the restart counted
+
+
+def test_compare_replays_the_default_and_the_fitted_shape_on_test_files(tmp_path, monkeypatch):
+    from bench.evidence_params import compare_rows
+
+    monkeypatch.setattr("index.evidence.SHAPE_GRID", {"step_bonus": (1.0, 3.0)})
+
+    def stream(top, conf, in_collection, step):
+        second = 0.9 * conf if in_collection else 0.01  # a close runner-up / a clear lead
+        events = [[float(t), [[top if step else f"{top}{t}", conf, 10.0 + step * t],
+                              ["z", second, 3.0]]] for t in range(2, 14)]
+        return {"in_collection": in_collection, "true_id": top if in_collection else None,
+                "duplicate": False, "events": events}
+
+    def write(name, n_out):
+        outs = [stream(f"o{k}", 0.97, False, 0.0) for k in range(n_out)]  # never in step
+        ins = [stream("t", 0.6, True, 1.0) for _ in range(4)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"outcomes": {"clean": ins + outs}}))
+        return path
+
+    calib_in, calib_out = load([write("calib", 30)])
+    rows = compare_rows(calib_in, calib_out, [write("tti-test-x", 10)], 0.01)
+    by_shape = {r["shape"]: r for r in rows}
+    assert set(by_shape) == {"default", "fitted"} and rows[0]["file"] == "tti-test-x"
+    # the in-step true piece gains more with the fitted (larger) step bonus: decided sooner
+    assert by_shape["fitted"]["median s"] < by_shape["default"]["median s"]
+    assert all(r["n"] == 4 and r["out decided"] == "0 / 10" and r["wrong first"] == 0
+               for r in rows)

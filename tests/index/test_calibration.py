@@ -189,9 +189,15 @@ def test_the_shipped_calibration_says_how_it_was_made():
     assert q.n_out >= 600 and s.n_out >= 1000
     assert (q.n_in, q.n_out, s.n_in, s.n_out) == (cal.n_in, cal.n_out, cal.stream["n_in"],
                                                   cal.stream["n_out"])
-    # fitted with the cascade that prunes with the hash networks too, on the eval index of the
-    # eighth session of 2026-12-05 (2,154 references; 2,155 in the seventh session's)
-    assert q.index_refs == s.index_refs == 2154
+    # fitted with the cascade that prunes with the hash networks too, the queries on the eval
+    # index of the eighth session of 2026-12-05 (2,154 references), the streams (the evidence
+    # rule's shape and threshold, fitted together) on the ninth session's (2,155: the same
+    # plan, one more corpus file converted)
+    assert q.index_refs == 2154 and s.index_refs == 2155
+    assert "--fit-shape" in s.command
+    from index.evidence import DEFAULT_PARAMS, params_of
+
+    assert params_of(cal) != DEFAULT_PARAMS  # the fitted shape, read by the live rule
     assert q.command.startswith("midimatch eval --renderer timidity-freepats,adplay-opl3")
     # the streams' date is taken when it is saved, after both stream rules were fitted
     assert q.date_utc == cal.created_utc and s.date_utc >= cal.stream["created_utc"]
