@@ -304,7 +304,8 @@ def test_the_evidence_rule_is_live_and_holds_through_quiet_periods(
     from index.cascade_types import Match
     from index.evidence import EvidenceDecision
 
-    cal = dataclasses.replace(cascade.calibration, evidence_threshold=4.0)
+    # the default shape (stream={}: no fitted shape recorded), whatever the shipped one is
+    cal = dataclasses.replace(cascade.calibration, evidence_threshold=4.0, stream={})
     monkeypatch.setattr(cascade, "calibration", cal)
     s = Session("s", StreamParams(SR), cascade, CONFIG)
     assert isinstance(s.decision, EvidenceDecision)  # the calibration has its threshold
