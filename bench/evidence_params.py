@@ -10,6 +10,8 @@ marked ``duplicate`` are left out. Prints
 * the per-result ratio the confidence term follows: how much likelier a confidence bin is for
   a true top match than for an outsider's top match (natural log, +0.5 smoothing), and how
   often a repeated top keeps step with the stream (:func:`index.decision.keeps_step`, ±25 %);
+* the outsider streams that build the most evidence (what sets the threshold): their piece and
+  the reference they hold on top;
 * with ``--grid``, the 25 best shapes of :data:`index.evidence.SHAPE_GRID` as
   :func:`index.evidence.fit_evidence_shape` ranks them (what ``bench/time_to_identify.py
   --calibrate --fit-shape`` chooses from): the threshold at ``--max-false-rate`` of the
@@ -157,6 +159,28 @@ def compare_rows(ins: list, outs: list, tests: list[Path], max_false_rate: float
     return rows
 
 
+def outsider_tail(paths: list[Path], params: EvidenceParams, n: int = 10) -> list[dict]:
+    """The ``n`` outsider streams whose top match builds the most evidence under ``params``
+    (what sets the threshold): their piece, start and condition, and the reference they hold
+    on top most often (a piece that shares material with an indexed one shows up again and
+    again, across starts and conditions)."""
+    rows = []
+    for path in paths:
+        for cond, outcomes in json.loads(path.read_text())["outcomes"].items():
+            for o in outcomes:
+                if o["in_collection"] or o.get("duplicate") or "events" not in o:
+                    continue
+                ev = [(t, r if event_kind(r) is not None else [tuple(x) for x in r])
+                      for t, r in o["events"]]
+                tops = [r[0][0] for _, r in ev if event_kind(r) is None and r]
+                held = max(set(tops), key=tops.count) if tops else None
+                rows.append({"peak": evidence_peak(ev, params), "piece": Path(o["path"]).name,
+                             "start s": o.get("start_s"), "condition": cond,
+                             "top most often": held,
+                             "results on top": tops.count(held) if held else 0})
+    return sorted(rows, key=lambda r: -r["peak"])[:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path,
@@ -176,6 +200,8 @@ def main() -> None:
     p = EvidenceParams()
     peaks = [evidence_peak(e, p) for e, _ in outs]
     print(f"# default shape {p}: outsider peaks, highest five {sorted(peaks)[-5:]}")
+    print("# the outsider streams with the highest peaks (default shape):")
+    print(table(outsider_tail(args.files, p)))
     if args.grid:
         print(table(grid_rows(ins, outs, args.max_false_rate)))
     if args.compare:

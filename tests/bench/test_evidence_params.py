@@ -79,3 +79,26 @@ def test_compare_replays_the_default_and_the_fitted_shape_on_test_files(tmp_path
     assert by_shape["fitted"]["median s"] < by_shape["default"]["median s"]
     assert all(r["n"] == 4 and r["out decided"] == "0 / 10" and r["wrong first"] == 0
                for r in rows)
+
+
+def test_the_outsider_tail_names_the_pieces_and_the_reference_they_hold(tmp_path):
+    from bench.evidence_params import outsider_tail
+    from index.evidence import EvidenceParams
+
+    def stream(path, tops, conf, in_collection=False):
+        return {"in_collection": in_collection, "true_id": None, "duplicate": False,
+                "path": f"/corpus/{path}.mid", "start_s": 12.5,
+                "events": [[float(t), [[top, conf, 10.0 + t], ["z", 0.01, 3.0]]]
+                           for t, top in zip(range(2, 2 + len(tops)), tops, strict=True)]}
+
+    outcomes = {"clean": [stream("stuck", ["r1"] * 8 + ["r2"] * 2, 0.95),
+                          stream("wandering", [f"q{k}" for k in range(10)], 0.4),
+                          stream("inside", ["t"] * 10, 0.99, in_collection=True)],
+                "room_noise": [stream("stuck", ["r1"] * 5, 0.9)]}
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps({"outcomes": outcomes}))
+    rows = outsider_tail([path], EvidenceParams(), n=2)
+    assert [(r["piece"], r["condition"]) for r in rows] == [("stuck.mid", "clean"),
+                                                            ("stuck.mid", "room_noise")]
+    assert rows[0]["top most often"] == "r1" and rows[0]["results on top"] == 8
+    assert rows[0]["peak"] > rows[1]["peak"] > 0 and rows[0]["start s"] == 12.5
