@@ -509,7 +509,8 @@ def fit_evidence_shape(
     ``max_false_rate`` of the outsider streams, and the shape whose in-collection streams are
     decided right soonest wins (the median time; ties: more decided within 20 s, then the
     lower mean time with undecided streams counted at 30 s). A shape that first decides more
-    in-collection streams wrongly than the default shape is not chosen. Returns the chosen
+    in-collection streams wrongly than the default shape is not chosen (with none left, or no
+    valid shape in ``grid``, the default shape is). Returns the chosen
     shape and one row per shape tried (best first: the shape's values, ``threshold``,
     ``median_s``, ``in_20s``, ``wrong_first``)."""
     grid = SHAPE_GRID if grid is None else grid
@@ -534,5 +535,7 @@ def fit_evidence_shape(
         if progress is not None:
             progress(k + 1, len(combos))
     rows.sort(key=lambda r: (not r["eligible"], r["median_s"], -r["in_20s"], r["mean_s"]))
+    if not rows or not rows[0]["eligible"]:  # a grid without the default shape, all worse
+        return DEFAULT_PARAMS, rows
     best = EvidenceParams.from_dict({k: rows[0][k] for k in EvidenceParams.__dataclass_fields__})
     return best, rows

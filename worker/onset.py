@@ -52,9 +52,12 @@ class SoundBlocks:
         self.onset_block: int | None = None  # the onset found since look()
 
     def look(self) -> None:
-        """Search the onset from the next block on (forgetting one found before)."""
+        """Search the onset from here on, forgetting one found before. The blocks just before
+        stay in the window: music that started in the last blocks of a period that was quiet
+        (too little of it to be sustained there) starts where it did, not up to
+        ``EDGE_SUSTAIN_S`` later (an onset before the cleared query's start is clamped to it,
+        :meth:`worker.session.Session.add_hashes`)."""
         self.looking, self.onset_block = True, None
-        self._tail[:] = False
 
     @property
     def onset_sample(self) -> int | None:

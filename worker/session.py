@@ -50,9 +50,10 @@ from worker.change import ChangeDetector
 from worker.onset import SoundBlocks
 
 # A result period under SILENCE_DBFS (as the offline search's is_silent: a silent window is not
-# searched), or QUIET_BELOW_LOUDEST_DB below the loudest of the recent ones, is quiet: a pause, a
-# fade, the end of a take. Quiet periods neither count for nor against the decision; the offline
-# search leaves the same quiet out of a query's edges (model.features.music_span).
+# searched), or QUIET_BELOW_LOUDEST_DB below the loudest of the recent ones, or without sustained
+# sound (worker.onset: a click, a bump), is quiet: a pause, a fade, the end of a take. Quiet
+# periods neither count for nor against the decision; the offline search leaves the same quiet
+# out of a query's edges (model.features.music_span).
 HOLD_QUIET_S = 30.0  # a decision is held through at most this much quiet audio in a row
 _EMPTY = np.zeros((0, 48), np.float32)
 

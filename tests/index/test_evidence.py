@@ -339,5 +339,10 @@ def test_fit_evidence_shape_does_not_buy_speed_with_wrong_decisions():
     assert by_bonus[6.0]["median_s"] < by_bonus[1.0]["median_s"]
     assert by_bonus[6.0]["wrong_first"] > by_bonus[1.0]["wrong_first"]
     assert not by_bonus[6.0]["eligible"] and best.step_bonus == 1.0
+    # a grid of nothing but such shapes (or of impossible ones) leaves the default shape
+    best, rows = fit_evidence_shape(ins, ["T"] * 20, outs, grid={"step_bonus": (6.0,)})
+    assert best == DEFAULT_PARAMS and len(rows) == 1 and not rows[0]["eligible"]
+    best, rows = fit_evidence_shape(ins, ["T"] * 20, outs, grid={"conf_floor": (2.0,)})
+    assert best == DEFAULT_PARAMS and rows == []
     with pytest.raises(ValueError, match="streams"):
         fit_evidence_shape([], [], outs)
