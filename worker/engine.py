@@ -368,10 +368,8 @@ def _check_pcm(pcm: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _silent(s: Session) -> bool:
-    """identify's silence rule on a stream: its query window (the last 20 s) under -60 dBFS,
-    which is what :meth:`Session.searchable` checks beside the length. A stream without a hash
-    frame (under 0.2 s of audio, one result period) is silent when it had no audio, or when
-    that one period was quiet: under -60 dBFS, as nothing louder came before it."""
-    if s.n_query == 0:
-        return s.stream_samples == 0 or s.period_quiet
-    return not s.searchable(1)
+    """identify's silence rule on a stream: the last query window's length of its audio (20 s)
+    under -60 dBFS RMS, or no audio at all (:attr:`Session.heard_silent`). On all the audio,
+    not on the query: silence with a click in it is cleared out of the query (the click is no
+    music) but is not silent, and identify calls it too short, as the stream then does."""
+    return s.heard_silent

@@ -140,6 +140,9 @@ class Session:
                                   / config.result_every_s)) + 1
         self._energy: deque[tuple[int, float]] = deque(maxlen=n_periods)
         self._energy_now = [0, 0.0]
+        # the same for the stream's audio, never cleared with the query: identify's silence rule
+        # on the last query window's length of audio, quiet left out of the query included
+        self._heard: deque[tuple[int, float]] = deque(maxlen=n_periods)
         self.ended = False  # end() was called
         self.flushing = False  # this round takes the last audio of an ended stream
         self.flushed = False  # the CQT and hasher were flushed (after end, all audio consumed)
@@ -339,6 +342,15 @@ class Session:
         return n > 0 and math.sqrt(sq / n) > 10.0 ** (SILENCE_DBFS / 20.0)
 
     @property
+    def heard_silent(self) -> bool:
+        """Whether the stream's last query window of audio (the quiet cleared out of the query
+        included) is under ``SILENCE_DBFS`` RMS, or there was none: identify's silence rule
+        (``Cascade.search_audio``) on the stream, for its final answer."""
+        n = sum(k for k, _ in self._heard) + self._energy_now[0]
+        sq = sum(q for _, q in self._heard) + self._energy_now[1]
+        return n == 0 or math.sqrt(sq / n) <= 10.0 ** (SILENCE_DBFS / 20.0)
+
+    @property
     def period_quiet(self) -> bool:
         """Whether the audio since the last result is quiet: under ``SILENCE_DBFS``, or
         ``QUIET_BELOW_LOUDEST_DB`` below the loudest period of the retained window (a fade or a
@@ -460,6 +472,7 @@ class Session:
             self.held = self.decision.update(matches, self.audio_s)
         top = self.held
         self._energy.append((self._energy_now[0], self._energy_now[1]))
+        self._heard.append((self._energy_now[0], self._energy_now[1]))
         self._energy_now = [0, 0.0]
         self.blocks.take_period()
         if quiet and not self.music_in_query and not self.flushed:
