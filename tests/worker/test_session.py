@@ -92,6 +92,20 @@ def test_query_window_slides_past_window_plus_slack(cascade: Cascade) -> None:
     assert s.n_query == 13 and s.n_hashes == 19
 
 
+def feed_hashed(s: Session, pcm: np.ndarray, chunk: int):
+    """Queue ``pcm`` ``chunk`` samples at a time and process each: frames, a hash frame of ones
+    per 4 frames into the query, a result (unranked) when due; yields each chunk's first
+    sample once it is processed."""
+    for i in range(0, pcm.shape[0], chunk):
+        s.enqueue(pcm[i:i + chunk], None)
+        while s.pending_samples:
+            frames = s.features(s.take_audio())
+            s.add_hashes(np.ones(frames.shape[0] // 4, s.query.dtype))
+            if s.is_due:
+                s.result(None)
+        yield i
+
+
 def test_silent_or_short_queries_are_not_searched(cascade: Cascade) -> None:
     s = Session("s", StreamParams(SR), cascade, CONFIG)
     min_frames = cascade.config.min_query_frames
@@ -144,13 +158,8 @@ def test_the_query_starts_where_the_music_does(cascade: Cascade) -> None:
 
     s = Session("s", StreamParams(SR), cascade, CONFIG)
     pcm = np.concatenate([np.zeros((int(3.55 * SR), 1), np.float32), tone(2.0)])
-    for i in range(0, pcm.shape[0], SR // 2):  # 0.5 s chunks, results every 1 s
-        s.enqueue(pcm[i:i + SR // 2], None)
-        while s.pending_samples:
-            frames = s.features(s.take_audio())
-            s.add_hashes(np.ones(frames.shape[0] // 4, s.query.dtype))
-            if s.is_due:
-                s.result(None)
+    for _ in feed_hashed(s, pcm, SR // 2):  # 0.5 s chunks, results every 1 s
+        pass
     assert s.music_in_query and s.n_query > 0
     assert s.query_start * 4 / FRAME_RATE == pytest.approx(3.55, abs=0.3)
     assert s.n_query == s.n_hashes - s.query_start
@@ -167,13 +176,7 @@ def test_a_click_before_the_music_is_not_its_start(cascade: Cascade) -> None:
     click[int(0.3 * SR):int(0.31 * SR)] = 0.8
     pcm = np.concatenate([np.zeros((SR, 1), np.float32), click,
                           np.zeros((3 * SR, 1), np.float32), tone(3.0)])
-    for i in range(0, pcm.shape[0], SR // 2):
-        s.enqueue(pcm[i:i + SR // 2], None)
-        while s.pending_samples:
-            frames = s.features(s.take_audio())
-            s.add_hashes(np.ones(frames.shape[0] // 4, s.query.dtype))
-            if s.is_due:
-                s.result(None)
+    for i in feed_hashed(s, pcm, SR // 2):
         if i < 5 * SR:
             assert not s.music_in_query  # the click's second is quiet: the query is cleared
     assert s.music_in_query and s.quiet_s == 0.0
