@@ -58,6 +58,14 @@ HOLD_QUIET_S = 30.0  # a decision is held through at most this much quiet audio 
 _EMPTY = np.zeros((0, 48), np.float32)
 
 
+def _silent(periods: deque[tuple[int, float]], now: list) -> bool:
+    """Whether the audio of ``periods`` ((samples, Σ x²) each) and of the current one ``now`` is
+    under ``SILENCE_DBFS`` RMS, or there is none."""
+    n = sum(k for k, _ in periods) + now[0]
+    sq = sum(q for _, q in periods) + now[1]
+    return n == 0 or math.sqrt(sq / n) <= 10.0 ** (SILENCE_DBFS / 20.0)
+
+
 class EngineError(MidimatchError):
     """A session used wrongly (unknown, duplicate, ended) or audio that cannot be streamed."""
 
@@ -337,18 +345,14 @@ class Session:
         """Long enough (the offline minimum) and not silent over the query window."""
         if self.n_query == 0 or self.query_frames < min_frames:
             return False
-        n = sum(e[0] for e in self._energy) + self._energy_now[0]
-        sq = sum(e[1] for e in self._energy) + self._energy_now[1]
-        return n > 0 and math.sqrt(sq / n) > 10.0 ** (SILENCE_DBFS / 20.0)
+        return not _silent(self._energy, self._energy_now)
 
     @property
     def heard_silent(self) -> bool:
         """Whether the stream's last query window of audio (the quiet cleared out of the query
         included) is under ``SILENCE_DBFS`` RMS, or there was none: identify's silence rule
         (``Cascade.search_audio``) on the stream, for its final answer."""
-        n = sum(k for k, _ in self._heard) + self._energy_now[0]
-        sq = sum(q for _, q in self._heard) + self._energy_now[1]
-        return n == 0 or math.sqrt(sq / n) <= 10.0 ** (SILENCE_DBFS / 20.0)
+        return _silent(self._heard, self._energy_now)
 
     @property
     def period_quiet(self) -> bool:
