@@ -44,7 +44,6 @@ from index.evidence import (  # noqa: E402
     EvidenceParams,
     event_kind,
     evidence_peak,
-    first_decision,
     fit_evidence_shape,
     shape_figures,
 )
@@ -54,7 +53,8 @@ BINS = (0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0001)
 
 
 def load(paths: list[Path]) -> tuple[list, list]:
-    """(in-collection (events, true id, condition), outsider (events, condition)) of files."""
+    """(in-collection (events, true id, condition), outsider (events, condition, (piece file
+    name, start s))) of files."""
     ins, outs = [], []
     for path in paths:
         for cond, outcomes in json.loads(path.read_text())["outcomes"].items():
@@ -67,14 +67,16 @@ def load(paths: list[Path]) -> tuple[list, list]:
                 if o["in_collection"]:
                     ins.append((ev, o["true_id"], cond))
                 elif not o.get("duplicate"):
-                    outs.append((ev, cond))
+                    where = (Path(o["path"]).name if o.get("path") else None, o.get("start_s"))
+                    outs.append((ev, cond, where))
     return ins, outs
 
 
 def ratios(ins: list, outs: list) -> tuple[list[dict], dict]:
     """The confidence bins' log ratio (true top vs outsider top) and the step shares."""
     true_c, out_c, steps = [], [], {"true": [], "outsider": []}
-    for kind, streams in (("true", [(e, t) for e, t, _ in ins]), ("outsider", outs)):
+    for kind, streams in (("true", [(e, t) for e, t, _ in ins]),
+                          ("outsider", [(e, c) for e, c, _ in outs])):
         for ev, true in streams:
             seen: dict = {}
             for t, ranked in ev:
@@ -105,7 +107,7 @@ def grid_rows(ins: list, outs: list, max_false_rate: float) -> list[dict]:
     """Every shape of :data:`index.evidence.SHAPE_GRID` as :func:`fit_evidence_shape` ranks
     it, with the median and share within 20 s per condition."""
     ids, conds = [t for _, t, _ in ins], np.array([c for *_, c in ins])
-    out_ev = [e for e, _ in outs]
+    out_ev = [e for e, *_ in outs]
     _, ranked = fit_evidence_shape([e for e, _, _ in ins], ids, out_ev,
                                    max_false_rate=max_false_rate)
     rows = []
@@ -127,7 +129,7 @@ def grid_rows(ins: list, outs: list, max_false_rate: float) -> list[dict]:
 def compare_rows(ins: list, outs: list, tests: list[Path], max_false_rate: float) -> list[dict]:
     """The default shape and the fitted one (thresholds fitted on ``ins``/``outs``), replayed
     on each test file's streams: one row per file, condition and shape."""
-    ids, in_ev, out_ev = [t for _, t, _ in ins], [e for e, _, _ in ins], [e for e, _ in outs]
+    ids, in_ev, out_ev = [t for _, t, _ in ins], [e for e, _, _ in ins], [e for e, *_ in outs]
     fitted, _ = fit_evidence_shape(in_ev, ids, out_ev, max_false_rate=max_false_rate)
     shapes = {"default": EvidenceParams(), "fitted": fitted}
     thresholds = {k: shape_figures(p, in_ev, ids, out_ev, max_false_rate)["threshold"]
@@ -135,18 +137,16 @@ def compare_rows(ins: list, outs: list, tests: list[Path], max_false_rate: float
     rows = []
     for path in tests:
         t_in, t_out = load([path])
-        for cond in sorted({c for *_, c in t_in} | {c for _, c in t_out}):
+        for cond in sorted({c for *_, c in t_in} | {c for _, c, _ in t_out}):
             ev_in = [(e, t) for e, t, c in t_in if c == cond]
-            ev_out = [e for e, c in t_out if c == cond]
+            ev_out = [e for e, c, _ in t_out if c == cond]
             for name, p in shapes.items():
                 th = thresholds[name]
-                firsts = [first_decision(e, th, p) for e, _ in ev_in]
-                ts = np.array([d[0] if d is not None and d[1] == t else math.inf
-                               for d, (_, t) in zip(firsts, ev_in, strict=True)])
+                f = shape_figures(p, [e for e, _ in ev_in], [t for _, t in ev_in], ev_out,
+                                  threshold=th)
+                ts, wrong = f["times"], f["wrong"]
                 right = ts[np.isfinite(ts)]
-                wrong = sum(d is not None and d[1] != t
-                            for d, (_, t) in zip(firsts, ev_in, strict=True))
-                decided_out = sum(first_decision(e, th, p) is not None for e in ev_out)
+                decided_out = int(np.sum(f["peaks"] >= th))
                 rows.append({"file": path.stem, "condition": cond, "shape": name,
                              "threshold": round(th, 2), "n": len(ev_in),
                              "median s": float(np.median(right)) if right.size else math.inf,
@@ -159,25 +159,18 @@ def compare_rows(ins: list, outs: list, tests: list[Path], max_false_rate: float
     return rows
 
 
-def outsider_tail(paths: list[Path], params: EvidenceParams, n: int = 10) -> list[dict]:
-    """The ``n`` outsider streams whose top match builds the most evidence under ``params``
-    (what sets the threshold): their piece, start and condition, and the reference they hold
-    on top most often (a piece that shares material with an indexed one shows up again and
-    again, across starts and conditions)."""
+def outsider_tail(outs: list, params: EvidenceParams, n: int = 10) -> list[dict]:
+    """The ``n`` outsider streams (as :func:`load` gives them) whose top match builds the most
+    evidence under ``params`` (what sets the threshold): their piece, start and condition, and
+    the reference they hold on top most often (a piece that shares material with an indexed
+    one shows up again and again, across starts and conditions)."""
     rows = []
-    for path in paths:
-        for cond, outcomes in json.loads(path.read_text())["outcomes"].items():
-            for o in outcomes:
-                if o["in_collection"] or o.get("duplicate") or "events" not in o:
-                    continue
-                ev = [(t, r if event_kind(r) is not None else [tuple(x) for x in r])
-                      for t, r in o["events"]]
-                tops = [r[0][0] for _, r in ev if event_kind(r) is None and r]
-                held = max(set(tops), key=tops.count) if tops else None
-                rows.append({"peak": evidence_peak(ev, params), "piece": Path(o["path"]).name,
-                             "start s": o.get("start_s"), "condition": cond,
-                             "top most often": held,
-                             "results on top": tops.count(held) if held else 0})
+    for ev, cond, (piece, start_s) in outs:
+        tops = [r[0][0] for _, r in ev if event_kind(r) is None and r]
+        held = max(set(tops), key=tops.count) if tops else None
+        rows.append({"peak": evidence_peak(ev, params), "piece": piece, "start s": start_s,
+                     "condition": cond, "top most often": held,
+                     "results on top": tops.count(held) if held else 0})
     return sorted(rows, key=lambda r: -r["peak"])[:n]
 
 
@@ -198,10 +191,10 @@ def main() -> None:
     print(f"# repeated tops keeping step (±25 % + 0.5 s): true {100 * steps['true']:.0f} %, "
           f"outsider {100 * steps['outsider']:.0f} %")
     p = EvidenceParams()
-    peaks = [evidence_peak(e, p) for e, _ in outs]
+    peaks = [evidence_peak(e, p) for e, *_ in outs]
     print(f"# default shape {p}: outsider peaks, highest five {sorted(peaks)[-5:]}")
     print("# the outsider streams with the highest peaks (default shape):")
-    print(table(outsider_tail(args.files, p)))
+    print(table(outsider_tail(outs, p)))
     if args.grid:
         print(table(grid_rows(ins, outs, args.max_false_rate)))
     if args.compare:

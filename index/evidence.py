@@ -172,8 +172,8 @@ def params_of(calibration: Calibration) -> EvidenceParams:
     """The evidence shape ``calibration``'s threshold was fitted with
     (``stream["evidence"]["params"]``, written by :func:`calibrate_evidence`); the default
     shape when it recorded none (a file written before shapes were fitted per model)."""
-    d = (calibration.stream.get("evidence") or {}).get("params")
-    return DEFAULT_PARAMS if not d else EvidenceParams.from_dict(d)
+    d = calibration.evidence_shape
+    return DEFAULT_PARAMS if d is None else EvidenceParams.from_dict(d)
 
 
 class EvidenceDecision:
@@ -478,14 +478,16 @@ SHAPE_GRID: dict[str, tuple[float, ...]] = {
 
 def shape_figures(params: EvidenceParams, in_events: Sequence[StreamEvents],
                   true_ids: Sequence[str], out_events: Sequence[StreamEvents],
-                  max_false_rate: float = 0.01) -> dict:
-    """What shape ``params`` gives on calibration streams once its threshold is fitted
-    (:func:`calibrate_evidence`'s rule, peaks are >= 0): ``threshold``, ``peaks`` (per
-    outsider stream, :func:`evidence_peak`), ``times`` (per in-collection stream, the audio
-    seconds of a right first decision, ``inf`` when none) and ``wrong`` (the number of
-    in-collection streams first decided for another piece)."""
+                  max_false_rate: float = 0.01, threshold: float | None = None) -> dict:
+    """What shape ``params`` gives on streams once its threshold is fitted on the outsiders
+    (:func:`calibrate_evidence`'s rule, peaks are >= 0), or at ``threshold`` (streams other than
+    those it was fitted on): ``threshold``, ``peaks`` (per outsider stream,
+    :func:`evidence_peak`: it decides when its peak reaches the threshold), ``times`` (per
+    in-collection stream, the audio seconds of a right first decision, ``inf`` when none) and
+    ``wrong`` (the number of in-collection streams first decided for another piece)."""
     peaks = np.array([evidence_peak(e, params) for e in out_events])
-    threshold = threshold_above(peaks, max_false_rate, upper=math.inf)
+    if threshold is None:
+        threshold = threshold_above(peaks, max_false_rate, upper=math.inf)
     times, wrong = [], 0
     for ev, true in zip(in_events, true_ids, strict=True):
         d = first_decision(ev, threshold, params)

@@ -97,7 +97,7 @@ def test_the_outsider_tail_names_the_pieces_and_the_reference_they_hold(tmp_path
                 "room_noise": [stream("stuck", ["r1"] * 5, 0.9)]}
     path = tmp_path / "calib.json"
     path.write_text(json.dumps({"outcomes": outcomes}))
-    rows = outsider_tail([path], EvidenceParams(), n=2)
+    rows = outsider_tail(load([path])[1], EvidenceParams(), n=2)
     assert [(r["piece"], r["condition"]) for r in rows] == [("stuck.mid", "clean"),
                                                             ("stuck.mid", "room_noise")]
     assert rows[0]["top most often"] == "r1" and rows[0]["results on top"] == 8
