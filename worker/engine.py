@@ -215,7 +215,8 @@ class Engine:
             if r.get("final"):
                 # too short: less music than a query needs, the quiet before it left out
                 # (identify's too_short on the same audio)
-                r["answer"] = answer(stream_answer(r.get("decision") is not None, _silent(s),
+                r["answer"] = answer(stream_answer(r.get("decision") is not None,
+                                                   s.heard_silent,
                                                    too_short=s.query_frames < min_frames))
         with self._lock:
             for s, _ in out:
@@ -365,11 +366,3 @@ def _check_pcm(pcm: np.ndarray, channels: int) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise EngineError("PCM contains NaN or infinite samples", reason="bad_audio")
     return a
-
-
-def _silent(s: Session) -> bool:
-    """identify's silence rule on a stream: the last query window's length of its audio (20 s)
-    under -60 dBFS RMS, or no audio at all (:attr:`Session.heard_silent`). On all the audio,
-    not on the query: silence with a click in it is cleared out of the query (the click is no
-    music) but is not silent, and identify calls it too short, as the stream then does."""
-    return s.heard_silent

@@ -251,13 +251,14 @@ class Session:
         if not parts:
             return np.zeros((0, self.params.channels), np.float32)
         pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.blocks.push(np.square(pcm.astype(np.float64, copy=False)).mean(axis=1))
+        power = np.square(pcm.astype(np.float64, copy=False)).mean(axis=1)  # per sample
+        self.blocks.push(power)
         if self._onset_hash is None and self.blocks.onset_sample is not None:
             self._onset_hash = int(self.blocks.onset_sample / self.rate * FRAME_RATE) // 4
         self.consumed += pcm.shape[0]
         e = self._energy_now
         e[0] += pcm.size
-        e[1] += float(np.dot(pcm.ravel(), pcm.ravel()))
+        e[1] += float(power.sum()) * pcm.shape[1]  # Σ x² over the channels' samples
         return pcm
 
     def features(self, pcm: np.ndarray) -> np.ndarray:
@@ -351,7 +352,9 @@ class Session:
     def heard_silent(self) -> bool:
         """Whether the stream's last query window of audio (the quiet cleared out of the query
         included) is under ``SILENCE_DBFS`` RMS, or there was none: identify's silence rule
-        (``Cascade.search_audio``) on the stream, for its final answer."""
+        (``Cascade.search_audio``) on the stream, for its final answer. On all the audio, not
+        the query: silence with a click in it is cleared out of the query (the click is no
+        music) but is not silent, and identify calls it too short, as the stream then does."""
         return _silent(self._heard, self._energy_now)
 
     @property
