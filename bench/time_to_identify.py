@@ -353,9 +353,9 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
     print(table(cal.stream["tried"]))
     print(f"# chosen: stream threshold {cal.stream_cut:.3f}, stable_results {cal.stable_results}")
     if all(e is not None for e in (*in_events, *out_events)):
-        from index.evidence import calibrate_evidence
+        from index.evidence import DEFAULT_PARAMS, calibrate_evidence
 
-        params = None
+        params = DEFAULT_PARAMS
         if args.fit_shape:
             from index.evidence import fit_evidence_shape
 
@@ -366,8 +366,7 @@ def calibrate(cascade, pieces: list[dict[str, Any]], detail: dict[str, list[dict
             params, rows = fit_evidence_shape(in_events, ids, out_events, progress=shown)
             print("# evidence shapes (index.evidence.fit_evidence_shape), the best ten:")
             print(table(rows[:10]))
-        cal = calibrate_evidence(cal, in_events, ids, out_events,
-                                 **({} if params is None else {"params": params}))
+        cal = calibrate_evidence(cal, in_events, ids, out_events, params=params)
         print("# evidence rule (index.evidence), fitted on the same streams:")
         print(table([{k: v for k, v in cal.stream["evidence"].items() if k != "params"}]))
     if args.save_calibration:

@@ -130,6 +130,13 @@ class Calibration:
             raise ValueError(f"stable_results must be >= 1, got {self.stable_results}")
 
     @property
+    def evidence_shape(self) -> dict | None:
+        """The evidence rule's shape its threshold was fitted with, as stored
+        (``stream["evidence"]["params"]``; None when none was recorded):
+        :func:`index.evidence.params_of` reads it into the rule's parameters."""
+        return (self.stream.get("evidence") or {}).get("params") or None
+
+    @property
     def calibrated(self) -> bool:
         """Whether the threshold was fitted on this model's outsiders (not the 0.5 default)."""
         return self.n_out > 0

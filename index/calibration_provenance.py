@@ -129,10 +129,7 @@ def describe(calibration: Calibration) -> dict:
                    f"fixed-count rule's: {fixed})")
         summary = (f"threshold {cal.threshold:.3f}: {words['queries']}. "
                    f"{streams}: {words['streams']}")
-    # the shape the evidence threshold was fitted with (index.evidence.params_of; None: the
-    # default shape, a file written before shapes were stored)
-    shape = (cal.stream.get("evidence") or {}).get("params")
     return {"model_id": cal.model_id, "calibrated": cal.calibrated,
             "threshold": d["threshold"], "stream_threshold": d["stream_threshold"],
             "stable_results": cal.stable_results, "evidence_threshold": d["evidence_threshold"],
-            "evidence_params": shape, "provenance": parts, "summary": summary}
+            "evidence_params": cal.evidence_shape, "provenance": parts, "summary": summary}

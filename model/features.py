@@ -300,6 +300,7 @@ SILENCE_DBFS = -60.0
 QUIET_BELOW_LOUDEST_DB = 30.0
 EDGE_BLOCK_S = 0.01  # music_span's analysis block (a fraction of a CQT hop, 46 ms)
 EDGE_SUSTAIN_S = 0.1  # the music starts and ends with this much sound, half of it loud at least
+EDGE_SUSTAIN_BLOCKS = max(1, int(round(EDGE_SUSTAIN_S / EDGE_BLOCK_S)))  # the same, in blocks
 
 
 def is_silent(audio: np.ndarray, threshold_db: float = SILENCE_DBFS) -> bool:
@@ -350,7 +351,7 @@ def music_span(audio: np.ndarray, sample_rate: int) -> tuple[int, int]:
         return 0, 0
     # the music's first and last block: one that starts (ends) EDGE_SUSTAIN_S in which at least
     # half the blocks are loud, so that a click or a bump in the quiet is not taken for it
-    w = max(1, int(round(EDGE_SUSTAIN_S / EDGE_BLOCK_S)))
+    w = EDGE_SUSTAIN_BLOCKS
     run = np.convolve(is_loud.astype(np.int32), np.ones(w, np.int32))  # run[j]: loud in j-w+1..j
     after = run[w - 1:w - 1 + k]  # loud blocks in i..i+w-1
     before = run[:k]  # loud blocks in i-w+1..i

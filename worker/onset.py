@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.features import EDGE_BLOCK_S, EDGE_SUSTAIN_S, SILENCE_DBFS
+from model.features import EDGE_BLOCK_S, EDGE_SUSTAIN_BLOCKS, SILENCE_DBFS
 
 __all__ = ["SUSTAIN_BLOCKS", "SoundBlocks"]
 
-SUSTAIN_BLOCKS = max(1, int(round(EDGE_SUSTAIN_S / EDGE_BLOCK_S)))  # blocks in EDGE_SUSTAIN_S
+SUSTAIN_BLOCKS = EDGE_SUSTAIN_BLOCKS  # blocks in EDGE_SUSTAIN_S (music_span's window)
 MIN_LOUD = -(-SUSTAIN_BLOCKS // 2)  # loud blocks that make sustained sound (at least half)
 
 
