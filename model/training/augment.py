@@ -95,6 +95,8 @@ class AugmentConfig:
     p_vibrato: float = 0.0  # audio: pitch vibrato
     vibrato_cents: tuple[float, float] = (5.0, 30.0)
     p_chorus: float = 0.0  # audio: chorus
+    p_drive: float = 0.0  # audio: overdrive (a clipped amplifier or speaker)
+    drive_db: tuple[float, float] = (6.0, 30.0)
 
     @property
     def timbre_notes(self) -> bool:
@@ -103,7 +105,7 @@ class AugmentConfig:
     @property
     def timbre_audio(self) -> bool:
         return max(self.p_tilt, self.p_resonance, self.p_compress, self.p_vibrato,
-                   self.p_chorus) > 0.0
+                   self.p_chorus, self.p_drive) > 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -125,6 +127,7 @@ class AugmentConfig:
         _range("compress_ratio", self.compress_ratio, 1.0, 20.0)
         _range("compress_threshold_db", self.compress_threshold_db, -60.0, 0.0)
         _range("vibrato_cents", self.vibrato_cents, 0.0, 100.0)
+        _range("drive_db", self.drive_db, 0.0, 40.0)
         for name, chosen, known in (("noise_kinds", self.noise_kinds, NOISE_KINDS),
                                     ("codecs", self.codecs, CODECS)):
             if not isinstance(chosen, tuple) or not chosen or not set(chosen) <= set(known):
@@ -143,7 +146,7 @@ _PRESETS = {
     # (model.training.timbre), each instrument by its own renderer half the time.
     "timbre": replace(AugmentConfig(), p_reverb=0.75, p_noise=0.75, p_velocity=0.5,
                       p_balance=0.5, p_drop_drums=0.2, p_mix=0.5, p_tilt=0.5, p_resonance=0.4,
-                      p_compress=0.3, p_vibrato=0.2, p_chorus=0.2),
+                      p_compress=0.3, p_vibrato=0.2, p_chorus=0.2, p_drive=0.2),
     "clean": _OFF,
     # Evaluation "room + noise": always a moderate room and always 10 dB of room-like noise.
     "room_noise": replace(_OFF, p_reverb=1.0, rt60_s=(0.3, 0.8), reverb_wet=(0.3, 0.5),
@@ -186,7 +189,9 @@ def preset(name: str) -> AugmentConfig:
 def _timbre_audio(x: np.ndarray, sr: int, rng: np.random.Generator, cfg: AugmentConfig,
                   applied: dict[str, Any]) -> np.ndarray:
     """The instrument's own sound, before the room: tilt, resonances, compression, vibrato,
-    chorus (:mod:`model.training.timbre`), each with its probability."""
+    chorus, overdrive (:mod:`model.training.timbre`), each with its probability. Overdrive
+    (added later) draws after the other five and only where ``p_drive`` is on, so their draws
+    are as they were."""
     from model.training import timbre
 
     gates, rngs = _stage_rngs(rng, 5)
@@ -209,6 +214,12 @@ def _timbre_audio(x: np.ndarray, sr: int, rng: np.random.Generator, cfg: Augment
     if gates[4] < cfg.p_chorus:
         x, drawn = timbre.chorus(x, sr, rngs[4])
         applied["chorus"] = drawn
+    if cfg.p_drive > 0.0:
+        gate, (sub,) = _stage_rngs(rng, 1)
+        if gate[0] < cfg.p_drive:
+            gain_db, bias = _uniform(sub, cfg.drive_db), float(sub.uniform(0.0, 0.5))
+            x = timbre.drive(x, gain_db, bias)
+            applied["drive"] = {"gain_db": gain_db, "bias": bias}
     return x
 
 

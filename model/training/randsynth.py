@@ -17,6 +17,9 @@ from a wide space, so the network has to key on pitch and rhythm:
 * in ``P_PULSE`` of the timbres the partials follow a pulse wave of a random duty cycle
   (partial k scaled by ``|sin(pi k d)|``: every ``1/d``-th partial missing, odd ones only at
   ``d = 1/2``), the classic oscillator of analogue and chip synthesisers;
+* in ``P_DRIVE`` of the pitched tracks (outside ensemble renders) the part is played through an overdrive
+  (:func:`model.training.timbre.drive`, 6–30 dB): every note gains harmonics and every chord its
+  sum and difference tones, as an electric guitar, an overdriven organ or a clipped speaker;
 * drums, when the piece has them, are noise bursts and pitch-swept thumps at their keys;
 * in ``P_ENSEMBLE`` of the renders the whole ensemble plays **one** bright timbre
   (:func:`draw_ensemble_timbre`: many strong partials, odd ones dominating half the time) at
@@ -25,8 +28,8 @@ from a wide space, so the network has to key on pitch and rhythm:
   organ, chip music) do not, and a model that heard only GM balance reads the bass's upper
   partials as chord tones.
 
-It is **additive synthesis only** (no frequency modulation, no filters of a sawtooth, no
-Karplus-Strong), written here in numpy: none of the held-out engines (Csound, adplay's OPL3,
+It is **additive synthesis** (no frequency modulation, no filters of a sawtooth, no
+Karplus-Strong) with a memoryless overdrive on some tracks, written here in numpy: none of the held-out engines (Csound, adplay's OPL3,
 TiMidity, WildMIDI, Sonivox) is used, and its draws are not tuned to any of them. (The moving
 spectrum, added in the seventh session, is also what a 2-operator FM tone whose index follows
 its envelope does — Csound's FM instrument and the OPL chips — so those rows are less blind to
@@ -45,6 +48,7 @@ import numpy as np
 import pretty_midi
 
 from model.errors import RenderError
+from model.training.timbre import drive
 
 MAX_PARTIALS = 24
 MAX_NOTE_S = 8.0  # a note's sound is cut this long after its onset (plus its release)
@@ -53,6 +57,8 @@ P_ENSEMBLE = 0.5  # renders where every pitched part plays one bright timbre at 
 LOW_PART_MIDI = 52  # a part whose median pitch is below this (E3) is a low part
 P_SPECTRAL_ENV = 0.5  # timbres whose upper partials fall from a bright attack to a darker sustain
 P_PULSE = 0.2  # timbres with a pulse wave's spectrum
+P_DRIVE = 0.25  # pitched tracks played through an overdrive
+DRIVE_DB = (6.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -222,9 +228,15 @@ def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n:
     ensemble = draw_ensemble_timbre(rng) if rng.random() < P_ENSEMBLE else None
     # flat dynamics in an ensemble: velocity ** 0-0.5 instead of ** 1.5
     power = float(rng.uniform(0.0, 0.5)) if ensemble is not None else 1.5
+    # the overdrive's draws come from their own generator, so each seed's other draws (and so
+    # its sound where no track is driven) are what they were before it was added
+    drive_rng = np.random.default_rng([seed, 1])
     out = np.zeros(n)
     for inst in pm.instruments:
         timbre = None if inst.is_drum else (ensemble if ensemble is not None else draw_timbre(rng))
+        # (never in an ensemble render: its parts share one timbre)
+        driven = timbre is not None and ensemble is None and drive_rng.random() < P_DRIVE
+        track = np.zeros(n) if driven else out
         gain = 1.0
         if ensemble is not None and not inst.is_drum and inst.notes and \
                 np.median([nt.pitch for nt in inst.notes]) < LOW_PART_MIDI:
@@ -241,5 +253,8 @@ def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n:
                 x = gain * _note(note.pitch, note.velocity, note.end - note.start, timbre,
                                  sample_rate, power)
             stop = min(n, start + x.size)
-            out[start:stop] += x[: stop - start]
+            track[start:stop] += x[: stop - start]
+        if driven:
+            out += drive(track, float(drive_rng.uniform(*DRIVE_DB)),
+                         float(drive_rng.uniform(0.0, 0.5)))
     return out.astype(np.float32)

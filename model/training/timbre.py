@@ -12,7 +12,8 @@ the same notes sound as differently as the renderers allow, and more:
 * on the audio, each keeping the timing (zero-phase filters, delays of a few ms at most, far
   under one 46 ms CQT hop): :func:`tilt` (spectral slope), :func:`resonances` (random peaks and
   notches, a body or a cheap speaker), :func:`compress` (dynamics), :func:`vibrato` and
-  :func:`chorus` (modulated delays).
+  :func:`chorus` (modulated delays), :func:`drive` (an overdriven amplifier or speaker:
+  memoryless, so no sample moves).
 
 Everything random takes a ``numpy.random.Generator``; the draws of
 :func:`model.training.augment.augment_audio` record what was applied.
@@ -209,3 +210,25 @@ def chorus(audio: np.ndarray, sr: int, rng: np.random.Generator, voices: int = 2
         out += (wet / voices) * _modulated_delay(x, delay)
         drawn.append(d)
     return out / np.float32(1.0 + wet), drawn
+
+
+def drive(audio: np.ndarray, gain_db: float, bias: float = 0.0) -> np.ndarray:
+    """Overdrive: ``tanh(g x / peak + bias) - tanh(bias)``, scaled back to the input's peak.
+
+    ``gain_db`` (0–40) sets ``g``: at 0 dB the peak is barely rounded, at 20–30 dB most of
+    the signal is clipped, so every note gains upper harmonics and every two notes sounding
+    together their sum and difference tones (an amplifier, a guitar pedal, a speaker pushed
+    too far). ``bias`` (0–1) makes the curve asymmetric, adding even harmonics. Memoryless:
+    the output at a sample depends on the input at that sample only, so the timing stays.
+    Same length, float32.
+    """
+    x = _check_audio(audio)
+    gain_db = _check_number("gain_db", gain_db, 0.0, 40.0)
+    bias = _check_number("bias", bias, 0.0, 1.0)
+    peak = float(np.max(np.abs(x)))
+    if peak == 0.0:
+        return x.astype(np.float32)
+    g = 10.0 ** (gain_db / 20.0)
+    y = np.tanh(g * (x.astype(np.float64) / peak) + bias) - np.tanh(np.float64(bias))
+    out_peak = float(np.max(np.abs(y))) or 1.0
+    return (y * (peak / out_peak)).astype(np.float32)

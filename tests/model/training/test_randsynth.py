@@ -6,6 +6,7 @@ import numpy as np
 import pretty_midi
 import pytest
 
+from model.training import randsynth
 from model.training import render as R
 from model.training.randsynth import (
     MAX_PARTIALS,
@@ -204,3 +205,38 @@ def test_draws_cover_moving_spectra_and_pulse_waves_in_their_shares() -> None:
             _draw_motion(np.random.default_rng(seed), amps)
             assert np.all(amps == 1.0)
     assert abs(pulses / 200 - P_PULSE) < 0.07
+
+
+def test_an_overdriven_track_sounds_its_chords_sum_and_difference_tones(monkeypatch) -> None:
+    pm = pretty_midi.PrettyMIDI()
+    inst = pretty_midi.Instrument(0)
+    inst.notes = [pretty_midi.Note(100, p, 0.5, 2.5) for p in (57, 64)]  # A3 + E4: 220, 329.6 Hz
+    pm.instruments.append(inst)
+
+    def render(p_drive: float, seed: int) -> np.ndarray:
+        monkeypatch.setattr(randsynth, "P_DRIVE", p_drive)
+        return render_randsynth(pm, seed, SR, 3 * SR).astype(np.float64)
+
+    def level(a: np.ndarray, hz: float) -> float:  # the strongest bin within 3 Hz, vs the peak
+        seg = a[SR: 2 * SR] * np.hanning(SR)
+        spec = np.abs(np.fft.rfft(seg))
+        return float(spec[int(hz) - 3: int(hz) + 4].max() / spec.max())
+
+    below = 329.63 - 220.0  # 109.6 Hz (and 2·220 − 329.6): not a partial of either note
+    driven_seeds = 0
+    for seed in range(8):
+        plain, driven = render(0.0, seed), render(1.0, seed)
+        assert np.abs(driven[: SR // 2 - 1]).max() == 0.0  # still silent before the onset
+        if np.random.default_rng(seed).random() < P_ENSEMBLE:  # ensemble renders: never driven
+            assert np.array_equal(plain, driven)
+            continue
+        driven_seeds += 1
+        assert level(plain, below) < 1e-4 and level(driven, below) > 2e-3
+    assert driven_seeds >= 4
+    # the overdrive draws from its own generator: an undriven render is the same sound as before
+    for seed in range(6):
+        monkeypatch.setattr(randsynth, "P_DRIVE", 0.0)
+        before = render_randsynth(pm, seed, SR, 3 * SR)
+        monkeypatch.setattr(randsynth, "P_DRIVE", 0.25)
+        drawn = np.random.default_rng([seed, 1]).random() < 0.25
+        assert np.array_equal(before, render_randsynth(pm, seed, SR, 3 * SR)) != drawn

@@ -71,7 +71,8 @@ def test_audio_transforms_keep_every_onset_in_place():
     for name, y in (("tilt", T.tilt(x, SR, 6.0)),
                     ("resonances", T.resonances(x, SR, rng)[0]),
                     ("vibrato", T.vibrato(x, SR, 6.0, 30.0)),
-                    ("chorus", T.chorus(x, SR, rng)[0])):
+                    ("chorus", T.chorus(x, SR, rng)[0]),
+                    ("drive", T.drive(x, 20.0, 0.3))):
         assert y.shape == x.shape and y.dtype == np.float32 and np.isfinite(y).all(), name
         # within 2 ms of the click (one CQT hop is 46 ms)
         assert abs(int(np.argmax(np.abs(y))) - SR // 2) <= 0.002 * SR, name
@@ -107,6 +108,33 @@ def test_vibrato_wobbles_the_pitch_by_its_depth():
     assert 20.0 < cents.max() < 40.0 and -40.0 < cents.min() < -20.0
 
 
+def test_drive_adds_harmonics_and_intermodulation_and_keeps_the_peak():
+    t = np.arange(SR) / SR  # 1 s: FFT bin k is k Hz
+    x = (0.4 * np.sin(2 * np.pi * 440 * t) + 0.4 * np.sin(2 * np.pi * 550 * t)).astype(np.float32)
+
+    def level(y, hz):  # relative to the 440 Hz partial
+        spec = np.abs(np.fft.rfft(y))
+        return spec[hz] / spec[440]
+
+    clean, hard = x, T.drive(x, 24.0)
+    for y in (hard, T.drive(x, 24.0, 0.4)):
+        assert y.dtype == np.float32 and y.shape == x.shape
+        assert np.abs(y).max() == pytest.approx(np.abs(x).max(), rel=1e-5)
+    # third-order sum and difference tones (2·440 − 550 = 330 Hz) and the third harmonic
+    assert level(clean, 330) < 1e-4 and level(hard, 330) > 0.2 and level(hard, 1320) > 0.1
+    assert level(T.drive(x, 0.0), 330) < level(hard, 330) / 3  # a light touch clips little
+    # at a moderate drive, second order (550 − 440 = 110 Hz, 2·440 = 880 Hz) comes from the
+    # asymmetric curve (hard clipping makes them as high-order products too)
+    odd, even = T.drive(x, 6.0), T.drive(x, 6.0, 0.4)
+    assert level(odd, 110) < 0.01 < 0.1 < level(even, 110)
+    assert level(odd, 880) < 0.01 < 0.03 < level(even, 880)
+    assert not T.drive(np.zeros(100, np.float32), 20.0).any()
+    with pytest.raises(AugmentInputError):
+        T.drive(x, 50.0)
+    with pytest.raises(AugmentInputError):
+        T.drive(x, 10.0, -0.1)
+
+
 def test_render_mixed_gives_instruments_their_own_renderers():
     calls = []
 
@@ -126,9 +154,9 @@ def test_render_mixed_gives_instruments_their_own_renderers():
 
 def test_the_timbre_preset_draws_its_stages_and_the_others_never_do():
     x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * SR) / SR)).astype(np.float32)
-    stages = {"tilt", "resonances", "compress", "vibrato", "chorus"}
+    stages = {"tilt", "resonances", "compress", "vibrato", "chorus", "drive"}
     seen: set[str] = set()
-    for seed in range(12):
+    for seed in range(20):
         _, applied = augment_audio(x, SR, np.random.default_rng(seed), preset("timbre"))
         seen |= set(applied) & stages
         _, plain = augment_audio(x, SR, np.random.default_rng(seed), preset("train_noisy"))
