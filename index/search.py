@@ -271,12 +271,20 @@ class Cascade:
         Verified
         """
         cand = np.asarray(candidates, dtype=np.int64).reshape(-1)
-        sub, offsets = self._gather(cand)
-        res = hash_dtw_batch(query_hashes, sub, offsets, penalty=self.penalty,
-                             gully=self.config.gully)
+        res = self._verify_batch(query_hashes, cand)
         order = np.argsort(res.scores, kind="stable")
         return Verified(cand[order], res.scores[order], res.end_j[order], res.end_i[order],
                         res.path_length[order])
+
+    def verify_scores(self, query_hashes: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """:meth:`verify`'s hash-DTW scores (K,) float32, in the order of ``candidates``."""
+        return self._verify_batch(query_hashes,
+                                  np.asarray(candidates, dtype=np.int64).reshape(-1)).scores
+
+    def _verify_batch(self, query_hashes: np.ndarray, cand: np.ndarray):
+        sub, offsets = self._gather(cand)
+        return hash_dtw_batch(query_hashes, sub, offsets, penalty=self.penalty,
+                              gully=self.config.gully)
 
     def confirm(self, query_hashes: np.ndarray, candidates: np.ndarray, verified: Verified,
                 n_frames: int | None = None) -> list[Match]:

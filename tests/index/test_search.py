@@ -143,6 +143,11 @@ def test_stages_agree_with_the_primitives(collection):
     cand = ids[0][::-1].copy()  # any order: verify sorts
     ver = cascade.verify(code.hashes, cand)
     assert np.all(np.diff(ver.scores) >= 0) and sorted(ver.refs) == list(range(N_PIECES))
+    # verify_scores: the same scores in the candidates' own order
+    by_cand = cascade.verify_scores(code.hashes, cand)
+    assert by_cand.shape == cand.shape
+    assert dict(zip(cand.tolist(), by_cand.tolist(), strict=True)) == pytest.approx(
+        dict(zip(ver.refs.tolist(), ver.scores.tolist(), strict=True)))
     for k, score, end_j in zip(ver.refs, ver.scores, ver.end_j, strict=True):
         one = hash_dtw(code.hashes, np.asarray(cascade.index.hash_sequence(int(k))),
                        penalty=cascade.penalty, gully=cascade.config.gully)
