@@ -1,10 +1,14 @@
 """Bhattacharyya coefficients of the shipped model vs the untrained one, per split.
 
-    python bench/model_bc.py [--data ~/.cache/midimatch/train]
+    python bench/model_bc.py [--data ~/.cache/midimatch/train] [--weights W ...]
+                             [--splits valid,test,test_heldout] [--no-untrained]
 
 Lower is better (1 = matching and non-matching distances indistinguishable). The held-out split
 (`test_heldout`) is rendered with TiMidity + freepats, which training and model selection never
-saw; `test` uses the training soundfonts on pieces never trained on.
+saw; `test` uses the training soundfonts on pieces never trained on. ``--splits train,valid``
+with the weights fine-tuned on those pairs and the ones they started from says whether the
+network can still fit what it is shown (capacity) or fits it without carrying it over to
+pieces it never saw (generalisation). ``--data`` takes several folders, read together.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ from bench._common import machine, table  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=None)
-    ap.add_argument("--weights", type=Path, default=None, help="default: the shipped model")
+    ap.add_argument("--data", type=Path, nargs="+", default=None)
+    ap.add_argument("--weights", type=Path, nargs="+", default=[None],
+                    help="default: the shipped model")
+    ap.add_argument("--splits", default="valid,test,test_heldout")
+    ap.add_argument("--no-untrained", action="store_true",
+                    help="leave out the untrained network's rows")
     args = ap.parse_args()
 
     from model.encoder import Encoder
@@ -29,17 +37,19 @@ def main() -> None:
     from model.training.pairs import PairData
     from model.training.train import evaluate_bc
 
-    data_dir = args.data or cache_dir() / "train"
-    trained = Encoder.load(args.weights)
-    untrained = Encoder.untrained(0, trained.config)
+    data_dirs = args.data or [cache_dir() / "train"]
+    models = [Encoder.load(w) for w in args.weights]
+    named = [(m.model_id, m) for m in models]
+    if not args.no_untrained:
+        named.insert(0, ("untrained", Encoder.untrained(0, models[0].config)))
     rows = []
-    for split in ("valid", "test", "test_heldout"):
-        data = PairData.load(data_dir, split)
-        for name, enc in (("untrained", untrained), ("trained", trained)):
+    for split in [s for s in args.splits.split(",") if s]:
+        data = PairData.load(data_dirs, split)
+        for name, enc in named:
             bc = evaluate_bc(enc, data)
             rows.append({"split": split, "model": name, "pairs": len(data.lengths),
                          "hash BC": bc["hash"]["bc"], "embed BC": bc["embed"]["bc"]})
-    print(f"model {trained.model_id} — {machine()}\n")
+    print(f"models {', '.join(m.model_id for m in models)} — {machine()}\n")
     print(table(rows))
 
 
