@@ -189,11 +189,10 @@ def test_the_shipped_calibration_says_how_it_was_made():
     assert q.n_out >= 600 and s.n_out >= 1000
     assert (q.n_in, q.n_out, s.n_in, s.n_out) == (cal.n_in, cal.n_out, cal.stream["n_in"],
                                                   cal.stream["n_out"])
-    # fitted with the cascade that prunes with the hash networks too, the queries on the eval
-    # index of the eighth session of 2026-12-05 (2,154 references), the streams (the evidence
-    # rule's shape and threshold, fitted together) on the ninth session's (2,155: the same
-    # plan, one more corpus file converted)
-    assert q.index_refs == 2154 and s.index_refs == 2155
+    # fitted with the cascade that prunes with the hash networks too, the queries and the
+    # streams (the evidence rule's shape and threshold, fitted together) on the eval index of
+    # the tenth session of 2026-12-05 (2,155 references)
+    assert q.index_refs == 2155 and s.index_refs == 2155
     assert "--fit-shape" in s.command
     from index.evidence import DEFAULT_PARAMS, params_of
 
