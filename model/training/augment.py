@@ -218,7 +218,7 @@ def _timbre_audio(x: np.ndarray, sr: int, rng: np.random.Generator, cfg: Augment
         gate, (sub,) = _stage_rngs(rng, 1)
         if gate[0] < cfg.p_drive:
             gain_db, bias = _uniform(sub, cfg.drive_db), float(sub.uniform(0.0, 0.5))
-            x = timbre.drive(x, gain_db, bias)
+            x = timbre.drive(x, sr, gain_db, bias)
             applied["drive"] = {"gain_db": gain_db, "bias": bias}
     return x
 

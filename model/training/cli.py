@@ -80,6 +80,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the embedding with the best validation bc (default) or "
                         "recall@1/3/5/10 (pieces ranked as the prune ranks them)")
     f.set_defaults(func=_fit)
+    s = tsub.add_parser("soup", help="the element-wise mean of fine-tunes of one model "
+                        "(model/training/soup.py)")
+    s.add_argument("weights", nargs="+", type=Path, help="two or more weights files")
+    s.add_argument("--out", type=Path, required=True, help="the averaged model's weights file")
+    s.set_defaults(func=_soup)
     r = tsub.add_parser("run", help="the shipped model in one command: data, pairs and training "
                         "within --minutes (each step cached; a rerun resumes)")
     r.add_argument("--minutes", type=float, default=60.0,
@@ -168,6 +173,14 @@ def _prepare(args: argparse.Namespace) -> int:
                      max_piece_s=args.max_piece_s, workers=args.workers, seed=args.seed,
                      augment_preset=args.augment, renderers=renderers)
     print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _soup(args: argparse.Namespace) -> int:
+    from model.training.soup import average_weights
+
+    model_id = average_weights(args.weights).save(args.out)
+    print(f"{args.out}: {model_id}, the mean of {', '.join(map(str, args.weights))}")
     return 0
 
 

@@ -17,9 +17,10 @@ from a wide space, so the network has to key on pitch and rhythm:
 * in ``P_PULSE`` of the timbres the partials follow a pulse wave of a random duty cycle
   (partial k scaled by ``|sin(pi k d)|``: every ``1/d``-th partial missing, odd ones only at
   ``d = 1/2``), the classic oscillator of analogue and chip synthesisers;
-* in ``P_DRIVE`` of the pitched tracks (outside ensemble renders) the part is played through an overdrive
-  (:func:`model.training.timbre.drive`, 6–30 dB): every note gains harmonics and every chord its
-  sum and difference tones, as an electric guitar, an overdriven organ or a clipped speaker;
+* in ``P_DRIVE`` of the pitched tracks (outside ensemble renders) the part is played through
+  an overdrive (:func:`model.training.timbre.drive`, 6–30 dB): every note gains harmonics and
+  every chord its sum and difference tones, as an electric guitar, an overdriven organ or a
+  clipped speaker;
 * drums, when the piece has them, are noise bursts and pitch-swept thumps at their keys;
 * in ``P_ENSEMBLE`` of the renders the whole ensemble plays **one** bright timbre
   (:func:`draw_ensemble_timbre`: many strong partials, odd ones dominating half the time) at
@@ -29,12 +30,12 @@ from a wide space, so the network has to key on pitch and rhythm:
   partials as chord tones.
 
 It is **additive synthesis** (no frequency modulation, no filters of a sawtooth, no
-Karplus-Strong) with a memoryless overdrive on some tracks, written here in numpy: none of the held-out engines (Csound, adplay's OPL3,
-TiMidity, WildMIDI, Sonivox) is used, and its draws are not tuned to any of them. (The moving
-spectrum, added in the seventh session, is also what a 2-operator FM tone whose index follows
-its envelope does — Csound's FM instrument and the OPL chips — so those rows are less blind to
-it than before; it is drawn as a generic brightness envelope, with ranges set before any model
-heard it.)
+Karplus-Strong) with an overdrive on some tracks, written here in numpy: none of the held-out
+engines (Csound, adplay's OPL3, TiMidity, WildMIDI, Sonivox) is used, and its draws are not tuned to
+any of them. (The moving spectrum, added in the seventh session, is also what a 2-operator FM tone
+whose index follows its envelope does — Csound's FM instrument and the OPL chips — so those rows
+are less blind to it than before; it is drawn as a generic brightness envelope, with ranges set
+before any model heard it.)
 
 Everything random comes from ``seed``: one seed, one sound.
 """
@@ -255,6 +256,6 @@ def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n:
             stop = min(n, start + x.size)
             track[start:stop] += x[: stop - start]
         if driven:
-            out += drive(track, float(drive_rng.uniform(*DRIVE_DB)),
+            out += drive(track, sample_rate, float(drive_rng.uniform(*DRIVE_DB)),
                          float(drive_rng.uniform(0.0, 0.5)))
     return out.astype(np.float32)

@@ -212,17 +212,21 @@ def chorus(audio: np.ndarray, sr: int, rng: np.random.Generator, voices: int = 2
     return out / np.float32(1.0 + wet), drawn
 
 
-def drive(audio: np.ndarray, gain_db: float, bias: float = 0.0) -> np.ndarray:
-    """Overdrive: ``tanh(g x / peak + bias) - tanh(bias)``, scaled back to the input's peak.
+def drive(audio: np.ndarray, sr: int, gain_db: float, bias: float = 0.0) -> np.ndarray:
+    """Overdrive: ``tanh(g x / peak + bias) - tanh(bias)``, its DC removed, scaled back to the
+    input's peak.
 
-    ``gain_db`` (0–40) sets ``g``: at 0 dB the peak is barely rounded, at 20–30 dB most of
-    the signal is clipped, so every note gains upper harmonics and every two notes sounding
-    together their sum and difference tones (an amplifier, a guitar pedal, a speaker pushed
-    too far). ``bias`` (0–1) makes the curve asymmetric, adding even harmonics. Memoryless:
-    the output at a sample depends on the input at that sample only, so the timing stays.
-    Same length, float32.
+    ``gain_db`` (0–40) sets ``g``: at 0 dB a full-scale sine's third harmonic is already about
+    −23 dB, at 20–30 dB most of the signal is clipped, so every note gains upper harmonics and
+    every two notes sounding together their sum and difference tones (an amplifier, a guitar
+    pedal, a speaker pushed too far). ``bias`` (0–1) makes the curve asymmetric, adding even
+    harmonics — and a DC offset that follows the notes' envelope, which a 20 Hz high-pass takes
+    out (as an amplifier's coupling capacitor does). The curve is memoryless and the high-pass
+    causal (nothing sounds before a note; its delay above the lowest CQT bin, 65 Hz, is a few
+    ms, far under one 46 ms hop), so the timing stays. Same length, float32.
     """
     x = _check_audio(audio)
+    sr = _check_sr(sr)
     gain_db = _check_number("gain_db", gain_db, 0.0, 40.0)
     bias = _check_number("bias", bias, 0.0, 1.0)
     peak = float(np.max(np.abs(x)))
@@ -230,5 +234,12 @@ def drive(audio: np.ndarray, gain_db: float, bias: float = 0.0) -> np.ndarray:
         return x.astype(np.float32)
     g = 10.0 ** (gain_db / 20.0)
     y = np.tanh(g * (x.astype(np.float64) / peak) + bias) - np.tanh(np.float64(bias))
+    if bias > 0.0:
+        y = signal.sosfilt(_dc_sos(sr), y)
     out_peak = float(np.max(np.abs(y))) or 1.0
     return (y * (peak / out_peak)).astype(np.float32)
+
+
+def _dc_sos(sr: int) -> np.ndarray:
+    """A 2nd-order Butterworth high-pass at 20 Hz, for :func:`drive`'s DC."""
+    return signal.butter(2, 20.0, btype="highpass", fs=sr, output="sos")

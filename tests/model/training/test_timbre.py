@@ -72,7 +72,7 @@ def test_audio_transforms_keep_every_onset_in_place():
                     ("resonances", T.resonances(x, SR, rng)[0]),
                     ("vibrato", T.vibrato(x, SR, 6.0, 30.0)),
                     ("chorus", T.chorus(x, SR, rng)[0]),
-                    ("drive", T.drive(x, 20.0, 0.3))):
+                    ("drive", T.drive(x, SR, 20.0, 0.3))):
         assert y.shape == x.shape and y.dtype == np.float32 and np.isfinite(y).all(), name
         # within 2 ms of the click (one CQT hop is 46 ms)
         assert abs(int(np.argmax(np.abs(y))) - SR // 2) <= 0.002 * SR, name
@@ -116,23 +116,27 @@ def test_drive_adds_harmonics_and_intermodulation_and_keeps_the_peak():
         spec = np.abs(np.fft.rfft(y))
         return spec[hz] / spec[440]
 
-    clean, hard = x, T.drive(x, 24.0)
-    for y in (hard, T.drive(x, 24.0, 0.4)):
+    clean, hard = x, T.drive(x, SR, 24.0)
+    for y in (hard, T.drive(x, SR, 24.0, 0.4)):
         assert y.dtype == np.float32 and y.shape == x.shape
         assert np.abs(y).max() == pytest.approx(np.abs(x).max(), rel=1e-5)
     # third-order sum and difference tones (2·440 − 550 = 330 Hz) and the third harmonic
     assert level(clean, 330) < 1e-4 and level(hard, 330) > 0.2 and level(hard, 1320) > 0.1
-    assert level(T.drive(x, 0.0), 330) < level(hard, 330) / 3  # a light touch clips little
+    assert level(T.drive(x, SR, 0.0), 330) < level(hard, 330) / 3  # a light touch clips less
     # at a moderate drive, second order (550 − 440 = 110 Hz, 2·440 = 880 Hz) comes from the
     # asymmetric curve (hard clipping makes them as high-order products too)
-    odd, even = T.drive(x, 6.0), T.drive(x, 6.0, 0.4)
+    odd, even = T.drive(x, SR, 6.0), T.drive(x, SR, 6.0, 0.4)
     assert level(odd, 110) < 0.01 < 0.1 < level(even, 110)
     assert level(odd, 880) < 0.01 < 0.03 < level(even, 880)
-    assert not T.drive(np.zeros(100, np.float32), 20.0).any()
+    # the asymmetric curve's DC (it follows the notes' envelope) is taken out
+    for bias in (0.2, 0.5, 1.0):
+        y = T.drive(x, SR, 30.0, bias).astype(np.float64)
+        assert abs(y[SR // 4: 3 * SR // 4].mean()) < 0.01 * np.abs(y).max()
+    assert not T.drive(np.zeros(100, np.float32), SR, 20.0).any()
     with pytest.raises(AugmentInputError):
-        T.drive(x, 50.0)
+        T.drive(x, SR, 50.0)
     with pytest.raises(AugmentInputError):
-        T.drive(x, 10.0, -0.1)
+        T.drive(x, SR, 10.0, -0.1)
 
 
 def test_render_mixed_gives_instruments_their_own_renderers():
