@@ -1,6 +1,6 @@
 """What a second look at the verify's field would buy, per renderer: query phases, a second model.
 
-    python bench/verify_views.py [--eval DIR] [--index DIR] [--second-index DIR]
+    python bench/verify_views.py [--eval DIR] [--index DIR] [--weights W] [--second-index DIR]
                                  [--second-weights W] [--renderers a,b] [--rerank 10]
                                  [--cells clean:10,room_noise:10,clean:5] [--max-queries N]
                                  [--json FILE]
@@ -50,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eval", type=Path, default=None)
     ap.add_argument("--index", type=Path, default=None)
+    ap.add_argument("--weights", type=Path, default=None, help="the index's model (default: "
+                    "the shipped one)")
     ap.add_argument("--second-index", type=Path, default=None)
     ap.add_argument("--second-weights", type=Path, default=None)
     ap.add_argument("--renderers", default="")
@@ -65,7 +67,7 @@ def main() -> None:
     from index.search import Cascade
 
     root = args.eval or cache_dir() / "eval"
-    cascade = Cascade.open(args.index or root / "index")
+    cascade = Cascade.open(args.index or root / "index", weights=args.weights)
     second = (Cascade.open(args.second_index, weights=args.second_weights)
               if args.second_index else None)
     if second is not None:
