@@ -114,10 +114,11 @@ def test_quiet_at_the_edges_is_not_searched(collection, lead_s, tail_s, noise_db
     p, q = padded.matches[0], plain.matches[0]
     assert p.ref == q.ref and p.title == "song3"
     # as close as the frames' phase allows (the audio starts 0-10 ms off the plain clip's
-    # CQT hops: 6.74-6.91 bits a frame, confidence 0.78-0.82 measured); searched whole, the
-    # 3 s lead read 9.14 and 0.08, the 0.35 s lead 7.31 and 0.58
-    assert p.score == pytest.approx(q.score, abs=0.2)  # bits a frame; the runner-up is 4+ away
-    assert p.confidence == pytest.approx(q.confidence, abs=0.06)
+    # CQT hops: 6.74-6.91 bits a frame, confidence 0.78-0.82 measured; 6.93-7.19 bits and
+    # 0.69-0.78 with 32bit-0cdb36909868, which is more sensitive to that phase); searched
+    # whole, the 3 s lead read 9.14 and 0.08, the 0.35 s lead 7.31 and 0.58
+    assert p.score == pytest.approx(q.score, abs=0.3)  # bits a frame; the runner-up is 4+ away
+    assert p.confidence == pytest.approx(q.confidence, abs=0.1)
     assert p.position_s == pytest.approx(q.position_s, abs=0.2)  # one hash frame
 
 

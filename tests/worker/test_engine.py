@@ -35,9 +35,10 @@ UNSEEN = 40  # a song of the same kind that is not in the index
 # installed soundfont: song2 vs song5.) Even so, some of these generated songs stay close to
 # another (2 and 5, 6 and 18, 13 and 0: the audio and MIDI networks differ and sine tones were
 # never trained on; 7 and 17 with the model 32bit-ccb7db83de57; 9 by 2.3 bits with
-# 32bit-1bab13193c0f), so the tests that assert a ranking play only songs that the shipped model
-# separates on every window of them; test_the_fixture_is_unambiguous checks that they do.
-CLEAR = (0, 1, 3, 4, 7, 10, 11, 12, 14, 16, 17, 19)
+# 32bit-1bab13193c0f; 16's first 6 s at confidence 0.74 with 32bit-0cdb36909868), so the tests
+# that assert a ranking play only songs that the shipped model separates on every window of
+# them; test_the_fixture_is_unambiguous checks that they do.
+CLEAR = (0, 1, 3, 4, 7, 10, 11, 12, 14, 17, 19)
 
 
 @pytest.fixture(scope="module")
