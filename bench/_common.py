@@ -51,3 +51,22 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+def query_cells(cascade, sets: dict, renderers: list[str], cells: list[tuple[str, float]],
+                max_queries: int = 0):
+    """For each renderer's query set (``sets``: name → folder, :func:`bench.engines.query_sets`)
+    and each ``(condition, length_s)`` cell: ``(renderer, condition, length_s, queries, frames,
+    refs_of, selected)`` — ``selected`` the indices of that cell's in-collection queries (the
+    first ``max_queries`` when given), ``refs_of`` each query's true reference in ``cascade``."""
+    from index.evaluation.evalset import load_queries
+    from index.evaluation.evaluate import true_refs
+
+    for name in renderers:
+        queries, frames = load_queries(sets[name])
+        refs_of = true_refs(cascade.index.refs, queries)
+        for cond, length in cells:
+            sel = [i for i, q in enumerate(queries)
+                   if q["condition"] == cond and float(q["length_s"]) == length
+                   and refs_of[i] is not None]
+            yield name, cond, length, queries, frames, refs_of, sel[: max_queries or None]

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine, table  # noqa: E402
+from bench._common import machine, query_cells, table  # noqa: E402
 from model.env import cache_dir  # noqa: E402
 
 
@@ -49,8 +49,6 @@ def main() -> None:
 
     from bench.engines import query_sets
     from index.align import align_cost_matrix
-    from index.evaluation.evalset import load_queries
-    from index.evaluation.evaluate import true_refs
     from index.search import Cascade
 
     root = args.eval or cache_dir() / "eval"
@@ -62,44 +60,37 @@ def main() -> None:
     cfg = cascade.config
     rows = []
     t_soft = []
-    for name in wanted:
-        queries, frames = load_queries(sets[name])
-        refs_of = true_refs(cascade.index.refs, queries)
-        for cond, length in cells:
-            sel = [i for i, q in enumerate(queries)
-                   if q["condition"] == cond and float(q["length_s"]) == length
-                   and refs_of[i] is not None]
-            if args.max_queries:
-                sel = sel[: args.max_queries]
-            hits = {"shipped": 0, "verify": 0, **{f"R={r}": 0 for r in ranks}}
-            for i in sel:
-                f = frames[i]
-                code = cascade.encode(f)
-                view = f[-cfg.query_window_frames:]
-                act = cascade.encoder.hash_activations(view, "audio")
-                if args.power != 1.0:
-                    act = np.sign(act) * np.abs(act) ** args.power
-                ids, _ = cascade.prune(code.embedding[None], [code.hashes])
-                ver = cascade.verify(code.hashes, ids[0])
-                res = cascade.search_codes([code], pruned=(ids, 0.0))[0]
-                true = refs_of[i]
-                hits["shipped"] += bool(res.matches and res.matches[0].ref == true)
-                hits["verify"] += int(ver.refs[0] == true)
-                t0 = time.perf_counter()
-                soft = []
-                for k in ver.refs[: max(ranks)]:
-                    cost = soft_cost(act, cascade.index.hash_sequence(int(k)))
-                    al = align_cost_matrix(cost, penalty=float(cascade.penalty), gully=cfg.gully)
-                    soft.append(al.score / al.query_idx.shape[0])
-                t_soft.append(time.perf_counter() - t0)
-                soft = np.asarray(soft)
-                for r in ranks:
-                    best = int(ver.refs[int(np.argmin(soft[:r]))])
-                    hits[f"R={r}"] += int(best == true)
-            n = max(1, len(sel))
-            rows.append({"renderer": name, "cell": f"{cond} {length:g} s", "n": len(sel),
-                         **{k: round(100.0 * v / n, 1) for k, v in hits.items()}})
-            print(rows[-1], flush=True)
+    for name, cond, length, _queries, frames, refs_of, sel in query_cells(
+            cascade, sets, wanted, cells, args.max_queries):
+        hits = {"shipped": 0, "verify": 0, **{f"R={r}": 0 for r in ranks}}
+        for i in sel:
+            f = frames[i]
+            code = cascade.encode(f)
+            view = f[-cfg.query_window_frames:]
+            act = cascade.encoder.hash_activations(view, "audio")
+            if args.power != 1.0:
+                act = np.sign(act) * np.abs(act) ** args.power
+            ids, _ = cascade.prune(code.embedding[None], [code.hashes])
+            ver = cascade.verify(code.hashes, ids[0])
+            res = cascade.search_codes([code], pruned=(ids, 0.0))[0]
+            true = refs_of[i]
+            hits["shipped"] += bool(res.matches and res.matches[0].ref == true)
+            hits["verify"] += int(ver.refs[0] == true)
+            t0 = time.perf_counter()
+            soft = []
+            for k in ver.refs[: max(ranks)]:
+                cost = soft_cost(act, cascade.index.hash_sequence(int(k)))
+                al = align_cost_matrix(cost, penalty=float(cascade.penalty), gully=cfg.gully)
+                soft.append(al.score / al.query_idx.shape[0])
+            t_soft.append(time.perf_counter() - t0)
+            soft = np.asarray(soft)
+            for r in ranks:
+                best = int(ver.refs[int(np.argmin(soft[:r]))])
+                hits[f"R={r}"] += int(best == true)
+        n = max(1, len(sel))
+        rows.append({"renderer": name, "cell": f"{cond} {length:g} s", "n": len(sel),
+                     **{k: round(100.0 * v / n, 1) for k, v in hits.items()}})
+        print(rows[-1], flush=True)
     print(machine())
     print(f"soft rerank of the best {max(ranks)}: {1e3 * np.median(t_soft):.1f} ms per query "
           "(median, one core, align_cost_matrix)")

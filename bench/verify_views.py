@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine, table  # noqa: E402
+from bench._common import machine, query_cells, table  # noqa: E402
 from model.env import cache_dir  # noqa: E402
 
 
@@ -62,8 +62,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.engines import query_sets
-    from index.evaluation.evalset import load_queries
-    from index.evaluation.evaluate import true_refs
     from index.search import Cascade
 
     root = args.eval or cache_dir() / "eval"
@@ -82,53 +80,46 @@ def main() -> None:
     R = args.rerank
     cfg = cascade.config
     rows, t_phase, t_second, misses = [], [], [], []
-    for name in wanted:
-        queries, frames = load_queries(sets[name])
-        refs_of = true_refs(cascade.index.refs, queries)
-        for cond, length in cells:
-            sel = [i for i, q in enumerate(queries)
-                   if q["condition"] == cond and float(q["length_s"]) == length
-                   and refs_of[i] is not None]
-            if args.max_queries:
-                sel = sel[: args.max_queries]
-            hits: dict[str, int] = {"shipped": 0, "verify": 0, "phase-mean": 0, "phase-min": 0}
+    for name, cond, length, queries, frames, refs_of, sel in query_cells(
+            cascade, sets, wanted, cells, args.max_queries):
+        hits: dict[str, int] = {"shipped": 0, "verify": 0, "phase-mean": 0, "phase-min": 0}
+        if second is not None:
+            hits.update({"second": 0, "sum": 0, f"sum@{R}": 0})
+        for i in sel:
+            f, true = frames[i], refs_of[i]
+            code = cascade.encode(f)
+            ids, _ = cascade.prune(code.embedding[None], [code.hashes])
+            ver = cascade.verify(code.hashes, ids[0])
+            res = cascade.search_codes([code], pruned=(ids, 0.0))[0]
+            hits["shipped"] += bool(res.matches and res.matches[0].ref == true)
+            hits["verify"] += int(ver.refs[0] == true)
+            if ver.refs[0] != true:
+                at = np.flatnonzero(ver.refs == true)
+                misses.append({
+                    "renderer": name, "cell": f"{cond} {length:g} s",
+                    "piece": queries[i]["piece"], "start_s": queries[i].get("start_s"),
+                    "top1": cascade._titles[int(ver.refs[0])],
+                    "true_rank": int(at[0]) + 1 if at.size else None,
+                    "gap": (float(ver.scores[at[0]] - ver.scores[0]) if at.size else None)})
+            top = ver.refs[:R]
+            t0 = time.perf_counter()
+            pc = phase_costs(cascade, f[-cfg.query_window_frames:], top)
+            t_phase.append(time.perf_counter() - t0)
+            hits["phase-mean"] += int(top[int(np.argmin(pc.mean(0)))] == true)
+            hits["phase-min"] += int(top[int(np.argmin(pc.min(0)))] == true)
             if second is not None:
-                hits.update({"second": 0, "sum": 0, f"sum@{R}": 0})
-            for i in sel:
-                f, true = frames[i], refs_of[i]
-                code = cascade.encode(f)
-                ids, _ = cascade.prune(code.embedding[None], [code.hashes])
-                ver = cascade.verify(code.hashes, ids[0])
-                res = cascade.search_codes([code], pruned=(ids, 0.0))[0]
-                hits["shipped"] += bool(res.matches and res.matches[0].ref == true)
-                hits["verify"] += int(ver.refs[0] == true)
-                if ver.refs[0] != true:
-                    at = np.flatnonzero(ver.refs == true)
-                    misses.append({
-                        "renderer": name, "cell": f"{cond} {length:g} s",
-                        "piece": queries[i]["piece"], "start_s": queries[i].get("start_s"),
-                        "top1": cascade._titles[int(ver.refs[0])],
-                        "true_rank": int(at[0]) + 1 if at.size else None,
-                        "gap": (float(ver.scores[at[0]] - ver.scores[0]) if at.size else None)})
-                top = ver.refs[:R]
                 t0 = time.perf_counter()
-                pc = phase_costs(cascade, f[-cfg.query_window_frames:], top)
-                t_phase.append(time.perf_counter() - t0)
-                hits["phase-mean"] += int(top[int(np.argmin(pc.mean(0)))] == true)
-                hits["phase-min"] += int(top[int(np.argmin(pc.min(0)))] == true)
-                if second is not None:
-                    t0 = time.perf_counter()
-                    q2 = second.encoder.hashes(f[-second.config.query_window_frames:], "audio")
-                    s2 = second.verify_scores(q2, to_second[ver.refs])
-                    t_second.append(time.perf_counter() - t0)
-                    hits["second"] += int(ver.refs[int(np.argmin(s2))] == true)
-                    fused = ver.scores + s2
-                    hits["sum"] += int(ver.refs[int(np.argmin(fused))] == true)
-                    hits[f"sum@{R}"] += int(top[int(np.argmin(fused[:R]))] == true)
-            n = max(1, len(sel))
-            rows.append({"renderer": name, "cell": f"{cond} {length:g} s", "n": len(sel),
-                         **{k: round(100.0 * v / n, 1) for k, v in hits.items()}})
-            print(rows[-1], flush=True)
+                q2 = second.encoder.hashes(f[-second.config.query_window_frames:], "audio")
+                s2 = second.verify_scores(q2, to_second[ver.refs])
+                t_second.append(time.perf_counter() - t0)
+                hits["second"] += int(ver.refs[int(np.argmin(s2))] == true)
+                fused = ver.scores + s2
+                hits["sum"] += int(ver.refs[int(np.argmin(fused))] == true)
+                hits[f"sum@{R}"] += int(top[int(np.argmin(fused[:R]))] == true)
+        n = max(1, len(sel))
+        rows.append({"renderer": name, "cell": f"{cond} {length:g} s", "n": len(sel),
+                     **{k: round(100.0 * v / n, 1) for k, v in hits.items()}})
+        print(rows[-1], flush=True)
     print(machine())
     print(f"phases at R={R}: {1e3 * np.median(t_phase):.1f} ms per query (median)")
     if t_second:
