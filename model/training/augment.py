@@ -43,6 +43,7 @@ from model.training.lossy import (
     _uniform,
     available_codecs,
 )
+from model.training.timbre import DRIVE_DB
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class AugmentConfig:
     vibrato_cents: tuple[float, float] = (5.0, 30.0)
     p_chorus: float = 0.0  # audio: chorus
     p_drive: float = 0.0  # audio: overdrive (a clipped amplifier or speaker)
-    drive_db: tuple[float, float] = (6.0, 30.0)
+    drive_db: tuple[float, float] = DRIVE_DB
 
     @property
     def timbre_notes(self) -> bool:
@@ -217,7 +218,7 @@ def _timbre_audio(x: np.ndarray, sr: int, rng: np.random.Generator, cfg: Augment
     if cfg.p_drive > 0.0:
         gate, (sub,) = _stage_rngs(rng, 1)
         if gate[0] < cfg.p_drive:
-            gain_db, bias = _uniform(sub, cfg.drive_db), float(sub.uniform(0.0, 0.5))
+            gain_db, bias = timbre.draw_drive(sub, cfg.drive_db)
             x = timbre.drive(x, sr, gain_db, bias)
             applied["drive"] = {"gain_db": gain_db, "bias": bias}
     return x

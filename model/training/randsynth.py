@@ -49,7 +49,7 @@ import numpy as np
 import pretty_midi
 
 from model.errors import RenderError
-from model.training.timbre import drive
+from model.training.timbre import draw_drive, drive
 
 MAX_PARTIALS = 24
 MAX_NOTE_S = 8.0  # a note's sound is cut this long after its onset (plus its release)
@@ -59,7 +59,6 @@ LOW_PART_MIDI = 52  # a part whose median pitch is below this (E3) is a low part
 P_SPECTRAL_ENV = 0.5  # timbres whose upper partials fall from a bright attack to a darker sustain
 P_PULSE = 0.2  # timbres with a pulse wave's spectrum
 P_DRIVE = 0.25  # pitched tracks played through an overdrive
-DRIVE_DB = (6.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -256,6 +255,5 @@ def render_randsynth(pm: pretty_midi.PrettyMIDI, seed: int, sample_rate: int, n:
             stop = min(n, start + x.size)
             track[start:stop] += x[: stop - start]
         if driven:
-            out += drive(track, sample_rate, float(drive_rng.uniform(*DRIVE_DB)),
-                         float(drive_rng.uniform(0.0, 0.5)))
+            out += drive(track, sample_rate, *draw_drive(drive_rng))
     return out.astype(np.float32)

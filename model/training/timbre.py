@@ -12,8 +12,8 @@ the same notes sound as differently as the renderers allow, and more:
 * on the audio, each keeping the timing (zero-phase filters, delays of a few ms at most, far
   under one 46 ms CQT hop): :func:`tilt` (spectral slope), :func:`resonances` (random peaks and
   notches, a body or a cheap speaker), :func:`compress` (dynamics), :func:`vibrato` and
-  :func:`chorus` (modulated delays), :func:`drive` (an overdriven amplifier or speaker:
-  memoryless, so no sample moves).
+  :func:`chorus` (modulated delays), :func:`drive` (an overdriven amplifier or speaker: a
+  memoryless curve, then a causal 20 Hz high-pass, about 1 ms of delay at the lowest CQT bin).
 
 Everything random takes a ``numpy.random.Generator``; the draws of
 :func:`model.training.augment.augment_audio` record what was applied.
@@ -30,7 +30,16 @@ import pretty_midi
 from scipy import signal
 
 from model.training.augment_room import _peaking_sos
-from model.training.lossy import AugmentInputError, _check_audio, _check_number, _check_sr
+from model.training.lossy import (
+    AugmentInputError,
+    _check_audio,
+    _check_number,
+    _check_sr,
+    _uniform,
+)
+
+DRIVE_DB = (6.0, 30.0)  # the overdrive's gain range, for the mix and for randsynth's tracks
+DRIVE_BIAS = (0.0, 0.5)  # and its asymmetry
 
 # ------------------------------------------------------------------ notes
 
@@ -222,8 +231,9 @@ def drive(audio: np.ndarray, sr: int, gain_db: float, bias: float = 0.0) -> np.n
     pedal, a speaker pushed too far). ``bias`` (0–1) makes the curve asymmetric, adding even
     harmonics — and a DC offset that follows the notes' envelope, which a 20 Hz high-pass takes
     out (as an amplifier's coupling capacitor does). The curve is memoryless and the high-pass
-    causal (nothing sounds before a note; its delay above the lowest CQT bin, 65 Hz, is a few
-    ms, far under one 46 ms hop), so the timing stays. Same length, float32.
+    causal (nothing sounds before a note; its group delay is 1.2 ms at the lowest CQT bin,
+    65 Hz, and 0.1 ms at 200 Hz, far under one 46 ms hop), so the timing stays. Same length,
+    float32.
     """
     x = _check_audio(audio)
     sr = _check_sr(sr)
@@ -238,6 +248,13 @@ def drive(audio: np.ndarray, sr: int, gain_db: float, bias: float = 0.0) -> np.n
         y = signal.sosfilt(_dc_sos(sr), y)
     out_peak = float(np.max(np.abs(y))) or 1.0
     return (y * (peak / out_peak)).astype(np.float32)
+
+
+def draw_drive(rng: np.random.Generator,
+               gain_db: tuple[float, float] = DRIVE_DB) -> tuple[float, float]:
+    """A random overdrive for :func:`drive`: ``(gain_db, bias)``, the gain in ``gain_db``, the
+    bias in ``DRIVE_BIAS`` (two draws from ``rng``, in that order)."""
+    return _uniform(rng, gain_db), _uniform(rng, DRIVE_BIAS)
 
 
 def _dc_sos(sr: int) -> np.ndarray:
