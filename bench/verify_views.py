@@ -100,7 +100,7 @@ def main() -> None:
                 misses.append({
                     "renderer": name, "cell": f"{cond} {length:g} s",
                     "piece": queries[i]["piece"], "start_s": queries[i].get("start_s"),
-                    "top1": cascade._titles[int(ver.refs[0])],
+                    "top1": cascade.title(ver.refs[0]),
                     "true_rank": int(at[0]) + 1 if at.size else None,
                     "gap": (float(ver.scores[at[0]] - ver.scores[0]) if at.size else None)})
             top = ver.refs[:R]

@@ -65,7 +65,7 @@ from index.cascade_types import (
 from index.confirm import ConfirmedMatch, confirm_candidates
 from index.decision import decide
 from index.hash_prune import HashPruner
-from index.hashdtw import hash_dtw_batch
+from index.hashdtw import HashDTWBatch, hash_dtw_batch
 from index.prune import EmbeddingPruner
 from index.store import IndexData, load_index
 from model.bits import median_hamming
@@ -186,6 +186,10 @@ class Cascade:
                                        self.config.prune_parts)
         return QueryCode(np.asarray(emb, np.float32), hashes, int(view.shape[0]))
 
+    def title(self, ref: int) -> str:
+        """The display title of reference ``ref`` (its row in the index)."""
+        return self._titles[int(ref)]
+
     @property
     def hash_pruner(self) -> HashPruner:
         """The coarse hash-DTW prune of this index at ``config.hash_prune_factor``."""
@@ -281,7 +285,7 @@ class Cascade:
         return self._verify_batch(query_hashes,
                                   np.asarray(candidates, dtype=np.int64).reshape(-1)).scores
 
-    def _verify_batch(self, query_hashes: np.ndarray, cand: np.ndarray):
+    def _verify_batch(self, query_hashes: np.ndarray, cand: np.ndarray) -> HashDTWBatch:
         sub, offsets = self._gather(cand)
         return hash_dtw_batch(query_hashes, sub, offsets, penalty=self.penalty,
                               gully=self.config.gully)

@@ -11,6 +11,9 @@
 * **out-of-collection query pieces**, left out of the index: music21 works of the ``valid``
   split and generated seeds from ``n_generated_index`` on.
 
+Generated seeds from :data:`model.training.songgen_files.TRAINING_ONLY_SEED` on are training
+data only and play no part here.
+
 :func:`make_queries` renders every query piece with the held-out renderer (TiMidity + freepats,
 never used in training), one render per tempo condition from a random start, and cuts clips of
 each length from it, all starting at the same point. Tempo changes are applied to the MIDI before
@@ -109,13 +112,13 @@ def plan_collection(corpus: str | Path, *, n_generated_index: int = 1000, n_in: 
     """
     from model.training.corpus import corpus_midi_files, read_manifest
     from model.training.data_pieces import piece_key, split_of
-    from model.training.songgen_files import generated_midi_files
+    from model.training.songgen_files import TRAINING_ONLY_SEED, generated_midi_files, song_seed
 
     corpus = Path(corpus)
     durations = {r["midi"]: float(r.get("duration_s", 0.0))
                  for r in read_manifest(corpus).values() if r.get("status") == "done"}
     music21 = corpus_midi_files(corpus, unique=True)
-    generated = generated_midi_files(corpus)
+    generated = [p for p in generated_midi_files(corpus) if song_seed(p) < TRAINING_ONLY_SEED]
     if not music21 and not generated:
         raise MidimatchError(f"no MIDI under {corpus}: run `midimatch data corpus` and "
                              "`midimatch data generate` first", reason="no_data")
@@ -133,7 +136,7 @@ def plan_collection(corpus: str | Path, *, n_generated_index: int = 1000, n_in: 
             m21_in.append(rec)
     gen_in, gen_out = [], []
     for path in generated:
-        seed_no = int(path.stem.rsplit("_", 1)[1])
+        seed_no = song_seed(path)
         rec = {"path": str(path), "source": "generated", "seed": seed_no,
                "split": "train" if seed_no < TRAINED_GENERATED else "unseen"}
         if seed_no < n_generated_index:

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only the first N music21 works (`train run` uses 400; default: all)")
     p.add_argument("--generated", type=int, default=250,
                    help="generated songs to use beside the music21 works (default 250)")
+    p.add_argument("--generated-start", type=int, default=0, metavar="SEED",
+                   help="first generated seed (default 0; seeds 250..9999 are evaluation's, "
+                        "10000 on are training-only: `midimatch data generate --start-seed "
+                        "10000 -n N` makes them)")
     p.add_argument("--max-piece-s", type=float, default=60.0, help="excerpt length cap")
     p.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
     p.add_argument("--augment", default="train", metavar="PRESET",
@@ -165,7 +169,8 @@ def _prepare(args: argparse.Namespace) -> int:
         raise SystemExit(f"midimatch train prepare: {held} are held out of training "
                          "(model/training/render.py HELD_OUT_RENDERERS)")
     corpus = args.corpus or _cache("corpus")
-    files = training_files(corpus, works=args.works, generated=args.generated)
+    files = training_files(corpus, works=args.works, generated=args.generated,
+                           generated_start=args.generated_start)
     if not files:
         raise SystemExit(f"no MIDI under {corpus}: run `midimatch data corpus` and "
                          "`midimatch data generate` first")

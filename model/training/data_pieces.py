@@ -36,17 +36,34 @@ def split_of(key: str, split: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
 
 
 def training_files(corpus_dir: str | Path, *, works: int | None = None,
-                   generated: int = 250) -> list[Path]:
+                   generated: int = 250, generated_start: int = 0) -> list[Path]:
     """The MIDI files training uses: converted music21 works (all of them, or only the first
     ``works`` of :func:`model.training.corpus_works.list_corpus_works`' fixed order), then the
-    first ``generated`` generated songs (seed order)."""
+    generated songs of seeds ``generated_start .. generated_start + generated - 1`` that are
+    cached (seed order).
+
+    Raises
+    ------
+    MidimatchError
+        ``reason="bad_range"`` when the seeds would reach into those evaluation uses (from 250
+        up to :data:`~model.training.songgen_files.TRAINING_ONLY_SEED`): training on them would
+        put the measured pieces into training.
+    """
+    from model.errors import MidimatchError
     from model.training.corpus import corpus_midi_files
     from model.training.corpus_works import list_corpus_works
-    from model.training.songgen_files import generated_midi_files
+    from model.training.songgen_files import TRAINING_ONLY_SEED, generated_midi_files, song_seed
 
+    stop = generated_start + generated
+    if generated > 0 and not (stop <= 250 or generated_start >= TRAINING_ONLY_SEED):
+        raise MidimatchError(
+            f"generated seeds {generated_start}..{stop - 1} reach into the ones evaluation "
+            f"indexes and queries (250..{TRAINING_ONLY_SEED - 1}): train on seeds 0..249 or "
+            f"from {TRAINING_ONLY_SEED} on", reason="bad_range")
     root = Path(corpus_dir)
     keys = None if works is None else {w.key for w in list_corpus_works()[:works]}
-    return corpus_midi_files(root, keys=keys) + generated_midi_files(root)[:generated]
+    songs = [p for p in generated_midi_files(root) if generated_start <= song_seed(p) < stop]
+    return corpus_midi_files(root, keys=keys) + songs
 
 
 def corpus_files(corpus_dir: str | Path) -> list[Path]:

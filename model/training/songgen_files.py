@@ -18,6 +18,10 @@ from model.training.midi_writer import write_midi
 from model.training.songgen import GENERATOR_VERSION, generate_song
 
 SUBDIR = "generated"
+# Seeds from here on are for training only: evaluation (``index.evaluation.evalset``) never
+# indexes or queries them, so `train prepare --generated-start 10000` can add thousands of new
+# pieces to training without touching the measured collection (seeds 0..2399 today).
+TRAINING_ONLY_SEED = 10_000
 
 
 def generate_songs(
@@ -81,7 +85,12 @@ def generate_songs(
 
 def generated_midi_files(out_dir: Path) -> list[Path]:
     """Songs written by :func:`generate_songs` under ``out_dir/generated``, in seed order."""
-    return sorted((Path(out_dir) / SUBDIR).glob("song_*.mid"))
+    return sorted((Path(out_dir) / SUBDIR).glob("song_*.mid"), key=song_seed)
+
+
+def song_seed(path: str | Path) -> int:
+    """The seed of a generated song's file (``song_<seed>.mid``)."""
+    return int(Path(path).stem.rsplit("_", 1)[1])
 
 
 def _write_song(task: tuple[int, str, float | tuple[float, float]]) -> None:

@@ -41,6 +41,20 @@ def test_plan_splits_generated_songs_by_seed(tmp_path):
     assert not {p["path"] for p in plan.out_pieces} & set(plan.index_files)
 
 
+def test_plan_leaves_training_only_seeds_out(tmp_path):
+    """Songs of seeds from TRAINING_ONLY_SEED on are training data: neither indexed nor queried
+    (as outsiders they would be pieces the model trained on)."""
+    from model.training.songgen_files import TRAINING_ONLY_SEED
+
+    gen = tmp_path / "generated"
+    for seed in (250, 251, 252, TRAINING_ONLY_SEED, TRAINING_ONLY_SEED + 1):
+        _write(gen / f"song_{seed:05d}.mid", seed, 30.0)
+    plan = plan_collection(tmp_path, n_generated_index=252, n_in=5, n_out=5)
+    every = set(plan.index_files) | {p["path"] for p in plan.in_pieces + plan.out_pieces}
+    assert sorted(Path(p).stem for p in every) == ["song_00250", "song_00251", "song_00252"]
+    assert plan.notes["generated_out_candidates"] == 1
+
+
 def test_plan_without_data_says_so(tmp_path):
     with pytest.raises(MidimatchError) as e:
         plan_collection(tmp_path)

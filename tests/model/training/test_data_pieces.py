@@ -33,3 +33,20 @@ def test_training_files_take_the_first_generated_songs_in_seed_order(tmp_path):
     songs = generate_songs(tmp_path, 3, workers=1, progress=False, duration_s=20.0)
     assert training_files(tmp_path, generated=2) == songs[:2]  # no music21 works converted
     assert training_files(tmp_path, works=0, generated=5) == songs
+
+
+def test_training_files_take_a_seed_range_outside_evaluations(tmp_path):
+    from model.errors import MidimatchError
+    from model.training.songgen_files import TRAINING_ONLY_SEED, generate_songs
+
+    low = generate_songs(tmp_path, 2, workers=1, progress=False, duration_s=20.0)
+    high = generate_songs(tmp_path, 3, start_seed=TRAINING_ONLY_SEED, workers=1, progress=False,
+                          duration_s=20.0)
+    assert training_files(tmp_path, generated=250) == low  # seeds 0..249: the old two
+    assert training_files(tmp_path, generated=2, generated_start=TRAINING_ONLY_SEED) == high[:2]
+    assert training_files(tmp_path, generated=9, generated_start=TRAINING_ONLY_SEED + 1) == high[1:]
+    for start, n in ((0, 251), (200, 100), (TRAINING_ONLY_SEED - 1, 2), (2000, 10)):
+        with pytest.raises(MidimatchError, match="evaluation") as e:
+            training_files(tmp_path, generated=n, generated_start=start)
+        assert e.value.reason == "bad_range"
+    assert training_files(tmp_path, generated=0, generated_start=500) == []  # nothing asked
