@@ -171,6 +171,12 @@ def _prepare(args: argparse.Namespace) -> int:
     corpus = args.corpus or _cache("corpus")
     files = training_files(corpus, works=args.works, generated=args.generated,
                            generated_start=args.generated_start)
+    found = sum("generated" in f.parts for f in files)
+    if args.generated_start > 0 and found < args.generated:  # seed 0.. is made by `train run`
+        raise SystemExit(
+            f"midimatch train prepare: {found} of the {args.generated} generated songs from seed "
+            f"{args.generated_start} are under {corpus}: run `midimatch data generate "
+            f"--start-seed {args.generated_start} -n {args.generated}` first")
     if not files:
         raise SystemExit(f"no MIDI under {corpus}: run `midimatch data corpus` and "
                          "`midimatch data generate` first")

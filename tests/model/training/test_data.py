@@ -179,3 +179,23 @@ def test_train_prepare_cli_passes_the_preset_and_refuses_an_unknown_one(tmp_path
     assert rc == 2
     assert "unknown preset 'loud'" in capsys.readouterr().err
     assert not (tmp_path / "pairs").exists()
+
+
+def test_train_prepare_cli_refuses_a_seed_range_not_generated_or_evaluations(tmp_path, capsys):
+    """`--generated-start` names training-only songs: missing ones are asked for, not skipped
+    (a run would silently train on fewer pieces), and evaluation's seeds are refused."""
+    from model.training.songgen_files import TRAINING_ONLY_SEED, generate_songs
+    from server.cli import main
+
+    corpus = tmp_path / "corpus"
+    generate_songs(corpus, 2, start_seed=TRAINING_ONLY_SEED, workers=1, progress=False,
+                   duration_s=20.0)
+    out = tmp_path / "pairs"
+    with pytest.raises(SystemExit, match=r"2 of the 5 generated songs from seed 10000 .*"
+                                         r"--start-seed 10000 -n 5"):
+        main(["train", "prepare", "--corpus", str(corpus), "--out", str(out), "--works", "0",
+              "--generated", "5", "--generated-start", str(TRAINING_ONLY_SEED)])
+    rc = main(["train", "prepare", "--corpus", str(corpus), "--out", str(out), "--works", "0",
+               "--generated", "5", "--generated-start", "300"])
+    assert rc != 0 and "reach into the ones evaluation" in capsys.readouterr().err
+    assert not out.exists()
