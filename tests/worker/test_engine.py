@@ -35,10 +35,13 @@ UNSEEN = 40  # a song of the same kind that is not in the index
 # installed soundfont: song2 vs song5.) Even so, some of these generated songs stay close to
 # another (2 and 5, 6 and 18, 13 and 0: the audio and MIDI networks differ and sine tones were
 # never trained on; 7 and 17 with the model 32bit-ccb7db83de57; 9 by 2.3 bits with
-# 32bit-1bab13193c0f; 16's first 6 s at confidence 0.74 with 32bit-0cdb36909868), so the tests
-# that assert a ranking play only songs that the shipped model separates on every window of
-# them; test_the_fixture_is_unambiguous checks that they do.
-CLEAR = (0, 1, 3, 4, 7, 10, 11, 12, 14, 17, 19)
+# 32bit-1bab13193c0f; 16's first 6 s at confidence 0.74 with 32bit-0cdb36909868; 7's first 6 s
+# at 0.63 and 10's last 15 s at 0.71 with 32bit-f5b90afa7a71), so the tests that assert a
+# ranking play only songs that the shipped model separates on every window of them, and song10
+# only on its first 15 s; test_the_fixture_is_unambiguous checks that they do.
+CLEAR = (0, 1, 3, 4, 11, 12, 14, 17, 19)
+CLEAR_FIRST_15S = (10,)
+WINDOWS = ((0.0, 6.0), (3.0, 15.0), (8.0, 20.0), (15.0, 30.0))
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +65,14 @@ def audio_of(seed: int, start_s: float = 0.0, end_s: float = 30.0) -> np.ndarray
     return _song_audio(seed)[int(start_s * SR):int(end_s * SR)]
 
 
-@pytest.mark.parametrize("seed", CLEAR)
-def test_the_fixture_is_unambiguous(cascade: Cascade, seed: int) -> None:
+@pytest.mark.parametrize("seed,windows", [(s, WINDOWS) for s in CLEAR]
+                         + [(s, WINDOWS[:2]) for s in CLEAR_FIRST_15S],
+                         ids=[f"song{s}" for s in CLEAR]
+                         + [f"song{s}-first15s" for s in CLEAR_FIRST_15S])
+def test_the_fixture_is_unambiguous(cascade: Cascade, seed: int,
+                                    windows: tuple[tuple[float, float], ...]) -> None:
     # what the ranking assertions below rely on; if a new model breaks it, choose CLEAR again
-    for start_s, end_s in ((0.0, 6.0), (3.0, 15.0), (8.0, 20.0), (15.0, 30.0)):
+    for start_s, end_s in windows:
         top = cascade.search_audio(audio_of(seed, start_s, end_s), SR).matches
         assert top[0].title == f"song{seed}" and top[0].confidence >= 0.75
         assert top[1].score - top[0].score >= 2.5  # bits per frame ahead of the runner-up
@@ -219,8 +226,11 @@ def _first(decided: dict, title: str, after_s: float) -> float:
 # check) and is replaced by 10→4; of 11 pairs tried, 5 are decided by 21 s (none sooner). With
 # the evidence shape fitted for it (ninth session: threshold 41.2), 10→4 is decided at 22 s and
 # 10→3 at 21 s again; of 14 pairs tried, 9 are decided by 21 s (16→0 at 19 s, 3→12 at 20 s),
-# 0→7 and 4→16 at 25 s, and in one (17→14) A is still decided at 18 s.
-@pytest.mark.parametrize("a,b", [(10, 3), (14, 10), (12, 19)])
+# 0→7 and 4→16 at 25 s, and in one (17→14) A is still decided at 18 s. With 32bit-f5b90afa7a71
+# (eleventh session: threshold 10.8) 14→10 is decided at 25 s (song10's last 15 s are not clear
+# for it) and is replaced by 14→1; of 11 pairs tried, 8 are decided at 20 s (10→3, 12→19, 3→14,
+# 14→0, 1, 11, 12, 17), 14→19 and 14→3 at 23 and 24 s, 14→4 at 25 s with A still decided at 18 s.
+@pytest.mark.parametrize("a,b", [(10, 3), (14, 1), (12, 19)])
 def test_piece_change_is_followed(cascade: Cascade, a: int, b: int) -> None:
     clip = np.concatenate([audio_of(a, 0.0, 12.0), audio_of(b, 5.0, 25.0)])  # A, B from 12 s
     decided, top = _decisions(cascade, clip, change_s=3.0)
