@@ -7,7 +7,8 @@
   and generated songs with seeds below ``n_generated_index``;
 * **in-collection query pieces**, all indexed and none trained on: music21 works of the
   ``test`` split and generated songs with seeds in ``[250, n_generated_index)`` (the shipped
-  model trained on music21 ``train`` works and generated seeds 0–249 only);
+  model trained on music21 ``train`` works, generated seeds 0–249 and training-only seeds from
+  10,000 on, never on these);
 * **out-of-collection query pieces**, left out of the index: music21 works of the ``valid``
   split and generated seeds from ``n_generated_index`` on.
 

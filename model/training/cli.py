@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--works", type=int, metavar="N",
                    help="only the first N music21 works (`train run` uses 400; default: all)")
     p.add_argument("--generated", type=int, default=250,
-                   help="generated songs to use beside the music21 works (default 250)")
+                   help="generated songs to use beside the music21 works (default 250; from "
+                        "seed 0 at most 250, see --generated-start)")
     p.add_argument("--generated-start", type=int, default=0, metavar="SEED",
                    help="first generated seed (default 0; seeds 250..9999 are evaluation's, "
                         "10000 on are training-only: `midimatch data generate --start-seed "
@@ -95,7 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="wall-clock budget of the whole run, data steps included (default 60)")
     r.add_argument("--works", type=int, default=400,
                    help="music21 works, the first of the fixed list (default 400)")
-    r.add_argument("--generated", type=int, default=250, help="generated songs (default 250)")
+    r.add_argument("--generated", type=int, default=250,
+                   help="generated songs, seeds 0.. (default 250, at most 250: later seeds are "
+                        "evaluation's)")
     r.add_argument("--renders", type=int, default=2, help="renders per piece (default 2)")
     r.add_argument("--max-piece-s", type=float, default=60.0, help="excerpt length cap")
     r.add_argument("--hash-share", type=float, default=0.45,
@@ -171,8 +174,8 @@ def _prepare(args: argparse.Namespace) -> int:
     corpus = args.corpus or _cache("corpus")
     files = training_files(corpus, works=args.works, generated=args.generated,
                            generated_start=args.generated_start)
-    found = sum("generated" in f.parts for f in files)
-    if args.generated_start > 0 and found < args.generated:  # seed 0.. is made by `train run`
+    found = sum(f.parent == Path(corpus) / "generated" for f in files)
+    if found < args.generated:  # a run would silently train on fewer pieces
         raise SystemExit(
             f"midimatch train prepare: {found} of the {args.generated} generated songs from seed "
             f"{args.generated_start} are under {corpus}: run `midimatch data generate "

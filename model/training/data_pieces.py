@@ -45,25 +45,39 @@ def training_files(corpus_dir: str | Path, *, works: int | None = None,
     Raises
     ------
     MidimatchError
-        ``reason="bad_range"`` when the seeds would reach into those evaluation uses (from 250
-        up to :data:`~model.training.songgen_files.TRAINING_ONLY_SEED`): training on them would
-        put the measured pieces into training.
+        ``reason="bad_range"`` from :func:`check_generated_range`.
     """
-    from model.errors import MidimatchError
     from model.training.corpus import corpus_midi_files
     from model.training.corpus_works import list_corpus_works
-    from model.training.songgen_files import TRAINING_ONLY_SEED, generated_midi_files, song_seed
+    from model.training.songgen_files import generated_midi_files, song_seed
 
+    check_generated_range(generated_start, generated)
     stop = generated_start + generated
-    if generated > 0 and not (stop <= 250 or generated_start >= TRAINING_ONLY_SEED):
-        raise MidimatchError(
-            f"generated seeds {generated_start}..{stop - 1} reach into the ones evaluation "
-            f"indexes and queries (250..{TRAINING_ONLY_SEED - 1}): train on seeds 0..249 or "
-            f"from {TRAINING_ONLY_SEED} on", reason="bad_range")
     root = Path(corpus_dir)
     keys = None if works is None else {w.key for w in list_corpus_works()[:works]}
     songs = [p for p in generated_midi_files(root) if generated_start <= song_seed(p) < stop]
     return corpus_midi_files(root, keys=keys) + songs
+
+
+def check_generated_range(start: int, n: int) -> None:
+    """Refuse generated seeds ``start .. start + n - 1`` that reach into evaluation's (from 250
+    up to :data:`~model.training.songgen_files.TRAINING_ONLY_SEED`): training on them would put
+    the measured pieces into training.
+
+    Raises
+    ------
+    MidimatchError
+        ``reason="bad_range"``.
+    """
+    from model.errors import MidimatchError
+    from model.training.songgen_files import TRAINING_ONLY_SEED
+
+    stop = start + n
+    if n > 0 and not (stop <= 250 or start >= TRAINING_ONLY_SEED):
+        raise MidimatchError(
+            f"generated seeds {start}..{stop - 1} reach into the ones evaluation indexes and "
+            f"queries (250..{TRAINING_ONLY_SEED - 1}): train on seeds 0..249 or from "
+            f"{TRAINING_ONLY_SEED} on", reason="bad_range")
 
 
 def corpus_files(corpus_dir: str | Path) -> list[Path]:

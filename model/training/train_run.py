@@ -98,11 +98,12 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
     from model.nets import NetConfig
     from model.training.corpus import convert_music21_corpus
     from model.training.data import prepare, training_renderers
-    from model.training.data_pieces import training_files
+    from model.training.data_pieces import check_generated_range, training_files
     from model.training.songgen_files import generate_songs
     from model.training.train import train
 
     training_renderers()  # before the first minute is spent: a missing soundfont fails here
+    check_generated_range(0, generated)  # and so does a count reaching into evaluation's seeds
     start = clock()
     deadline = start + 60.0 * minutes
     steps: dict[str, float] = {}

@@ -175,7 +175,7 @@ def test_train_prepare_cli_passes_the_preset_and_refuses_an_unknown_one(tmp_path
     corpus = tmp_path / "corpus"
     _write_collection(corpus / "generated", n=1)[0].rename(corpus / "generated" / "song_0.mid")
     rc = main(["train", "prepare", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"),
-               "--augment", "loud"])
+               "--generated", "1", "--augment", "loud"])
     assert rc == 2
     assert "unknown preset 'loud'" in capsys.readouterr().err
     assert not (tmp_path / "pairs").exists()
@@ -191,6 +191,8 @@ def test_train_prepare_cli_refuses_a_seed_range_not_generated_or_evaluations(tmp
     generate_songs(corpus, 2, start_seed=TRAINING_ONLY_SEED, workers=1, progress=False,
                    duration_s=20.0)
     out = tmp_path / "pairs"
+    with pytest.raises(SystemExit, match=r"0 of the 250 generated songs from seed 0 "):
+        main(["train", "prepare", "--corpus", str(corpus), "--out", str(out)])  # the default
     with pytest.raises(SystemExit, match=r"2 of the 5 generated songs from seed 10000 .*"
                                          r"--start-seed 10000 -n 5"):
         main(["train", "prepare", "--corpus", str(corpus), "--out", str(out), "--works", "0",

@@ -50,3 +50,8 @@ def test_training_files_take_a_seed_range_outside_evaluations(tmp_path):
             training_files(tmp_path, generated=n, generated_start=start)
         assert e.value.reason == "bad_range"
     assert training_files(tmp_path, generated=0, generated_start=500) == []  # nothing asked
+    # seed order, not name order: song_100000.mid sorts before song_10001.mid by name
+    far = generate_songs(tmp_path, 1, start_seed=100_000, workers=1, progress=False,
+                         duration_s=20.0)
+    assert training_files(tmp_path, generated=200_000, generated_start=TRAINING_ONLY_SEED) == [
+        *high, *far]

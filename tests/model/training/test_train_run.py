@@ -43,6 +43,18 @@ def test_missing_soundfonts_fail_before_any_data_step(tmp_path, monkeypatch):
     assert not (tmp_path / "corpus").exists()
 
 
+def test_generated_songs_of_evaluation_fail_before_any_data_step(tmp_path, monkeypatch):
+    from model.training import data
+
+    monkeypatch.setattr(data, "available", lambda name: True)
+    said = []
+    with pytest.raises(MidimatchError) as e:
+        train_run(tmp_path / "corpus", tmp_path / "pairs", tmp_path / "m.pt", tmp_path / "m.ckpt",
+                  generated=251, say=said.append)
+    assert e.value.reason == "bad_range" and said == []
+    assert not (tmp_path / "corpus").exists()
+
+
 def test_no_midi_after_the_data_steps_is_a_clear_error(tmp_path, monkeypatch):
     from model.training import data
 
