@@ -230,6 +230,7 @@ def _first(decided: dict, title: str, after_s: float) -> float:
 # (eleventh session: threshold 10.8) 14→10 is decided at 25 s (song10's last 15 s are not clear
 # for it) and is replaced by 14→1; of 11 pairs tried, 8 are decided at 20 s (10→3, 12→19, 3→14,
 # 14→0, 1, 11, 12, 17), 14→19 and 14→3 at 23 and 24 s, 14→4 at 25 s with A still decided at 18 s.
+# (That model was not shipped; the shipped 32bit-0cdb36909868 passes these three pairs too.)
 @pytest.mark.parametrize("a,b", [(10, 3), (14, 1), (12, 19)])
 def test_piece_change_is_followed(cascade: Cascade, a: int, b: int) -> None:
     clip = np.concatenate([audio_of(a, 0.0, 12.0), audio_of(b, 5.0, 25.0)])  # A, B from 12 s
