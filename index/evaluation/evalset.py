@@ -41,9 +41,11 @@ from typing import Any
 import numpy as np
 
 from model.errors import MidimatchError
+from model.training.songgen_files import TRAINED_SEEDS
 
 FORMAT = "midimatch-evalset/1"
-TRAINED_GENERATED = 250  # generated seeds 0..249 are in the shipped model's training data
+# generated seeds 0..249 are in the shipped model's training data
+TRAINED_GENERATED = TRAINED_SEEDS
 LEAD_S = 1.0  # music rendered before a clip starts, so held notes and reverb are sounding
 TEMPO_CONDITIONS = {"tempo0.9": 0.9, "tempo1.1": 1.1}
 AUDIO_CONDITIONS = {"clean": "clean", "room_noise": "room_noise", "phone": "phone"}

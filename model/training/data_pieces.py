@@ -60,9 +60,10 @@ def training_files(corpus_dir: str | Path, *, works: int | None = None,
 
 
 def check_generated_range(start: int, n: int) -> None:
-    """Refuse generated seeds ``start .. start + n - 1`` that reach into evaluation's (from 250
-    up to :data:`~model.training.songgen_files.TRAINING_ONLY_SEED`): training on them would put
-    the measured pieces into training.
+    """Refuse generated seeds ``start .. start + n - 1`` that reach into evaluation's (from
+    :data:`~model.training.songgen_files.TRAINED_SEEDS` up to
+    :data:`~model.training.songgen_files.TRAINING_ONLY_SEED`): training on them would put the
+    measured pieces into training.
 
     Raises
     ------
@@ -70,14 +71,14 @@ def check_generated_range(start: int, n: int) -> None:
         ``reason="bad_range"``.
     """
     from model.errors import MidimatchError
-    from model.training.songgen_files import TRAINING_ONLY_SEED
+    from model.training.songgen_files import TRAINED_SEEDS, TRAINING_ONLY_SEED
 
     stop = start + n
-    if n > 0 and not (stop <= 250 or start >= TRAINING_ONLY_SEED):
+    if n > 0 and not (stop <= TRAINED_SEEDS or start >= TRAINING_ONLY_SEED):
         raise MidimatchError(
             f"generated seeds {start}..{stop - 1} reach into the ones evaluation indexes and "
-            f"queries (250..{TRAINING_ONLY_SEED - 1}): train on seeds 0..249 or from "
-            f"{TRAINING_ONLY_SEED} on", reason="bad_range")
+            f"queries ({TRAINED_SEEDS}..{TRAINING_ONLY_SEED - 1}): train on seeds "
+            f"0..{TRAINED_SEEDS - 1} or from {TRAINING_ONLY_SEED} on", reason="bad_range")
 
 
 def corpus_files(corpus_dir: str | Path) -> list[Path]:

@@ -18,6 +18,9 @@ from model.training.midi_writer import write_midi
 from model.training.songgen import GENERATOR_VERSION, generate_song
 
 SUBDIR = "generated"
+# Seeds 0..TRAINED_SEEDS-1 are the generated songs training has always used (`train run`,
+# `train prepare`'s default); from there up to TRAINING_ONLY_SEED they are evaluation's.
+TRAINED_SEEDS = 250
 # Seeds from here on are for training only: evaluation (``index.evaluation.evalset``) never
 # indexes or queries them, so `train prepare --generated-start 10000` can add thousands of new
 # pieces to training without touching the measured collection (seeds 0..2399 today).
