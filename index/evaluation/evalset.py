@@ -44,8 +44,6 @@ from model.errors import MidimatchError
 from model.training.songgen_files import TRAINED_SEEDS
 
 FORMAT = "midimatch-evalset/1"
-# generated seeds 0..249 are in the shipped model's training data
-TRAINED_GENERATED = TRAINED_SEEDS
 LEAD_S = 1.0  # music rendered before a clip starts, so held notes and reverb are sounding
 TEMPO_CONDITIONS = {"tempo0.9": 0.9, "tempo1.1": 1.1}
 AUDIO_CONDITIONS = {"clean": "clean", "room_noise": "room_noise", "phone": "phone"}
@@ -141,10 +139,10 @@ def plan_collection(corpus: str | Path, *, n_generated_index: int = 1000, n_in: 
     for path in generated:
         seed_no = song_seed(path)
         rec = {"path": str(path), "source": "generated", "seed": seed_no,
-               "split": "train" if seed_no < TRAINED_GENERATED else "unseen"}
+               "split": "train" if seed_no < TRAINED_SEEDS else "unseen"}
         if seed_no < n_generated_index:
             plan.index_files.append(str(path))
-            if seed_no >= TRAINED_GENERATED:
+            if seed_no >= TRAINED_SEEDS:
                 gen_in.append(rec)
         else:
             gen_out.append(rec)

@@ -163,7 +163,7 @@ def _cache(sub: str) -> Path:
 
 def _prepare(args: argparse.Namespace) -> int:
     from model.training.data import prepare
-    from model.training.data_pieces import training_files
+    from model.training.data_pieces import count_generated, training_files
     from model.training.render import role
 
     renderers = [x for x in args.renderers.split(",") if x] or None
@@ -174,7 +174,7 @@ def _prepare(args: argparse.Namespace) -> int:
     corpus = args.corpus or _cache("corpus")
     files = training_files(corpus, works=args.works, generated=args.generated,
                            generated_start=args.generated_start)
-    found = sum(f.parent == Path(corpus) / "generated" for f in files)
+    found = count_generated(files, corpus)
     if found < args.generated:  # a run would silently train on fewer pieces
         raise SystemExit(
             f"midimatch train prepare: {found} of the {args.generated} generated songs from seed "

@@ -59,6 +59,15 @@ def training_files(corpus_dir: str | Path, *, works: int | None = None,
     return corpus_midi_files(root, keys=keys) + songs
 
 
+def count_generated(files: Sequence[Path], corpus_dir: str | Path) -> int:
+    """How many of ``files`` are generated songs of the cache ``corpus_dir`` (its ``generated/``
+    folder; a folder of that name higher up the path does not count)."""
+    from model.training.songgen_files import SUBDIR
+
+    folder = Path(corpus_dir) / SUBDIR
+    return sum(Path(f).parent == folder for f in files)
+
+
 def check_generated_range(start: int, n: int) -> None:
     """Refuse generated seeds ``start .. start + n - 1`` that reach into evaluation's (from
     :data:`~model.training.songgen_files.TRAINED_SEEDS` up to

@@ -98,7 +98,7 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
     from model.nets import NetConfig
     from model.training.corpus import convert_music21_corpus
     from model.training.data import prepare, training_renderers
-    from model.training.data_pieces import check_generated_range, training_files
+    from model.training.data_pieces import check_generated_range, count_generated, training_files
     from model.training.songgen_files import generate_songs
     from model.training.train import train
 
@@ -118,7 +118,7 @@ def train_run(corpus: Path, pairs: Path, out: Path, checkpoint: Path, *, minutes
     conv = step("corpus", lambda: convert_music21_corpus(corpus, limit=works, workers=workers))
     step("generate", lambda: generate_songs(corpus, generated, workers=workers))
     files = training_files(corpus, works=works, generated=generated)
-    n_generated = sum("generated" in f.parts for f in files)
+    n_generated = count_generated(files, corpus)
     if not files:
         raise MidimatchError(f"no MIDI under {corpus} after the data steps", reason="no_data")
     prep = step("prepare", lambda: prepare(pairs, files, renders_per_piece=renders,

@@ -55,3 +55,12 @@ def test_training_files_take_a_seed_range_outside_evaluations(tmp_path):
                          duration_s=20.0)
     assert training_files(tmp_path, generated=200_000, generated_start=TRAINING_ONLY_SEED) == [
         *high, *far]
+
+
+def test_count_generated_counts_the_cache_s_songs_only(tmp_path):
+    from model.training.data_pieces import count_generated
+
+    root = tmp_path / "generated" / "corpus"  # a folder named "generated" above the cache
+    files = [root / "music21" / "a.mid", root / "generated" / "song_00001.mid",
+             root / "generated" / "sub" / "b.mid"]
+    assert count_generated(files, root) == 1
