@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -18,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = dsub.add_parser("corpus", help="convert the music21 corpus to MIDI (cached, resumable)")
     c.add_argument("--out", type=Path, help="cache folder (default: $MIDIMATCH_CACHE/corpus)")
     c.add_argument("--limit", type=int, help="convert at most N works")
+    c.add_argument("--start", type=int, default=0, metavar="N",
+                   help="skip the first N works (a training-only folder beside the evaluation "
+                   "one: `--out DIR --start 400 --limit 2000`; see `train prepare --corpus`)")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per work")
     c.add_argument("--retry-failed", action="store_true",
@@ -42,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("prepare", help="render + augment the cached corpus into aligned pairs")
     p.add_argument("--corpus", type=Path, help="MIDI cache (default: $MIDIMATCH_CACHE/corpus)")
     p.add_argument("--out", type=Path, help="pairs folder (default: $MIDIMATCH_CACHE/train)")
+    p.add_argument("--exclude-corpus", type=Path, metavar="DIR",
+                   help="leave out works whose notes equal a work of DIR (default: the "
+                   "evaluation corpus $MIDIMATCH_CACHE/corpus when --corpus is another folder)")
     p.add_argument("--works", type=int, metavar="N",
                    help="only the first N music21 works (`train run` uses 400; default: all)")
     p.add_argument("--generated", type=int, default=250,
@@ -140,7 +147,8 @@ def _renderers(args: argparse.Namespace) -> int:
 def _corpus(args: argparse.Namespace) -> int:
     from model.training.corpus import convert_music21_corpus
 
-    report = convert_music21_corpus(_default_out(args), limit=args.limit, workers=args.workers,
+    report = convert_music21_corpus(_default_out(args), limit=args.limit, start=args.start,
+                                    workers=args.workers,
                                     timeout_s=args.timeout, retry_failed=args.retry_failed)
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -163,7 +171,7 @@ def _cache(sub: str) -> Path:
 
 def _prepare(args: argparse.Namespace) -> int:
     from model.training.data import prepare
-    from model.training.data_pieces import count_generated, training_files
+    from model.training.data_pieces import count_generated, drop_pieces_of, training_files
     from model.training.render import role
 
     renderers = [x for x in args.renderers.split(",") if x] or None
@@ -174,6 +182,13 @@ def _prepare(args: argparse.Namespace) -> int:
     corpus = args.corpus or _cache("corpus")
     files = training_files(corpus, works=args.works, generated=args.generated,
                            generated_start=args.generated_start)
+    other = args.exclude_corpus
+    if other is None and Path(corpus).resolve() != _cache("corpus").resolve():
+        other = _cache("corpus")
+    if other is not None:
+        files, dropped = drop_pieces_of(files, corpus, other)
+        print(f"{dropped} works of {corpus} left out: the same notes as a work of {other}",
+              file=sys.stderr)
     found = count_generated(files, corpus)
     if found < args.generated:  # a run would silently train on fewer pieces
         raise SystemExit(

@@ -42,6 +42,7 @@ def convert_music21_corpus(
     out_dir: Path,
     *,
     limit: int | None = None,
+    start: int = 0,
     workers: int = 2,
     timeout_s: float = 60,
     progress: bool = True,
@@ -51,7 +52,7 @@ def convert_music21_corpus(
     retry_failed: bool = False,
     max_tasks_per_child: int = 200,
 ) -> dict[str, Any]:
-    """Convert the first ``limit`` works of :func:`list_corpus_works` that are not done yet.
+    """Convert works ``start .. limit - 1`` of :func:`list_corpus_works` that are not done yet.
 
     Parameters
     ----------
@@ -59,6 +60,9 @@ def convert_music21_corpus(
         Cache root; files go to ``out_dir/music21``. One run per folder at a time (locked).
     limit : int, optional
         How many works of the ordered list to cover (done, failed or converted now).
+    start : int
+        Skip the first ``start`` works of the list: a training-only folder of works that the
+        evaluation folder (converted with ``limit=start``) does not hold.
     workers : int
         Worker processes (>= 1).
     timeout_s : float
@@ -93,11 +97,13 @@ def convert_music21_corpus(
     """
     if workers < 1:
         raise MidimatchError(f"workers must be >= 1, got {workers}", reason="bad_argument")
+    if start < 0:
+        raise MidimatchError(f"start must be >= 0, got {start}", reason="bad_argument")
     t0 = time.perf_counter()
     folder = Path(out_dir) / SUBDIR
     folder.mkdir(parents=True, exist_ok=True)
     works = list_corpus_works(sources, seed=seed)
-    selected = works if limit is None else works[: max(0, limit)]
+    selected = works[start:] if limit is None else works[start:max(start, limit)]
     with _locked(folder):
         for stale in folder.glob(".*.tmp"):  # left by a run that was killed mid-write
             stale.unlink(missing_ok=True)

@@ -59,6 +59,32 @@ def training_files(corpus_dir: str | Path, *, works: int | None = None,
     return corpus_midi_files(root, keys=keys) + songs
 
 
+def drop_pieces_of(files: Sequence[Path], corpus_dir: str | Path,
+                   other_dir: str | Path) -> tuple[list[Path], int]:
+    """Leave out the music21 works of ``corpus_dir`` among ``files`` whose notes equal those of
+    a work of ``other_dir`` (the pitch-sequence fingerprint of the conversion manifest, as
+    :func:`~model.training.corpus.corpus_midi_files` deduplicates within one folder).
+
+    A training-only folder of works (``midimatch data corpus --out DIR --start 400``) can hold
+    the same tune as the evaluation folder under another name (the corpus repeats tunes across
+    collections); training on it would train on a measured piece.
+
+    Returns
+    -------
+    (list of Path, int)
+        The files kept, in order, and how many were left out.
+    """
+    from model.training.corpus import SUBDIR, read_manifest
+
+    theirs = {r["fingerprint"] for r in read_manifest(Path(other_dir)).values()
+              if r.get("status") == "done" and r.get("fingerprint")}
+    folder = Path(corpus_dir) / SUBDIR
+    clash = {folder / r["midi"] for r in read_manifest(Path(corpus_dir)).values()
+             if r.get("status") == "done" and r.get("fingerprint") in theirs}
+    kept = [f for f in files if Path(f) not in clash]
+    return kept, len(files) - len(kept)
+
+
 def count_generated(files: Sequence[Path], corpus_dir: str | Path) -> int:
     """How many of ``files`` are generated songs of the cache ``corpus_dir`` (its ``generated/``
     folder; a folder of that name higher up the path does not count)."""

@@ -121,3 +121,27 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
     with _locked(folder), pytest.raises(MidimatchError) as err:
         convert_music21_corpus(tmp_path, sources=[], progress=False)
     assert err.value.reason == "busy"
+
+
+def test_start_skips_the_first_works_of_the_list(tmp_path: Path) -> None:
+    """A training-only folder (``--start 400``) holds none of the works the evaluation folder
+    (``--limit 400``) converted, and both follow one order."""
+    from model.training.corpus_works import list_corpus_works
+
+    src = tmp_path / "src"
+    src.mkdir()
+    sources = [_write(src, f"t{i}.abc", TUNE.replace("GABc", "GAB" + "cdef"[i]).format(
+        title=str(i))) for i in range(4)]
+    order = [w.key for w in list_corpus_works(sources)]
+    first = convert_music21_corpus(tmp_path / "eval", sources=sources, limit=2, workers=1,
+                                   progress=False)
+    rest = convert_music21_corpus(tmp_path / "extra", sources=sources, start=2, limit=9,
+                                  workers=1, progress=False)
+    assert (first["selected"], rest["selected"], rest["converted"]) == (2, 2, 2)
+    assert sorted(read_manifest(tmp_path / "eval")) == sorted(order[:2])
+    assert sorted(read_manifest(tmp_path / "extra")) == sorted(order[2:])
+    assert convert_music21_corpus(tmp_path / "none", sources=sources, start=3, limit=2,
+                                  workers=1, progress=False)["selected"] == 0
+    with pytest.raises(MidimatchError, match="start must be >= 0") as e:
+        convert_music21_corpus(tmp_path / "bad", sources=sources, start=-1, progress=False)
+    assert e.value.reason == "bad_argument"

@@ -201,3 +201,35 @@ def test_train_prepare_cli_refuses_a_seed_range_not_generated_or_evaluations(tmp
                "--generated", "5", "--generated-start", "300"])
     assert rc != 0 and "reach into the ones evaluation" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_prepare_cli_leaves_out_evaluation_tunes_of_another_corpus(tmp_path, capsys,
+                                                                       monkeypatch):
+    """`--corpus DIR` other than the cache's: works whose notes equal an evaluation work are
+    left out by default (`--exclude-corpus` names another folder)."""
+    import model.training.data as data_mod
+    from model.training.corpus import convert_music21_corpus
+    from server.cli import main
+
+    tune = "X:1\nT:{}\nM:4/4\nL:1/4\nK:G\n{}|]\n"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "eval.abc").write_text(tune.format("measured", "GABc|d2B2|cABG|G4"))
+    (src / "same.abc").write_text(tune.format("other name", "GABc|d2B2|cABG|G4"))
+    (src / "new.abc").write_text(tune.format("new", "cBAG|F2E2|DEFG|c4"))
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))
+    convert_music21_corpus(tmp_path / "cache" / "corpus", sources=[src / "eval.abc"],
+                           workers=1, progress=False)
+    extra = tmp_path / "extra"
+    convert_music21_corpus(extra, sources=[src / "same.abc", src / "new.abc"], workers=1,
+                           progress=False)
+    seen: list[list[str]] = []
+    monkeypatch.setattr(data_mod, "prepare",  # the file choice is under test, not rendering
+                        lambda out, files, **kw: seen.append([f.name for f in files]) or {})
+    args = ["train", "prepare", "--corpus", str(extra), "--out", str(tmp_path / "p"),
+            "--generated", "0"]
+    assert main(args) == 0
+    assert len(seen[-1]) == 1 and "new" in seen[-1][0]
+    assert "1 works of" in capsys.readouterr().err
+    assert main([*args, "--exclude-corpus", str(tmp_path / "nowhere")]) == 0
+    assert len(seen[-1]) == 2

@@ -64,3 +64,29 @@ def test_count_generated_counts_the_cache_s_songs_only(tmp_path):
     files = [root / "music21" / "a.mid", root / "generated" / "song_00001.mid",
              root / "generated" / "sub" / "b.mid"]
     assert count_generated(files, root) == 1
+
+
+def test_drop_pieces_of_leaves_out_the_other_folder_s_tunes(tmp_path):
+    """A training-only folder of works may hold an evaluation tune under another name (the
+    corpus repeats tunes across collections): those are left out of training, by notes."""
+    from model.training.corpus import convert_music21_corpus, corpus_midi_files
+    from model.training.data_pieces import drop_pieces_of
+
+    tune = "X:1\nT:{}\nM:4/4\nL:1/4\nK:G\n{}|]\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "eval.abc").write_text(tune.format("measured", "GABc|d2B2|cABG|G4"))
+    (tmp_path / "b" / "same.abc").write_text(tune.format("other name", "GABc|d2B2|cABG|G4"))
+    (tmp_path / "b" / "new.abc").write_text(tune.format("new", "cBAG|F2E2|DEFG|c4"))
+    convert_music21_corpus(tmp_path / "eval", sources=[tmp_path / "a" / "eval.abc"],
+                           workers=1, progress=False)
+    extra = tmp_path / "extra"
+    convert_music21_corpus(extra, sources=sorted((tmp_path / "b").glob("*.abc")), workers=1,
+                           progress=False)
+    files = training_files(extra, generated=0)
+    assert len(files) == 2
+    kept, dropped = drop_pieces_of(files, extra, tmp_path / "eval")
+    assert dropped == 1 and [f.name for f in kept] == [
+        f.name for f in files if "new" in f.name]
+    assert drop_pieces_of(files, extra, tmp_path / "nothing") == (files, 0)
+    assert corpus_midi_files(extra) == files
