@@ -18,10 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = dsub.add_parser("corpus", help="convert the music21 corpus to MIDI (cached, resumable)")
     c.add_argument("--out", type=Path, help="cache folder (default: $MIDIMATCH_CACHE/corpus)")
-    c.add_argument("--limit", type=int, help="convert at most N works")
+    c.add_argument("--limit", type=int, metavar="END",
+                   help="the end of the range of works, exclusive (with no --start: convert at "
+                   "most END works; default: all)")
     c.add_argument("--start", type=int, default=0, metavar="N",
-                   help="skip the first N works (a training-only folder beside the evaluation "
-                   "one: `--out DIR --start 400 --limit 2000`; see `train prepare --corpus`)")
+                   help="skip the first N works: a training-only folder beside the evaluation "
+                   "one, N its --limit (`--out DIR --start 400 --limit 2000`; needs --out; see "
+                   "`train prepare --exclude-corpus`)")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per work")
     c.add_argument("--retry-failed", action="store_true",
@@ -147,6 +150,11 @@ def _renderers(args: argparse.Namespace) -> int:
 def _corpus(args: argparse.Namespace) -> int:
     from model.training.corpus import convert_music21_corpus
 
+    if args.start and _default_out(args).resolve() == _cache("corpus").resolve():
+        raise SystemExit("midimatch data corpus: --start writes a training-only folder; name it "
+                         "with --out (the cache's corpus is the evaluation's, which indexes "
+                         "every work it holds)")
+
     report = convert_music21_corpus(_default_out(args), limit=args.limit, start=args.start,
                                     workers=args.workers,
                                     timeout_s=args.timeout, retry_failed=args.retry_failed)
@@ -183,12 +191,15 @@ def _prepare(args: argparse.Namespace) -> int:
     files = training_files(corpus, works=args.works, generated=args.generated,
                            generated_start=args.generated_start)
     other = args.exclude_corpus
-    if other is None and Path(corpus).resolve() != _cache("corpus").resolve():
-        other = _cache("corpus")
+    default_corpus = _cache("corpus")
+    if other is None and Path(corpus).resolve() != default_corpus.resolve():
+        # the evaluation corpus, when there is one (a wrong explicit folder is refused instead)
+        if (default_corpus / "music21" / "manifest.jsonl").is_file():
+            other = default_corpus
     if other is not None:
         files, dropped = drop_pieces_of(files, corpus, other)
-        print(f"{dropped} works of {corpus} left out: the same notes as a work of {other}",
-              file=sys.stderr)
+        print(f"{dropped} work{'' if dropped == 1 else 's'} of {corpus} left out: the same "
+              f"notes as a work of {other}", file=sys.stderr)
     found = count_generated(files, corpus)
     if found < args.generated:  # a run would silently train on fewer pieces
         raise SystemExit(

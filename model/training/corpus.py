@@ -52,14 +52,16 @@ def convert_music21_corpus(
     retry_failed: bool = False,
     max_tasks_per_child: int = 200,
 ) -> dict[str, Any]:
-    """Convert works ``start .. limit - 1`` of :func:`list_corpus_works` that are not done yet.
+    """Convert works ``start .. limit - 1`` of :func:`list_corpus_works` that are not done yet
+    (to the end of the list when ``limit`` is None).
 
     Parameters
     ----------
     out_dir : Path
         Cache root; files go to ``out_dir/music21``. One run per folder at a time (locked).
     limit : int, optional
-        How many works of the ordered list to cover (done, failed or converted now).
+        The end of the range, exclusive: with ``start`` 0, how many works of the ordered list to
+        cover (done, failed or converted now); none when it is not above ``start``.
     start : int
         Skip the first ``start`` works of the list: a training-only folder of works that the
         evaluation folder (converted with ``limit=start``) does not hold.

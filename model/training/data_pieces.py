@@ -62,26 +62,52 @@ def training_files(corpus_dir: str | Path, *, works: int | None = None,
 def drop_pieces_of(files: Sequence[Path], corpus_dir: str | Path,
                    other_dir: str | Path) -> tuple[list[Path], int]:
     """Leave out the music21 works of ``corpus_dir`` among ``files`` whose notes equal those of
-    a work of ``other_dir`` (the pitch-sequence fingerprint of the conversion manifest, as
-    :func:`~model.training.corpus.corpus_midi_files` deduplicates within one folder).
+    a work of ``other_dir``: the same pitch-sequence fingerprint in the conversion manifests (as
+    :func:`~model.training.corpus.corpus_midi_files` deduplicates within one folder), or the
+    same bytes (:func:`piece_key`, for records without a fingerprint). Other files (generated
+    songs) pass through.
 
     A training-only folder of works (``midimatch data corpus --out DIR --start 400``) can hold
-    the same tune as the evaluation folder under another name (the corpus repeats tunes across
-    collections); training on it would train on a measured piece.
+    a work of the evaluation folder under another name (the corpus repeats tunes across
+    collections); training on it would train on a measured piece. Near-duplicates (a transposed
+    or ornamented variant) are not caught.
+
+    Raises
+    ------
+    MidimatchError
+        ``reason="no_data"`` when ``other_dir`` has no conversion manifest (a wrong path would
+        otherwise check nothing), ``reason="bad_argument"`` when it is ``corpus_dir`` itself.
 
     Returns
     -------
     (list of Path, int)
         The files kept, in order, and how many were left out.
     """
-    from model.training.corpus import SUBDIR, read_manifest
+    from model.errors import MidimatchError
+    from model.training.corpus import MANIFEST_NAME, SUBDIR, read_manifest
 
-    theirs = {r["fingerprint"] for r in read_manifest(Path(other_dir)).values()
-              if r.get("status") == "done" and r.get("fingerprint")}
-    folder = Path(corpus_dir) / SUBDIR
-    clash = {folder / r["midi"] for r in read_manifest(Path(corpus_dir)).values()
-             if r.get("status") == "done" and r.get("fingerprint") in theirs}
-    kept = [f for f in files if Path(f) not in clash]
+    other, own = Path(other_dir), Path(corpus_dir)
+    if not (other / SUBDIR / MANIFEST_NAME).is_file():
+        raise MidimatchError(f"{other} holds no converted works ({SUBDIR}/{MANIFEST_NAME}): "
+                             "name the folder `midimatch data corpus --out` wrote",
+                             reason="no_data")
+    if other.resolve() == own.resolve():
+        raise MidimatchError(f"{own} cannot leave out its own works", reason="bad_argument")
+    done = [r for r in read_manifest(other).values() if r.get("status") == "done"]
+    prints = {r["fingerprint"] for r in done if r.get("fingerprint")}
+    keys = {piece_key(other / SUBDIR / r["midi"]) for r in done
+            if (other / SUBDIR / r["midi"]).exists()}
+    folder = (own / SUBDIR).resolve()
+    by_name = {r["midi"]: r for r in read_manifest(own).values() if r.get("status") == "done"}
+
+    def clashes(f: Path) -> bool:
+        f = Path(f)
+        rec = by_name.get(f.name) if f.parent.resolve() == folder else None
+        if rec is None:
+            return False
+        return rec.get("fingerprint") in prints or piece_key(f) in keys
+
+    kept = [f for f in files if not clashes(f)]
     return kept, len(files) - len(kept)
 
 

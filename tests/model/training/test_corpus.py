@@ -142,6 +142,10 @@ def test_start_skips_the_first_works_of_the_list(tmp_path: Path) -> None:
     assert sorted(read_manifest(tmp_path / "extra")) == sorted(order[2:])
     assert convert_music21_corpus(tmp_path / "none", sources=sources, start=3, limit=2,
                                   workers=1, progress=False)["selected"] == 0
+    tail = convert_music21_corpus(tmp_path / "tail", sources=sources, start=1, workers=1,
+                                  progress=False)  # no limit: to the end of the list
+    assert tail["selected"] == 3
+    assert sorted(read_manifest(tmp_path / "tail")) == sorted(order[1:])
     with pytest.raises(MidimatchError, match="start must be >= 0") as e:
         convert_music21_corpus(tmp_path / "bad", sources=sources, start=-1, progress=False)
     assert e.value.reason == "bad_argument"

@@ -169,8 +169,11 @@ def test_prepare_records_the_preset_and_redoes_shards_made_with_another(tmp_path
     assert not (tmp_path / "bad").exists()
 
 
-def test_train_prepare_cli_passes_the_preset_and_refuses_an_unknown_one(tmp_path, capsys):
+def test_train_prepare_cli_passes_the_preset_and_refuses_an_unknown_one(tmp_path, capsys,
+                                                                       monkeypatch):
     from server.cli import main
+
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))
 
     corpus = tmp_path / "corpus"
     _write_collection(corpus / "generated", n=1)[0].rename(corpus / "generated" / "song_0.mid")
@@ -181,12 +184,14 @@ def test_train_prepare_cli_passes_the_preset_and_refuses_an_unknown_one(tmp_path
     assert not (tmp_path / "pairs").exists()
 
 
-def test_train_prepare_cli_refuses_a_seed_range_not_generated_or_evaluations(tmp_path, capsys):
+def test_train_prepare_cli_refuses_a_seed_range_not_generated_or_evaluations(tmp_path, capsys,
+                                                                            monkeypatch):
     """`--generated-start` names training-only songs: missing ones are asked for, not skipped
     (a run would silently train on fewer pieces), and evaluation's seeds are refused."""
     from model.training.songgen_files import TRAINING_ONLY_SEED, generate_songs
     from server.cli import main
 
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus"
     generate_songs(corpus, 2, start_seed=TRAINING_ONLY_SEED, workers=1, progress=False,
                    duration_s=20.0)
@@ -206,7 +211,8 @@ def test_train_prepare_cli_refuses_a_seed_range_not_generated_or_evaluations(tmp
 def test_train_prepare_cli_leaves_out_evaluation_tunes_of_another_corpus(tmp_path, capsys,
                                                                        monkeypatch):
     """`--corpus DIR` other than the cache's: works whose notes equal an evaluation work are
-    left out by default (`--exclude-corpus` names another folder)."""
+    left out by default; `--exclude-corpus` names another folder, and a folder without
+    converted works (a wrong path would check nothing) or the corpus itself is refused."""
     import model.training.data as data_mod
     from model.training.corpus import convert_music21_corpus
     from server.cli import main
@@ -218,8 +224,8 @@ def test_train_prepare_cli_leaves_out_evaluation_tunes_of_another_corpus(tmp_pat
     (src / "same.abc").write_text(tune.format("other name", "GABc|d2B2|cABG|G4"))
     (src / "new.abc").write_text(tune.format("new", "cBAG|F2E2|DEFG|c4"))
     monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "cache"))
-    convert_music21_corpus(tmp_path / "cache" / "corpus", sources=[src / "eval.abc"],
-                           workers=1, progress=False)
+    cache_corpus = tmp_path / "cache" / "corpus"
+    convert_music21_corpus(cache_corpus, sources=[src / "eval.abc"], workers=1, progress=False)
     extra = tmp_path / "extra"
     convert_music21_corpus(extra, sources=[src / "same.abc", src / "new.abc"], workers=1,
                            progress=False)
@@ -230,6 +236,34 @@ def test_train_prepare_cli_leaves_out_evaluation_tunes_of_another_corpus(tmp_pat
             "--generated", "0"]
     assert main(args) == 0
     assert len(seen[-1]) == 1 and "new" in seen[-1][0]
-    assert "1 works of" in capsys.readouterr().err
-    assert main([*args, "--exclude-corpus", str(tmp_path / "nowhere")]) == 0
-    assert len(seen[-1]) == 2
+    assert "1 work of" in capsys.readouterr().err
+    other = tmp_path / "other"  # a folder of other works: nothing of extra's among them
+    convert_music21_corpus(other, sources=[src / "new.abc"], workers=1, progress=False)
+    assert main([*args, "--exclude-corpus", str(other)]) == 0
+    assert len(seen[-1]) == 1 and "same" in seen[-1][0]
+    for bad, why in ((tmp_path / "nowhere", "holds no converted works"),
+                     (cache_corpus / "music21", "holds no converted works"),
+                     (extra, "cannot leave out its own works")):
+        assert main([*args, "--exclude-corpus", str(bad)]) == 2
+        assert why in capsys.readouterr().err
+    n = len(seen)
+    # the cache's own corpus (the evaluation's), however it is spelt: nothing is left out
+    (tmp_path / "link").symlink_to(cache_corpus)
+    for corpus in (str(tmp_path / "link"), None):
+        extra_args = ["--corpus", corpus] if corpus else []
+        assert main(["train", "prepare", *extra_args, "--out", str(tmp_path / "p"),
+                     "--generated", "0"]) == 0
+        assert len(seen[-1]) == 1 and "left out" not in capsys.readouterr().err
+    assert len(seen) == n + 2
+    # no evaluation corpus at all: another folder trains on all of its works
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path / "empty-cache"))
+    assert main(args) == 0 and len(seen[-1]) == 2
+
+
+def test_data_corpus_cli_refuses_start_into_the_evaluation_folder(tmp_path, monkeypatch):
+    from server.cli import main
+
+    monkeypatch.setenv("MIDIMATCH_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match="--start writes a training-only folder"):
+        main(["data", "corpus", "--start", "400", "--limit", "401"])
+    assert not (tmp_path / "corpus").exists()

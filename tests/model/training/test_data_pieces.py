@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from model.training.data_pieces import SPLITS, piece_id, piece_key, split_of, training_files
+from model.training.data_pieces import (
+    SPLITS,
+    drop_pieces_of,
+    piece_id,
+    piece_key,
+    split_of,
+    training_files,
+)
 from tests.conftest import make_piece
 
 
@@ -68,9 +75,13 @@ def test_count_generated_counts_the_cache_s_songs_only(tmp_path):
 
 def test_drop_pieces_of_leaves_out_the_other_folder_s_tunes(tmp_path):
     """A training-only folder of works may hold an evaluation tune under another name (the
-    corpus repeats tunes across collections): those are left out of training, by notes."""
-    from model.training.corpus import convert_music21_corpus, corpus_midi_files
-    from model.training.data_pieces import drop_pieces_of
+    corpus repeats tunes across collections): those are left out of training, by notes, or by
+    bytes where a record has no fingerprint; generated songs pass through, in order."""
+    import json
+
+    from model.errors import MidimatchError
+    from model.training.corpus import convert_music21_corpus
+    from model.training.songgen_files import generate_songs
 
     tune = "X:1\nT:{}\nM:4/4\nL:1/4\nK:G\n{}|]\n"
     (tmp_path / "a").mkdir()
@@ -78,15 +89,35 @@ def test_drop_pieces_of_leaves_out_the_other_folder_s_tunes(tmp_path):
     (tmp_path / "a" / "eval.abc").write_text(tune.format("measured", "GABc|d2B2|cABG|G4"))
     (tmp_path / "b" / "same.abc").write_text(tune.format("other name", "GABc|d2B2|cABG|G4"))
     (tmp_path / "b" / "new.abc").write_text(tune.format("new", "cBAG|F2E2|DEFG|c4"))
-    convert_music21_corpus(tmp_path / "eval", sources=[tmp_path / "a" / "eval.abc"],
-                           workers=1, progress=False)
+    (tmp_path / "b" / "zz.abc").write_text(tune.format("also new", "DEFG|A2B2|cBAG|D4"))
+    evaluation = tmp_path / "eval"
+    convert_music21_corpus(evaluation, sources=[tmp_path / "a" / "eval.abc"], workers=1,
+                           progress=False)
     extra = tmp_path / "extra"
     convert_music21_corpus(extra, sources=sorted((tmp_path / "b").glob("*.abc")), workers=1,
                            progress=False)
-    files = training_files(extra, generated=0)
-    assert len(files) == 2
-    kept, dropped = drop_pieces_of(files, extra, tmp_path / "eval")
-    assert dropped == 1 and [f.name for f in kept] == [
-        f.name for f in files if "new" in f.name]
-    assert drop_pieces_of(files, extra, tmp_path / "nothing") == (files, 0)
-    assert corpus_midi_files(extra) == files
+    songs = generate_songs(extra, 1, start_seed=10_000, workers=1, progress=False,
+                           duration_s=20.0)
+    files = training_files(extra, generated=1, generated_start=10_000)
+    assert len(files) == 4 and files[-1] == songs[0]
+    kept, dropped = drop_pieces_of(files, extra, evaluation)
+    assert dropped == 1 and kept == [f for f in files if "same" not in f.name]
+    # spelt another way (relative, through a symlink), the same folder
+    (tmp_path / "link").symlink_to(extra)
+    assert drop_pieces_of(files, tmp_path / "link", evaluation) == (kept, 1)
+
+    # an older manifest without fingerprints: the same bytes still count (the converter
+    # writes no title, so the same notes make the same file here)
+    manifest = evaluation / "music21" / "manifest.jsonl"
+    rec = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "fingerprint"}
+    manifest.write_text(json.dumps(rec) + "\n")
+    assert drop_pieces_of(files, extra, evaluation) == (kept, 1)
+    shutil.copy(songs[0], evaluation / "music21" / "other.mid")  # bytes no work of extra has
+    manifest.write_text(json.dumps({**rec, "midi": "other.mid"}) + "\n")
+    assert drop_pieces_of(files, extra, evaluation) == (files, 0)
+
+    with pytest.raises(MidimatchError, match="holds no converted works") as e:
+        drop_pieces_of(files, extra, tmp_path / "nothing")
+    assert e.value.reason == "no_data"
+    with pytest.raises(MidimatchError, match="its own works"):
+        drop_pieces_of(files, extra, tmp_path / "link")
