@@ -178,6 +178,7 @@ def _cache(sub: str) -> Path:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from model.training.corpus import MANIFEST_NAME, SUBDIR
     from model.training.data import prepare
     from model.training.data_pieces import count_generated, drop_pieces_of, training_files
     from model.training.render import role
@@ -194,7 +195,7 @@ def _prepare(args: argparse.Namespace) -> int:
     default_corpus = _cache("corpus")
     if other is None and Path(corpus).resolve() != default_corpus.resolve():
         # the evaluation corpus, when there is one (a wrong explicit folder is refused instead)
-        if (default_corpus / "music21" / "manifest.jsonl").is_file():
+        if (default_corpus / SUBDIR / MANIFEST_NAME).is_file():
             other = default_corpus
     if other is not None:
         files, dropped = drop_pieces_of(files, corpus, other)
